@@ -1,0 +1,444 @@
+"""BDIA: exact bit-level reversible training of a stack of same-shape residual blocks.
+
+With y_k = block_k(x_k, *args), a per-sample gamma g_k = +-2**-b and the grid quantiser Q:
+
+    x_0     = Q(x)
+    x_1     = Q(y_0)
+    x_{k+1} = g_k * (x_{k-1} + r_{k-1} * 2**-l) + Q((1 + g_k) * y_k - 2 g_k x_k),   k >= 1
+
+``(1 + g) y - 2 g x`` is the paper's ``(1 - g) x + (1 + g) h(x)`` with h(x) = y - x. The residue
+r_{k-1} = (-m_{k-1}) mod 2**b of the integer code m_{k-1} = x_{k-1} * 2**l makes
+x_{k-1} + r_{k-1} 2**-l a multiple of 2**(b - l), so the product with g_k lands on the grid
+and nothing is rounded. The inverse
+
+    x_{k-1} = (x_{k+1} - Q((1 + g_k) y_k - 2 g_k x_k)) / g_k - r_{k-1} * 2**-l
+
+is then exact, and training keeps only x_{K-1}, x_K, the residues (b bits per element per
+block), the signs of g and the RNG state of every block. At evaluation g = 0, which is the
+standard residual stack (with or without Q on each block output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .bdia_ops import (
+    BlockProtocolError,
+    StreamRangeError,
+    call_block,
+    combine,
+    forward_step,
+    forward_step_,
+    gamma_exponent,
+    inverse_step_,
+    raise_if_out_of_range,
+    residue,
+    state_checksum,
+    stream_max,
+)
+from .bits import PackedBits, pack_bits, unpack_bits
+from .fixedpoint import exact_limit, quantize
+
+__all__ = ["BDIAStack", "BlockProtocolError", "ReversibilityError", "StreamRangeError"]
+
+
+class ReversibilityError(RuntimeError):
+    """A state rebuilt in the backward pass differs from the one the forward pass produced."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything the backward pass needs besides the two saved states.
+
+
+@dataclass
+class _Plan:
+    blocks: Sequence[nn.Module]
+    args: list[Any]  # the extra block arguments, tensors replaced by None
+    tensor_slots: list[int]  # where the tensor arguments go in args
+    params: list[list[int]]  # per block, indices into the parameter list
+    num_params: int
+    bits: int
+    gamma: float
+    gamma_bits: int
+    check: bool
+    verify: bool
+    preserve_rng: bool
+    signs: PackedBits | None = None
+    planes: list[PackedBits | None] = field(default_factory=list)
+    rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    checksums: list[torch.Tensor] = field(default_factory=list)
+    states: list[torch.Tensor] = field(default_factory=list)  # check=True only
+    last_states: list[torch.Tensor] = field(default_factory=list)  # x_{K-1}, x_K
+    output_version: int = 0
+    autocast: tuple[str, bool, torch.dtype] = ("cpu", False, torch.bfloat16)
+
+    def block_args(self, tensors: Sequence[torch.Tensor]) -> list[Any]:
+        args = list(self.args)
+        for slot, tensor in zip(self.tensor_slots, tensors):
+            args[slot] = tensor
+        return args
+
+    def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        """g_k as a per-sample tensor broadcastable against the states."""
+        assert self.signs is not None
+        sign = unpack_bits(self.signs, torch.int8)[k - 1].to(like.dtype) * 2 - 1
+        return (sign * self.gamma).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _capture_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    # cloned through the dispatcher, so memory trackers see the bytes this keeps
+    return torch.get_rng_state().clone(), cuda_state
+
+
+class _RngReplay:
+    """Run a block with the RNG state it saw in the forward pass, leaving the global RNG alone."""
+
+    def __init__(self, state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device, on: bool):
+        self.state, self.device, self.on = state, device, on
+        self.fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=on)
+
+    def __enter__(self) -> None:
+        self.fork.__enter__()
+        if self.on:
+            torch.set_rng_state(self.state[0])
+            if self.state[1] is not None:
+                torch.cuda.set_rng_state(self.state[1], self.device)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.fork.__exit__(*exc)
+
+
+_HIGHER_ORDER = (
+    "BDIAStack computes first-order gradients only: its backward rebuilds the activations "
+    "instead of storing them, and that rebuild cannot be differentiated again. For "
+    "create_graph=True (higher-order gradients) set `stack.reversible = False`."
+)
+
+
+class _BDIAFunction(torch.autograd.Function):
+    """Forward without a graph; backward rebuilds every state from x_{K-1}, x_K exactly.
+
+    Backward, for k = K-1 .. 1, with g_j = dL/dx_j and p_k the skip-path part of g_k:
+        recompute y_k = block_k(x_k) with a graph;  u = Q((1 + g) y_k - 2 g x_k)
+        x_{k-1} = (x_{k+1} - u) / g - r_{k-1} 2**-l
+        g_k     = p_k - 2 g g_{k+1} + J_y^T ((1 + g) g_{k+1})      (Q is straight-through)
+        p_{k-1} = g g_{k+1}
+    and for block 0, x_1 = Q(y_0): g_0 = p_0 + J_y0^T g_1.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, x0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        arg_tensors = inputs[: len(plan.tensor_slots)]
+        args = plan.block_args(arg_tensors)
+        x_prev, x_cur = None, x0
+        maxima = [stream_max(x0)]
+        for k, block in enumerate(plan.blocks):
+            if plan.preserve_rng:
+                plan.rng_states.append(_capture_rng(x0.device))
+            if plan.check:
+                plan.states.append(x_cur)
+            elif plan.verify:
+                plan.checksums.append(state_checksum(x_cur))
+            y = call_block(block, k, x_cur, args)
+            if k == 0:
+                x_next = quantize(y, plan.bits)
+            else:
+                assert x_prev is not None
+                g = plan.gamma_of(k, x_cur)
+                r = residue(x_prev, plan.bits, plan.gamma_bits)
+                plan.planes.append(pack_bits(r, plan.gamma_bits))
+                x_next = forward_step_(x_prev, r, combine(x_cur, y, g, plan.bits), g, plan.bits)
+                del r
+            del y
+            x_prev, x_cur = x_cur, x_next
+            maxima.append(stream_max(x_cur))
+        raise_if_out_of_range(maxima, x0.dtype, plan.bits)
+        # The two states are kept as detached aliases rather than saved tensors, so backward
+        # can let go of each one as soon as it is rebuilt past; x_K's version counter (shared
+        # with the output) still reveals an in-place change of the output.
+        assert x_prev is not None
+        plan.last_states = [x_prev, x_cur.detach()]
+        plan.output_version = x_cur._version
+        ctx.plan = plan
+        ctx.save_for_backward(*arg_tensors)
+        return x_cur
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(_HIGHER_ORDER)
+        plan: _Plan | None = ctx.plan
+        if plan is None:
+            raise RuntimeError(
+                "BDIAStack: backward already ran for this forward and its stored bits were used "
+                "up (retain_graph=True is not supported); run the forward pass again"
+            )
+        ctx.plan = None
+        x_cur, x_next = plan.last_states
+        plan.last_states = []
+        if x_next._version != plan.output_version:
+            raise RuntimeError(
+                "the output of BDIAStack was modified in place before backward; the states "
+                "cannot be rebuilt from it (use an out-of-place operation)"
+            )
+        arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
+        args = plan.block_args(arg_inputs)
+        wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad]
+        wanted_args = [arg_inputs[i] for i in wanted_slots]
+        param_grads: list[torch.Tensor | None] = [None] * plan.num_params
+        arg_grads: list[torch.Tensor | None] = [None] * len(arg_inputs)
+        mismatches: list[torch.Tensor] = []
+        device_type, autocast_on, autocast_dtype = plan.autocast
+
+        g_next, p_cur = grad_out, None
+        for k in range(len(plan.blocks) - 1, -1, -1):
+            block_params = [p for p in plan.blocks[k].parameters() if p.requires_grad]
+            rng = plan.rng_states[k] if plan.preserve_rng else None
+            with _RngReplay(rng, x_cur.device, plan.preserve_rng), torch.autocast(
+                device_type, dtype=autocast_dtype, enabled=autocast_on
+            ):
+                with torch.enable_grad():
+                    xk = x_cur.detach().requires_grad_()
+                    y = call_block(plan.blocks[k], k, xk, args)
+                g = plan.gamma_of(k, x_cur) if k else None
+                if g is not None:  # rebuild x_{k-1}, then form the gradients that bypass the block
+                    u = combine(x_cur, y.detach(), g, plan.bits)
+                    plane = plan.planes[k - 1]
+                    assert plane is not None
+                    plan.planes[k - 1] = None  # its memory is no longer needed
+                    x_prev = inverse_step_(x_next, unpack_bits(plane, torch.uint8), u, g, plan.bits)
+                    del u
+                    _compare(plan, k - 1, x_prev, mismatches)
+                    x_next, x_cur = x_cur, x_prev
+                    del x_prev
+                    grad_y = (1 + g) * g_next
+                    direct = g_next * (-2 * g) if p_cur is None else p_cur.addcmul_(g_next, g, value=-2)
+                    p_cur = g_next.mul_(g) if g_next is not grad_out else g * g_next
+                else:
+                    _compare_block0(plan, quantize(y.detach(), plan.bits), x_next, mismatches)
+                    grad_y, direct, p_cur = g_next, p_cur, None
+            del g_next
+            grads = torch.autograd.grad(y, [xk, *block_params, *wanted_args], grad_y, allow_unused=True)
+            del y, xk, grad_y
+            g_next = _sum_owned(direct, grads[0])
+            del direct
+            _accumulate(param_grads, plan.params[k], grads[1 : 1 + len(block_params)])
+            _accumulate(arg_grads, wanted_slots, grads[1 + len(block_params) :])
+            del grads
+        _raise_on_mismatch(plan, mismatches)
+        return (None, g_next, *arg_grads, *param_grads)
+
+
+def _sum_owned(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor:
+    """mine + theirs, written into ``mine`` (a tensor this backward allocated) when it exists."""
+    if mine is None:
+        assert theirs is not None
+        return theirs
+    return mine if theirs is None else mine.add_(theirs)
+
+
+def _accumulate(store: list[torch.Tensor | None], slots: Sequence[int], grads: Sequence[torch.Tensor | None]) -> None:
+    for slot, grad in zip(slots, grads):
+        if grad is not None:
+            store[slot] = grad if store[slot] is None else store[slot] + grad
+
+
+def _compare(plan: _Plan, index: int, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
+    """Check the rebuilt x_index against the forward: exactly (check=True) or by checksum."""
+    if plan.check:
+        expected = plan.states[index]
+        if not torch.equal(rebuilt, expected):
+            wrong = (rebuilt != expected).sum().item()
+            worst = (rebuilt - expected).abs().max().item()
+            raise ReversibilityError(
+                f"block {index + 1} rebuilt x_{index} with {wrong} wrong elements "
+                f"(max error {worst:.3g}): its recomputation was not bit-identical to the forward"
+            )
+    elif plan.verify:
+        mismatches.append(torch.any(state_checksum(rebuilt) != plan.checksums[index]))
+
+
+def _compare_block0(plan: _Plan, recomputed: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
+    """x_1 recomputed from x_0 must equal the x_1 that block 2's inverse rebuilt."""
+    if plan.check and not torch.equal(recomputed, rebuilt):
+        raise ReversibilityError("block 0 recomputed x_1 differently from the forward pass")
+    if plan.verify and not plan.check:
+        mismatches.append(torch.any(recomputed != rebuilt))
+
+
+def _raise_on_mismatch(plan: _Plan, mismatches: list[torch.Tensor]) -> None:
+    if not mismatches:
+        return
+    flags = torch.stack(mismatches).tolist()  # one host sync for the whole backward
+    if not any(flags):
+        return
+    # mismatches were appended from block K-1 down to block 0; report the first one met
+    block = len(plan.blocks) - 1 - flags.index(True)
+    raise ReversibilityError(
+        f"the backward pass rebuilt a state that differs from the forward pass at block {block} "
+        f"({type(plan.blocks[block]).__name__}): the block's recomputation was not bit-identical. "
+        "Typical causes: a non-deterministic kernel (call torch.use_deterministic_algorithms(True)), "
+        "a block whose state changed between forward and backward (BatchNorm statistics, a "
+        "parameter modified in place), or randomness not drawn from torch's RNG. Construct the "
+        "stack with check=True to compare every state exactly."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class BDIAStack(nn.Module):
+    """A stack of residual blocks trained bit-exactly reversibly (BDIA-transformer).
+
+    Args:
+        blocks: K >= 2 modules with ``block(x, *args) -> y``, y of the shape and dtype of x.
+        bits: the grid is 2**-bits; states must stay below 2**(24 - bits) in float32.
+        gamma: |g|, 2**-b; b bits per element per block are stored (b = 1 for 0.5).
+        quantize_eval: apply Q to each block output at evaluation (g = 0). With False the
+            evaluation forward is exactly the blocks applied in sequence.
+        check: keep every state and compare each rebuilt one exactly (debugging, tests).
+        verify: compare a checksum of every rebuilt state (16 bytes per block) and raise
+            ReversibilityError if any differs.
+        preserve_rng_state: replay each block's RNG (dropout) in the backward pass.
+
+    ``stack(x, *args, gammas=signs)`` takes explicit signs, a [K-1, batch] tensor of +-1.
+    ``stack.reversible = False`` runs the same quantised forward under plain autograd.
+    The first dimension of x is the batch.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        *,
+        bits: int = 9,
+        gamma: float = 0.5,
+        quantize_eval: bool = True,
+        check: bool = False,
+        verify: bool = True,
+        preserve_rng_state: bool = True,
+    ) -> None:
+        super().__init__()
+        blocks = list(blocks)
+        if len(blocks) < 2:
+            raise ValueError(
+                f"BDIAStack needs at least 2 blocks, got {len(blocks)}: block 0 is a plain "
+                "residual step and reversibility starts at block 1"
+            )
+        for i, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(f"block {i} is a {type(block).__name__}, not an nn.Module")
+        if not isinstance(bits, int) or not 1 <= bits <= 23:
+            raise ValueError(f"bits must be an integer from 1 to 23, got {bits!r}")
+        self.blocks = nn.ModuleList(blocks)
+        self.bits = bits
+        self.gamma = float(gamma)
+        self.gamma_bits = gamma_exponent(gamma)
+        self.quantize_eval = quantize_eval
+        self.check = check
+        self.verify = verify
+        self.preserve_rng_state = preserve_rng_state
+        self.reversible = True
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.bits}, gamma={self.gamma}, quantize_eval={self.quantize_eval}, "
+            f"reversible={self.reversible}"
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, gammas: torch.Tensor | None = None) -> torch.Tensor:
+        exact_limit(x.dtype, self.bits)  # rejects a low-precision stream with a clear message
+        if x.dim() < 1:
+            raise ValueError("the stack input needs a batch dimension first")
+        signs = self._signs(x, gammas)
+        if signs is None:
+            return self._forward_eval(x, args)
+        x0 = quantize(x, self.bits)
+        if self.reversible and torch.is_grad_enabled():
+            return self._forward_reversible(x0, args, signs)
+        return self._forward_plain(x0, args, signs)
+
+    # -- the three paths ------------------------------------------------------------------------
+
+    def _forward_eval(self, x: torch.Tensor, args: Sequence[Any]) -> torch.Tensor:
+        """g = 0: x_{k+1} = Q(y_k) with quantize_eval, else the plain sequence of blocks."""
+        if self.quantize_eval:
+            x = quantize(x, self.bits)
+        for k, block in enumerate(self.blocks):
+            x = call_block(block, k, x, args)
+            if self.quantize_eval:
+                x = quantize(x, self.bits)
+        return x
+
+    def _forward_plain(self, x0: torch.Tensor, args: Sequence[Any], signs: torch.Tensor) -> torch.Tensor:
+        """The same quantised BDIA forward under ordinary autograd (the reference)."""
+        plan = self._plan(x0, args, signs)
+        states = [x0, quantize(call_block(self.blocks[0], 0, x0, args), self.bits)]
+        for k in range(1, len(self.blocks)):
+            x_prev, x_cur = states[-2], states[-1]
+            g = plan.gamma_of(k, x_cur)
+            y = call_block(self.blocks[k], k, x_cur, args)
+            r = residue(x_prev.detach(), self.bits, self.gamma_bits)
+            states.append(forward_step(x_prev, r, combine(x_cur, y, g, self.bits), g, self.bits))
+        raise_if_out_of_range([stream_max(x) for x in states], x0.dtype, self.bits)
+        return states[-1]
+
+    def _forward_reversible(self, x0: torch.Tensor, args: Sequence[Any], signs: torch.Tensor) -> torch.Tensor:
+        plan = self._plan(x0, args, signs)
+        arg_tensors = [args[i] for i in plan.tensor_slots]
+        params = _unique_params(self.blocks)
+        return _BDIAFunction.apply(plan, x0, *arg_tensors, *params)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _signs(self, x: torch.Tensor, gammas: torch.Tensor | None) -> torch.Tensor | None:
+        """The [K-1, B] signs of g: explicit, drawn (training), or None for g = 0 (eval)."""
+        K, B = len(self.blocks), x.shape[0]
+        if gammas is None:
+            if not self.training:
+                return None
+            return torch.randint(0, 2, (K - 1, B), device=x.device, dtype=torch.int8) * 2 - 1
+        if gammas.shape != (K - 1, B):
+            raise ValueError(f"gammas must have shape [K-1, batch] = [{K - 1}, {B}], got {list(gammas.shape)}")
+        if not bool(((gammas == 1) | (gammas == -1)).all()):
+            raise ValueError("gammas must hold signs, +1 or -1; the magnitude is the stack's `gamma`")
+        return gammas.to(device=x.device, dtype=torch.int8)
+
+    def _plan(self, x0: torch.Tensor, args: Sequence[Any], signs: torch.Tensor) -> _Plan:
+        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        params = _unique_params(self.blocks)
+        index = {id(p): i for i, p in enumerate(params)}
+        device_type = x0.device.type
+        return _Plan(
+            blocks=list(self.blocks),
+            args=[None if i in slots else a for i, a in enumerate(args)],
+            tensor_slots=slots,
+            params=[[index[id(p)] for p in b.parameters() if p.requires_grad] for b in self.blocks],
+            num_params=len(params),
+            bits=self.bits,
+            gamma=self.gamma,
+            gamma_bits=self.gamma_bits,
+            check=self.check,
+            verify=self.verify,
+            preserve_rng=self.preserve_rng_state,
+            signs=pack_bits(signs > 0),
+            autocast=(
+                device_type,
+                torch.is_autocast_enabled(device_type),
+                torch.get_autocast_dtype(device_type),
+            ),
+        )
+
+
+def _unique_params(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """The trainable parameters of all blocks, each once even when blocks share it."""
+    seen: dict[int, nn.Parameter] = {}
+    for block in blocks:
+        for p in block.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())

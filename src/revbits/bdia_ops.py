@@ -1,0 +1,144 @@
+"""The arithmetic of one BDIA step, shared by the reversible and the plain (autograd) paths.
+
+Every function here returns values on the grid 2**-l, and every operation on grid values
+below the exact limit is exact, so evaluation order and in-place updates cannot change a bit.
+The one rounding that is not exact, inside :func:`combine`, happens in a single custom
+Function used by every path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .fixedpoint import exact_limit, grid_codes
+
+
+class BlockProtocolError(ValueError):
+    """A block broke the protocol ``block(x, *args) -> y`` with y of the shape and dtype of x."""
+
+
+class StreamRangeError(ValueError):
+    """A residual state left the range where the fixed-point grid is exact, or is not finite."""
+
+
+def gamma_exponent(gamma: float) -> int:
+    """The b with |gamma| = 2**-b, for b in 1..8; anything else cannot be inverted exactly."""
+    magnitude = abs(float(gamma))
+    if magnitude > 0:
+        b = -math.log2(magnitude)
+        if b == round(b) and 1 <= round(b) <= 8:
+            return int(round(b))
+    raise ValueError(
+        f"gamma must be 2**-b with b an integer from 1 to 8 (0.5, 0.25, ...), got {gamma}: "
+        "only a power of two can be divided out exactly, and b bits per element are stored"
+    )
+
+
+class _Combine(torch.autograd.Function):
+    """u = Q((1 + g) y - 2 g x) with a straight-through Q.
+
+    Computed as round(y * (1 + g) 2**l - 2 * 2**l * g * x) * 2**-l: scaling by 2**l is exact,
+    so this is bit-identical to quantising (1 + g) y - 2 g x. Gradients:
+    du/dy = (1 + g), du/dx = -2 g.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(g)
+        scale = float(2**bits)
+        u = y * ((1 + g) * scale)
+        u.addcmul_(x, g, value=-2 * scale)
+        return u.round_().div_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (g,) = ctx.saved_tensors
+        return grad * (-2 * g), grad * (1 + g), None, None
+
+
+def combine(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
+    """u = Q((1 + g) * y - 2 g * x), the quantised block term of the BDIA update."""
+    return _Combine.apply(x, y, g, bits)
+
+
+def residue(x_prev: torch.Tensor, bits: int, gamma_bits: int) -> torch.Tensor:
+    """r = (-m) mod 2**b for the grid code m of x_prev: the bits that g * x_prev would lose."""
+    codes = grid_codes(x_prev, bits)
+    if gamma_bits > 1:  # for b = 1, (-m) mod 2 = m mod 2
+        codes.neg_()
+    return codes.bitwise_and_(2**gamma_bits - 1)
+
+
+def forward_step(
+    x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """x_{k+1} = g * (x_{k-1} + r * 2**-l) + u, exact on the grid (differentiable)."""
+    return u + g * torch.add(x_prev, r, alpha=2.0**-bits)
+
+
+def forward_step_(
+    x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """:func:`forward_step` written into ``u`` (no autograd), bit-identical."""
+    return u.addcmul_(torch.add(x_prev, r, alpha=2.0**-bits), g)
+
+
+def inverse_step_(
+    x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """x_{k-1} = (x_{k+1} - u) / g - r * 2**-l, the exact inverse of :func:`forward_step`."""
+    return torch.sub(x_next, u).div_(g).sub_(r, alpha=2.0**-bits)
+
+
+def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any]) -> torch.Tensor:
+    """y = block(x, *args), checked against the block protocol."""
+    y = block(x, *args)
+    if not isinstance(y, torch.Tensor):
+        raise BlockProtocolError(
+            f"block {index} ({type(block).__name__}) returned {type(y).__name__}, not a tensor; "
+            "a block must return one tensor of the shape and dtype of its input"
+        )
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise BlockProtocolError(
+            f"block {index} ({type(block).__name__}) maps {tuple(x.shape)} {x.dtype} to "
+            f"{tuple(y.shape)} {y.dtype}; a reversible stack needs blocks that keep the shape "
+            "and dtype of the residual stream (add the residual in the input dtype under autocast)"
+        )
+    return y
+
+
+def stream_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a float64 scalar tensor (NaN if x holds a NaN), without a host sync."""
+    return x.detach().abs().amax().to(torch.float64)
+
+
+def raise_if_out_of_range(maxima: Sequence[torch.Tensor], dtype: torch.dtype, bits: int) -> None:
+    """Raise StreamRangeError naming the first state x_i with |x_i| >= 2**(p - bits) or NaN/Inf.
+
+    ``maxima[i]`` is :func:`stream_max` of x_i. One host synchronisation covers all states.
+    """
+    limit = exact_limit(dtype, bits)
+    for index, value in enumerate(torch.stack(list(maxima)).tolist()):
+        if value < limit:
+            continue
+        source = "the input of the stack" if index == 0 else f"the output of block {index - 1}"
+        if not math.isfinite(value):
+            raise StreamRangeError(f"{source} (state x_{index}) contains NaN or Inf")
+        raise StreamRangeError(
+            f"{source} (state x_{index}) reaches |x| = {value:.6g}, at or beyond "
+            f"2**{int(math.log2(limit))} = {limit:g}, where a 2**-{bits} grid stops being exact "
+            f"in {dtype}; normalise the stream, lower `bits`, or use float64"
+        )
+
+
+def state_checksum(x: torch.Tensor) -> torch.Tensor:
+    """(sum x, sum x*x) in float64: equal states give equal sums; a changed element changes them.
+
+    The square term catches errors that cancel in the plain sum (+d in one element, -d in
+    another), which exact grid arithmetic would otherwise hide.
+    """
+    return torch.stack([x.sum(dtype=torch.float64), (x * x).sum(dtype=torch.float64)])

@@ -1,0 +1,120 @@
+"""Compare memory modes on a stack of GPT-style blocks: memory of one step and step time.
+
+Every mode starts from the same weights and the same batch; memory is measured with
+:func:`revbits.memory.measure_training_step` and time as the median of interleaved steps, so
+the ratios between modes come from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .memory import measure_training_step
+from .models import TransformerBlock
+from .stack import stack
+
+RNG_STATE_BYTES = torch.get_rng_state().numel()
+
+
+@dataclass
+class BenchConfig:
+    depths: tuple[int, ...] = (6, 12, 24, 48)
+    modes: tuple[str, ...] = ("standard", "checkpoint", "bdia")
+    d_model: int = 256
+    n_heads: int = 4
+    seq_len: int = 1024
+    batch: int = 8
+    repeats: int = 3
+    device: str = "cpu"
+    seed: int = 0
+
+
+def bdia_floor_bytes(depth: int, batch: int, numel: int, gamma_bits: int = 1, cuda: bool = False) -> int:
+    """What BDIA must keep: x_{K-1} and x_K in fp32, K-1 planes of b bits per element, the
+    signs of g (batch bits per block) and one RNG state per block (host memory on CUDA)."""
+    planes = (depth - 1) * gamma_bits * -(-numel // 8)
+    signs = -(-(depth - 1) * batch // 8)
+    rng = 0 if cuda else depth * RNG_STATE_BYTES
+    return 2 * 4 * numel + planes + signs + rng
+
+
+def build(config: BenchConfig, depth: int, mode: str) -> nn.Module:
+    torch.manual_seed(config.seed)
+    blocks = [TransformerBlock(config.d_model, config.n_heads, causal=True) for _ in range(depth)]
+    return stack(blocks, memory=mode).to(config.device).train()
+
+
+def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    cuda = x.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    optimizer.step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(config: BenchConfig, progress: Callable[[str], None] = print) -> list[dict]:
+    """One row per (depth, mode) with memory, time and ratios against standard and checkpoint."""
+    rows: list[dict] = []
+    generator = torch.Generator().manual_seed(config.seed)
+    for depth in config.depths:
+        x = torch.randn(config.batch, config.seq_len, config.d_model, generator=generator).to(config.device)
+        models = {m: build(config, depth, m) for m in config.modes}
+        optimizers = {m: torch.optim.AdamW(models[m].parameters(), lr=1e-4) for m in config.modes}
+        by_mode: dict[str, dict] = {}
+        for mode in config.modes:
+            model = models[mode]
+            report = measure_training_step(model, lambda model=model: model(x).square().mean(), optimizers[mode])
+            by_mode[mode] = {"depth": depth, "mode": mode, **report.as_dict(),
+                             "peak_minus_parameters": report.peak_minus_parameters, "times": []}
+            progress(f"K={depth:3d} {mode:10s} peak-params {report.peak_minus_parameters / 2**20:9.1f} MiB"
+                     f"  held {report.held_after_forward / 2**20:9.2f} MiB")
+        for _ in range(config.repeats):  # interleaved, so drift in machine speed hits every mode
+            for mode in config.modes:
+                by_mode[mode]["times"].append(_timed_step(models[mode], optimizers[mode], x))
+        for mode in config.modes:
+            row = by_mode[mode]
+            times = row.pop("times")
+            row["step_seconds"] = statistics.median(times) if times else float("nan")
+            if mode == "bdia":
+                row["floor_bytes"] = bdia_floor_bytes(depth, config.batch, x.numel(), cuda=x.is_cuda)
+            rows.append(row)
+        _add_ratios([r for r in rows if r["depth"] == depth])
+        del models, optimizers
+    return rows
+
+
+def _add_ratios(rows: Iterable[dict]) -> None:
+    rows = list(rows)
+    ref = {r["mode"]: r for r in rows}
+    for row in rows:
+        for base in ("standard", "checkpoint"):
+            if base in ref:
+                for key in ("peak_minus_parameters", "held_after_forward", "step_seconds"):
+                    row[f"{key}_vs_{base}"] = row[key] / ref[base][key] if ref[base][key] else float("nan")
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the rows (MiB and ratios)."""
+    head = ("| K | mode | peak - params (MiB) | held after fwd (MiB) | peak-params / std | "
+            "peak-params / ckpt | held / ckpt | time / std | time / ckpt |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['depth']} | {r['mode']} | {r['peak_minus_parameters'] / 2**20:.1f} | "
+            f"{r['held_after_forward'] / 2**20:.2f} | {r.get('peak_minus_parameters_vs_standard', 1):.3f} | "
+            f"{r.get('peak_minus_parameters_vs_checkpoint', float('nan')):.3f} | "
+            f"{r.get('held_after_forward_vs_checkpoint', float('nan')):.4f} | "
+            f"{r.get('step_seconds_vs_standard', 1):.2f} | {r.get('step_seconds_vs_checkpoint', float('nan')):.2f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Bit planes: packing is lossless and takes width/8 bytes per element."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from revbits.bits import pack_bits, unpack_bits
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 13), min_size=1, max_size=3),
+    width=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_unpack_inverts_pack(shape, width, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 2**width, shape, generator=generator, dtype=torch.int32)
+    packed = pack_bits(values, width)
+    assert packed.data.dtype == torch.uint8
+    numel = values.numel()
+    assert packed.nbytes == width * -(-numel // 8)
+    assert torch.equal(unpack_bits(packed, torch.int32), values)
+
+
+def test_bit_order_is_little_endian_within_a_byte():
+    packed = pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1]))
+    assert packed.data.tolist() == [[0b10000001, 0b00000001]]
+
+
+def test_bool_input_packs_one_plane():
+    flags = torch.tensor([True, False, True])
+    assert torch.equal(unpack_bits(pack_bits(flags), torch.bool), flags)
+
+
+def test_bad_width_and_dtype_are_refused():
+    with pytest.raises(ValueError, match="1 to 8 bit planes"):
+        pack_bits(torch.zeros(3, dtype=torch.int32), 9)
+    with pytest.raises(TypeError, match="integer or bool"):
+        pack_bits(torch.zeros(3))

@@ -1,0 +1,49 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from revbits.cli import main
+
+
+def test_bench_prints_measured_rows_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--depths", "2", "4", "--seq-len", "16", "--batch", "2", "--d-model", "32",
+                 "--repeats", "1", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| 4 | bdia |" in printed and "its floor" in printed
+    rows = json.loads(out.read_text())
+    assert {(r["depth"], r["mode"]) for r in rows} == {(d, m) for d in (2, 4) for m in ("standard", "checkpoint", "bdia")}
+    bdia = [r for r in rows if r["mode"] == "bdia" and r["depth"] == 4][0]
+    assert bdia["held_after_forward"] >= bdia["floor_bytes"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--depths", "1"], "at least 2 blocks"),
+        (["bench", "--batch", "0"], "positive integer"),
+        (["bench", "--modes", "fast"], "invalid choice"),
+    ],
+)
+def test_bad_flags_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_heads_must_divide_width(capsys):
+    assert main(["bench", "--d-model", "30", "--heads", "4"]) == 2
+    assert "not divisible" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "revbits.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("revbits ")

@@ -1,0 +1,57 @@
+"""The grid quantiser and its exact range."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from revbits.bdia_ops import forward_step, inverse_step_, residue
+from revbits.fixedpoint import exact_limit, grid_codes, quantize
+
+
+def test_quantiser_rounds_to_the_grid_with_halves_to_even():
+    bits = 2
+    y = torch.tensor([0.125, 0.375, -0.125, 0.3, 1.0])  # 0.125 = half a step of 0.25
+    assert quantize(y, bits).tolist() == [0.0, 0.5, -0.0, 0.25, 1.0]
+
+
+def test_quantiser_gradient_is_straight_through():
+    y = torch.randn(5, requires_grad=True)
+    (quantize(y, 9) * torch.arange(5.0)).sum().backward()
+    assert torch.equal(y.grad, torch.arange(5.0))
+
+
+def test_exact_limits_follow_the_significand():
+    assert exact_limit(torch.float32, 9) == 2.0**15
+    assert exact_limit(torch.float64, 9) == 2.0**44
+    with pytest.raises(TypeError, match="float32 or float64"):
+        exact_limit(torch.float16, 9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=st.integers(1, 12),
+    gamma_bits=st.integers(1, 4),
+    sign=st.sampled_from([-1.0, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(1e-4, 1.0),
+)
+def test_one_step_is_exactly_invertible(bits, gamma_bits, sign, seed, scale):
+    """x_{k+1} = g (x_{k-1} + r 2**-l) + u, then x_{k-1} back from x_{k+1} and u, bit for bit."""
+    magnitude = scale * exact_limit(torch.float32, bits) / 16  # 6 sigma stays inside the range
+    generator = torch.Generator().manual_seed(seed)
+    x_prev = quantize(torch.randn(64, generator=generator, dtype=torch.float32) * magnitude, bits)
+    u = quantize(torch.randn(64, generator=generator) * magnitude, bits)
+    g = torch.full((64,), sign * 2.0**-gamma_bits)
+    r = residue(x_prev, bits, gamma_bits)
+    assert int(r.min()) >= 0 and int(r.max()) < 2**gamma_bits
+    x_next = forward_step(x_prev, r, u, g, bits)
+    assert torch.equal(x_next, quantize(x_next, bits)), "the new state is on the grid"
+    assert torch.equal(inverse_step_(x_next, r, u, g, bits), x_prev)
+
+
+def test_grid_codes_are_the_integers_of_the_grid():
+    x = torch.tensor([0.5, -0.25, 3.0])
+    assert grid_codes(x, 2).tolist() == [2, -1, 12]
