@@ -51,12 +51,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bdia_memory")
     args = parser.parse_args()
-    config = bench.BenchConfig(depths=tuple(args.depths), d_model=args.d_model, seq_len=args.seq_len,
-                               batch=args.batch, repeats=args.repeats, device=args.device)
+    config = bench.BenchConfig(
+        depths=tuple(args.depths),
+        d_model=args.d_model,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        repeats=args.repeats,
+        device=args.device,
+    )
     rows = bench.run(config)
-    meta = {"config": vars(config), "torch": torch.__version__, "machine": platform.machine(),
-            "threads": torch.get_num_threads(),
-            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()}
+    meta = {
+        "config": vars(config),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     args.out.with_suffix(".md").write_text(bench.table(rows) + "\n")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gpt_blocks, random_signs
 
 import revbits
+from conftest import gpt_blocks, random_signs
 
 
 class Scale(torch.nn.Module):

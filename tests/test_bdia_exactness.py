@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gpt_blocks, random_signs
 
 import revbits
+from conftest import gpt_blocks, random_signs
 from revbits.fixedpoint import quantize
 
 
 def states_of_plain_forward(stack, x, signs):
     """Every state x_0..x_K of the quantised forward, from the autograd reference path."""
     captured = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().clone()))
-             for b in stack.blocks]
+    hooks = [b.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().clone())) for b in stack.blocks]
     stack.reversible = False
     out = stack(x, gammas=signs)
     stack.reversible = True
@@ -53,8 +52,11 @@ def test_check_mode_catches_a_recomputation_that_differs():
             self.calls += 1
             return x + self.linear(x) * (1 + 1e-3 * self.calls)
 
-    blocks = [torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)] + [Drifting()] + \
+    blocks = (
         [torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)]
+        + [Drifting()]
+        + [torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)]
+    )
     for verify_only in (False, True):
         stack = revbits.BDIAStack(blocks, check=not verify_only).double()
         x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)

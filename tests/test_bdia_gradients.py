@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gpt_blocks, random_signs, relative_error
 
 import revbits
+from conftest import gpt_blocks, random_signs, relative_error
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 

@@ -13,13 +13,30 @@ from revbits.cli import main
 
 def test_bench_prints_measured_rows_and_writes_json(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    code = main(["bench", "--depths", "2", "4", "--seq-len", "16", "--batch", "2", "--d-model", "32",
-                 "--repeats", "1", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--depths",
+            "2",
+            "4",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--d-model",
+            "32",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| 4 | bdia |" in printed and "its floor" in printed
     rows = json.loads(out.read_text())
-    assert {(r["depth"], r["mode"]) for r in rows} == {(d, m) for d in (2, 4) for m in ("standard", "checkpoint", "bdia")}
+    expected = {(d, m) for d in (2, 4) for m in ("standard", "checkpoint", "bdia")}
+    assert {(r["depth"], r["mode"]) for r in rows} == expected
     bdia = [r for r in rows if r["mode"] == "bdia" and r["depth"] == 4][0]
     assert bdia["held_after_forward"] >= bdia["floor_bytes"]
 

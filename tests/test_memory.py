@@ -6,9 +6,9 @@ import gc
 
 import pytest
 import torch
-from conftest import gpt_blocks
 
 import revbits
+from conftest import gpt_blocks
 from revbits.bench import bdia_floor_bytes
 from revbits.memory import LiveBytes, measure_training_step
 

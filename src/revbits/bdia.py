@@ -20,8 +20,9 @@ standard residual stack (with or without Q on each block output).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -199,8 +200,9 @@ class _BDIAFunction(torch.autograd.Function):
         for k in range(len(plan.blocks) - 1, -1, -1):
             block_params = [p for p in plan.blocks[k].parameters() if p.requires_grad]
             rng = plan.rng_states[k] if plan.preserve_rng else None
-            with _RngReplay(rng, x_cur.device, plan.preserve_rng), torch.autocast(
-                device_type, dtype=autocast_dtype, enabled=autocast_on
+            with (
+                _RngReplay(rng, x_cur.device, plan.preserve_rng),
+                torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
             ):
                 with torch.enable_grad():
                     xk = x_cur.detach().requires_grad_()
@@ -263,7 +265,9 @@ def _compare(plan: _Plan, index: int, rebuilt: torch.Tensor, mismatches: list[to
         mismatches.append(torch.any(state_checksum(rebuilt) != plan.checksums[index]))
 
 
-def _compare_block0(plan: _Plan, recomputed: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
+def _compare_block0(
+    plan: _Plan, recomputed: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]
+) -> None:
     """x_1 recomputed from x_0 must equal the x_1 that block 2's inverse rebuilt."""
     if plan.check and not torch.equal(recomputed, rebuilt):
         raise ReversibilityError("block 0 recomputed x_1 differently from the forward pass")
@@ -345,10 +349,7 @@ class BDIAStack(nn.Module):
         self.reversible = True
 
     def extra_repr(self) -> str:
-        return (
-            f"bits={self.bits}, gamma={self.gamma}, quantize_eval={self.quantize_eval}, "
-            f"reversible={self.reversible}"
-        )
+        return f"bits={self.bits}, gamma={self.gamma}, quantize_eval={self.quantize_eval}, reversible={self.reversible}"
 
     def forward(self, x: torch.Tensor, *args: Any, gammas: torch.Tensor | None = None) -> torch.Tensor:
         exact_limit(x.dtype, self.bits)  # rejects a low-precision stream with a clear message

@@ -9,7 +9,8 @@ Function used by every path.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,23 +74,17 @@ def residue(x_prev: torch.Tensor, bits: int, gamma_bits: int) -> torch.Tensor:
     return codes.bitwise_and_(2**gamma_bits - 1)
 
 
-def forward_step(
-    x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int
-) -> torch.Tensor:
+def forward_step(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
     """x_{k+1} = g * (x_{k-1} + r * 2**-l) + u, exact on the grid (differentiable)."""
     return u + g * torch.add(x_prev, r, alpha=2.0**-bits)
 
 
-def forward_step_(
-    x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int
-) -> torch.Tensor:
+def forward_step_(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
     """:func:`forward_step` written into ``u`` (no autograd), bit-identical."""
     return u.addcmul_(torch.add(x_prev, r, alpha=2.0**-bits), g)
 
 
-def inverse_step_(
-    x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int
-) -> torch.Tensor:
+def inverse_step_(x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
     """x_{k-1} = (x_{k+1} - u) / g - r * 2**-l, the exact inverse of :func:`forward_step`."""
     return torch.sub(x_next, u).div_(g).sub_(r, alpha=2.0**-bits)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -74,11 +74,18 @@ def run(config: BenchConfig, progress: Callable[[str], None] = print) -> list[di
         by_mode: dict[str, dict] = {}
         for mode in config.modes:
             model = models[mode]
-            report = measure_training_step(model, lambda model=model: model(x).square().mean(), optimizers[mode])
-            by_mode[mode] = {"depth": depth, "mode": mode, **report.as_dict(),
-                             "peak_minus_parameters": report.peak_minus_parameters, "times": []}
-            progress(f"K={depth:3d} {mode:10s} peak-params {report.peak_minus_parameters / 2**20:9.1f} MiB"
-                     f"  held {report.held_after_forward / 2**20:9.2f} MiB")
+            report = measure_training_step(model, lambda model=model, x=x: model(x).square().mean(), optimizers[mode])
+            by_mode[mode] = {
+                "depth": depth,
+                "mode": mode,
+                **report.as_dict(),
+                "peak_minus_parameters": report.peak_minus_parameters,
+                "times": [],
+            }
+            progress(
+                f"K={depth:3d} {mode:10s} peak-params {report.peak_minus_parameters / 2**20:9.1f} MiB"
+                f"  held {report.held_after_forward / 2**20:9.2f} MiB"
+            )
         for _ in range(config.repeats):  # interleaved, so drift in machine speed hits every mode
             for mode in config.modes:
                 by_mode[mode]["times"].append(_timed_step(models[mode], optimizers[mode], x))
@@ -106,8 +113,10 @@ def _add_ratios(rows: Iterable[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of the rows (MiB and ratios)."""
-    head = ("| K | mode | peak - params (MiB) | held after fwd (MiB) | peak-params / std | "
-            "peak-params / ckpt | held / ckpt | time / std | time / ckpt |")
+    head = (
+        "| K | mode | peak - params (MiB) | held after fwd (MiB) | peak-params / std | "
+        "peak-params / ckpt | held / ckpt | time / std | time / ckpt |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(

@@ -1,6 +1,6 @@
 """The ``revbits`` command line.
 
-    revbits bench [--depths 6 12 24] [--seq-len 256] ...   memory and time of each memory mode
+revbits bench [--depths 6 12 24] [--seq-len 256] ...   memory and time of each memory mode
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import __version__
 
@@ -37,23 +37,34 @@ def _bench(args: argparse.Namespace) -> int:
         print("revbits bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
     config = bench.BenchConfig(
-        depths=tuple(args.depths), modes=tuple(args.modes), d_model=args.d_model, n_heads=args.heads,
-        seq_len=args.seq_len, batch=args.batch, repeats=args.repeats, device=args.device, seed=args.seed,
+        depths=tuple(args.depths),
+        modes=tuple(args.modes),
+        d_model=args.d_model,
+        n_heads=args.heads,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        repeats=args.repeats,
+        device=args.device,
+        seed=args.seed,
     )
     if args.d_model % args.heads:
         print(f"revbits bench: --d-model {args.d_model} is not divisible by --heads {args.heads}", file=sys.stderr)
         return 2
-    print(f"GPT-style blocks: d={config.d_model}, {config.n_heads} heads, causal, 4x MLP, "
-          f"T={config.seq_len}, batch {config.batch}, AdamW, on {config.device} "
-          f"({torch.get_num_threads()} threads)")
+    print(
+        f"GPT-style blocks: d={config.d_model}, {config.n_heads} heads, causal, 4x MLP, "
+        f"T={config.seq_len}, batch {config.batch}, AdamW, on {config.device} "
+        f"({torch.get_num_threads()} threads)"
+    )
     rows = bench.run(config)
     print()
     print(bench.table(rows))
     for row in rows:
         if row["mode"] == "bdia":
-            print(f"K={row['depth']}: BDIA holds {row['held_after_forward'] / 2**20:.2f} MiB after forward "
-                  f"({row['held_after_forward'] / row['floor_bytes']:.3f}x its floor of "
-                  f"{row['floor_bytes'] / 2**20:.2f} MiB)")
+            print(
+                f"K={row['depth']}: BDIA holds {row['held_after_forward'] / 2**20:.2f} MiB after forward "
+                f"({row['held_after_forward'] / row['floor_bytes']:.3f}x its floor of "
+                f"{row['floor_bytes'] / 2**20:.2f} MiB)"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
@@ -66,14 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"revbits {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser(
-        "bench", help="measure memory and step time of standard, checkpoint and BDIA stacks",
+        "bench",
+        help="measure memory and step time of standard, checkpoint and BDIA stacks",
         description="One training step of a stack of GPT-style blocks under each memory mode: peak "
         "memory (parameters, gradients, optimiser state, activations), bytes held between forward "
         "and backward, and step time as a ratio measured in the same run.",
     )
     bench.add_argument("--depths", type=_depth, nargs="+", default=[6, 12, 24], help="numbers of blocks K")
-    bench.add_argument("--modes", nargs="+", default=["standard", "checkpoint", "bdia"],
-                       choices=["standard", "checkpoint", "bdia"])
+    bench.add_argument(
+        "--modes", nargs="+", default=["standard", "checkpoint", "bdia"], choices=["standard", "checkpoint", "bdia"]
+    )
     bench.add_argument("--d-model", type=_positive, default=256)
     bench.add_argument("--heads", type=_positive, default=4)
     bench.add_argument("--seq-len", type=_positive, default=256)

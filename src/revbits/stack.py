@@ -6,7 +6,8 @@ mode, so weights trained in one mode load into any other.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,5 @@ def stack(blocks: Sequence[nn.Module], memory: str = "standard", **options: Any)
     if memory not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
     if options:
-        raise TypeError(
-            f"option(s) {', '.join(sorted(options))} apply only to memory='bdia', not {memory!r}"
-        )
+        raise TypeError(f"option(s) {', '.join(sorted(options))} apply only to memory='bdia', not {memory!r}")
     return CheckpointStack(blocks) if memory == "checkpoint" else SequentialStack(blocks)

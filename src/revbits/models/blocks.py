@@ -33,7 +33,11 @@ class Attention(nn.Module):
         k, v = self.key_value(source).split(C, dim=-1)
         q, k, v = (t.view(B, t.shape[1], self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and mask is None,
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
