@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revbits.bdia_ops import forward_step, inverse_step_, residue
+from revbits.bdia_ops import forward_step, forward_step_, inverse_step_, residue
 from revbits.fixedpoint import exact_limit, grid_codes, quantize
 
 
@@ -46,10 +46,13 @@ def test_one_step_is_exactly_invertible(bits, gamma_bits, sign, seed, scale):
     u = quantize(torch.randn(64, generator=generator) * magnitude, bits)
     g = torch.full((64,), sign * 2.0**-gamma_bits)
     r = residue(x_prev, bits, gamma_bits)
-    assert int(r.min()) >= 0 and int(r.max()) < 2**gamma_bits
+    assert torch.equal(r, r.round()) and int(r.min()) >= 0 and int(r.max()) < 2**gamma_bits
+    codes = grid_codes(x_prev, bits)
+    assert torch.equal((codes + r.to(codes.dtype)) % 2**gamma_bits, torch.zeros_like(codes))
     x_next = forward_step(x_prev, r, u, g, bits)
     assert torch.equal(x_next, quantize(x_next, bits)), "the new state is on the grid"
-    assert torch.equal(inverse_step_(x_next, r, u, g, bits), x_prev)
+    assert torch.equal(forward_step_(x_prev, r.clone(), u.clone(), g, bits), x_next), "in place is identical"
+    assert torch.equal(inverse_step_(x_next, r, u.clone(), g, bits), x_prev)
 
 
 def test_grid_codes_are_the_integers_of_the_grid():

@@ -82,3 +82,13 @@ def test_cuda_peak_is_reported_with_the_allocator():
     x = torch.randn(4, 64, 64, device="cuda")
     report = measure_training_step(model, lambda: model(x).square().mean(), torch.optim.AdamW(model.parameters()))
     assert report.cuda_max_allocated is not None and report.cuda_max_allocated >= report.parameters
+
+
+def test_a_gradient_computed_before_the_peak_is_attributed_as_gradient():
+    tracker = LiveBytes()
+    with tracker:
+        grad = torch.ones(100)  # 400 bytes, later handed over as a gradient
+        temp = torch.ones(50)  # 200 bytes
+        del temp  # the peak (600 bytes) is behind us
+        tracker.register(grad, "gradients")
+    assert tracker.peak == {"parameters": 0, "gradients": 400, "optimizer": 0, "activations": 200}

@@ -152,7 +152,7 @@ class _BDIAFunction(torch.autograd.Function):
                 assert x_prev is not None
                 g = plan.gamma_of(k, x_cur)
                 r = residue(x_prev, plan.bits, plan.gamma_bits)
-                plan.planes.append(pack_bits(r, plan.gamma_bits))
+                plan.planes.append(pack_bits(r.to(torch.uint8), plan.gamma_bits))
                 x_next = forward_step_(x_prev, r, combine(x_cur, y, g, plan.bits), g, plan.bits)
                 del r
             del y
@@ -213,7 +213,7 @@ class _BDIAFunction(torch.autograd.Function):
                     plane = plan.planes[k - 1]
                     assert plane is not None
                     plan.planes[k - 1] = None  # its memory is no longer needed
-                    x_prev = inverse_step_(x_next, unpack_bits(plane, torch.uint8), u, g, plan.bits)
+                    x_prev = inverse_step_(x_next, unpack_bits(plane, x_cur.dtype), u, g, plan.bits)
                     del u
                     _compare(plan, k - 1, x_prev, mismatches)
                     x_next, x_cur = x_cur, x_prev

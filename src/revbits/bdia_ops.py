@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fixedpoint import exact_limit, grid_codes
+from .fixedpoint import exact_limit
 
 
 class BlockProtocolError(ValueError):
@@ -67,26 +67,26 @@ def combine(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> tor
 
 
 def residue(x_prev: torch.Tensor, bits: int, gamma_bits: int) -> torch.Tensor:
-    """r = (-m) mod 2**b for the grid code m of x_prev: the bits that g * x_prev would lose."""
-    codes = grid_codes(x_prev, bits)
-    if gamma_bits > 1:  # for b = 1, (-m) mod 2 = m mod 2
-        codes.neg_()
-    return codes.bitwise_and_(2**gamma_bits - 1)
+    """r = (-m) mod 2**b for the grid code m = x_prev 2**l: the bits that g * x_prev would lose.
+
+    Returned in x_prev's dtype; every step (scaling by -2**l, the remainder) is exact.
+    """
+    return (x_prev * -(2.0**bits)).remainder_(2**gamma_bits)
 
 
 def forward_step(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
     """x_{k+1} = g * (x_{k-1} + r * 2**-l) + u, exact on the grid (differentiable)."""
-    return u + g * torch.add(x_prev, r, alpha=2.0**-bits)
+    return u + g * (x_prev + r * 2.0**-bits)
 
 
 def forward_step_(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`forward_step` written into ``u`` (no autograd), bit-identical."""
-    return u.addcmul_(torch.add(x_prev, r, alpha=2.0**-bits), g)
+    """:func:`forward_step` computed in the buffers of ``r`` and ``u`` (no autograd), bit-identical."""
+    return u.addcmul_(r.mul_(2.0**-bits).add_(x_prev), g)
 
 
 def inverse_step_(x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """x_{k-1} = (x_{k+1} - u) / g - r * 2**-l, the exact inverse of :func:`forward_step`."""
-    return torch.sub(x_next, u).div_(g).sub_(r, alpha=2.0**-bits)
+    """x_{k-1} = (x_{k+1} - u) / g - r * 2**-l, the exact inverse, computed in ``u``'s buffer."""
+    return u.sub_(x_next).div_(-g).sub_(r, alpha=2.0**-bits)
 
 
 def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any]) -> torch.Tensor:
@@ -107,8 +107,9 @@ def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any
 
 
 def stream_max(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a float64 scalar tensor (NaN if x holds a NaN), without a host sync."""
-    return x.detach().abs().amax().to(torch.float64)
+    """max |x| as a float64 scalar tensor (NaN if x holds a NaN), without a host sync or a copy."""
+    low, high = torch.aminmax(x.detach())
+    return torch.maximum(-low, high).to(torch.float64)
 
 
 def raise_if_out_of_range(maxima: Sequence[torch.Tensor], dtype: torch.dtype, bits: int) -> None:
@@ -131,9 +132,10 @@ def raise_if_out_of_range(maxima: Sequence[torch.Tensor], dtype: torch.dtype, bi
 
 
 def state_checksum(x: torch.Tensor) -> torch.Tensor:
-    """(sum x, sum x*x) in float64: equal states give equal sums; a changed element changes them.
+    """(||x||_2 accumulated in float64, sum x): equal states give equal values, a changed one not.
 
-    The square term catches errors that cancel in the plain sum (+d in one element, -d in
-    another), which exact grid arithmetic would otherwise hide.
+    For grid values the float64 sum of squares is exact, so any change of one element changes
+    it; the square also catches changes that cancel in a plain sum (+d here, -d there). Both
+    reductions read x in place without a temporary.
     """
-    return torch.stack([x.sum(dtype=torch.float64), (x * x).sum(dtype=torch.float64)])
+    return torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64), x.sum().to(torch.float64)])

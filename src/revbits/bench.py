@@ -107,23 +107,28 @@ def _add_ratios(rows: Iterable[dict]) -> None:
     for row in rows:
         for base in ("standard", "checkpoint"):
             if base in ref:
-                for key in ("peak_minus_parameters", "held_after_forward", "step_seconds"):
+                for key in ("activations", "peak_minus_parameters", "held_after_forward", "step_seconds"):
                     row[f"{key}_vs_{base}"] = row[key] / ref[base][key] if ref[base][key] else float("nan")
 
 
+COLUMNS = [
+    ("peak (MiB)", lambda r: f"{r['peak'] / 2**20:.1f}"),
+    ("activations at peak (MiB)", lambda r: f"{r['activations'] / 2**20:.1f}"),
+    ("peak - params (MiB)", lambda r: f"{r['peak_minus_parameters'] / 2**20:.1f}"),
+    ("held after fwd (MiB)", lambda r: f"{r['held_after_forward'] / 2**20:.2f}"),
+    ("act / std", lambda r: f"{r.get('activations_vs_standard', float('nan')):.3f}"),
+    ("act / ckpt", lambda r: f"{r.get('activations_vs_checkpoint', float('nan')):.3f}"),
+    ("peak-params / std", lambda r: f"{r.get('peak_minus_parameters_vs_standard', float('nan')):.3f}"),
+    ("peak-params / ckpt", lambda r: f"{r.get('peak_minus_parameters_vs_checkpoint', float('nan')):.3f}"),
+    ("held / ckpt", lambda r: f"{r.get('held_after_forward_vs_checkpoint', float('nan')):.4f}"),
+    ("time / std", lambda r: f"{r.get('step_seconds_vs_standard', float('nan')):.2f}"),
+    ("time / ckpt", lambda r: f"{r.get('step_seconds_vs_checkpoint', float('nan')):.2f}"),
+]
+
+
 def table(rows: list[dict]) -> str:
-    """A Markdown table of the rows (MiB and ratios)."""
-    head = (
-        "| K | mode | peak - params (MiB) | held after fwd (MiB) | peak-params / std | "
-        "peak-params / ckpt | held / ckpt | time / std | time / ckpt |"
-    )
-    lines = [head, "|" + "---|" * 9]
+    """A Markdown table of the rows: MiB and ratios within each depth."""
+    lines = ["| K | mode | " + " | ".join(name for name, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for r in rows:
-        lines.append(
-            f"| {r['depth']} | {r['mode']} | {r['peak_minus_parameters'] / 2**20:.1f} | "
-            f"{r['held_after_forward'] / 2**20:.2f} | {r.get('peak_minus_parameters_vs_standard', 1):.3f} | "
-            f"{r.get('peak_minus_parameters_vs_checkpoint', float('nan')):.3f} | "
-            f"{r.get('held_after_forward_vs_checkpoint', float('nan')):.4f} | "
-            f"{r.get('step_seconds_vs_standard', 1):.2f} | {r.get('step_seconds_vs_checkpoint', float('nan')):.2f} |"
-        )
+        lines.append(f"| {r['depth']} | {r['mode']} | " + " | ".join(cell(r) for _, cell in COLUMNS) + " |")
     return "\n".join(lines)

@@ -64,7 +64,7 @@ def unpack_bits(packed: PackedBits, dtype: torch.dtype = torch.int32) -> torch.T
         numel *= size
     out = None
     for i in range(packed.width):
-        bits = ((packed.data[i].unsqueeze(-1) >> shifts) & 1).reshape(-1)[:numel].to(dtype)
-        out = bits if out is None else out + (bits << i)
+        bits = ((packed.data[i].unsqueeze(-1) >> shifts) & 1).reshape(-1)[:numel]
+        out = bits if out is None else out.bitwise_or_(bits << i)
     assert out is not None
-    return out.view(packed.shape)
+    return out.to(dtype).view(packed.shape)

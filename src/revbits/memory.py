@@ -35,13 +35,18 @@ class LiveBytes(TorchDispatchMode):
     Inside the mode every storage an operator returns is counted as ``activations`` until it
     is freed; :meth:`register` puts a storage (new or already counted) in another category.
     Storages created outside the mode and never registered are not counted.
+
+    A storage that is moved to another category after the peak, but was alive at the peak
+    (a gradient computed before it reaches ``.grad``), is moved in the peak breakdown too.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.current = dict.fromkeys(CATEGORIES, 0)
         self.peak = dict(self.current)
-        self._entries: dict[int, list] = {}  # id(storage) -> [category, nbytes]
+        self._entries: dict[int, list] = {}  # id(storage) -> [category, nbytes, serial]
+        self._serial = 0  # storages get increasing serial numbers
+        self._peak_serial = 0  # the last serial alive at the peak
 
     @property
     def total(self) -> int:
@@ -60,28 +65,35 @@ class LiveBytes(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = dict(self.current)
+        self._peak_serial = self._serial
 
     def _add(self, storage: torch.UntypedStorage, category: str) -> None:
         key = id(storage)
         entry = self._entries.get(key)
         if entry is not None:
-            if entry[0] != category and category != "activations":
-                self.current[entry[0]] -= entry[1]
-                self.current[category] += entry[1]
+            old, size, serial = entry
+            if old != category and category != "activations":
+                self.current[old] -= size
+                self.current[category] += size
                 entry[0] = category
+                if serial <= self._peak_serial:  # alive now and created before the peak
+                    self.peak[old] -= size
+                    self.peak[category] += size
             return
+        self._serial += 1
         size = storage.nbytes()
-        self._entries[key] = [category, size]
+        self._entries[key] = [category, size, self._serial]
         self.current[category] += size
         weakref.finalize(storage, self._drop, key)
 
     def _drop(self, key: int) -> None:
-        category, size = self._entries.pop(key)
+        category, size, _ = self._entries.pop(key)
         self.current[category] -= size
 
     def _update_peak(self) -> None:
         if self.total > self.peak_total:
             self.peak = dict(self.current)
+            self._peak_serial = self._serial
 
     def _track(self, tensor: torch.Tensor) -> None:
         if tensor.device.type != "meta":
