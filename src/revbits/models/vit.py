@@ -1,0 +1,70 @@
+"""A Vision Transformer for image classification whose block stack takes ``memory=``.
+
+image -> non-overlapping patches -> linear embedding, a cls token and position embeddings ->
+dropout -> K pre-LN blocks -> LayerNorm of the cls token -> linear classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..stack import stack
+from .blocks import TransformerBlock
+from .gpt import _init_weights
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 28
+    patch_size: int = 4
+    channels: int = 1
+    num_classes: int = 10
+    n_layer: int = 6
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.1
+    memory: str = "standard"
+    memory_options: dict[str, Any] = field(default_factory=dict)
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        if config.image_size % config.patch_size:
+            raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+        self.config = config
+        num_patches = (config.image_size // config.patch_size) ** 2
+        self.patch_embedding = nn.Linear(config.channels * config.patch_size**2, config.d_model)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.d_model))
+        self.position_embedding = nn.Parameter(torch.randn(1, num_patches + 1, config.d_model) * 0.02)
+        self.dropout = nn.Dropout(config.dropout)
+        blocks = [
+            TransformerBlock(config.d_model, config.n_head, dropout=config.dropout) for _ in range(config.n_layer)
+        ]
+        self.stack = stack(blocks, memory=config.memory, **config.memory_options)
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.num_classes)
+        self.apply(_init_weights)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, (H/p)(W/p), C p p], patches in row-major order."""
+        B, C, H, W = images.shape
+        p = self.config.patch_size
+        if (C, H, W) != (self.config.channels, self.config.image_size, self.config.image_size):
+            raise ValueError(
+                f"expected images of shape [B, {self.config.channels}, {self.config.image_size}, "
+                f"{self.config.image_size}], got {list(images.shape)}"
+            )
+        x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, num_classes] for float images [B, C, H, W]."""
+        x = self.patch_embedding(self.patches(images))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding
+        x = self.stack(self.dropout(x))
+        return self.head(self.ln_f(x[:, 0]))
