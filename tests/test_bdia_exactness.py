@@ -142,3 +142,21 @@ def test_stack_rejects_unknown_modes_and_misplaced_options():
     with pytest.raises(TypeError, match="bits apply only to memory='bdia'|bits"):
         revbits.stack(gpt_blocks(2), memory="checkpoint", bits=9)
     assert isinstance(revbits.stack(gpt_blocks(2), memory="bdia"), revbits.BDIAStack)
+
+
+def test_eval_gamma_sweeps_the_update_and_zero_is_the_standard_step():
+    torch.manual_seed(6)
+    blocks = gpt_blocks(4)
+    stack = revbits.BDIAStack(blocks, quantize_eval=False).eval()
+    x = torch.randn(2, 5, 32)
+    base = stack(x)
+    stack.eval_gamma = 0.25
+    swept = stack(x)
+    expected_prev, expected = x, blocks[0](x)
+    for block in blocks[1:]:
+        y = block(expected)
+        expected_prev, expected = expected, 0.25 * expected_prev + (1.25 * y - 0.5 * expected)
+    assert torch.allclose(swept, expected, atol=1e-6)
+    assert not torch.allclose(swept, base)
+    stack.eval_gamma = 0.0
+    assert torch.equal(stack(x), base)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import relative_error
 
 import revbits
+from conftest import relative_error
 from revbits.models import GPT, GPTConfig, Translator, TranslatorConfig, ViT, ViTConfig
 
 
@@ -16,9 +16,14 @@ def make(kind: str, memory: str, **options):
     if kind == "gpt":
         return GPT(GPTConfig(vocab_size=17, block_size=12, n_layer=3, n_head=2, d_model=16, **opts))
     if kind == "vit":
-        return ViT(ViTConfig(image_size=8, patch_size=4, channels=1, num_classes=5, n_layer=3, n_head=2, d_model=16, **opts))
-    return Translator(TranslatorConfig(src_vocab=13, tgt_vocab=11, max_len=16, n_enc_layer=2, n_dec_layer=3,
-                                       n_head=2, d_model=16, **opts))
+        return ViT(
+            ViTConfig(image_size=8, patch_size=4, channels=1, num_classes=5, n_layer=3, n_head=2, d_model=16, **opts)
+        )
+    return Translator(
+        TranslatorConfig(
+            src_vocab=13, tgt_vocab=11, max_len=16, n_enc_layer=2, n_dec_layer=3, n_head=2, d_model=16, **opts
+        )
+    )
 
 
 def batch(kind: str):

@@ -312,6 +312,7 @@ class BDIAStack(nn.Module):
 
     ``stack(x, *args, gammas=signs)`` takes explicit signs, a [K-1, batch] tensor of +-1.
     ``stack.reversible = False`` runs the same quantised forward under plain autograd.
+    ``stack.eval_gamma = g`` evaluates with a fixed g for every sample and block (default 0).
     The first dimension of x is the batch.
     """
 
@@ -347,6 +348,7 @@ class BDIAStack(nn.Module):
         self.verify = verify
         self.preserve_rng_state = preserve_rng_state
         self.reversible = True
+        self.eval_gamma = 0.0  # the fixed g of evaluation; non-zero only for robustness studies
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, quantize_eval={self.quantize_eval}, reversible={self.reversible}"
@@ -366,13 +368,20 @@ class BDIAStack(nn.Module):
     # -- the three paths ------------------------------------------------------------------------
 
     def _forward_eval(self, x: torch.Tensor, args: Sequence[Any]) -> torch.Tensor:
-        """g = 0: x_{k+1} = Q(y_k) with quantize_eval, else the plain sequence of blocks."""
-        if self.quantize_eval:
-            x = quantize(x, self.bits)
+        """g = eval_gamma (0 by default): x_{k+1} = g x_{k-1} + Q((1 + g) y_k - 2 g x_k), x_1 = Q(y_0).
+
+        At g = 0 this is x_{k+1} = Q(y_k), or exactly the blocks in sequence without the quantiser.
+        Any g in [-1, 1] may be set for robustness studies; it is not inverted, so any value works.
+        """
+        g = self.eval_gamma
+        round_ = (lambda v: quantize(v, self.bits)) if self.quantize_eval else (lambda v: v)
+        x_prev, x = None, round_(x)
         for k, block in enumerate(self.blocks):
-            x = call_block(block, k, x, args)
-            if self.quantize_eval:
-                x = quantize(x, self.bits)
+            y = call_block(block, k, x, args)
+            if g == 0 or x_prev is None:
+                x_prev, x = x, round_(y)
+            else:
+                x_prev, x = x, g * x_prev + round_((1 + g) * y - (2 * g) * x)
         return x
 
     def _forward_plain(self, x0: torch.Tensor, args: Sequence[Any], signs: torch.Tensor) -> torch.Tensor:

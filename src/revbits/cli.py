@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .data import MissingDataError
+from .data.cli import add_data_commands
+from .train.commands import RUN_ERRORS, add_train_commands
 
 
 def _positive(text: str) -> int:
@@ -96,12 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", type=Path, help="also write the raw rows here")
     bench.set_defaults(run=_bench)
+    add_train_commands(commands)
+    add_data_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (*RUN_ERRORS, MissingDataError) as error:
+        print(f"revbits {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

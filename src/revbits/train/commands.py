@@ -1,0 +1,159 @@
+"""``revbits train | eval | sample | plot``: argparse wiring and handlers."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..stack import MEMORY_MODES
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import MODELS, ConfigError, TrainConfig, read_config_file
+from .loop import evaluate, train
+from .plot import plot_runs
+from .tasks import make_task, read_run_config
+
+HELP = {
+    "model": "gpt (characters), vit (images) or translator (sentence pairs)",
+    "data": "data set name (default: shakespeare, fashion-mnist, bible-en-fr by model)",
+    "memory": "standard, checkpoint or bdia",
+    "stop_at": "stop after this step as if interrupted; continue later with --resume",
+    "train_subset": "use only N training examples (characters for gpt)",
+    "out": "run directory (config.json, metrics.jsonl, checkpoints/)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, defaulting to None so that only given flags override."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
+            continue
+        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        choices = {"model": MODELS, "memory": MEMORY_MODES}.get(f.name)
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            choices=choices,
+            help=HELP.get(f.name),
+            metavar=None if choices else f.name.upper(),
+        )
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    if args.resume and not args.config:
+        saved = Path(args.out or TrainConfig.out) / "config.json"
+        if saved.exists():
+            values = json.loads(saved.read_text())
+            values.pop("stop_at", None)  # where the last invocation stopped is not an option of this one
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name] = given
+    if "model" in values and "data" not in values:
+        values["data"] = None
+    return TrainConfig.from_dict(values, source=str(args.config or "flags"))
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    result = train(config, resume=args.resume)
+    print(json.dumps({"run": config.out, **result}))
+    return 0
+
+
+def _load_run(run_dir: Path, quantize_eval: bool | None = None) -> tuple[Any, Any, TrainConfig]:
+    config = read_run_config(run_dir)
+    if quantize_eval is not None:
+        config.quantize_eval = quantize_eval
+    config.device = "cuda" if torch.cuda.is_available() and config.device.startswith("cuda") else "cpu"
+    task = make_task(config)
+    model = task.build_model()
+    load_checkpoint(run_dir, model)
+    return task, model.to(config.device).eval(), config
+
+
+def _eval(args: argparse.Namespace) -> int:
+    task, model, config = _load_run(args.run_dir, args.quantize_eval)
+    metrics: dict[str, Any] = {"run": str(args.run_dir), "split": args.split, **evaluate(task, model, args.split)}
+    if config.model == "translator":
+        from .translation_eval import bleu
+
+        metrics.update(bleu(task, model, args.split, args.decode, args.beam_size, args.max_sentences))
+    print(json.dumps(metrics))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    task, model, config = _load_run(args.run_dir)
+    if config.model != "gpt":
+        print(f"revbits sample: {args.run_dir} holds a {config.model} model; sampling needs a gpt run", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    unknown = sorted(set(args.prompt) - set(task.tokenizer.chars))
+    if unknown:
+        print(f"revbits sample: the prompt has characters the model never saw: {unknown}", file=sys.stderr)
+        return 2
+    prompt = torch.tensor([task.tokenizer.encode(args.prompt)], dtype=torch.long, device=config.device)
+    out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k)
+    print(task.tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    path = plot_runs(args.run_dirs, args.out, args.metric)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_train_commands(commands: argparse._SubParsersAction) -> None:
+    train_parser = commands.add_parser(
+        "train",
+        help="train a model on a data set under a memory mode",
+        description="Train with AdamW, warm-up + cosine, gradient clipping, periodic "
+        "evaluation and atomic checkpoints. Flags override --config.",
+    )
+    train_parser.add_argument("--config", type=Path, help="JSON or TOML file of options")
+    train_parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out exactly")
+    _add_config_flags(train_parser)
+    train_parser.set_defaults(run=_train)
+
+    eval_parser = commands.add_parser("eval", help="evaluate a trained run")
+    eval_parser.add_argument("run_dir", type=Path, help="run directory")
+    eval_parser.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    eval_parser.add_argument("--decode", default="greedy", choices=["greedy", "beam"], help="translator decoding")
+    eval_parser.add_argument("--beam-size", type=int, default=4)
+    eval_parser.add_argument("--max-sentences", type=int, default=500, help="translator: sentences scored by BLEU")
+    eval_parser.add_argument(
+        "--quantize-eval",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="BDIA: round block outputs to the grid at evaluation (default: as trained)",
+    )
+    eval_parser.set_defaults(run=_eval)
+
+    sample_parser = commands.add_parser("sample", help="generate text from a trained gpt run")
+    sample_parser.add_argument("run_dir", type=Path, help="run directory of a gpt model")
+    sample_parser.add_argument("--prompt", default="\n")
+    sample_parser.add_argument("--tokens", type=int, default=300)
+    sample_parser.add_argument("--temperature", type=float, default=0.8)
+    sample_parser.add_argument("--top-k", type=int, default=40)
+    sample_parser.add_argument("--seed", type=int, default=0)
+    sample_parser.set_defaults(run=_sample)
+
+    plot_parser = commands.add_parser("plot", help="plot train and valid curves of one or more runs")
+    plot_parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
+    plot_parser.add_argument("--out", type=Path, default=Path("curves.png"))
+    plot_parser.add_argument("--metric", default="loss")
+    plot_parser.set_defaults(run=_plot)
+
+
+RUN_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)

@@ -1,0 +1,127 @@
+"""Training configuration: one dataclass, filled from defaults, a JSON/TOML file, then flags."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..stack import MEMORY_MODES
+
+MODELS = ("gpt", "vit", "translator")
+DEFAULT_DATA = {"gpt": "shakespeare", "vit": "fashion-mnist", "translator": "bible-en-fr"}
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt"
+    data: str | None = None  # None: the model's default data set
+    memory: str = "bdia"
+    steps: int = 1000
+    stop_at: int | None = None  # stop after this step (as if interrupted); resume later
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 20
+    log_interval: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/default"
+    # model shape
+    n_layer: int = 6
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.1
+    block_size: int = 128  # gpt context; translator maximum length
+    patch_size: int = 4  # vit
+    train_subset: int | None = None  # use only the first N training examples
+    # bdia options
+    bits: int = 9
+    gamma: float = 0.5
+    quantize_eval: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            self.data = DEFAULT_DATA.get(self.model)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.memory not in MEMORY_MODES:
+            raise ConfigError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
+        positive = [
+            "steps",
+            "batch_size",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "n_layer",
+            "n_head",
+            "d_model",
+            "block_size",
+            "patch_size",
+        ]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.memory == "bdia" and self.n_layer < 2:
+            raise ConfigError("memory='bdia' needs n_layer >= 2")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("warmup, grad_clip and weight_decay must not be negative")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ConfigError(f"stop_at must be between 1 and steps={self.steps}, got {self.stop_at}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ConfigError(f"train_subset must be at least 1, got {self.train_subset}")
+
+    @property
+    def memory_options(self) -> dict[str, Any]:
+        if self.memory != "bdia":
+            return {}
+        return {"bits": self.bits, "gamma": self.gamma, "quantize_eval": self.quantize_eval}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a JSON (.json) or TOML (.toml) file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"config file {path} is not valid {kind}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of options")
+    return values

@@ -1,0 +1,54 @@
+"""The splits and tokenizers each task trains on, from the data sets of :mod:`revbits.data`.
+
+Validation data never overlaps training data:
+- text (shakespeare): the data set's own train/valid/test cut by position;
+- images: the last 5,000 training images (a tenth of smaller sets) are the validation set; the test
+  split is the official one;
+- sentence pairs (bible-en-fr): whole books per split, as the data set defines them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import CharTokenizer, WordTokenizer, load_bible_pairs, load_cifar10, load_fashion_mnist, load_shakespeare
+
+TEXT = {"shakespeare": load_shakespeare}
+IMAGES = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
+PAIRS = {"bible-en-fr": load_bible_pairs}
+VALID_IMAGES = 5000  # at most; a tenth of a smaller training set
+VOCAB = {"min_count": 2, "max_size": 8000}
+
+
+def _known(name: str, table: dict, kind: str) -> None:
+    if name not in table:
+        raise ValueError(f"{name!r} is not a {kind} data set; use one of {', '.join(table)}")
+
+
+def text_splits(name: str) -> tuple[dict[str, str], CharTokenizer]:
+    """Train/valid/test text, and a character tokenizer over all of it."""
+    _known(name, TEXT, "text")
+    load = TEXT[name]
+    return {split: load(split) for split in ("train", "valid", "test")}, CharTokenizer.from_text(load("all"))
+
+
+def image_splits(name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 images and int64 labels for train, valid (held out of the official train) and test."""
+    _known(name, IMAGES, "image")
+    load = IMAGES[name]
+    images, labels = load("train")
+    held = min(VALID_IMAGES, len(images) // 10)
+    return {
+        "train": (images[:-held], labels[:-held]),
+        "valid": (images[-held:], labels[-held:]),
+        "test": load("test"),
+    }
+
+
+def pair_splits(name: str) -> tuple[dict[str, list[tuple[str, str]]], WordTokenizer, WordTokenizer]:
+    """(source, target) sentence pairs per split, and word tokenizers built on the training side."""
+    _known(name, PAIRS, "sentence-pair")
+    pairs = {split: [(p.en, p.fr) for p in PAIRS[name](split)] for split in ("train", "valid", "test")}
+    source = WordTokenizer.build((s for s, _ in pairs["train"]), **VOCAB)
+    target = WordTokenizer.build((t for _, t in pairs["train"]), **VOCAB)
+    return pairs, source, target

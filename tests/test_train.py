@@ -1,0 +1,201 @@
+"""The training command end to end on tiny format-true data: train, resume, eval, sample, plot, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from revbits.cli import main
+from revbits.data import bible, shakespeare
+from test_data import write_fashion
+
+TINY = [
+    "--steps",
+    "6",
+    "--eval-interval",
+    "3",
+    "--eval-batches",
+    "2",
+    "--batch-size",
+    "4",
+    "--block-size",
+    "16",
+    "--n-layer",
+    "3",
+    "--n-head",
+    "2",
+    "--d-model",
+    "16",
+    "--warmup",
+    "2",
+    "--log-interval",
+    "2",
+]
+BOOKS = ["Genesis", "Exodus", "Joshua", "John", "Judges", "Romans"]  # train, train, valid, valid, test, test
+
+
+@pytest.fixture(autouse=True)
+def tiny_data(tmp_path, monkeypatch):
+    """A cache with a small text, a small Fashion-MNIST and a small set of verse pairs."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("REVBITS_DATA", str(root))
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "the", "king", "and", "I", "shall", "speak", "no", "more", "lord", "night"]
+    text = "\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(600))
+    (root / shakespeare.NAME).mkdir(parents=True)
+    (root / shakespeare.NAME / shakespeare.TEXT_FILE).write_text(text)
+    write_fashion(root / "fashion-mnist", n_train=60, n_test=20)
+    fr = {
+        "thou": "tu",
+        "art": "es",
+        "the": "le",
+        "king": "roi",
+        "and": "et",
+        "I": "je",
+        "shall": "vais",
+        "speak": "parler",
+        "no": "ne",
+        "more": "plus",
+        "lord": "seigneur",
+        "night": "nuit",
+    }
+    rows = ["book\tchapter\tverse\ten\tfr"]
+    for i in range(240):
+        en = list(rng.choice(words, rng.integers(3, 7)))
+        rows.append(f"{BOOKS[i % 6]}\t1\t{i + 1}\t{' '.join(en)}.\t{' '.join(fr[w] for w in en)}.")
+    (root / bible.NAME).mkdir(parents=True)
+    (root / bible.NAME / bible.PAIRS_FILE).write_text("\n".join(rows) + "\n")
+    return root
+
+
+def run(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
+
+
+def test_gpt_trains_evaluates_samples_and_plots(tmp_path, capsys):
+    out = tmp_path / "gpt"
+    assert run("train", "--model", "gpt", "--memory", "bdia", *TINY, "--out", out) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [3, 6]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
+    capsys.readouterr()
+    assert run("eval", out, "--split", "test") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["split"] == "test" and metrics["perplexity"] > 1
+    assert run("sample", out, "--prompt", "thou", "--tokens", "20") == 0
+    assert capsys.readouterr().out.startswith("thou")
+    assert run("plot", out, "--out", tmp_path / "curves.png") == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("memory", ["bdia", "standard"])
+def test_resume_continues_bit_for_bit(tmp_path, memory):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["train", "--model", "gpt", "--memory", memory, "--dropout", "0.1", *TINY]
+    assert run(*common, "--out", straight) == 0
+    assert run(*common, "--out", resumed, "--stop-at", "3") == 0
+    assert len(weights(resumed)) and run(*common, "--out", resumed, "--resume") == 0
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def records(run_dir):  # everything but the timings and the process's memory
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("_per_s") and k != "peak_mib"} for r in rows]
+
+    assert records(straight) == records(resumed)
+
+
+def test_vit_trains_on_images(tmp_path, capsys):
+    out = tmp_path / "vit"
+    assert run("train", "--model", "vit", "--memory", "bdia", *TINY, "--patch-size", "7", "--out", out) == 0
+    capsys.readouterr()
+    assert run("eval", out, "--split", "test", "--no-quantize-eval") == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("decode", ["greedy", "beam"])
+def test_translator_trains_and_scores_bleu(tmp_path, capsys, decode):
+    out = tmp_path / "translator"
+    assert run("train", "--model", "translator", "--memory", "bdia", *TINY, "--n-layer", "4", "--out", out) == 0
+    capsys.readouterr()
+    assert run("eval", out, "--decode", decode, "--max-sentences", "8") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["decode"] == decode and metrics["sentences"] == 8 and 0 <= metrics["bleu"] <= 100
+
+
+def test_config_file_is_read_and_flags_override_it(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'model = "gpt"\nmemory = "checkpoint"\nsteps = 2\nd_model = 16\nn_head = 2\nn_layer = 2\n'
+        "block_size = 16\nbatch_size = 4\neval_batches = 1\nwarmup = 1\n"
+    )
+    out = tmp_path / "from-file"
+    assert run("train", "--config", config, "--steps", "3", "--out", out) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["memory"] == "checkpoint" and saved["steps"] == 3 and saved["d_model"] == 16
+
+
+def test_missing_data_set_says_how_to_get_it(tmp_path, tiny_data, capsys):
+    (tiny_data / shakespeare.NAME / shakespeare.TEXT_FILE).unlink()
+    assert run("train", "--model", "gpt", *TINY, "--out", tmp_path / "x") == 2
+    assert "revbits data fetch shakespeare" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--d-model", "30", "--n-head", "4"], "not divisible"),
+        (["--stop-at", "99"], "stop_at must be between"),
+        (["--memory", "bdia", "--n-layer", "1"], "n_layer >= 2"),
+    ],
+)
+def test_bad_options_are_named(tmp_path, capsys, flags, message):
+    assert run("train", "--model", "gpt", *TINY, *flags, "--out", tmp_path / "x") == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_choice_and_config_keys_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run("train", "--memory", "fast")
+    assert "invalid choice" in capsys.readouterr().err
+    config = tmp_path / "bad.json"
+    config.write_text('{"modle": "gpt"}')
+    assert run("train", "--config", config, "--out", tmp_path / "x") == 2
+    assert "unknown option(s) modle" in capsys.readouterr().err
+
+
+def test_existing_runs_are_never_overwritten_and_changed_resumes_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("train", "--model", "gpt", *TINY, "--out", out) == 0
+    before = weights(out)
+    assert run("train", "--model", "gpt", *TINY, "--out", out) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert run("train", "--model", "gpt", *TINY, "--d-model", "32", "--out", out, "--resume") == 2
+    assert "cannot resume with changed options (d_model" in capsys.readouterr().err
+    after = weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("train", "--model", "gpt", *TINY, "--out", out) == 0
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    data = (latest / "model.safetensors").read_bytes()
+    (latest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert run("eval", out) == 2
+    assert "corrupt" in capsys.readouterr().err
+    (latest / "model.safetensors").write_bytes(data)
+    (latest / "state.pt").write_bytes(b"not a checkpoint")
+    assert run("train", "--model", "gpt", *TINY, "--out", out, "--resume", "--steps", "8") == 2
+    assert "state.pt is corrupt" in capsys.readouterr().err
