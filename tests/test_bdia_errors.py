@@ -145,3 +145,42 @@ def test_a_block_returning_a_tuple_is_named():
     stack = revbits.BDIAStack([Scale(1.0), Pair()])
     with pytest.raises(revbits.BlockProtocolError, match="block 1 \\(Pair\\) returned tuple"):
         stack(torch.randn(2, 4, requires_grad=True))
+
+
+def test_a_block_that_modifies_its_input_in_place_is_named():
+    class AddInPlace(torch.nn.Module):
+        def forward(self, x):
+            x += 1.0
+            return x
+
+    stack = revbits.BDIAStack([Scale(1.0), AddInPlace(), Scale(1.0)])
+    with pytest.raises(revbits.BlockProtocolError, match=r"block 1 \(AddInPlace\) modified its input in place"):
+        stack(torch.randn(2, 4, requires_grad=True), gammas=torch.ones(2, 2))
+
+
+def test_a_nested_tensor_that_needs_a_gradient_is_refused():
+    class UsesPair(torch.nn.Module):
+        def forward(self, x, pair):
+            return x + pair[0]
+
+    memory = torch.randn(2, 4, requires_grad=True)
+    stack = revbits.BDIAStack([UsesPair(), UsesPair()])
+    with pytest.raises(revbits.BlockProtocolError, match="argument 0 is a tuple holding a tensor that requires grad"):
+        stack(torch.randn(2, 4, requires_grad=True), (memory,), gammas=torch.ones(1, 2))
+
+
+def test_non_contiguous_input_with_large_values_gives_no_false_alarm():
+    torch.manual_seed(0)
+
+    class Tanh(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return x + 0.01 * torch.tanh(self.linear(x))
+
+    stack = revbits.BDIAStack([Tanh() for _ in range(4)])
+    for _ in range(5):
+        x = (torch.rand(64, 8, 33) * 30 + 100).transpose(0, 2).requires_grad_()  # a strided layout
+        stack(x).sum().backward()  # a false alarm would raise ReversibilityError

@@ -149,3 +149,23 @@ def test_gradient_flows_to_the_input_through_the_straight_through_quantiser():
     x = torch.randn(2, 4, 32, dtype=torch.float64, requires_grad=True)
     grads = compare_with_plain(stack, x, signs=random_signs(3, 2))
     assert grads["x"].abs().sum() > 0
+
+
+def test_parameters_frozen_between_forward_and_backward_keep_their_slots():
+    torch.manual_seed(9)
+    stack = revbits.BDIAStack(gpt_blocks(4)).double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    signs = random_signs(4, 2)
+    torch.manual_seed(0)
+    stack(x, gammas=signs).square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in stack.named_parameters()}
+    stack.zero_grad()
+    torch.manual_seed(0)
+    out = stack(x, gammas=signs).square().sum()
+    first = next(stack.blocks[1].parameters())
+    first.requires_grad_(False)  # frozen after the forward pass
+    out.backward()
+    assert first.grad is None, "a parameter frozen before backward gets no gradient"
+    for name, p in stack.named_parameters():
+        if p is not first:
+            assert torch.allclose(p.grad, expected[name], rtol=1e-12, atol=0), name

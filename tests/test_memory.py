@@ -92,3 +92,12 @@ def test_a_gradient_computed_before_the_peak_is_attributed_as_gradient():
         del temp  # the peak (600 bytes) is behind us
         tracker.register(grad, "gradients")
     assert tracker.peak == {"parameters": 0, "gradients": 400, "optimizer": 0, "activations": 200}
+
+
+def test_views_of_tensors_made_outside_are_not_counted():
+    outside = torch.randn(100_000, 4)
+    tracker = LiveBytes()
+    with tracker:
+        batch = outside[:8].view(8, 4)  # a view: no allocation
+        out = batch * 2  # 128 bytes
+    assert tracker.current["activations"] == out.nbytes

@@ -199,3 +199,28 @@ def test_corrupt_checkpoint_is_reported(tmp_path, capsys):
     (latest / "state.pt").write_bytes(b"not a checkpoint")
     assert run("train", "--model", "gpt", *TINY, "--out", out, "--resume", "--steps", "8") == 2
     assert "state.pt is corrupt" in capsys.readouterr().err
+
+
+def test_a_blank_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("train", "--model", "gpt", *TINY, "--out", out) == 0
+    (out / "checkpoints" / "latest").write_text("")
+    capsys.readouterr()
+    assert run("eval", out) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] > 0
+
+
+def test_a_run_directory_with_metrics_but_no_checkpoint_is_not_reused(tmp_path, capsys):
+    out = tmp_path / "crashed"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 3.0}\n')
+    assert run("train", "--model", "gpt", *TINY, "--out", out) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_config_values_of_the_wrong_type_are_named(tmp_path, capsys):
+    config = tmp_path / "typed.json"
+    config.write_text('{"quantize_eval": "false"}')
+    assert run("train", "--config", config, "--out", tmp_path / "x") == 2
+    assert "quantize_eval must be bool" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from .bdia_ops import (
     BlockProtocolError,
@@ -61,6 +62,7 @@ class _Plan:
     args: list[Any]  # the extra block arguments, tensors replaced by None
     tensor_slots: list[int]  # where the tensor arguments go in args
     params: list[list[int]]  # per block, indices into the parameter list
+    block_params: list[list[nn.Parameter]]  # per block, its trainable parameters at forward time
     num_params: int
     bits: int
     gamma: float
@@ -198,7 +200,9 @@ class _BDIAFunction(torch.autograd.Function):
 
         g_next, p_cur = grad_out, None
         for k in range(len(plan.blocks) - 1, -1, -1):
-            block_params = [p for p in plan.blocks[k].parameters() if p.requires_grad]
+            # the parameters of block k at forward time that still want a gradient, and their slots
+            live = [i for i, p in enumerate(plan.block_params[k]) if p.requires_grad]
+            block_params = [plan.block_params[k][i] for i in live]
             rng = plan.rng_states[k] if plan.preserve_rng else None
             with (
                 _RngReplay(rng, x_cur.device, plan.preserve_rng),
@@ -229,7 +233,7 @@ class _BDIAFunction(torch.autograd.Function):
             del y, xk, grad_y
             g_next = _sum_owned(direct, grads[0])
             del direct
-            _accumulate(param_grads, plan.params[k], grads[1 : 1 + len(block_params)])
+            _accumulate(param_grads, [plan.params[k][i] for i in live], grads[1 : 1 + len(block_params)])
             _accumulate(arg_grads, wanted_slots, grads[1 + len(block_params) :])
             del grads
         _raise_on_mismatch(plan, mismatches)
@@ -360,7 +364,13 @@ class BDIAStack(nn.Module):
         signs = self._signs(x, gammas)
         if signs is None:
             return self._forward_eval(x, args)
-        x0 = quantize(x, self.bits)
+        _check_args(args)
+        if self.preserve_rng_state and x.device.type not in ("cpu", "cuda"):
+            raise NotImplementedError(
+                f"BDIAStack replays the RNG of cpu and cuda devices only, not {x.device.type}; run on one of "
+                "those, or pass preserve_rng_state=False if the blocks use no randomness"
+            )
+        x0 = quantize(x, self.bits).contiguous()  # every state gets one memory layout
         if self.reversible and torch.is_grad_enabled():
             return self._forward_reversible(x0, args, signs)
         return self._forward_plain(x0, args, signs)
@@ -428,6 +438,7 @@ class BDIAStack(nn.Module):
             args=[None if i in slots else a for i, a in enumerate(args)],
             tensor_slots=slots,
             params=[[index[id(p)] for p in b.parameters() if p.requires_grad] for b in self.blocks],
+            block_params=[[p for p in b.parameters() if p.requires_grad] for b in self.blocks],
             num_params=len(params),
             bits=self.bits,
             gamma=self.gamma,
@@ -442,6 +453,20 @@ class BDIAStack(nn.Module):
                 torch.get_autocast_dtype(device_type),
             ),
         )
+
+
+def _check_args(args: Sequence[Any]) -> None:
+    """Tensors that need gradients must be top-level block arguments: only those become inputs of the
+    reversible Function, so a nested one would silently get no gradient."""
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            continue
+        nested = [t for t in tree_flatten(arg)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        if nested:
+            raise BlockProtocolError(
+                f"block argument {i} is a {type(arg).__name__} holding a tensor that requires grad; pass such "
+                "tensors as separate top-level arguments so that their gradients can be returned"
+            )
 
 
 def _unique_params(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:

@@ -42,16 +42,18 @@ def gamma_exponent(gamma: float) -> int:
 class _Combine(torch.autograd.Function):
     """u = Q((1 + g) y - 2 g x) with a straight-through Q.
 
-    Computed as round(y * (1 + g) 2**l - 2 * 2**l * g * x) * 2**-l: scaling by 2**l is exact,
-    so this is bit-identical to quantising (1 + g) y - 2 g x. Gradients:
-    du/dy = (1 + g), du/dx = -2 g.
+    Computed as round(y (1 + g) 2**l - 2 2**l g x) 2**-l: the product with y and the sum each
+    round once, the rest is exact. Exactness of the inverse only needs every pass (forward,
+    reference, recomputation) to use this one function, which they do. The result is always
+    contiguous, so every state of the stack has one memory layout. Gradients: du/dy = 1 + g,
+    du/dx = -2 g.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(g)
         scale = float(2**bits)
-        u = y * ((1 + g) * scale)
+        u = (y * ((1 + g) * scale)).contiguous()
         u.addcmul_(x, g, value=-2 * scale)
         return u.round_().div_(scale)
 
@@ -91,7 +93,13 @@ def inverse_step_(x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: tor
 
 def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any]) -> torch.Tensor:
     """y = block(x, *args), checked against the block protocol."""
+    version = x._version
     y = block(x, *args)
+    if x._version != version:
+        raise BlockProtocolError(
+            f"block {index} ({type(block).__name__}) modified its input in place; a reversible stack keeps "
+            "the states it is given, so write `x = x + f(x)` instead of `x += f(x)`"
+        )
     if not isinstance(y, torch.Tensor):
         raise BlockProtocolError(
             f"block {index} ({type(block).__name__}) returned {type(y).__name__}, not a tensor; "

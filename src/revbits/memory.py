@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations")
 
@@ -95,13 +95,23 @@ class LiveBytes(TorchDispatchMode):
             self.peak = dict(self.current)
             self._peak_serial = self._serial
 
-    def _track(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "meta":
-            self._add(tensor.untyped_storage(), "activations")
+    def _track(self, tensor: torch.Tensor, inputs: set[int]) -> None:
+        if tensor.device.type == "meta" or tensor.is_sparse:
+            return
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in inputs:  # a view or in-place result: the op allocated nothing
+            return
+        self._add(storage, "activations")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        tree_map_only(torch.Tensor, self._track, out)
+        kwargs = kwargs or {}
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and not t.is_sparse
+        }
+        out = func(*args, **kwargs)
+        tree_map_only(torch.Tensor, lambda t: self._track(t, inputs), out)
         self._update_peak()
         return out
 

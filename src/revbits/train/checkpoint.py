@@ -10,6 +10,7 @@ moment leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -54,14 +55,26 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The directory of the newest complete checkpoint, or None if there is none."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
+    """The checkpoint ``checkpoints/latest`` names, or None if there is none.
+
+    A pointer that is blank or names no checkpoint (a crash mid-write) falls back to the newest
+    complete ``step_*`` directory.
+    """
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist: the run directory is damaged")
-    return path
+    name = pointer.read_text().strip()
+    if re.fullmatch(r"step_\d{8}", name) and _complete(root / name):
+        return root / name
+    complete = [path for path in sorted(root.glob("step_*")) if _complete(path)]
+    if not complete:
+        raise CheckpointError(f"{pointer} names {name!r}, and {root} holds no complete checkpoint")
+    return complete[-1]
+
+
+def _complete(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "state.pt").is_file()
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:

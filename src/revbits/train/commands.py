@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..bdia import ReversibilityError
 from ..stack import MEMORY_MODES
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import MODELS, ConfigError, TrainConfig, read_config_file
@@ -108,6 +109,48 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from ..memory import measure_training_step
+    from .loop import make_optimizer
+
+    config = _config_from_args(args)
+    task = make_task(config)
+    sampler = torch.Generator().manual_seed(config.seed)
+    batch = task.train_batch(sampler, torch.device(config.device))
+    rows = []
+    for memory in args.modes:
+        mode_config = dataclasses.replace(config, memory=memory)
+        torch.manual_seed(config.seed)
+        model = make_task_model(task, mode_config).to(config.device).train()
+        report = measure_training_step(
+            model, lambda model=model: task.loss(model, batch), make_optimizer(model, config)
+        )
+        rows.append({"memory": memory, **report.as_dict()})
+    base = rows[0]
+    print(
+        f"one training step of {config.model} on {config.data} ({config.n_layer} layers, d={config.d_model}, "
+        f"batch {config.batch_size}), measured:"
+    )
+    for row in rows:
+        print(
+            f"  {row['memory']:10s} peak {row['peak'] / 2**20:8.1f} MiB (activations {row['activations'] / 2**20:7.1f})"
+            f"  held after forward {row['held_after_forward'] / 2**20:7.2f} MiB"
+            f"  ({row['held_after_forward'] / base['held_after_forward']:.3f}x {base['memory']})"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def make_task_model(task: Any, config: TrainConfig) -> torch.nn.Module:
+    """The task's model built with another configuration (e.g. another memory mode)."""
+    original, task.config = task.config, config
+    try:
+        return task.build_model()
+    finally:
+        task.config = original
+
+
 def _plot(args: argparse.Namespace) -> int:
     path = plot_runs(args.run_dirs, args.out, args.metric)
     print(f"wrote {path}")
@@ -149,6 +192,18 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     sample_parser.add_argument("--seed", type=int, default=0)
     sample_parser.set_defaults(run=_sample)
 
+    memory_parser = commands.add_parser(
+        "memory",
+        help="measure one training step of a model under each memory mode",
+        description="Takes the same options as train; prints the peak and the bytes "
+        "held between forward and backward, measured, for each mode.",
+    )
+    memory_parser.add_argument("--config", type=Path, help="JSON or TOML file of options")
+    memory_parser.add_argument("--modes", nargs="+", default=list(MEMORY_MODES), choices=MEMORY_MODES)
+    memory_parser.add_argument("--json", type=Path, help="also write the rows here")
+    _add_config_flags(memory_parser)
+    memory_parser.set_defaults(run=_memory, resume=False)
+
     plot_parser = commands.add_parser("plot", help="plot train and valid curves of one or more runs")
     plot_parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
     plot_parser.add_argument("--out", type=Path, default=Path("curves.png"))
@@ -156,4 +211,4 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     plot_parser.set_defaults(run=_plot)
 
 
-RUN_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+RUN_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError, ReversibilityError)

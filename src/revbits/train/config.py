@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..bdia_ops import gamma_exponent
 from ..stack import MEMORY_MODES
 
 MODELS = ("gpt", "vit", "translator")
@@ -56,6 +59,20 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        self._check_types()
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(
+                f"device must be a torch device such as cpu, cuda or cuda:1, got {self.device!r}"
+            ) from None
+        if self.memory == "bdia":
+            try:
+                gamma_exponent(self.gamma)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            if not 1 <= self.bits <= 23:
+                raise ConfigError(f"bits must be from 1 to 23, got {self.bits}")
         if self.model not in MODELS:
             raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.memory not in MEMORY_MODES:
@@ -89,6 +106,20 @@ class TrainConfig:
             raise ConfigError(f"stop_at must be between 1 and steps={self.steps}, got {self.stop_at}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"train_subset must be at least 1, got {self.train_subset}")
+
+    def _check_types(self) -> None:
+        """Each option has the type its default has (an int is accepted for a float)."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            optional = "None" in kind
+            if value is None and (optional or f.name == "data"):
+                continue
+            expected = bool if kind == "bool" else int if kind.startswith("int") else float if kind == "float" else str
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise ConfigError(f"{f.name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
 
     @property
     def memory_options(self) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
     has_checkpoint = latest_checkpoint(out) is not None if out.exists() else False
     if resume and not has_checkpoint:
         raise CheckpointError(f"--resume: no checkpoint in {out}")
-    if not resume and has_checkpoint:
+    if not resume and (has_checkpoint or (out / "metrics.jsonl").exists()):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
     if resume and (out / "config.json").exists():

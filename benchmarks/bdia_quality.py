@@ -1,0 +1,222 @@
+"""BDIA against standard training on real data, at equal steps and data, over several seeds.
+
+Experiments (each trains both memory modes from the same seeds):
+- vit:        ViT on a 10k-image subset of Fashion-MNIST; test accuracy; gamma swept at inference for
+              both models (the paper's robustness figure); BDIA evaluated with and without the quantiser.
+- gpt:        character GPT on a 200k-character slice of Shakespeare, trained long enough to overfit;
+              test loss.
+- translator: encoder-decoder on Bible en-fr; test loss and BLEU (greedy).
+
+Writes <out>/results.json (every run's numbers), <out>/summary.md (mean +- std tables) and
+<out>/<experiment>_curves.png; the run directories (checkpoints, metrics) go to --runs.
+Needs the data sets: revbits data fetch fashion-mnist shakespeare bible-en-fr.
+
+    python benchmarks/bdia_quality.py                       # all experiments, 3 seeds
+    python benchmarks/bdia_quality.py --experiments vit --seeds 0 --scale 0.1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from revbits import BDIAStack
+from revbits.train import TrainConfig, load_checkpoint, train
+from revbits.train.loop import evaluate
+from revbits.train.plot import plot_runs
+from revbits.train.tasks import make_task
+from revbits.train.translation_eval import bleu
+
+EXPERIMENTS = {
+    "vit": TrainConfig(
+        model="vit",
+        data="fashion-mnist",
+        train_subset=10_000,
+        steps=2000,
+        batch_size=64,
+        lr=1e-3,
+        min_lr=1e-5,
+        warmup=100,
+        eval_interval=500,
+        n_layer=4,
+        n_head=4,
+        d_model=64,
+        patch_size=7,
+        dropout=0.1,
+        weight_decay=0.05,
+    ),
+    "gpt": TrainConfig(
+        model="gpt",
+        data="shakespeare",
+        train_subset=200_000,
+        steps=1500,
+        batch_size=32,
+        block_size=128,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup=100,
+        eval_interval=250,
+        eval_batches=20,
+        n_layer=4,
+        n_head=4,
+        d_model=128,
+        dropout=0.1,
+    ),
+    "translator": TrainConfig(
+        model="translator",
+        data="bible-en-fr",
+        steps=1500,
+        batch_size=32,
+        block_size=64,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup=100,
+        eval_interval=500,
+        eval_batches=20,
+        n_layer=4,
+        n_head=4,
+        d_model=128,
+        dropout=0.1,
+    ),
+}
+GAMMAS = [-0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+
+
+def bdia_stacks(model: torch.nn.Module) -> list[BDIAStack]:
+    return [m for m in model.modules() if isinstance(m, BDIAStack)]
+
+
+def as_float_bdia(config: TrainConfig, task, run_dir: Path) -> torch.nn.Module:
+    """The run's weights in a BDIA-mode model without the quantiser (state dicts agree across modes),
+    so that eval_gamma = 0 is exactly the trained model in floating point."""
+    model = make_task(replace(config, memory="bdia", quantize_eval=False)).build_model()
+    load_checkpoint(run_dir, model)
+    return model.eval()
+
+
+def one_run(name: str, config: TrainConfig, seed: int, memory: str, root: Path) -> dict:
+    run_dir = root / name / f"{memory}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = replace(config, memory=memory, seed=seed, out=str(run_dir))
+    valid = train(config, quiet=True)
+    task = make_task(config)
+    model = task.build_model()
+    load_checkpoint(run_dir, model)
+    model.eval()
+    row = {"experiment": name, "memory": memory, "seed": seed, "valid": valid, "test": evaluate(task, model, "test")}
+    if name == "vit":
+        bdia_model = as_float_bdia(config, task, run_dir)
+        sweep = {}
+        for gamma in GAMMAS:
+            for stack in bdia_stacks(bdia_model):
+                stack.eval_gamma = gamma
+            sweep[str(gamma)] = evaluate(task, bdia_model, "test")["accuracy"]
+        row["gamma_sweep"] = sweep
+        if memory == "bdia":
+            for stack in bdia_stacks(bdia_model):
+                stack.eval_gamma = 0.0
+            row["test_no_quantizer"] = evaluate(task, bdia_model, "test")
+    if name == "translator":
+        row["bleu"] = bleu(task, model, "test", "greedy", 4, 500)
+    if name == "gpt" and memory == "bdia":
+        for stack in bdia_stacks(model):
+            stack.quantize_eval = False
+        row["test_no_quantizer"] = evaluate(task, model, "test")
+    print(json.dumps({k: row[k] for k in ("experiment", "memory", "seed", "test")}), flush=True)
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summary(rows: list[dict]) -> str:
+    lines = []
+    for name in dict.fromkeys(r["experiment"] for r in rows):
+        mine = [r for r in rows if r["experiment"] == name]
+        metrics = [k for k in mine[0]["test"] if k != "step"]
+        lines += [
+            f"### {name}",
+            "",
+            "| memory | seeds | "
+            + " | ".join(f"test {m}" for m in metrics)
+            + (" | test BLEU" if name == "translator" else "")
+            + " | best valid loss |",
+            "|---" * (len(metrics) + 3 + (name == "translator")) + "|",
+        ]
+        for memory in ("standard", "bdia"):
+            group = [r for r in mine if r["memory"] == memory]
+            if not group:
+                continue
+            cells = [mean_std([r["test"][m] for r in group]) for m in metrics]
+            if name == "translator":
+                cells.append(mean_std([r["bleu"]["bleu"] for r in group]))
+            cells.append(mean_std([r["valid"]["loss"] for r in group]))
+            lines.append(f"| {memory} | {len(group)} | " + " | ".join(cells) + " |")
+        quantizer = [r for r in mine if "test_no_quantizer" in r and r["memory"] == "bdia"]
+        if quantizer:
+            key = "accuracy" if name == "vit" else "loss"
+            lines += [
+                "",
+                f"BDIA-trained, test {key} with the quantiser on: "
+                f"{mean_std([r['test'][key] for r in quantizer])}; off: "
+                f"{mean_std([r['test_no_quantizer'][key] for r in quantizer])}",
+            ]
+        if name == "vit":
+            lines += [
+                "",
+                "Test accuracy with gamma fixed at inference (mean over seeds):",
+                "",
+                "| trained with | " + " | ".join(f"{g:+.1f}" for g in GAMMAS) + " |",
+                "|---" * (len(GAMMAS) + 1) + "|",
+            ]
+            for memory in ("standard", "bdia"):
+                group = [r for r in mine if r["memory"] == memory]
+                if group:
+                    lines.append(
+                        f"| {memory} | "
+                        + " | ".join(f"{statistics.mean(r['gamma_sweep'][str(g)] for r in group):.4f}" for g in GAMMAS)
+                        + " |"
+                    )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of steps (quick looks)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "quality", help="run directories (not committed)")
+    args = parser.parse_args()
+    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.experiments:
+        config = EXPERIMENTS[name]
+        steps = max(2, int(config.steps * args.scale))
+        config = replace(
+            config, steps=steps, warmup=min(config.warmup, steps // 2), eval_interval=min(config.eval_interval, steps)
+        )
+        for seed in args.seeds:
+            for memory in ("standard", "bdia"):
+                rows.append(one_run(name, config, seed, memory, args.runs))
+        plot_runs(sorted((args.runs / name).iterdir()), args.out / f"{name}_curves.png")
+    configs = {n: EXPERIMENTS[n].to_dict() for n in args.experiments}
+    (args.out / "results.json").write_text(
+        json.dumps({"configs": configs, "scale": args.scale, "rows": rows}, indent=1)
+    )
+    (args.out / "summary.md").write_text(summary(rows))
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()
