@@ -24,13 +24,17 @@ from revbits import bench  # noqa: E402
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [
+        ("peak_minus_parameters", "peak of one step minus parameters"),
+        ("activations", "activations at the peak"),
+        ("held_after_forward", "held between forward and backward"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = [r for r in rows if r["mode"] == mode]
-        depths = [r["depth"] for r in mine]
-        axes[0].plot(depths, [r["peak_minus_parameters"] / 2**20 for r in mine], "o-", label=mode)
-        axes[1].plot(depths, [r["held_after_forward"] / 2**20 for r in mine], "o-", label=mode)
-    for ax, title in zip(axes, ["peak of one step minus parameters", "held between forward and backward"]):
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot([r["depth"] for r in mine], [r[key] / 2**20 for r in mine], "o-", label=mode)
+    for ax, (_, title) in zip(axes, panels):
         ax.set_xlabel("blocks K")
         ax.set_ylabel("MiB")
         ax.set_yscale("log")

@@ -3,7 +3,7 @@
 Experiments (each trains both memory modes from the same seeds):
 - vit:        ViT on a 10k-image subset of Fashion-MNIST; test accuracy; gamma swept at inference for
               both models (the paper's robustness figure); BDIA evaluated with and without the quantiser.
-- gpt:        character GPT on a 200k-character slice of Shakespeare, trained long enough to overfit;
+- gpt:        character GPT on a 50k-character slice of Shakespeare, trained long enough to overfit;
               test loss.
 - translator: encoder-decoder on Bible en-fr; test loss and BLEU (greedy).
 
@@ -54,10 +54,10 @@ EXPERIMENTS = {
     "gpt": TrainConfig(
         model="gpt",
         data="shakespeare",
-        train_subset=200_000,
-        steps=1500,
-        batch_size=32,
-        block_size=128,
+        train_subset=50_000,
+        steps=600,
+        batch_size=16,
+        block_size=64,
         lr=1e-3,
         min_lr=1e-4,
         warmup=100,
@@ -71,7 +71,7 @@ EXPERIMENTS = {
     "translator": TrainConfig(
         model="translator",
         data="bible-en-fr",
-        steps=1500,
+        steps=800,
         batch_size=32,
         block_size=64,
         lr=1e-3,
@@ -109,7 +109,14 @@ def one_run(name: str, config: TrainConfig, seed: int, memory: str, root: Path) 
     model = task.build_model()
     load_checkpoint(run_dir, model)
     model.eval()
-    row = {"experiment": name, "memory": memory, "seed": seed, "valid": valid, "test": evaluate(task, model, "test")}
+    row = {
+        "experiment": name,
+        "memory": memory,
+        "seed": seed,
+        "valid": valid,
+        "test": evaluate(task, model, "test"),
+        "valid_curve": valid_curve(run_dir),
+    }
     if name == "vit":
         bdia_model = as_float_bdia(config, task, run_dir)
         sweep = {}
@@ -123,13 +130,19 @@ def one_run(name: str, config: TrainConfig, seed: int, memory: str, root: Path) 
                 stack.eval_gamma = 0.0
             row["test_no_quantizer"] = evaluate(task, bdia_model, "test")
     if name == "translator":
-        row["bleu"] = bleu(task, model, "test", "greedy", 4, 500)
+        row["bleu"] = bleu(task, model, "test", "greedy", 4, 300)
     if name == "gpt" and memory == "bdia":
         for stack in bdia_stacks(model):
             stack.quantize_eval = False
         row["test_no_quantizer"] = evaluate(task, model, "test")
     print(json.dumps({k: row[k] for k in ("experiment", "memory", "seed", "test")}), flush=True)
     return row
+
+
+def valid_curve(run_dir: Path) -> dict[str, float]:
+    """Validation loss by step, from the run's metrics."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {str(r["step"]): r["loss"] for r in records if r.get("split") == "valid"}
 
 
 def mean_std(values: list[float]) -> str:
@@ -149,8 +162,8 @@ def summary(rows: list[dict]) -> str:
             "| memory | seeds | "
             + " | ".join(f"test {m}" for m in metrics)
             + (" | test BLEU" if name == "translator" else "")
-            + " | best valid loss |",
-            "|---" * (len(metrics) + 3 + (name == "translator")) + "|",
+            + " | best valid loss | final valid loss |",
+            "|---" * (len(metrics) + 4 + (name == "translator")) + "|",
         ]
         for memory in ("standard", "bdia"):
             group = [r for r in mine if r["memory"] == memory]
@@ -159,6 +172,7 @@ def summary(rows: list[dict]) -> str:
             cells = [mean_std([r["test"][m] for r in group]) for m in metrics]
             if name == "translator":
                 cells.append(mean_std([r["bleu"]["bleu"] for r in group]))
+            cells.append(mean_std([min(r["valid_curve"].values()) for r in group]))
             cells.append(mean_std([r["valid"]["loss"] for r in group]))
             lines.append(f"| {memory} | {len(group)} | " + " | ".join(cells) + " |")
         quantizer = [r for r in mine if "test_no_quantizer" in r and r["memory"] == "bdia"]
@@ -197,25 +211,37 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of steps (quick looks)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "quality", help="run directories (not committed)")
+    parser.add_argument("--summary-only", action="store_true", help="rebuild summary.md from results.json")
     args = parser.parse_args()
-    rows = []
+    if args.summary_only:
+        saved = json.loads((args.out / "results.json").read_text())
+        for row in saved["rows"]:
+            row.setdefault(
+                "valid_curve", valid_curve(args.runs / row["experiment"] / f"{row['memory']}-seed{row['seed']}")
+            )
+        (args.out / "results.json").write_text(json.dumps(saved, indent=1))
+        (args.out / "summary.md").write_text(summary(saved["rows"]))
+        print(summary(saved["rows"]))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.json"
+    saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}
     for name in args.experiments:
         config = EXPERIMENTS[name]
         steps = max(2, int(config.steps * args.scale))
         config = replace(
             config, steps=steps, warmup=min(config.warmup, steps // 2), eval_interval=min(config.eval_interval, steps)
         )
-        for seed in args.seeds:
-            for memory in ("standard", "bdia"):
-                rows.append(one_run(name, config, seed, memory, args.runs))
+        rows = [
+            one_run(name, config, seed, memory, args.runs) for seed in args.seeds for memory in ("standard", "bdia")
+        ]
         plot_runs(sorted((args.runs / name).iterdir()), args.out / f"{name}_curves.png")
-    configs = {n: EXPERIMENTS[n].to_dict() for n in args.experiments}
-    (args.out / "results.json").write_text(
-        json.dumps({"configs": configs, "scale": args.scale, "rows": rows}, indent=1)
-    )
-    (args.out / "summary.md").write_text(summary(rows))
-    print(summary(rows))
+        # each experiment's rows replace that experiment's earlier rows, so experiments can run separately
+        saved["rows"] = [r for r in saved["rows"] if r["experiment"] != name] + rows
+        saved["configs"][name] = config.to_dict()
+        results.write_text(json.dumps(saved, indent=1))
+        (args.out / "summary.md").write_text(summary(saved["rows"]))
+    print(summary(saved["rows"]))
 
 
 if __name__ == "__main__":
