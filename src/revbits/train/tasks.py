@@ -76,11 +76,7 @@ class CharLMTask(Task):
                 vocab_size=self.tokenizer.vocab_size,
                 block_size=c.block_size,
                 n_layer=c.n_layer,
-                n_head=c.n_head,
-                d_model=c.d_model,
-                dropout=c.dropout,
-                memory=c.memory,
-                memory_options=c.memory_options,
+                **_shared_shape(c),
             )
         )
 
@@ -148,11 +144,7 @@ class ImageTask(Task):
                 channels=channels,
                 num_classes=self.num_classes,
                 n_layer=c.n_layer,
-                n_head=c.n_head,
-                d_model=c.d_model,
-                dropout=c.dropout,
-                memory=c.memory,
-                memory_options=c.memory_options,
+                **_shared_shape(c),
             )
         )
 
@@ -194,7 +186,7 @@ class TranslationTask(Task):
 
     def build_model(self) -> nn.Module:
         c = self.config
-        layers = max(2, c.n_layer // 2) if c.memory == "bdia" else max(1, c.n_layer // 2)
+        layers = max(2, c.n_layer // 2)  # the same in every memory mode (BDIA needs 2 per stack)
         return Translator(
             TranslatorConfig(
                 src_vocab=self.src_tokenizer.vocab_size,
@@ -202,14 +194,10 @@ class TranslationTask(Task):
                 max_len=c.block_size,
                 n_enc_layer=layers,
                 n_dec_layer=layers,
-                n_head=c.n_head,
-                d_model=c.d_model,
-                dropout=c.dropout,
                 pad_id=self.tgt_tokenizer.pad_id,
                 bos_id=self.tgt_tokenizer.bos_id,
                 eos_id=self.tgt_tokenizer.eos_id,
-                memory=c.memory,
-                memory_options=c.memory_options,
+                **_shared_shape(c),
             )
         )
 
@@ -251,6 +239,17 @@ class TranslationTask(Task):
     def save_assets(self, run_dir: Path) -> None:
         self.src_tokenizer.save(run_dir / "src_tokenizer.json")
         self.tgt_tokenizer.save(run_dir / "tgt_tokenizer.json")
+
+
+def _shared_shape(c: TrainConfig) -> dict:
+    """The model options every model config takes alike."""
+    return {
+        "n_head": c.n_head,
+        "d_model": c.d_model,
+        "dropout": c.dropout,
+        "memory": c.memory,
+        "memory_options": c.memory_options,
+    }
 
 
 TASKS: dict[str, type[Task]] = {"gpt": CharLMTask, "vit": ImageTask, "translator": TranslationTask}

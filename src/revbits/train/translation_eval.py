@@ -24,5 +24,6 @@ def bleu(task: Any, model: nn.Module, split: str, decode: str, beam_size: int, m
                 else model.beam(src, beam_size=beam_size, max_len=task.config.block_size - 1)
             )
         hypotheses.extend(task.tgt_tokenizer.decode(t) for t in tokens)
-    score = sacrebleu.corpus_bleu(hypotheses, [references], lowercase=True)
+    # hypotheses are word-tokenized; the 13a tokenizer splits the references the same way
+    score = sacrebleu.corpus_bleu(hypotheses, [references], lowercase=True, force=True)
     return {"bleu": score.score, "decode": decode, "sentences": len(rows), "example": hypotheses[:1]}
