@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# Both runs behind docs/benchmarks.md: glibc's default allocator, and glibc told to keep freed
-# memory (as PyTorch's CUDA caching allocator does), which removes page-fault time from CPU timings.
+# The run behind docs/benchmarks.md section 1 (about 17 minutes on 2 cores; keep the machine idle,
+# the step times are ratios measured in this one run). Extra arguments go to bdia_memory.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python benchmarks/bdia_memory.py --out benchmarks/results/bdia_memory "$@"
-MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
-    .venv/bin/python benchmarks/bdia_memory.py --out benchmarks/results/bdia_memory_retain "$@"
