@@ -23,6 +23,26 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / scale if scale else (a - b).abs().max().item()
 
 
+def reversible_and_plain_agree_under_autocast(stack, x, signs, device_type: str, autocast: bool) -> None:
+    """Run the same forward reversibly and under plain autograd, inside bf16 autocast (or not), and
+    check that the stream stays fp32, the outputs are equal bitwise and the gradients to 1e-5."""
+    results = []
+    for reversible in (True, False):
+        stack.reversible = reversible
+        for t in [x, *stack.parameters()]:
+            t.grad = None
+        torch.manual_seed(1)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            out = stack(x, gammas=signs)
+        assert out.dtype == torch.float32
+        out.square().mean().backward()
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in stack.parameters()]))
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    assert torch.equal(out_a, out_b)
+    assert relative_error(gx_a, gx_b) <= 1e-5
+    assert max(relative_error(a, b) for a, b in zip(gp_a, gp_b)) <= 1e-5
+
+
 devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

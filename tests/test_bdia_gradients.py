@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import revbits
-from conftest import gpt_blocks, random_signs, relative_error
+from conftest import gpt_blocks, random_signs, relative_error, reversible_and_plain_agree_under_autocast
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -125,22 +125,7 @@ def test_bf16_autocast_inside_blocks_keeps_fp32_stream_exact():
     depth = 6
     stack = revbits.BDIAStack(gpt_blocks(depth, dropout=0.1), check=True)
     x = torch.randn(2, 8, 32, requires_grad=True)
-    signs = random_signs(depth, 2)
-    results = []
-    for reversible in (True, False):
-        stack.reversible = reversible
-        for t in [x, *stack.parameters()]:
-            t.grad = None
-        torch.manual_seed(0)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = stack(x, gammas=signs)
-        assert out.dtype == torch.float32
-        out.square().sum().backward()
-        results.append((out.detach(), [p.grad.clone() for p in stack.parameters()], x.grad.clone()))
-    (out_rev, grads_rev, gx_rev), (out_ref, grads_ref, gx_ref) = results
-    assert torch.equal(out_rev, out_ref)
-    assert relative_error(gx_rev, gx_ref) <= 1e-5
-    assert max(relative_error(a, b) for a, b in zip(grads_rev, grads_ref)) <= 1e-5
+    reversible_and_plain_agree_under_autocast(stack, x, random_signs(depth, 2), "cpu", autocast=True)
 
 
 def test_gradient_flows_to_the_input_through_the_straight_through_quantiser():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import revbits
-from conftest import gpt_blocks, random_signs, relative_error
+from conftest import gpt_blocks, random_signs, reversible_and_plain_agree_under_autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -17,22 +17,7 @@ def test_cuda_gradients_match_plain_autograd(autocast):
     depth, batch = 12, 4
     stack = revbits.BDIAStack(gpt_blocks(depth, d_model=64, dropout=0.1), check=True).cuda()
     x = torch.randn(batch, 32, 64, device="cuda", requires_grad=True)
-    signs = random_signs(depth, batch).cuda()
-    results = []
-    for reversible in (True, False):
-        stack.reversible = reversible
-        for t in [x, *stack.parameters()]:
-            t.grad = None
-        torch.manual_seed(1)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = stack(x, gammas=signs)
-        assert out.dtype == torch.float32
-        out.square().mean().backward()
-        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in stack.parameters()]))
-    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
-    assert torch.equal(out_a, out_b)
-    assert relative_error(gx_a, gx_b) <= 1e-5
-    assert max(relative_error(a, b) for a, b in zip(gp_a, gp_b)) <= 1e-5
+    reversible_and_plain_agree_under_autocast(stack, x, random_signs(depth, batch).cuda(), "cuda", autocast)
 
 
 def test_cuda_rng_is_replayed_and_left_untouched():

@@ -30,7 +30,8 @@ HELP = {
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, defaulting to None so that only given flags override."""
+    """--config, and one flag per TrainConfig field, defaulting to None so that only given flags override."""
+    parser.add_argument("--config", type=Path, help="JSON or TOML file of options")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -164,7 +165,6 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         description="Train with AdamW, warm-up + cosine, gradient clipping, periodic "
         "evaluation and atomic checkpoints. Flags override --config.",
     )
-    train_parser.add_argument("--config", type=Path, help="JSON or TOML file of options")
     train_parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out exactly")
     _add_config_flags(train_parser)
     train_parser.set_defaults(run=_train)
@@ -198,7 +198,6 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         description="Takes the same options as train; prints the peak and the bytes "
         "held between forward and backward, measured, for each mode.",
     )
-    memory_parser.add_argument("--config", type=Path, help="JSON or TOML file of options")
     memory_parser.add_argument("--modes", nargs="+", default=list(MEMORY_MODES), choices=MEMORY_MODES)
     memory_parser.add_argument("--json", type=Path, help="also write the rows here")
     _add_config_flags(memory_parser)
