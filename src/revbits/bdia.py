@@ -20,6 +20,7 @@ standard residual stack (with or without Q on each block output).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from .bdia_ops import (
 )
 from .bits import PackedBits, pack_bits, unpack_bits
 from .fixedpoint import exact_limit, quantize
+from .mesa import Compressor
 
 __all__ = ["BDIAStack", "BlockProtocolError", "ReversibilityError", "StreamRangeError"]
 
@@ -70,6 +72,7 @@ class _Plan:
     check: bool
     verify: bool
     preserve_rng: bool
+    compressor: Compressor | None = None  # 8-bit storage inside each recomputed block
     signs: PackedBits | None = None
     planes: list[PackedBits | None] = field(default_factory=list)
     rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
@@ -84,6 +87,12 @@ class _Plan:
         for slot, tensor in zip(self.tensor_slots, tensors):
             args[slot] = tensor
         return args
+
+    def recompute_saving(self, k: int) -> contextlib.AbstractContextManager:
+        """Where block k's recomputation saves its activations: 8-bit codes with a compressor."""
+        if self.compressor is None:
+            return contextlib.nullcontext()
+        return self.compressor.saving(namespace=f"block{k}", check=False)
 
     def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
         """g_k as a per-sample tensor broadcastable against the states."""
@@ -208,7 +217,7 @@ class _BDIAFunction(torch.autograd.Function):
                 _RngReplay(rng, x_cur.device, plan.preserve_rng),
                 torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
             ):
-                with torch.enable_grad():
+                with torch.enable_grad(), plan.recompute_saving(k):
                     xk = x_cur.detach().requires_grad_()
                     y = call_block(plan.blocks[k], k, xk, args)
                 g = plan.gamma_of(k, x_cur) if k else None
@@ -237,6 +246,8 @@ class _BDIAFunction(torch.autograd.Function):
             _accumulate(arg_grads, wanted_slots, grads[1 + len(block_params) :])
             del grads
         _raise_on_mismatch(plan, mismatches)
+        if plan.compressor is not None:
+            plan.compressor.raise_if_nonfinite()
         return (None, g_next, *arg_grads, *param_grads)
 
 
@@ -313,6 +324,10 @@ class BDIAStack(nn.Module):
         verify: compare a checksum of every rebuilt state (16 bytes per block) and raise
             ReversibilityError if any differs.
         preserve_rng_state: replay each block's RNG (dropout) in the backward pass.
+        recompute_compressor: a :class:`revbits.mesa.Compressor` that keeps the activations of
+            each block recomputed in backward as 8-bit codes (``memory="bdia+mesa"``). The
+            forward, the rebuilt states and their checks are unchanged; only the gradients of
+            the block internals see the rounding.
 
     ``stack(x, *args, gammas=signs)`` takes explicit signs, a [K-1, batch] tensor of +-1.
     ``stack.reversible = False`` runs the same quantised forward under plain autograd.
@@ -330,6 +345,7 @@ class BDIAStack(nn.Module):
         check: bool = False,
         verify: bool = True,
         preserve_rng_state: bool = True,
+        recompute_compressor: Compressor | None = None,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -351,6 +367,7 @@ class BDIAStack(nn.Module):
         self.check = check
         self.verify = verify
         self.preserve_rng_state = preserve_rng_state
+        self.compressor = recompute_compressor
         self.reversible = True
         self.eval_gamma = 0.0  # the fixed g of evaluation; non-zero only for robustness studies
 
@@ -372,6 +389,8 @@ class BDIAStack(nn.Module):
             )
         x0 = quantize(x, self.bits).contiguous()  # every state gets one memory layout
         if self.reversible and torch.is_grad_enabled():
+            if self.compressor is not None:
+                self.compressor.report.clear()  # it will describe this step's recomputation
             return self._forward_reversible(x0, args, signs)
         return self._forward_plain(x0, args, signs)
 
@@ -446,6 +465,7 @@ class BDIAStack(nn.Module):
             check=self.check,
             verify=self.verify,
             preserve_rng=self.preserve_rng_state,
+            compressor=self.compressor,
             signs=pack_bits(signs > 0),
             autocast=(
                 device_type,

@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .bdia import BDIAStack
+from .mesa import Compressor, MesaConfig
 
-MEMORY_MODES = ("standard", "checkpoint", "bdia")
+MEMORY_MODES = ("standard", "checkpoint", "mesa", "bdia", "bdia+mesa")
 
 
 class SequentialStack(nn.Module):
@@ -45,17 +46,43 @@ class CheckpointStack(SequentialStack):
         return x
 
 
+class MesaStack(SequentialStack):
+    """The same sequence with every activation saved for backward kept as 8-bit codes
+    (:mod:`revbits.mesa`). ``stack.compressor.report`` describes the last training forward."""
+
+    def __init__(self, blocks: Sequence[nn.Module], config: MesaConfig | None = None) -> None:
+        super().__init__(blocks)
+        self.compressor = Compressor(config)
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x, *args)
+        self.compressor.report.clear()
+        with self.compressor.saving():
+            return super().forward(x, *args)
+
+
 def stack(blocks: Sequence[nn.Module], memory: str = "standard", **options: Any) -> nn.Module:
     """Wrap ``blocks`` in the memory mode ``memory``.
 
     - ``"standard"``: plain autograd, every activation stored.
     - ``"checkpoint"``: each block's input stored, internals recomputed (torch.utils.checkpoint).
+    - ``"mesa"``: every activation saved for backward kept as 8-bit codes; ``options`` are
+      :class:`~revbits.mesa.MesaConfig` fields.
     - ``"bdia"``: :class:`~revbits.BDIAStack`, 1 bit per element per block; ``options`` go to it.
+    - ``"bdia+mesa"``: BDIA, with the activations of each block recomputed in backward kept as
+      8-bit codes; ``options`` go to BDIAStack or MesaConfig by name.
     """
-    if memory == "bdia":
-        return BDIAStack(blocks, **options)
     if memory not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+    mesa_options = {k: v for k, v in options.items() if k in MesaConfig.option_names()}
+    other_options = {k: v for k, v in options.items() if k not in mesa_options}
+    if memory == "bdia":
+        return BDIAStack(blocks, **options)
+    if memory == "bdia+mesa":
+        return BDIAStack(blocks, recompute_compressor=Compressor(MesaConfig(**mesa_options)), **other_options)
+    if memory == "mesa" and not other_options:
+        return MesaStack(blocks, MesaConfig(**mesa_options))
     if options:
-        raise TypeError(f"option(s) {', '.join(sorted(options))} apply only to memory='bdia', not {memory!r}")
+        raise TypeError(f"option(s) {', '.join(sorted(options))} do not apply to memory={memory!r}")
     return CheckpointStack(blocks) if memory == "checkpoint" else SequentialStack(blocks)

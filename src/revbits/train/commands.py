@@ -17,12 +17,14 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import MODELS, ConfigError, TrainConfig, read_config_file
 from .loop import evaluate, train
 from .plot import plot_runs
+from ..mesa import compressors_in
 from .tasks import make_task, read_run_config
 
 HELP = {
     "model": "gpt (characters), vit (images) or translator (sentence pairs)",
     "data": "data set name (default: shakespeare, fashion-mnist, bible-en-fr by model)",
-    "memory": "standard, checkpoint or bdia",
+    "memory": "standard, checkpoint, mesa, bdia or bdia+mesa",
+    "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
     "train_subset": "use only N training examples (characters for gpt)",
     "out": "run directory (config.json, metrics.jsonl, checkpoints/)",
@@ -118,7 +120,7 @@ def _memory(args: argparse.Namespace) -> int:
     task = make_task(config)
     sampler = torch.Generator().manual_seed(config.seed)
     batch = task.train_batch(sampler, torch.device(config.device))
-    rows = []
+    rows, tables = [], []
     for memory in args.modes:
         mode_config = dataclasses.replace(config, memory=memory)
         torch.manual_seed(config.seed)
@@ -126,7 +128,10 @@ def _memory(args: argparse.Namespace) -> int:
         report = measure_training_step(
             model, lambda model=model: task.loss(model, batch), make_optimizer(model, config)
         )
-        rows.append({"memory": memory, **report.as_dict()})
+        compressors = compressors_in(model)
+        mesa = {name: c.report.as_dict() for name, c in compressors.items()}
+        rows.append({"memory": memory, **report.as_dict(), **({"mesa": mesa} if mesa else {})})
+        tables += [(f"{memory}: {name or 'model'}", c.report.table()) for name, c in compressors.items()]
     base = rows[0]
     print(
         f"one training step of {config.model} on {config.data} ({config.n_layer} layers, d={config.d_model}, "
@@ -138,6 +143,8 @@ def _memory(args: argparse.Namespace) -> int:
             f"  held after forward {row['held_after_forward'] / 2**20:7.2f} MiB"
             f"  ({row['held_after_forward'] / base['held_after_forward']:.3f}x {base['memory']})"
         )
+    for title, table in tables:
+        print(f"\nsaved tensors of the last training forward, {title}:\n{table}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..bdia_ops import gamma_exponent
+from ..mesa import MesaConfig
 from ..stack import MEMORY_MODES
 
 MODELS = ("gpt", "vit", "translator")
@@ -52,6 +53,10 @@ class TrainConfig:
     bits: int = 9
     gamma: float = 0.5
     quantize_eval: bool = True
+    # mesa options (memory = mesa or bdia+mesa)
+    mesa_ranges: str = "batch"  # batch | ema
+    mesa_momentum: float = 0.9
+    mesa_channel_group: int = 64
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -66,7 +71,7 @@ class TrainConfig:
             raise ConfigError(
                 f"device must be a torch device such as cpu, cuda or cuda:1, got {self.device!r}"
             ) from None
-        if self.memory == "bdia":
+        if self.memory in ("bdia", "bdia+mesa"):
             try:
                 gamma_exponent(self.gamma)
             except ValueError as error:
@@ -92,8 +97,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.memory == "bdia" and self.n_layer < 2:
-            raise ConfigError("memory='bdia' needs n_layer >= 2")
+        if self.memory.startswith("bdia") and self.n_layer < 2:
+            raise ConfigError(f"memory={self.memory!r} needs n_layer >= 2")
+        if "mesa" in self.memory:
+            try:
+                MesaConfig(**self._mesa_options())
+            except ValueError as error:
+                raise ConfigError(f"mesa option: {error}") from None
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         if not 0 <= self.dropout < 1:
@@ -121,11 +131,23 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{f.name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
 
+    def _mesa_options(self) -> dict[str, Any]:
+        return {
+            "ranges": self.mesa_ranges,
+            "momentum": self.mesa_momentum,
+            "channel_group": self.mesa_channel_group,
+            "seed": self.seed,
+        }
+
     @property
     def memory_options(self) -> dict[str, Any]:
-        if self.memory != "bdia":
-            return {}
-        return {"bits": self.bits, "gamma": self.gamma, "quantize_eval": self.quantize_eval}
+        """The keyword options ``revbits.stack`` takes for this memory mode."""
+        options: dict[str, Any] = {}
+        if self.memory.startswith("bdia"):
+            options.update(bits=self.bits, gamma=self.gamma, quantize_eval=self.quantize_eval)
+        if "mesa" in self.memory:
+            options.update(self._mesa_options())
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..mesa import compressors_in
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLog
@@ -108,6 +109,8 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _restore_rng(state["rng"], device, sampler)
+        for name, compressor in compressors_in(model).items():
+            compressor.load_state_dict(state.get("mesa", {}).get(name, {}))
         step = int(state["step"])
         metrics.truncate_after(step)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +168,7 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(device, sampler),
+                    "mesa": {name: c.state_dict() for name, c in compressors_in(model).items()},
                     "config": config.to_dict(),
                 },
             )
