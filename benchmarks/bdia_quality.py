@@ -1,6 +1,6 @@
-"""BDIA against standard training on real data, at equal steps and data, over several seeds.
+"""BDIA and Mesa against standard training on real data, at equal steps and data, over several seeds.
 
-Experiments (each trains both memory modes from the same seeds):
+Experiments (each trains the chosen memory modes, standard and bdia by default, from the same seeds):
 - vit:        ViT on a 10k-image subset of Fashion-MNIST; test accuracy; gamma swept at inference for
               both models (the paper's robustness figure); BDIA evaluated with and without the quantiser.
 - gpt:        character GPT on a 20k-character slice of Shakespeare, trained long enough to overfit;
@@ -13,6 +13,7 @@ Needs the data sets: revbits data fetch fashion-mnist shakespeare bible-en-fr.
 
     python benchmarks/bdia_quality.py                       # all experiments, 3 seeds
     python benchmarks/bdia_quality.py --experiments vit --seeds 0 --scale 0.1   # a quick look
+    python benchmarks/bdia_quality.py --experiments vit gpt --modes mesa        # add Mesa runs
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ EXPERIMENTS = {
         dropout=0.1,
     ),
 }
+MODES = ("standard", "checkpoint", "mesa", "bdia", "bdia+mesa")
 GAMMAS = [-0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
 
 
@@ -165,7 +167,7 @@ def summary(rows: list[dict]) -> str:
             + " | best valid loss | final valid loss |",
             "|---" * (len(metrics) + 4 + (name == "translator")) + "|",
         ]
-        for memory in ("standard", "bdia"):
+        for memory in MODES:
             group = [r for r in mine if r["memory"] == memory]
             if not group:
                 continue
@@ -192,7 +194,7 @@ def summary(rows: list[dict]) -> str:
                 "| trained with | " + " | ".join(f"{g:+.1f}" for g in GAMMAS) + " |",
                 "|---" * (len(GAMMAS) + 1) + "|",
             ]
-            for memory in ("standard", "bdia"):
+            for memory in MODES:
                 group = [r for r in mine if r["memory"] == memory]
                 if group:
                     lines.append(
@@ -208,6 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", default=["standard", "bdia"], choices=MODES)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of steps (quick looks)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "quality", help="run directories (not committed)")
@@ -232,12 +235,11 @@ def main() -> None:
         config = replace(
             config, steps=steps, warmup=min(config.warmup, steps // 2), eval_interval=min(config.eval_interval, steps)
         )
-        rows = [
-            one_run(name, config, seed, memory, args.runs) for seed in args.seeds for memory in ("standard", "bdia")
-        ]
+        rows = [one_run(name, config, seed, memory, args.runs) for seed in args.seeds for memory in args.modes]
         plot_runs(sorted((args.runs / name).iterdir()), args.out / f"{name}_curves.png")
-        # each experiment's rows replace that experiment's earlier rows, so experiments can run separately
-        saved["rows"] = [r for r in saved["rows"] if r["experiment"] != name] + rows
+        # new rows replace the earlier rows of the same experiment and mode, so they can run separately
+        replaced = {(r["experiment"], r["memory"]) for r in rows}
+        saved["rows"] = [r for r in saved["rows"] if (r["experiment"], r["memory"]) not in replaced] + rows
         saved["configs"][name] = config.to_dict()
         results.write_text(json.dumps(saved, indent=1))
         (args.out / "summary.md").write_text(summary(saved["rows"]))

@@ -98,7 +98,7 @@ def test_gpt_trains_evaluates_samples_and_plots(tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("memory", ["bdia", "standard"])
+@pytest.mark.parametrize("memory", ["bdia", "standard", "mesa", "bdia+mesa"])
 def test_resume_continues_bit_for_bit(tmp_path, memory):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["train", "--model", "gpt", "--memory", memory, "--dropout", "0.1", *TINY]
@@ -113,6 +113,23 @@ def test_resume_continues_bit_for_bit(tmp_path, memory):
         return [{k: v for k, v in r.items() if not k.endswith("_per_s") and k != "peak_mib"} for r in rows]
 
     assert records(straight) == records(resumed)
+
+
+@pytest.mark.parametrize("memory", ["mesa", "bdia+mesa"])
+@pytest.mark.parametrize("model", ["gpt", "vit"])
+def test_models_learn_with_8bit_activations(tmp_path, memory, model):
+    """The loss falls, and ends where training with every activation exact ends."""
+    flags = ["--steps", "40", "--lr", "3e-3", "--log-interval", "5", "--eval-interval", "40", "--dropout", "0"]
+    extra = ["--patch-size", "7"] if model == "vit" else []
+    losses = {}
+    for mode in (memory, memory.replace("+mesa", "").replace("mesa", "standard")):
+        out = tmp_path / mode
+        assert run("train", "--model", model, "--memory", mode, *TINY, *flags, *extra, "--out", out) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in records if r["split"] == "train"]
+    compressed, exact = losses.values()
+    assert compressed[-1] < 0.95 * compressed[0]
+    assert abs(compressed[-1] - exact[-1]) < 0.01 * exact[-1]
 
 
 def test_vit_trains_on_images(tmp_path, capsys):

@@ -14,7 +14,11 @@ from .compressor import Compressor, MesaConfig, NonFiniteActivationError, Packed
 from .report import MesaReport
 
 __all__ = [
-    "Compressor", "MesaConfig", "MesaReport", "NonFiniteActivationError", "PackedActivation",
+    "Compressor",
+    "MesaConfig",
+    "MesaReport",
+    "NonFiniteActivationError",
+    "PackedActivation",
     "compress",
     "compressors_in",
 ]

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 
 from ..bdia import ReversibilityError
+from ..mesa import compressors_in
 from ..stack import MEMORY_MODES
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import MODELS, ConfigError, TrainConfig, read_config_file
 from .loop import evaluate, train
 from .plot import plot_runs
-from ..mesa import compressors_in
 from .tasks import make_task, read_run_config
 
 HELP = {
