@@ -35,10 +35,15 @@ def test_bench_prints_measured_rows_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| 4 | bdia |" in printed and "its floor" in printed
     rows = json.loads(out.read_text())
-    expected = {(d, m) for d in (2, 4) for m in ("standard", "checkpoint", "bdia")}
+    expected = {(d, m) for d in (2, 4) for m in ("standard", "checkpoint", "mesa", "bdia", "bdia+mesa")}
     assert {(r["depth"], r["mode"]) for r in rows} == expected
     bdia = [r for r in rows if r["mode"] == "bdia" and r["depth"] == 4][0]
     assert bdia["held_after_forward"] >= bdia["floor_bytes"]
+    mesa = [r for r in rows if r["mode"] == "mesa" and r["depth"] == 4][0]
+    assert (
+        mesa["held_after_forward"]
+        < 0.5 * [r for r in rows if r["mode"] == "standard" and r["depth"] == 4][0]["held_after_forward"]
+    )
 
 
 @pytest.mark.parametrize(

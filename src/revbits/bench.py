@@ -17,7 +17,7 @@ from torch import nn
 
 from .memory import measure_training_step
 from .models import TransformerBlock
-from .stack import stack
+from .stack import MEMORY_MODES, stack
 
 RNG_STATE_BYTES = torch.get_rng_state().numel()
 
@@ -25,7 +25,7 @@ RNG_STATE_BYTES = torch.get_rng_state().numel()
 @dataclass
 class BenchConfig:
     depths: tuple[int, ...] = (6, 12, 24, 48)
-    modes: tuple[str, ...] = ("standard", "checkpoint", "bdia")
+    modes: tuple[str, ...] = MEMORY_MODES
     d_model: int = 256
     n_heads: int = 4
     seq_len: int = 1024
@@ -93,7 +93,7 @@ def run(config: BenchConfig, progress: Callable[[str], None] = print) -> list[di
             row = by_mode[mode]
             times = row.pop("times")
             row["step_seconds"] = statistics.median(times) if times else float("nan")
-            if mode == "bdia":
+            if mode.startswith("bdia"):
                 row["floor_bytes"] = bdia_floor_bytes(depth, config.batch, x.numel(), cuda=x.is_cuda)
             rows.append(row)
         _add_ratios([r for r in rows if r["depth"] == depth])

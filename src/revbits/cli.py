@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .data import MissingDataError
 from .data.cli import add_data_commands
+from .stack import MEMORY_MODES
 from .train.commands import RUN_ERRORS, add_train_commands
 
 
@@ -81,15 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser(
         "bench",
-        help="measure memory and step time of standard, checkpoint and BDIA stacks",
+        help="measure memory and step time of a block stack under each memory mode",
         description="One training step of a stack of GPT-style blocks under each memory mode: peak "
         "memory (parameters, gradients, optimiser state, activations), bytes held between forward "
         "and backward, and step time as a ratio measured in the same run.",
     )
     bench.add_argument("--depths", type=_depth, nargs="+", default=[6, 12, 24], help="numbers of blocks K")
-    bench.add_argument(
-        "--modes", nargs="+", default=["standard", "checkpoint", "bdia"], choices=["standard", "checkpoint", "bdia"]
-    )
+    bench.add_argument("--modes", nargs="+", default=list(MEMORY_MODES), choices=MEMORY_MODES)
     bench.add_argument("--d-model", type=_positive, default=256)
     bench.add_argument("--heads", type=_positive, default=4)
     bench.add_argument("--seq-len", type=_positive, default=256)

@@ -135,13 +135,14 @@ def _memory(args: argparse.Namespace) -> int:
     base = rows[0]
     print(
         f"one training step of {config.model} on {config.data} ({config.n_layer} layers, d={config.d_model}, "
-        f"batch {config.batch_size}), measured:"
+        f"batch {config.batch_size}), measured; ratios against {base['memory']}:"
     )
     for row in rows:
         print(
-            f"  {row['memory']:10s} peak {row['peak'] / 2**20:8.1f} MiB (activations {row['activations'] / 2**20:7.1f})"
+            f"  {row['memory']:10s} peak {row['peak'] / 2**20:8.1f} MiB"
+            f"  activations {row['activations'] / 2**20:7.1f} MiB ({row['activations'] / base['activations']:.3f}x)"
             f"  held after forward {row['held_after_forward'] / 2**20:7.2f} MiB"
-            f"  ({row['held_after_forward'] / base['held_after_forward']:.3f}x {base['memory']})"
+            f" ({row['held_after_forward'] / base['held_after_forward']:.3f}x)"
         )
     for title, table in tables:
         print(f"\nsaved tensors of the last training forward, {title}:\n{table}")

@@ -1,10 +1,11 @@
-"""Memory and step time of standard, checkpoint and BDIA stacks of GPT-style blocks.
+"""Memory and step time of stacks of GPT-style blocks under every memory mode.
 
-d=256, 4 heads, causal attention, 4x MLP, T=1024, batch 8, K = 6, 12, 24, 48, AdamW.
+Modes: standard, checkpoint, mesa, bdia and bdia+mesa (by default). d=256, 4 heads, causal
+attention, 4x MLP, T=1024, batch 8, K = 6, 12, 24, 48, AdamW.
 Writes <out>.json (raw rows), <out>.md (table) and <out>.png (memory against depth).
 
-    python benchmarks/bdia_memory.py                  # the full run (about 20 min on 2 cores)
-    python benchmarks/bdia_memory.py --device cuda --out benchmarks/results/bdia_memory_cuda
+    python benchmarks/memory_modes.py                 # the full run (about 30 min on 2 cores)
+    python benchmarks/memory_modes.py --device cuda --out benchmarks/results/memory_modes_cuda
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bdia_memory")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory_modes")
+    parser.add_argument("--modes", nargs="+", default=list(bench.BenchConfig.modes), choices=bench.MEMORY_MODES)
     args = parser.parse_args()
     config = bench.BenchConfig(
         depths=tuple(args.depths),
+        modes=tuple(args.modes),
         d_model=args.d_model,
         seq_len=args.seq_len,
         batch=args.batch,
