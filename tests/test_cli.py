@@ -39,11 +39,6 @@ def test_bench_prints_measured_rows_and_writes_json(tmp_path, capsys):
     assert {(r["depth"], r["mode"]) for r in rows} == expected
     bdia = [r for r in rows if r["mode"] == "bdia" and r["depth"] == 4][0]
     assert bdia["held_after_forward"] >= bdia["floor_bytes"]
-    mesa = [r for r in rows if r["mode"] == "mesa" and r["depth"] == 4][0]
-    assert (
-        mesa["held_after_forward"]
-        < 0.5 * [r for r in rows if r["mode"] == "standard" and r["depth"] == 4][0]["held_after_forward"]
-    )
 
 
 @pytest.mark.parametrize(
