@@ -56,7 +56,7 @@ class TrainConfig:
     # mesa options (memory = mesa or bdia+mesa)
     mesa_ranges: str = "batch"  # batch | ema
     mesa_momentum: float = 0.9
-    mesa_channel_group: int = 64
+    mesa_channel_group: int = 1
 
     def __post_init__(self) -> None:
         if self.data is None:
