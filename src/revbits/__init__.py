@@ -1,16 +1,19 @@
 """revbits: train deep networks in a fraction of the activation memory, with exact gradients."""
 
+from . import mesa
 from .bdia import BDIAStack, BlockProtocolError, ReversibilityError, StreamRangeError
 from .fixedpoint import quantize
-from .stack import MEMORY_MODES, CheckpointStack, SequentialStack, stack
+from .stack import MEMORY_MODES, CheckpointStack, MesaStack, SequentialStack, stack
 
 __all__ = [
     "BDIAStack",
     "BlockProtocolError",
     "CheckpointStack",
     "MEMORY_MODES",
+    "MesaStack",
     "ReversibilityError",
     "SequentialStack",
+    "mesa",
     "StreamRangeError",
     "quantize",
     "stack",
