@@ -68,3 +68,8 @@ def unpack_bits(packed: PackedBits, dtype: torch.dtype = torch.int32) -> torch.T
         out = bits if out is None else out.bitwise_or_(bits << i)
     assert out is not None
     return out.to(dtype).view(packed.shape)
+
+
+from .info_buffer import InfoBuffer  # noqa: E402  (re-exported: revbits.bits.InfoBuffer)
+
+__all__ = ["InfoBuffer", "PackedBits", "pack_bits", "unpack_bits"]
