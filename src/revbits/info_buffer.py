@@ -65,6 +65,8 @@ class InfoBuffer:
         self.depth = torch.zeros((), dtype=torch.int64, device=self.device)
         self._spilled: list[torch.Tensor] = []  # per recorded push: did it spill (device bool)
         self._pushes_since_check = self.check_every  # check before the first push
+        # sum of F - log2(n) over active multiplications: the information the gates destroyed
+        self.lost_bits = torch.zeros((), dtype=torch.float64, device=self.device)
 
     # -- the word stack ----------------------------------------------------------------------
 
@@ -140,6 +142,8 @@ class InfoBuffer:
         self._spill_if_needed(base, mask)
         self._push(torch.remainder(h, scale), base, mask)
         product = torch.div(h, scale, rounding_mode="floor") * n + self._pop(n, mask)
+        lost = (self.fraction_bits - torch.log2(n.double())) * mask
+        self.lost_bits += lost.sum()
         return torch.where(mask, product, h)
 
     def divide(self, h: torch.Tensor, n: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
