@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import relative_error
 from revbits.revrnn import RevGRU, RevLSTM, StateRangeError
 from revbits.revrnn.cells import to_float
 from revbits.revrnn.layers import _Run
-from conftest import relative_error
 
 CLASSES = [RevGRU, RevLSTM]
 

@@ -94,7 +94,7 @@ class _ReversibleRNN(torch.autograd.Function):
         run: _Run = ctx.run
         ctx.run = None
         (x,) = ctx.saved_tensors
-        rnn, cells = run.rnn, run.rnn.cells
+        cells = run.rnn.cells
         params = [list(cell.parameters()) for cell in cells]
         grads: list[list[torch.Tensor]] = [
             [h for g in grad_finals for h in _halves(g[layer])] for layer in range(len(cells))
@@ -186,7 +186,8 @@ class _RevRNNBase(nn.Module):
     def _run(self, x: torch.Tensor, state: Any, lengths: torch.Tensor | None):
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(
-                f"expected input of shape [T, B, {self.input_size}] (or [B, T, ...] with batch_first), got {list(x.shape)}"
+                f"expected input of shape [T, B, {self.input_size}] (or [B, T, ...] with batch_first), "
+                f"got {list(x.shape)}"
             )
         if self.batch_first:
             x = x.transpose(0, 1)
