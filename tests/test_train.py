@@ -132,6 +132,24 @@ def test_models_learn_with_8bit_activations(tmp_path, memory, model):
     assert abs(compressed[-1] - exact[-1]) < 0.01 * exact[-1]
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_word_rnn_lm_trains_reversibly_and_as_standard(tmp_path, capsys, cell):
+    """Both arms train; the reversible one learns like the standard one does (same data, steps)."""
+    flags = ["--model", "rnnlm", "--cell", cell, *TINY, "--steps", "30", "--lr", "3e-3", "--eval-interval", "30"]
+    losses = {}
+    for memory in ("reversible", "standard"):
+        out = tmp_path / memory
+        assert run("train", *flags, "--memory", memory, "--out", out) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[memory] = [r["loss"] for r in records if r["split"] == "train"]
+        capsys.readouterr()
+        assert run("eval", out, "--split", "test") == 0
+        assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    # the tiny text is random words, so the loss can only fall to about log(vocabulary)
+    assert losses["reversible"][-1] < losses["reversible"][0] - 0.1
+    assert losses["reversible"][-1] < 1.05 * losses["standard"][-1]
+
+
 def test_vit_trains_on_images(tmp_path, capsys):
     out = tmp_path / "vit"
     assert run("train", "--model", "vit", "--memory", "bdia", *TINY, "--patch-size", "7", "--out", out) == 0

@@ -1,7 +1,8 @@
-"""Plain PyTorch models whose block stacks take ``memory=`` (standard, checkpoint, bdia)."""
+"""Plain PyTorch models whose block stacks take ``memory=``; the RNN LM takes standard or reversible."""
 
 from .blocks import MLP, Attention, TransformerBlock
 from .gpt import GPT, GPTConfig
+from .rnn import RNNLM, RNNLMConfig
 from .seq2seq import Translator, TranslatorConfig
 from .vit import ViT, ViTConfig
 
@@ -10,6 +11,8 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "MLP",
+    "RNNLM",
+    "RNNLMConfig",
     "TransformerBlock",
     "Translator",
     "TranslatorConfig",

@@ -13,9 +13,10 @@ import torch
 
 from ..bdia import ReversibilityError
 from ..mesa import compressors_in
+from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import MODELS, ConfigError, TrainConfig, read_config_file
+from .config import ALL_MEMORY_MODES, MODELS, ConfigError, TrainConfig, read_config_file
 from .loop import evaluate, train
 from .plot import plot_runs
 from .tasks import make_task, read_run_config
@@ -23,7 +24,8 @@ from .tasks import make_task, read_run_config
 HELP = {
     "model": "gpt (characters), vit (images) or translator (sentence pairs)",
     "data": "data set name (default: shakespeare, fashion-mnist, bible-en-fr by model)",
-    "memory": "standard, checkpoint, mesa, bdia or bdia+mesa",
+    "memory": "standard, checkpoint, mesa, bdia or bdia+mesa; for rnnlm: standard or reversible",
+    "forget_bits": "rnnlm reversible: most bits lost per unit and step (1, 2, 3, 5; 0 = no limit)",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
     "train_subset": "use only N training examples (characters for gpt)",
@@ -40,7 +42,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
             continue
         kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-        choices = {"model": MODELS, "memory": MEMORY_MODES}.get(f.name)
+        choices = {"model": MODELS, "memory": ALL_MEMORY_MODES, "cell": CELLS}.get(f.name)
         parser.add_argument(
             flag,
             type=kind,
@@ -121,7 +123,8 @@ def _memory(args: argparse.Namespace) -> int:
     sampler = torch.Generator().manual_seed(config.seed)
     batch = task.train_batch(sampler, torch.device(config.device))
     rows, tables = [], []
-    for memory in args.modes:
+    modes = args.modes or (RNN_MEMORY_MODES if config.model == "rnnlm" else MEMORY_MODES)
+    for memory in modes:
         mode_config = dataclasses.replace(config, memory=memory)
         torch.manual_seed(config.seed)
         model = make_task_model(task, mode_config).to(config.device).train()
@@ -206,7 +209,7 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         description="Takes the same options as train; prints the peak and the bytes "
         "held between forward and backward, measured, for each mode.",
     )
-    memory_parser.add_argument("--modes", nargs="+", default=list(MEMORY_MODES), choices=MEMORY_MODES)
+    memory_parser.add_argument("--modes", nargs="+", choices=ALL_MEMORY_MODES, help="default: every mode the model has")
     memory_parser.add_argument("--json", type=Path, help="also write the rows here")
     _add_config_flags(memory_parser)
     memory_parser.set_defaults(run=_memory, resume=False)

@@ -12,10 +12,12 @@ import torch
 
 from ..bdia_ops import gamma_exponent
 from ..mesa import MesaConfig
+from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 
-MODELS = ("gpt", "vit", "translator")
-DEFAULT_DATA = {"gpt": "shakespeare", "vit": "fashion-mnist", "translator": "bible-en-fr"}
+MODELS = ("gpt", "vit", "translator", "rnnlm")
+DEFAULT_DATA = {"gpt": "shakespeare", "vit": "fashion-mnist", "translator": "bible-en-fr", "rnnlm": "shakespeare"}
+ALL_MEMORY_MODES = (*MEMORY_MODES, *RNN_MEMORY_MODES[1:])
 
 
 class ConfigError(ValueError):
@@ -26,7 +28,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     model: str = "gpt"
     data: str | None = None  # None: the model's default data set
-    memory: str = "bdia"
+    memory: str | None = None  # None: bdia, or reversible for rnnlm
     steps: int = 1000
     stop_at: int | None = None  # stop after this step (as if interrupted); resume later
     batch_size: int = 32
@@ -57,10 +59,15 @@ class TrainConfig:
     mesa_ranges: str = "batch"  # batch | ema
     mesa_momentum: float = 0.9
     mesa_channel_group: int = 1
+    # recurrent models (rnnlm; memory = standard or reversible)
+    cell: str = "gru"  # gru | lstm
+    forget_bits: int = 3  # 1, 2, 3 or 5 bits lost at most per unit and step; 0 for no limit
 
     def __post_init__(self) -> None:
         if self.data is None:
             self.data = DEFAULT_DATA.get(self.model)
+        if self.memory is None:
+            self.memory = "reversible" if self.model == "rnnlm" else "bdia"
         self.validate()
 
     def validate(self) -> None:
@@ -80,8 +87,13 @@ class TrainConfig:
                 raise ConfigError(f"bits must be from 1 to 23, got {self.bits}")
         if self.model not in MODELS:
             raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        if self.memory not in MEMORY_MODES:
-            raise ConfigError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
+        modes = RNN_MEMORY_MODES if self.model == "rnnlm" else MEMORY_MODES
+        if self.memory not in modes:
+            raise ConfigError(f"memory must be one of {', '.join(modes)} for {self.model}, got {self.memory!r}")
+        if self.cell not in CELLS:
+            raise ConfigError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        if self.forget_bits not in (0, 1, 2, 3, 5):
+            raise ConfigError(f"forget_bits must be 1, 2, 3, 5 or 0 (no limit), got {self.forget_bits}")
         positive = [
             "steps",
             "batch_size",

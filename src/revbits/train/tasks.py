@@ -2,7 +2,8 @@
 
 - ``gpt``: character language modelling (loss, perplexity, bits per character);
 - ``vit``: image classification (loss, accuracy);
-- ``translator``: sequence-to-sequence translation (loss, perplexity; BLEU in ``revbits eval``).
+- ``translator``: sequence-to-sequence translation (loss, perplexity; BLEU in ``revbits eval``);
+- ``rnnlm``: word-level language modelling with a (reversible) GRU or LSTM (loss, perplexity).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import GPT, GPTConfig, Translator, TranslatorConfig, ViT, ViTConfig
+from ..data import WordTokenizer
+from ..models import GPT, RNNLM, GPTConfig, RNNLMConfig, Translator, TranslatorConfig, ViT, ViTConfig
 from . import datasets as adapters
 from .config import TrainConfig
 
@@ -59,7 +61,7 @@ class CharLMTask(Task):
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
-        texts, self.tokenizer = adapters.text_splits(config.data)
+        texts, self.tokenizer = self.tokenize(config.data)
         self.splits = {
             name: torch.tensor(self.tokenizer.encode(text), dtype=torch.long) for name, text in texts.items()
         }
@@ -67,7 +69,10 @@ class CharLMTask(Task):
             self.splits["train"] = self.splits["train"][: config.train_subset]
         shortest = min(len(t) for t in self.splits.values())
         if shortest <= config.block_size + 1:
-            raise ValueError(f"a split of {config.data} has {shortest} characters, fewer than block_size + 2")
+            raise ValueError(f"a split of {config.data} has {shortest} tokens, fewer than block_size + 2")
+
+    def tokenize(self, data: str):
+        return adapters.text_splits(data)
 
     def build_model(self) -> nn.Module:
         c = self.config
@@ -109,6 +114,35 @@ class CharLMTask(Task):
 
     def save_assets(self, run_dir: Path) -> None:
         self.tokenizer.save(run_dir / "tokenizer.json")
+
+
+class WordLMTask(CharLMTask):
+    """Next-word prediction: the text cut into words and punctuation, the 10,000 most frequent
+    words of the training split as the vocabulary (the rest map to <unk>), as PTB is used."""
+
+    VOCABULARY = 10_000
+
+    def tokenize(self, data: str):
+        texts, _ = adapters.text_splits(data)
+        return texts, WordTokenizer.build([texts["train"]], max_size=self.VOCABULARY)
+
+    def build_model(self) -> nn.Module:
+        c = self.config
+        return RNNLM(
+            RNNLMConfig(
+                vocab_size=self.tokenizer.vocab_size,
+                d_model=c.d_model,
+                n_layer=c.n_layer,
+                cell=c.cell,
+                memory=c.memory,
+                forget_bits=c.forget_bits or None,
+                dropout=c.dropout,
+            )
+        )
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        loss = super().evaluate(model, split)["loss"]
+        return {"loss": loss, "perplexity": math.exp(loss)}
 
 
 class ImageTask(Task):
@@ -252,7 +286,12 @@ def _shared_shape(c: TrainConfig) -> dict:
     }
 
 
-TASKS: dict[str, type[Task]] = {"gpt": CharLMTask, "vit": ImageTask, "translator": TranslationTask}
+TASKS: dict[str, type[Task]] = {
+    "gpt": CharLMTask,
+    "vit": ImageTask,
+    "translator": TranslationTask,
+    "rnnlm": WordLMTask,
+}
 
 
 def make_task(config: TrainConfig) -> Task:
