@@ -3,6 +3,7 @@
 from . import mesa
 from .bdia import BDIAStack, BlockProtocolError, ReversibilityError, StreamRangeError
 from .fixedpoint import quantize
+from .revrnn import RevGRU, RevLSTM, StateRangeError
 from .stack import MEMORY_MODES, CheckpointStack, MesaStack, SequentialStack, stack
 
 __all__ = [
@@ -12,8 +13,11 @@ __all__ = [
     "MEMORY_MODES",
     "MesaStack",
     "ReversibilityError",
+    "RevGRU",
+    "RevLSTM",
     "SequentialStack",
     "mesa",
+    "StateRangeError",
     "StreamRangeError",
     "quantize",
     "stack",

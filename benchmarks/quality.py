@@ -1,4 +1,4 @@
-"""BDIA and Mesa against standard training on real data, at equal steps and data, over several seeds.
+"""BDIA, Mesa and reversible RNNs against standard training on real data, at equal steps, data and seeds.
 
 Experiments (each trains the chosen memory modes, standard and bdia by default, from the same seeds):
 - vit:        ViT on a 10k-image subset of Fashion-MNIST; test accuracy; gamma swept at inference for
@@ -6,14 +6,17 @@ Experiments (each trains the chosen memory modes, standard and bdia by default, 
 - gpt:        character GPT on a 20k-character slice of Shakespeare, trained long enough to overfit;
               test loss.
 - translator: encoder-decoder on Bible en-fr; test loss and BLEU (greedy).
+- rnnlm:      word-level language model on Shakespeare (10k vocabulary), 2-layer GRU, 256 wide;
+              run with --modes standard reversible; test perplexity.
 
 Writes <out>/results.json (every run's numbers), <out>/summary.md (mean +- std tables) and
 <out>/<experiment>_curves.png; the run directories (checkpoints, metrics) go to --runs.
 Needs the data sets: revbits data fetch fashion-mnist shakespeare bible-en-fr.
 
-    python benchmarks/bdia_quality.py                       # all experiments, 3 seeds
-    python benchmarks/bdia_quality.py --experiments vit --seeds 0 --scale 0.1   # a quick look
-    python benchmarks/bdia_quality.py --experiments vit gpt --modes mesa        # add Mesa runs
+    python benchmarks/quality.py                       # all experiments, 3 seeds
+    python benchmarks/quality.py --experiments vit --seeds 0 --scale 0.1   # a quick look
+    python benchmarks/quality.py --experiments vit gpt --modes mesa        # add Mesa runs
+    python benchmarks/quality.py --experiments rnnlm --modes standard reversible
 """
 
 from __future__ import annotations
@@ -85,8 +88,25 @@ EXPERIMENTS = {
         d_model=128,
         dropout=0.1,
     ),
+    "rnnlm": TrainConfig(
+        model="rnnlm",
+        data="shakespeare",
+        steps=1000,
+        batch_size=32,
+        block_size=35,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup=50,
+        eval_interval=250,
+        eval_batches=40,
+        n_layer=2,
+        d_model=256,
+        dropout=0.2,
+        cell="gru",
+        forget_bits=3,
+    ),
 }
-MODES = ("standard", "checkpoint", "mesa", "bdia", "bdia+mesa")
+MODES = ("standard", "checkpoint", "mesa", "bdia", "bdia+mesa", "reversible")
 GAMMAS = [-0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
 
 

@@ -1,0 +1,120 @@
+"""What RevGRU and RevLSTM store, against the standard nn.GRU / nn.LSTM.
+
+For each cell (gru, lstm) and each forget_bits (1, 2, 3, 5, none): a word-level LM on
+Shakespeare (10k vocabulary, 2 layers of 256, T = 35, batch 32) is trained for --steps steps with
+the reversible RNN, then on one batch:
+- buffer bits: what the information buffers actually hold (64-bit words, live and spilled, and
+  one flag bit per push), against 32 bits per unit per step for h (and c for the LSTM): the
+  paper's accounting;
+- optimal bits: the information the gates destroyed, sum of -log2 z;
+- measured memory of one training step of the recurrent stack alone (LiveBytes), reversible
+  against the standard nn.GRU / nn.LSTM of the same width: activations at the peak and held
+  between forward and backward. The loss is a fixed random projection of the outputs, so the
+  outputs themselves are not kept by the loss.
+Writes <out>.json and <out>.md. Needs: revbits data fetch shakespeare.
+
+    python benchmarks/revrnn_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from revbits.memory import measure_training_step
+from revbits.models.rnn import make_rnn
+from revbits.train import TrainConfig
+from revbits.train.loop import make_optimizer
+from revbits.train.tasks import make_task
+
+BASE = TrainConfig(model="rnnlm", memory="reversible", d_model=256, n_layer=2, block_size=35, batch_size=32, lr=3e-3)
+
+
+def buffer_accounting(model, batch) -> dict:
+    model.train()
+    with torch.no_grad():
+        embedded = model.embedding(batch[0])
+    with torch.enable_grad():
+        out, _ = model.rnn(embedded.requires_grad_())
+    run = model.rnn.last_run
+    steps, rows = embedded.shape[1], embedded.shape[0]
+    parts = model.rnn.cells[0].state_parts
+    baseline = 32 * steps * rows * model.rnn.hidden_size * parts * model.rnn.num_layers
+    stored = sum(b.stored_bits() for b in run.buffers)
+    optimal = sum(float(b.lost_bits) for b in run.buffers)
+    out.sum().backward()  # reverses the run, emptying the buffers
+    return {
+        "baseline_bits": baseline,
+        "buffer_bits": stored,
+        "optimal_bits": optimal,
+        "saving": baseline / stored,
+        "optimal_saving": baseline / max(optimal, 1.0),
+        "bits_per_unit_step": stored / (baseline / 32),
+    }
+
+
+def measured_memory(config: TrainConfig, memory: str) -> dict:
+    torch.manual_seed(0)
+    rnn = make_rnn(config.cell, memory, config.d_model, config.n_layer, config.forget_bits or None)
+    x = torch.randn(config.batch_size, config.block_size, config.d_model, requires_grad=True)
+    probe = torch.randn(config.batch_size, config.block_size, config.d_model)
+    report = measure_training_step(rnn, lambda: (rnn(x)[0] * probe).sum())
+    return {"activations": report.activations, "held_after_forward": report.held_after_forward}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "revrnn_memory")
+    args = parser.parse_args()
+    rows = []
+    for cell in ("gru", "lstm"):
+        standard = measured_memory(replace(BASE, cell=cell, memory="standard"), "standard")
+        for forget_bits in (1, 2, 3, 5, 0):
+            config = replace(BASE, cell=cell, forget_bits=forget_bits, steps=args.steps, warmup=20)
+            task = make_task(config)
+            torch.manual_seed(0)
+            model = task.build_model()
+            optimizer = make_optimizer(model, config)
+            sampler = torch.Generator().manual_seed(0)
+            for _ in range(args.steps):
+                optimizer.zero_grad(set_to_none=True)
+                task.loss(model, task.train_batch(sampler, torch.device("cpu"))).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+            accounting = buffer_accounting(model, task.train_batch(sampler, torch.device("cpu")))
+            reversible = measured_memory(config, "reversible")
+            row = {
+                "cell": cell,
+                "forget_bits": forget_bits or "none",
+                "trained_steps": args.steps,
+                **accounting,
+                "reversible": reversible,
+                "standard": standard,
+                "activations_vs_standard": reversible["activations"] / standard["activations"],
+                "held_vs_standard": reversible["held_after_forward"] / standard["held_after_forward"],
+            }
+            print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
+            rows.append(row)
+    lines = [
+        "| cell | forget bits | buffer bits per unit-step | saving vs 32 bits | optimal saving "
+        "| activations vs standard (measured) | held after forward vs standard (measured) |",
+        "|---" * 7 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cell']} | {r['forget_bits']} | {r['bits_per_unit_step']:.2f} | {r['saving']:.1f}x "
+            f"| {r['optimal_saving']:.1f}x | {r['activations_vs_standard']:.3f} | {r['held_vs_standard']:.3f} |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
