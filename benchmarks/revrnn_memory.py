@@ -36,6 +36,7 @@ BASE = TrainConfig(model="rnnlm", memory="reversible", d_model=256, n_layer=2, b
 
 def buffer_accounting(model, batch) -> dict:
     model.train()
+    model.rnn.track_information = True
     with torch.no_grad():
         embedded = model.embedding(batch[0])
     with torch.enable_grad():

@@ -86,13 +86,14 @@ def test_multiply_then_divide_restores_state_and_buffer_bit_for_bit(case):
 
 def test_multiplication_stores_only_what_it_loses():
     """With z = 1/2 everywhere, one bit per unit per step is kept, in 64-bit words."""
-    buffer = InfoBuffer(SHAPE, fraction_bits=10, max_bits_per_step=1, check_every=16)
+    buffer = InfoBuffer(SHAPE, fraction_bits=10, max_bits_per_step=1, check_every=16, track_information=True)
     h = torch.randint(-(2**30), 2**30, SHAPE)
     half = torch.full(SHAPE, 512)
     for _ in range(500):
         h = buffer.multiply(h, half) + 2**29  # keep h away from zero so every step loses its bit
     used = int(buffer.depth) + 1
     assert used <= 500 // 53 + 2  # about 53 bits per spilled word
+    assert buffer.lost_bits.item() == 500 * 15  # one bit per unit and step destroyed
 
 
 def test_more_pops_than_pushes_is_an_error():

@@ -42,6 +42,8 @@ class InfoBuffer:
         max_bits_per_step: the most a call can add to W (F for ``multiply`` with n >= 1; k when
             n >= 2**(F - k)); it bounds how many spills can happen between two host checks.
         check_every: pushes between host checks of the stack depth.
+        track_information: keep ``lost_bits``, the sum of F - log2(n) over active
+            multiplications (the information the gates destroyed; costs a few ops per call).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class InfoBuffer:
         fraction_bits: int = 10,
         max_bits_per_step: int | None = None,
         check_every: int = 16,
+        track_information: bool = False,
     ) -> None:
         if not 1 <= fraction_bits <= 30:
             raise ValueError(f"fraction_bits must be from 1 to 30, got {fraction_bits}")
@@ -65,7 +68,7 @@ class InfoBuffer:
         self.depth = torch.zeros((), dtype=torch.int64, device=self.device)
         self._spilled: list[torch.Tensor] = []  # per recorded push: did it spill (device bool)
         self._pushes_since_check = self.check_every  # check before the first push
-        # sum of F - log2(n) over active multiplications: the information the gates destroyed
+        self.track_information = track_information
         self.lost_bits = torch.zeros((), dtype=torch.float64, device=self.device)
 
     # -- the word stack ----------------------------------------------------------------------
@@ -142,8 +145,8 @@ class InfoBuffer:
         self._spill_if_needed(base, mask)
         self._push(torch.remainder(h, scale), base, mask)
         product = torch.div(h, scale, rounding_mode="floor") * n + self._pop(n, mask)
-        lost = (self.fraction_bits - torch.log2(n.double())) * mask
-        self.lost_bits += lost.sum()
+        if self.track_information:
+            self.lost_bits += ((self.fraction_bits - torch.log2(n.double())) * mask).sum()
         return torch.where(mask, product, h)
 
     def divide(self, h: torch.Tensor, n: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:

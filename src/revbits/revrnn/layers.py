@@ -43,7 +43,10 @@ class _Run:
         self.rnn, self.x, self.mask = rnn, x, mask
         batch, half = x.shape[1], rnn.hidden_size // 2
         max_bits = rnn.forget_bits or GATE_BITS
-        self.buffers = [InfoBuffer((batch, half), x.device, max_bits_per_step=max_bits) for _ in rnn.cells]
+        self.buffers = [
+            InfoBuffer((batch, half), x.device, max_bits_per_step=max_bits, track_information=rnn.track_information)
+            for _ in rnn.cells
+        ]
         # per layer: [h1, h2] or [h1, h2, c1, c2] as int64
         self.states = [
             [to_fixed(part) for t in initial for part in _halves(t[layer])] for layer in range(len(rnn.cells))
@@ -165,6 +168,7 @@ class _RevRNNBase(nn.Module):
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.cells = nn.ModuleList([self.cell_type(size, hidden_size, forget_bits) for size in sizes])
         self.reversible = True
+        self.track_information = False  # count the bits the gates destroy (benchmarks)
         self.last_run: _Run | None = None  # for memory accounting: buffers of the last training forward
 
     def extra_repr(self) -> str:
