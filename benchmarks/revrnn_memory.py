@@ -69,7 +69,7 @@ def measured_memory(config: TrainConfig, memory: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "revrnn_memory")
     args = parser.parse_args()
     rows = []
