@@ -3,7 +3,8 @@
 For each model (GPT on Shakespeare characters, ViT on Fashion-MNIST images; both need the data
 sets fetched) and each precision (fp32, bf16 autocast), one training batch goes through the same
 weights under the exact mode and under its 8-bit mode:
-    standard  vs  mesa          (ranges from each batch, and running ranges after 20 steps)
+    standard  vs  mesa          (ranges from each batch; running ranges after 20 steps;
+                                 64-channel groups as in Mesa's code instead of per channel)
     bdia      vs  bdia+mesa
 Reported per parameter tensor: cosine similarity and relative error |g - g_exact| / |g_exact|.
 Writes <out>.json (every tensor) and <out>.md (worst and median per comparison).
@@ -29,7 +30,12 @@ CONFIGS = {
     "gpt": TrainConfig(model="gpt", n_layer=6, n_head=4, d_model=128, block_size=128, batch_size=16, dropout=0.1),
     "vit": TrainConfig(model="vit", n_layer=6, n_head=4, d_model=128, patch_size=4, batch_size=64, dropout=0.1),
 }
-PAIRS = [("standard", "mesa", {}), ("standard", "mesa", {"mesa_ranges": "ema"}), ("bdia", "bdia+mesa", {})]
+PAIRS = [
+    ("standard", "mesa", {}),
+    ("standard", "mesa", {"mesa_ranges": "ema"}),
+    ("standard", "mesa", {"mesa_channel_group": 64}),  # Mesa's own grouping, for comparison
+    ("bdia", "bdia+mesa", {}),
+]
 
 
 def gradients(task, config: TrainConfig, batch, warm_batches: list, autocast: bool) -> list[tuple[str, torch.Tensor]]:
@@ -81,7 +87,9 @@ def main() -> None:
                     "model": model_name,
                     "precision": "bf16 autocast" if autocast else "fp32",
                     "exact": exact_mode,
-                    "compressed": approx_mode + (" (ema ranges)" if ema else ""),
+                    "compressed": approx_mode
+                    + (" (ema ranges)" if ema else "")
+                    + (" (64-channel groups)" if "mesa_channel_group" in options else ""),
                     "tensors": len(rows),
                     "min_cosine": min(cosines),
                     "median_cosine": statistics.median(cosines),
