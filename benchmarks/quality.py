@@ -258,6 +258,8 @@ def main() -> None:
         rows = [one_run(name, config, seed, memory, args.runs) for seed in args.seeds for memory in args.modes]
         plot_runs(sorted((args.runs / name).iterdir()), args.out / f"{name}_curves.png")
         # new rows replace the earlier rows of the same experiment and mode, so they can run separately
+        # (read again: another run of this script may have written meanwhile)
+        saved = json.loads(results.read_text()) if results.exists() else saved
         replaced = {(r["experiment"], r["memory"]) for r in rows}
         saved["rows"] = [r for r in saved["rows"] if (r["experiment"], r["memory"]) not in replaced] + rows
         saved["configs"][name] = config.to_dict()
