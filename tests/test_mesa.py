@@ -322,3 +322,14 @@ def test_packed_activations_are_uint8_codes_with_fp32_ranges():
     restored = y.grad_fn._saved_self
     assert restored.dtype == torch.bfloat16 and restored.shape == y.shape
     assert (restored.float() - (x.detach() * 1).bfloat16().float()).abs().max() < 0.05
+
+
+def test_sparse_tensors_are_kept_as_they_are():
+    compressor = Compressor(MesaConfig(min_numel=0))
+    dense = torch.randn(64, 64, requires_grad=True)
+    sparse = torch.eye(64).to_sparse()
+    with compressor.saving():
+        out = torch.sparse.mm(sparse, dense * 1.0).sum()
+    out.backward()
+    assert compressor.report.kept["layout"].count >= 1
+    assert torch.allclose(dense.grad, torch.ones(64, 64))

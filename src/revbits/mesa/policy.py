@@ -2,6 +2,7 @@
 
 A tensor autograd saves is kept as it is when it is
 - not floating point (integer indices, bool masks): ``"integer"``;
+- not a dense tensor with storage (sparse, nested, meta): ``"layout"``;
 - smaller than the size threshold: ``"small"``;
 - a parameter, a view of one, or its cast under autocast: ``"parameter"``;
 - a leaf that requires grad (an input of the caller's, which holds it anyway): ``"leaf"``;
@@ -117,6 +118,8 @@ def exact_reason(tensor: torch.Tensor, call: OpCall, min_numel: int) -> str | No
     """Why ``tensor`` must be saved exactly, or None when it is an activation to compress."""
     if not tensor.is_floating_point():
         return "integer"
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        return "layout"  # sparse, nested or meta tensors are kept as they are
     if tensor.numel() < min_numel:
         return "small"
     if tensor.grad_fn is None:
