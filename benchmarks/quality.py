@@ -257,11 +257,11 @@ def main() -> None:
         )
         rows = [one_run(name, config, seed, memory, args.runs) for seed in args.seeds for memory in args.modes]
         plot_runs(sorted((args.runs / name).iterdir()), args.out / f"{name}_curves.png")
-        # new rows replace the earlier rows of the same experiment and mode, so they can run separately
+        # new rows replace the earlier rows of the same experiment, mode and seed, so runs can be split
         # (read again: another run of this script may have written meanwhile)
         saved = json.loads(results.read_text()) if results.exists() else saved
-        replaced = {(r["experiment"], r["memory"]) for r in rows}
-        saved["rows"] = [r for r in saved["rows"] if (r["experiment"], r["memory"]) not in replaced] + rows
+        replaced = {(r["experiment"], r["memory"], r["seed"]) for r in rows}
+        saved["rows"] = [r for r in saved["rows"] if (r["experiment"], r["memory"], r["seed"]) not in replaced] + rows
         saved["configs"][name] = config.to_dict()
         results.write_text(json.dumps(saved, indent=1))
         (args.out / "summary.md").write_text(summary(saved["rows"]))
