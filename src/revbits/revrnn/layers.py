@@ -36,6 +36,17 @@ def _halves(t: torch.Tensor) -> list[torch.Tensor]:
     return list(t.chunk(2, -1))
 
 
+def _split_layers(whole: list[torch.Tensor], layers: int) -> list[list[torch.Tensor]]:
+    """[h (, c)] of shape [L, B, H] -> per layer [h1, h2 (, c1, c2)]."""
+    return [[half for t in whole for half in _halves(t[layer])] for layer in range(layers)]
+
+
+def _join_layers(per_layer: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The inverse of :func:`_split_layers`."""
+    parts = len(per_layer[0]) // 2
+    return [torch.stack([torch.cat(f[2 * p : 2 * p + 2], -1) for f in per_layer]) for p in range(parts)]
+
+
 class _Run:
     """The forward of every layer over time, exact; the state it leaves is what backward reverses."""
 
@@ -48,19 +59,23 @@ class _Run:
             for _ in rnn.cells
         ]
         # per layer: [h1, h2] or [h1, h2, c1, c2] as int64
-        self.states = [
-            [to_fixed(part) for t in initial for part in _halves(t[layer])] for layer in range(len(rnn.cells))
-        ]
+        self.states = [[to_fixed(part) for part in state] for state in _split_layers(initial, len(rnn.cells))]
         self.out_of_range = torch.zeros((), dtype=torch.bool, device=x.device)
 
     def active(self, t: int) -> torch.Tensor | None:
         return None if self.mask is None else self.mask[t]
 
-    def forward(self, graph: bool) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        """Outputs [T, B, H] and each layer's final float state; with ``graph`` under autograd."""
-        floats = [[to_float(s, self.x.dtype) for s in state] for state in self.states]
-        if graph:  # the reference: the initial states carry the gradient of h0 (straight through)
-            floats = self.initial_floats
+    def initial_floats(self, initial: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
+        """The float values of the states; with ``initial`` ([h (, c)]), carrying its gradient
+        straight through (the reference forward)."""
+        values = [[to_float(s, self.x.dtype) for s in state] for state in self.states]
+        if initial is None:
+            return values
+        given = _split_layers(initial, len(self.states))
+        return [[v + (g - g.detach()) for v, g in zip(vs, gs)] for vs, gs in zip(values, given)]
+
+    def forward(self, floats: list[list[torch.Tensor]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """Outputs [T, B, H] and each layer's final float state, from the states' float values."""
         outputs = []
         for t in range(self.x.shape[0]):
             inputs, active = self.x[t], self.active(t)
@@ -85,12 +100,10 @@ class _ReversibleRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _Run, *tensors: torch.Tensor):  # type: ignore[override]
         with torch.no_grad():
-            out, floats = run.forward(graph=False)
+            out, floats = run.forward(run.initial_floats())
         ctx.run = run
         ctx.save_for_backward(run.x)
-        parts = run.rnn.cells[0].state_parts
-        finals = [torch.stack([torch.cat(f[2 * p : 2 * p + 2], -1) for f in floats]) for p in range(parts)]
-        return (out, *finals)
+        return (out, *_join_layers(floats))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, *grad_finals: torch.Tensor):  # type: ignore[override]
@@ -99,9 +112,7 @@ class _ReversibleRNN(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         cells = run.rnn.cells
         params = [list(cell.parameters()) for cell in cells]
-        grads: list[list[torch.Tensor]] = [
-            [h for g in grad_finals for h in _halves(g[layer])] for layer in range(len(cells))
-        ]
+        grads = _split_layers(list(grad_finals), len(cells))
         param_grads = [[torch.zeros_like(p) for p in ps] for ps in params]
         grad_x = torch.zeros_like(x)
         for t in range(x.shape[0] - 1, -1, -1):
@@ -139,8 +150,7 @@ class _ReversibleRNN(torch.autograd.Function):
                         grads[layer - 1][0] = grads[layer - 1][0] + below[0]
                         grads[layer - 1][1] = grads[layer - 1][1] + below[1]
                 run.states[layer] = before
-        parts = cells[0].state_parts
-        grad_initial = [torch.stack([torch.cat(g[2 * p : 2 * p + 2], -1) for g in grads]) for p in range(parts)]
+        grad_initial = _join_layers(grads)
         flat_params = [g for gs in param_grads for g in gs]
         return (None, grad_x, *grad_initial, *flat_params)
 
@@ -211,17 +221,9 @@ class _RevRNNBase(nn.Module):
         ):
             self.last_run = run
             out, *finals = _ReversibleRNN.apply(run, x, *initial, *params)
-        else:
-            run.initial_floats = [
-                [
-                    to_float(s, x.dtype) + (part - part.detach())
-                    for s, part in zip(state, [p for t in initial for p in _halves(t[layer])])
-                ]
-                for layer, state in enumerate(run.states)
-            ]
-            out, floats = run.forward(graph=True)
-            parts = self.cells[0].state_parts
-            finals = [torch.stack([torch.cat(f[2 * p : 2 * p + 2], -1) for f in floats]) for p in range(parts)]
+        else:  # the reference: the same exact forward under autograd
+            out, floats = run.forward(run.initial_floats(initial))
+            finals = _join_layers(floats)
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, finals
