@@ -69,6 +69,9 @@ class InfoBuffer:
         self._spilled: list[torch.Tensor] = []  # per recorded push: did it spill (device bool)
         self._pushes_since_check = self.check_every  # check before the first push
         self.track_information = track_information
+        # constants of every call, made once: the base 2**F and the mask of "all active"
+        self._scale = torch.tensor(1 << fraction_bits, dtype=torch.int64, device=self.device)
+        self._all_active = torch.ones((), dtype=torch.bool, device=self.device)
         self.lost_bits = torch.zeros((), dtype=torch.float64, device=self.device)
 
     # -- the word stack ----------------------------------------------------------------------
@@ -110,7 +113,7 @@ class InfoBuffer:
 
     def _mask(self, active: torch.Tensor | None) -> torch.Tensor:
         if active is None:
-            return torch.ones((), dtype=torch.bool, device=self.device)
+            return self._all_active
         return active.to(torch.bool).reshape(active.shape + (1,) * (len(self.shape) - active.dim()))
 
     def _push(self, remainder: torch.Tensor, base: torch.Tensor, active: torch.Tensor) -> None:
@@ -141,9 +144,8 @@ class InfoBuffer:
         """h * n / 2**F for int64 h and n in [1, 2**F], the lost low bits kept in the buffer."""
         mask = self._mask(active)
         scale = 1 << self.fraction_bits
-        base = torch.full((), scale, dtype=torch.int64, device=self.device)
-        self._spill_if_needed(base, mask)
-        self._push(torch.remainder(h, scale), base, mask)
+        self._spill_if_needed(self._scale, mask)
+        self._push(torch.remainder(h, scale), self._scale, mask)
         product = torch.div(h, scale, rounding_mode="floor") * n + self._pop(n, mask)
         if self.track_information:
             self.lost_bits += ((self.fraction_bits - torch.log2(n.double())) * mask).sum()
@@ -154,9 +156,7 @@ class InfoBuffer:
         mask = self._mask(active)
         scale = 1 << self.fraction_bits
         self._push(torch.remainder(h, n), n, mask)
-        restored = torch.div(h, n, rounding_mode="floor") * scale + self._pop(
-            torch.tensor(scale, device=self.device), mask
-        )
+        restored = torch.div(h, n, rounding_mode="floor") * scale + self._pop(self._scale, mask)
         self._unspill()
         return torch.where(mask, restored, h)
 
