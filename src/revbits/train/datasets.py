@@ -25,11 +25,15 @@ def _known(name: str, table: dict, kind: str) -> None:
         raise ValueError(f"{name!r} is not a {kind} data set; use one of {', '.join(table)}")
 
 
+def texts(name: str) -> dict[str, str]:
+    """Train/valid/test text."""
+    _known(name, TEXT, "text")
+    return {split: TEXT[name](split) for split in ("train", "valid", "test")}
+
+
 def text_splits(name: str) -> tuple[dict[str, str], CharTokenizer]:
     """Train/valid/test text, and a character tokenizer over all of it."""
-    _known(name, TEXT, "text")
-    load = TEXT[name]
-    return {split: load(split) for split in ("train", "valid", "test")}, CharTokenizer.from_text(load("all"))
+    return texts(name), CharTokenizer.from_text(TEXT[name]("all"))
 
 
 def image_splits(name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

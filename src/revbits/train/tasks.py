@@ -123,8 +123,8 @@ class WordLMTask(CharLMTask):
     VOCABULARY = 10_000
 
     def tokenize(self, data: str):
-        texts, _ = adapters.text_splits(data)
-        return texts, WordTokenizer.build([texts["train"]], max_size=self.VOCABULARY)
+        splits = adapters.texts(data)
+        return splits, WordTokenizer.build([splits["train"]], max_size=self.VOCABULARY)
 
     def build_model(self) -> nn.Module:
         c = self.config
