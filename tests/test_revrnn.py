@@ -91,6 +91,65 @@ def test_masked_sequences_and_initial_state_get_the_same_gradients(cls):
     assert all(relative_error(a, b) <= 1e-5 for a, b in zip(*results))
 
 
+class ContextLoss(torch.nn.Module):
+    """A readout that uses a context tensor and integer targets: CE(W [h; mean(context)], y_t)."""
+
+    def __init__(self, hidden: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden + width, classes)
+
+    def forward(self, h, t, context, targets):
+        logits = self.linear(torch.cat([h, context.mean(1)], -1))
+        return torch.nn.functional.cross_entropy(logits, targets[t], reduction="none")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_readout_inside_the_reversible_loop_gets_the_reference_gradients(cls):
+    torch.manual_seed(5)
+    rnn = cls(6, 12, num_layers=2, batch_first=True)
+    readout = ContextLoss(12, 4, 7)
+    x = torch.randn(3, 30, 6, requires_grad=True)
+    context = torch.randn(3, 5, 4, requires_grad=True)
+    targets = torch.randint(7, (30, 3))
+    lengths = torch.tensor([30, 11, 20])
+    results = []
+    for reversible in (True, False):
+        rnn.reversible = reversible
+        for t in (x, context, *rnn.parameters(), *readout.parameters()):
+            t.grad = None
+        losses, final = rnn(x, lengths=lengths, readout=readout, readout_inputs=(context, targets))
+        assert losses.shape == (3, 30)
+        losses.sum().backward()
+        grads = [x.grad, context.grad, *(p.grad for p in (*rnn.parameters(), *readout.parameters()))]
+        results.append((losses.detach(), [g.clone() for g in grads]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert max(relative_error(a, b) for a, b in zip(grads_a, grads_b)) <= 1e-5
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_packed_sequences_give_what_padding_and_lengths_give(cls):
+    torch.manual_seed(6)
+    rnn = cls(4, 8, batch_first=True)
+    x = torch.randn(3, 10, 4, requires_grad=True)
+    lengths = torch.tensor([6, 10, 3])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out_packed, final_packed = rnn(packed)
+    assert isinstance(out_packed, torch.nn.utils.rnn.PackedSequence)
+    out_packed, got_lengths = torch.nn.utils.rnn.pad_packed_sequence(out_packed, batch_first=True, total_length=10)
+    out_padded, final_padded = rnn(x, lengths=lengths)
+    assert torch.equal(got_lengths, lengths) and torch.equal(out_packed, out_padded)
+    finals = [(final_packed, final_padded)] if cls is RevGRU else list(zip(final_packed, final_padded))
+    assert all(torch.equal(a, b) for a, b in finals)
+    out_packed.sum().backward()
+    grad_packed = x.grad.clone()
+    x.grad = None
+    out_padded.sum().backward()
+    assert torch.equal(grad_packed, x.grad)
+    with pytest.raises(ValueError, match="own lengths"):
+        rnn(packed, lengths=lengths)
+
+
 def test_a_finished_sequence_keeps_its_state():
     torch.manual_seed(3)
     rnn = RevGRU(4, 8)

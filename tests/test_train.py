@@ -168,6 +168,19 @@ def test_translator_trains_and_scores_bleu(tmp_path, capsys, decode):
     assert metrics["decode"] == decode and metrics["sentences"] == 8 and 0 <= metrics["bleu"] <= 100
 
 
+@pytest.mark.parametrize("memory", ["reversible", "standard"])
+def test_rnn_translator_trains_and_scores_bleu(tmp_path, capsys, memory):
+    out = tmp_path / memory
+    flags = ["--model", "rnn-translator", "--memory", memory, *TINY, "--n-layer", "1", "--attention-slice", "4"]
+    assert run("train", *flags, "--out", out) == 0
+    capsys.readouterr()
+    assert run("eval", out, "--max-sentences", "8") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["sentences"] == 8 and 0 <= metrics["bleu"] <= 100 and metrics["perplexity"] > 1
+    assert run("eval", out, "--decode", "beam", "--max-sentences", "8") == 2
+    assert "greedily" in capsys.readouterr().err
+
+
 def test_config_file_is_read_and_flags_override_it(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(

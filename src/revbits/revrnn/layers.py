@@ -2,10 +2,15 @@
 information buffers and the inputs.
 
 Training runs the exact fixed-point forward without a graph. Backward walks time in reverse:
-at step t it reverses each layer from the top down (layer l's input at t is layer l-1's state
-at t, not yet reversed), re-runs the step with gradients from the rebuilt state and
-back-propagates. ``rnn.reversible = False`` runs the same forward under plain autograd, the
-reference for the gradients.
+at step t it re-runs the readout (if any) on the top state, then reverses each layer from the
+top down (layer l's input at t is layer l-1's state at t, not yet reversed), re-runs the step
+with gradients from the rebuilt state and back-propagates. ``rnn.reversible = False`` runs the
+same forward under plain autograd, the reference for the gradients.
+
+A *readout* is a per-step function of the top layer's output, r_t = readout(h_t, t, *inputs),
+run inside the reversible loop: its backward is re-run at step t from the rebuilt h_t, so
+nothing downstream has to keep the T hidden states (the paper's decoder computes its attention
+and loss this way). It must give the same result when called again with the same arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..info_buffer import InfoBuffer
 from .cells import (
@@ -50,8 +56,17 @@ def _join_layers(per_layer: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 class _Run:
     """The forward of every layer over time, exact; the state it leaves is what backward reverses."""
 
-    def __init__(self, rnn: _RevRNNBase, x: torch.Tensor, mask: torch.Tensor | None, initial: list[torch.Tensor]):
+    def __init__(
+        self,
+        rnn: _RevRNNBase,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        initial: list[torch.Tensor],
+        readout: nn.Module | None = None,
+        readout_inputs: tuple[torch.Tensor, ...] = (),
+    ):
         self.rnn, self.x, self.mask = rnn, x, mask
+        self.readout, self.readout_inputs = readout, readout_inputs
         batch, half = x.shape[1], rnn.hidden_size // 2
         max_bits = rnn.forget_bits or GATE_BITS
         self.buffers = [
@@ -74,8 +89,20 @@ class _Run:
         given = _split_layers(initial, len(self.states))
         return [[v + (g - g.detach()) for v, g in zip(vs, gs)] for vs, gs in zip(values, given)]
 
-    def forward(self, floats: list[list[torch.Tensor]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        """Outputs [T, B, H] and each layer's final float state, from the states' float values."""
+    def output(self, top: list[torch.Tensor], t: int, readout_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The output at step t from the top layer's float halves: [h1; h2] (zero where the row has
+        finished), or the readout of it."""
+        active = self.active(t)
+        hidden = torch.cat(top[:2], -1)
+        if active is not None:
+            hidden = torch.where(active[:, None], hidden, 0)
+        return hidden if self.readout is None else self.readout(hidden, t, *readout_inputs)
+
+    def forward(
+        self, floats: list[list[torch.Tensor]], readout_inputs: tuple[torch.Tensor, ...] | None = None
+    ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """Outputs [T, B, ...] and each layer's final float state, from the states' float values."""
+        readout_inputs = self.readout_inputs if readout_inputs is None else readout_inputs
         outputs = []
         for t in range(self.x.shape[0]):
             inputs, active = self.x[t], self.active(t)
@@ -86,7 +113,7 @@ class _Run:
                 for s in self.states[layer]:
                     self.out_of_range |= (s.abs() >= STATE_LIMIT).any()
                 inputs = torch.cat(floats[layer][:2], -1)
-            outputs.append(inputs if active is None else torch.where(active[:, None], inputs, 0))
+            outputs.append(self.output(floats[-1], t, readout_inputs))
         if bool(self.out_of_range):
             raise StateRangeError(
                 "a RevGRU/RevLSTM state left the fixed-point range |v| < 256 (2**31 at 2**-23 steps); "
@@ -102,22 +129,24 @@ class _ReversibleRNN(torch.autograd.Function):
         with torch.no_grad():
             out, floats = run.forward(run.initial_floats())
         ctx.run = run
-        ctx.save_for_backward(run.x)
+        ctx.save_for_backward(run.x, *run.readout_inputs)
         return (out, *_join_layers(floats))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, *grad_finals: torch.Tensor):  # type: ignore[override]
         run: _Run = ctx.run
         ctx.run = None
-        (x,) = ctx.saved_tensors
+        x, *readout_inputs = ctx.saved_tensors
         cells = run.rnn.cells
         params = [list(cell.parameters()) for cell in cells]
         grads = _split_layers(list(grad_finals), len(cells))
         param_grads = [[torch.zeros_like(p) for p in ps] for ps in params]
         grad_x = torch.zeros_like(x)
+        first_readout_input = 2 + len(grad_finals) + sum(len(ps) for ps in params)
+        readout = _ReadoutGradients(run, readout_inputs, ctx.needs_input_grad[first_readout_input:])
         for t in range(x.shape[0] - 1, -1, -1):
             active = run.active(t)
-            top = _halves(grad_out[t] if active is None else torch.where(active[:, None], grad_out[t], 0))
+            top = readout.top_gradients(t, grad_out[t])
             grads[-1][0], grads[-1][1] = grads[-1][0] + top[0], grads[-1][1] + top[1]
             for layer in range(len(cells) - 1, -1, -1):
                 cell = cells[layer]
@@ -152,7 +181,41 @@ class _ReversibleRNN(torch.autograd.Function):
                 run.states[layer] = before
         grad_initial = _join_layers(grads)
         flat_params = [g for gs in param_grads for g in gs]
-        return (None, grad_x, *grad_initial, *flat_params)
+        return (None, grad_x, *grad_initial, *flat_params, *readout.input_grads, *readout.param_grads)
+
+
+class _ReadoutGradients:
+    """Back-propagates the readout at step t from the rebuilt top state, accumulating the
+    gradients of its inputs and parameters; without a readout, passes the output gradient on."""
+
+    def __init__(self, run: _Run, inputs: list[torch.Tensor], needs_grad: tuple[bool, ...]) -> None:
+        self.run, self.inputs = run, inputs
+        self.params = [] if run.readout is None else list(run.readout.parameters())
+        needs_grad = needs_grad + (False,) * (len(inputs) + len(self.params) - len(needs_grad))
+        self.wants = list(needs_grad[: len(inputs)])
+        self.input_grads = [torch.zeros_like(i) if want else None for i, want in zip(inputs, self.wants)]
+        self.param_grads = [torch.zeros_like(p) for p in self.params]
+
+    def top_gradients(self, t: int, grad_output: torch.Tensor) -> list[torch.Tensor]:
+        """dL/d[h1, h2] of the top layer at step t, from the gradient of the step's output."""
+        run, active = self.run, self.run.active(t)
+        if run.readout is None:
+            return _halves(grad_output if active is None else torch.where(active[:, None], grad_output, 0))
+        with torch.enable_grad():
+            leaves = [to_float(s, run.x.dtype).requires_grad_() for s in run.states[-1][:2]]
+            inputs = [i.detach().requires_grad_(want) for i, want in zip(self.inputs, self.wants)]
+            output = run.output(leaves, t, tuple(inputs))
+            wanted = [i for i in inputs if i.requires_grad]
+            found = torch.autograd.grad(output, [*leaves, *wanted, *self.params], grad_output, allow_unused=True)
+        found_inputs = iter(found[2 : 2 + len(wanted)])
+        for k, want in enumerate(self.wants):
+            g = next(found_inputs) if want else None
+            if g is not None:
+                self.input_grads[k] += g
+        for acc, g in zip(self.param_grads, found[2 + len(wanted) :]):
+            if g is not None:
+                acc += g
+        return [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(found[:2], leaves)]
 
 
 class _RevRNNBase(nn.Module):
@@ -197,7 +260,21 @@ class _RevRNNBase(nn.Module):
             raise ValueError(f"initial state must be {parts} tensor(s) of shape {list(shape)}")
         return given
 
-    def _run(self, x: torch.Tensor, state: Any, lengths: torch.Tensor | None):
+    def _run(
+        self,
+        x: torch.Tensor | PackedSequence,
+        state: Any,
+        lengths: torch.Tensor | None,
+        readout: nn.Module | None,
+        readout_inputs: tuple[torch.Tensor, ...],
+    ):
+        packed = x if isinstance(x, PackedSequence) else None
+        if packed is not None:
+            if lengths is not None:
+                raise ValueError("a PackedSequence carries its own lengths; do not pass lengths as well")
+            if readout is not None:
+                raise ValueError("a readout needs padded input and lengths, not a PackedSequence")
+            x, lengths = pad_packed_sequence(packed, batch_first=self.batch_first)
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(
                 f"expected input of shape [T, B, {self.input_size}] (or [B, T, ...] with batch_first), "
@@ -209,46 +286,70 @@ class _RevRNNBase(nn.Module):
             raise ValueError("the input must be a finite floating tensor (found NaN, inf or an integer dtype)")
         mask = None
         if lengths is not None:
+            if lengths.shape != (x.shape[1],):
+                raise ValueError(
+                    f"lengths must have shape [{x.shape[1]}] (one per sequence), got {list(lengths.shape)}"
+                )
             steps = torch.arange(x.shape[0], device=x.device)[:, None]
             mask = steps < lengths.to(x.device)[None, :]
         initial = self._initial(x, state)
-        run = _Run(self, x, mask, [i.detach() for i in initial])
-        params = [p for p in self.parameters()]
+        run = _Run(self, x, mask, [i.detach() for i in initial], readout, tuple(readout_inputs))
+        params = list(self.parameters())
+        readout_params = [] if readout is None else list(readout.parameters())
         if (
             self.reversible
             and torch.is_grad_enabled()
-            and (x.requires_grad or any(p.requires_grad for p in params) or any(i.requires_grad for i in initial))
+            and any(t.requires_grad for t in (x, *initial, *params, *readout_inputs, *readout_params))
         ):
             self.last_run = run
-            out, *finals = _ReversibleRNN.apply(run, x, *initial, *params)
+            out, *finals = _ReversibleRNN.apply(run, x, *initial, *params, *readout_inputs, *readout_params)
         else:  # the reference: the same exact forward under autograd
             out, floats = run.forward(run.initial_floats(initial))
             finals = _join_layers(floats)
         if self.batch_first:
             out = out.transpose(0, 1)
+        if packed is not None:
+            out = pack_padded_sequence(out, lengths, batch_first=self.batch_first, enforce_sorted=False)
         return out, finals
 
 
 class RevGRU(_RevRNNBase):
     """``out, h_n = RevGRU(input_size, hidden_size, num_layers, forget_bits=3)(x, h0, lengths=None)``.
 
-    Shapes as nn.GRU: x [T, B, input_size] ([B, T, ...] with batch_first), out [T, B, H],
-    h_n [num_layers, B, H]. ``lengths`` ([B]) masks finished sequences: their state stops and
-    their outputs are zero.
+    Shapes as nn.GRU: x [T, B, input_size] ([B, T, ...] with batch_first) or a PackedSequence,
+    out [T, B, H] (a PackedSequence for packed input), h_n [num_layers, B, H]. ``lengths`` ([B])
+    masks finished sequences: their state stops and their outputs are zero. With ``readout``,
+    out[t] = readout(out_t, t, *readout_inputs) is computed inside the reversible loop (see the
+    module docstring).
     """
 
     cell_type = RevGRUCell
 
-    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
-        out, (h_n,) = self._run(x, h0, lengths)
+    def forward(
+        self,
+        x: torch.Tensor | PackedSequence,
+        h0: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        readout: nn.Module | None = None,
+        readout_inputs: tuple[torch.Tensor, ...] = (),
+    ) -> tuple[torch.Tensor | PackedSequence, torch.Tensor]:
+        out, (h_n,) = self._run(x, h0, lengths, readout, readout_inputs)
         return out, h_n
 
 
 class RevLSTM(_RevRNNBase):
-    """``out, (h_n, c_n) = RevLSTM(...)(x, (h0, c0), lengths=None)``, shapes as nn.LSTM."""
+    """``out, (h_n, c_n) = RevLSTM(...)(x, (h0, c0), lengths=None)``, shapes as nn.LSTM; the
+    other arguments as :class:`RevGRU`."""
 
     cell_type = RevLSTMCell
 
-    def forward(self, x: torch.Tensor, state=None, lengths: torch.Tensor | None = None):
-        out, (h_n, c_n) = self._run(x, state, lengths)
+    def forward(
+        self,
+        x: torch.Tensor | PackedSequence,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lengths: torch.Tensor | None = None,
+        readout: nn.Module | None = None,
+        readout_inputs: tuple[torch.Tensor, ...] = (),
+    ) -> tuple[torch.Tensor | PackedSequence, tuple[torch.Tensor, torch.Tensor]]:
+        out, (h_n, c_n) = self._run(x, state, lengths, readout, readout_inputs)
         return out, (h_n, c_n)

@@ -16,16 +16,17 @@ from ..mesa import compressors_in
 from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import ALL_MEMORY_MODES, MODELS, ConfigError, TrainConfig, read_config_file
+from .config import ALL_MEMORY_MODES, MODELS, RNN_MODELS, ConfigError, TrainConfig, read_config_file
 from .loop import evaluate, train
 from .plot import plot_runs
 from .tasks import make_task, read_run_config
 
 HELP = {
-    "model": "gpt (characters), vit (images) or translator (sentence pairs)",
+    "model": "gpt (characters), vit (images), translator (sentence pairs), rnnlm (words, RNN) or rnn-translator",
     "data": "data set name (default: shakespeare, fashion-mnist, bible-en-fr by model)",
-    "memory": "standard, checkpoint, mesa, bdia or bdia+mesa; for rnnlm: standard or reversible",
-    "forget_bits": "rnnlm reversible: most bits lost per unit and step (1, 2, 3, 5; 0 = no limit)",
+    "memory": "standard, checkpoint, mesa, bdia or bdia+mesa; for rnnlm and rnn-translator: standard or reversible",
+    "forget_bits": "reversible RNNs: most bits lost per unit and step (1, 2, 3, 5; 0 = no limit)",
+    "attention_slice": "rnn-translator: units of the top encoder state the attention reads (0 to d_model)",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
     "train_subset": "use only N training examples (characters for gpt)",
@@ -90,7 +91,7 @@ def _load_run(run_dir: Path, quantize_eval: bool | None = None) -> tuple[Any, An
 def _eval(args: argparse.Namespace) -> int:
     task, model, config = _load_run(args.run_dir, args.quantize_eval)
     metrics: dict[str, Any] = {"run": str(args.run_dir), "split": args.split, **evaluate(task, model, args.split)}
-    if config.model == "translator":
+    if config.model in ("translator", "rnn-translator"):
         from .translation_eval import bleu
 
         metrics.update(bleu(task, model, args.split, args.decode, args.beam_size, args.max_sentences))
@@ -123,7 +124,7 @@ def _memory(args: argparse.Namespace) -> int:
     sampler = torch.Generator().manual_seed(config.seed)
     batch = task.train_batch(sampler, torch.device(config.device))
     rows, tables = [], []
-    modes = args.modes or (RNN_MEMORY_MODES if config.model == "rnnlm" else MEMORY_MODES)
+    modes = args.modes or (RNN_MEMORY_MODES if config.model in RNN_MODELS else MEMORY_MODES)
     for memory in modes:
         mode_config = dataclasses.replace(config, memory=memory)
         torch.manual_seed(config.seed)

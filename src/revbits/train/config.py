@@ -15,8 +15,15 @@ from ..mesa import MesaConfig
 from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 
-MODELS = ("gpt", "vit", "translator", "rnnlm")
-DEFAULT_DATA = {"gpt": "shakespeare", "vit": "fashion-mnist", "translator": "bible-en-fr", "rnnlm": "shakespeare"}
+MODELS = ("gpt", "vit", "translator", "rnnlm", "rnn-translator")
+RNN_MODELS = ("rnnlm", "rnn-translator")
+DEFAULT_DATA = {
+    "gpt": "shakespeare",
+    "vit": "fashion-mnist",
+    "translator": "bible-en-fr",
+    "rnnlm": "shakespeare",
+    "rnn-translator": "bible-en-fr",
+}
 ALL_MEMORY_MODES = (*MEMORY_MODES, *RNN_MEMORY_MODES[1:])
 
 
@@ -28,7 +35,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     model: str = "gpt"
     data: str | None = None  # None: the model's default data set
-    memory: str | None = None  # None: bdia, or reversible for rnnlm
+    memory: str | None = None  # None: bdia, or reversible for the RNN models
     steps: int = 1000
     stop_at: int | None = None  # stop after this step (as if interrupted); resume later
     batch_size: int = 32
@@ -59,15 +66,16 @@ class TrainConfig:
     mesa_ranges: str = "batch"  # batch | ema
     mesa_momentum: float = 0.9
     mesa_channel_group: int = 1
-    # recurrent models (rnnlm; memory = standard or reversible)
+    # recurrent models (rnnlm, rnn-translator; memory = standard or reversible)
     cell: str = "gru"  # gru | lstm
     forget_bits: int = 3  # 1, 2, 3 or 5 bits lost at most per unit and step; 0 for no limit
+    attention_slice: int = 32  # rnn-translator: units of the top encoder state the attention reads
 
     def __post_init__(self) -> None:
         if self.data is None:
             self.data = DEFAULT_DATA.get(self.model)
         if self.memory is None:
-            self.memory = "reversible" if self.model == "rnnlm" else "bdia"
+            self.memory = "reversible" if self.model in RNN_MODELS else "bdia"
         self.validate()
 
     def validate(self) -> None:
@@ -87,7 +95,7 @@ class TrainConfig:
                 raise ConfigError(f"bits must be from 1 to 23, got {self.bits}")
         if self.model not in MODELS:
             raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        modes = RNN_MEMORY_MODES if self.model == "rnnlm" else MEMORY_MODES
+        modes = RNN_MEMORY_MODES if self.model in RNN_MODELS else MEMORY_MODES
         if self.memory not in modes:
             raise ConfigError(f"memory must be one of {', '.join(modes)} for {self.model}, got {self.memory!r}")
         if self.cell not in CELLS:
@@ -126,6 +134,8 @@ class TrainConfig:
             raise ConfigError("warmup, grad_clip and weight_decay must not be negative")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ConfigError(f"stop_at must be between 1 and steps={self.steps}, got {self.stop_at}")
+        if self.model == "rnn-translator" and not 0 <= self.attention_slice <= self.d_model:
+            raise ConfigError(f"attention_slice must be from 0 to d_model ({self.d_model}), got {self.attention_slice}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"train_subset must be at least 1, got {self.train_subset}")
 

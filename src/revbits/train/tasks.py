@@ -3,7 +3,8 @@
 - ``gpt``: character language modelling (loss, perplexity, bits per character);
 - ``vit``: image classification (loss, accuracy);
 - ``translator``: sequence-to-sequence translation (loss, perplexity; BLEU in ``revbits eval``);
-- ``rnnlm``: word-level language modelling with a (reversible) GRU or LSTM (loss, perplexity).
+- ``rnnlm``: word-level language modelling with a (reversible) GRU or LSTM (loss, perplexity);
+- ``rnn-translator``: attention seq2seq translation on (reversible) GRUs or LSTMs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import WordTokenizer
-from ..models import GPT, RNNLM, GPTConfig, RNNLMConfig, Translator, TranslatorConfig, ViT, ViTConfig
+from ..models import (
+    GPT,
+    RNNLM,
+    GPTConfig,
+    RNNLMConfig,
+    RNNTranslator,
+    RNNTranslatorConfig,
+    Translator,
+    TranslatorConfig,
+    ViT,
+    ViTConfig,
+)
 from . import datasets as adapters
 from .config import TrainConfig
 
@@ -275,6 +287,29 @@ class TranslationTask(Task):
         self.tgt_tokenizer.save(run_dir / "tgt_tokenizer.json")
 
 
+class RNNTranslationTask(TranslationTask):
+    """The same sentence pairs, for the attention seq2seq model on (reversible) RNNs."""
+
+    def build_model(self) -> nn.Module:
+        c, tokens = self.config, self.tgt_tokenizer
+        return RNNTranslator(
+            RNNTranslatorConfig(
+                src_vocab=self.src_tokenizer.vocab_size,
+                tgt_vocab=tokens.vocab_size,
+                d_model=c.d_model,
+                n_layer=c.n_layer,
+                cell=c.cell,
+                memory=c.memory,
+                forget_bits=c.forget_bits or None,
+                attention_slice=c.attention_slice,
+                dropout=c.dropout,
+                pad_id=tokens.pad_id,
+                bos_id=tokens.bos_id,
+                eos_id=tokens.eos_id,
+            )
+        )
+
+
 def _shared_shape(c: TrainConfig) -> dict:
     """The model options every model config takes alike."""
     return {
@@ -291,6 +326,7 @@ TASKS: dict[str, type[Task]] = {
     "vit": ImageTask,
     "translator": TranslationTask,
     "rnnlm": WordLMTask,
+    "rnn-translator": RNNTranslationTask,
 }
 
 
