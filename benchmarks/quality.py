@@ -1,13 +1,15 @@
 """BDIA, Mesa and reversible RNNs against standard training on real data, at equal steps, data and seeds.
 
-Experiments (each trains the chosen memory modes, standard and bdia by default, from the same seeds):
+Experiments (each trains the chosen memory modes from the same seeds; by default standard and bdia,
+or standard and reversible for the RNN experiments):
 - vit:        ViT on a 10k-image subset of Fashion-MNIST; test accuracy; gamma swept at inference for
               both models (the paper's robustness figure); BDIA evaluated with and without the quantiser.
 - gpt:        character GPT on a 20k-character slice of Shakespeare, trained long enough to overfit;
               test loss.
 - translator: encoder-decoder on Bible en-fr; test loss and BLEU (greedy).
-- rnnlm:      word-level language model on Shakespeare (10k vocabulary), 2-layer GRU, 256 wide;
-              run with --modes standard reversible; test perplexity.
+- rnnlm:      word-level language model on Shakespeare (10k vocabulary), 2-layer GRU, 256 wide,
+              1,000 steps; test perplexity. rnnlm-500: the same for 500 steps.
+- rnn-translator: attention seq2seq on (reversible) GRUs on Bible en-fr; test loss and BLEU (greedy).
 
 Writes <out>/results.json (every run's numbers), <out>/summary.md (mean +- std tables) and
 <out>/<experiment>_curves.png; the run directories (checkpoints, metrics) go to --runs.
@@ -16,7 +18,7 @@ Needs the data sets: revbits data fetch fashion-mnist shakespeare bible-en-fr.
     python benchmarks/quality.py                       # all experiments, 3 seeds
     python benchmarks/quality.py --experiments vit --seeds 0 --scale 0.1   # a quick look
     python benchmarks/quality.py --experiments vit gpt --modes mesa        # add Mesa runs
-    python benchmarks/quality.py --experiments rnnlm --modes standard reversible
+    python benchmarks/quality.py --experiments rnnlm rnn-translator
 """
 
 from __future__ import annotations
@@ -106,7 +108,27 @@ EXPERIMENTS = {
         forget_bits=3,
     ),
 }
+EXPERIMENTS["rnnlm-500"] = replace(EXPERIMENTS["rnnlm"], steps=500)  # the first, shorter comparison
+EXPERIMENTS["rnn-translator"] = TrainConfig(
+    model="rnn-translator",
+    data="bible-en-fr",
+    steps=600,
+    batch_size=32,
+    block_size=64,
+    lr=3e-3,
+    min_lr=3e-4,
+    warmup=50,
+    eval_interval=300,
+    eval_batches=20,
+    n_layer=1,
+    d_model=128,
+    dropout=0.2,
+    cell="gru",
+    forget_bits=3,
+    attention_slice=16,
+)
 MODES = ("standard", "checkpoint", "mesa", "bdia", "bdia+mesa", "reversible")
+TRANSLATORS = ("translator", "rnn-translator")
 GAMMAS = [-0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
 
 
@@ -122,15 +144,21 @@ def as_float_bdia(config: TrainConfig, task, run_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def one_run(name: str, config: TrainConfig, seed: int, memory: str, root: Path) -> dict:
+def one_run(name: str, config: TrainConfig, seed: int, memory: str, root: Path, from_runs: bool = False) -> dict:
+    """Train one run (or, with ``from_runs``, take its finished run directory) and evaluate it."""
     run_dir = root / name / f"{memory}-seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
     config = replace(config, memory=memory, seed=seed, out=str(run_dir))
-    valid = train(config, quiet=True)
+    if not from_runs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        valid = train(config, quiet=True)
     task = make_task(config)
     model = task.build_model()
-    load_checkpoint(run_dir, model)
+    state = load_checkpoint(run_dir, model)
     model.eval()
+    if from_runs:
+        if int(state["step"]) != config.steps:
+            raise SystemExit(f"{run_dir} stopped at step {state['step']}, not {config.steps}: train it first")
+        valid = {"step": config.steps, "split": "valid", **evaluate(task, model, "valid")}
     row = {
         "experiment": name,
         "memory": memory,
@@ -151,7 +179,7 @@ def one_run(name: str, config: TrainConfig, seed: int, memory: str, root: Path) 
             for stack in bdia_stacks(bdia_model):
                 stack.eval_gamma = 0.0
             row["test_no_quantizer"] = evaluate(task, bdia_model, "test")
-    if name == "translator":
+    if name in TRANSLATORS:
         row["bleu"] = bleu(task, model, "test", "greedy", 4, 300)
     if name == "gpt" and memory == "bdia":
         for stack in bdia_stacks(model):
@@ -183,16 +211,16 @@ def summary(rows: list[dict]) -> str:
             "",
             "| memory | seeds | "
             + " | ".join(f"test {m}" for m in metrics)
-            + (" | test BLEU" if name == "translator" else "")
+            + (" | test BLEU" if name in TRANSLATORS else "")
             + " | best valid loss | final valid loss |",
-            "|---" * (len(metrics) + 4 + (name == "translator")) + "|",
+            "|---" * (len(metrics) + 4 + (name in TRANSLATORS)) + "|",
         ]
         for memory in MODES:
             group = [r for r in mine if r["memory"] == memory]
             if not group:
                 continue
             cells = [mean_std([r["test"][m] for r in group]) for m in metrics]
-            if name == "translator":
+            if name in TRANSLATORS:
                 cells.append(mean_std([r["bleu"]["bleu"] for r in group]))
             cells.append(mean_std([min(r.get("valid_curve", {"end": r["valid"]["loss"]}).values()) for r in group]))
             cells.append(mean_std([r["valid"]["loss"] for r in group]))
@@ -230,18 +258,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--modes", nargs="+", default=["standard", "bdia"], choices=MODES)
+    parser.add_argument("--modes", nargs="+", choices=MODES, help="default: standard and bdia, or reversible for RNNs")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of steps (quick looks)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "quality", help="run directories (not committed)")
     parser.add_argument("--summary-only", action="store_true", help="rebuild summary.md from results.json")
+    parser.add_argument(
+        "--from-runs", action="store_true", help="evaluate the finished run directories in --runs instead of training"
+    )
     args = parser.parse_args()
     if args.summary_only:
         saved = json.loads((args.out / "results.json").read_text())
         for row in saved["rows"]:
-            row.setdefault(
-                "valid_curve", valid_curve(args.runs / row["experiment"] / f"{row['memory']}-seed{row['seed']}")
-            )
+            if "valid_curve" not in row:
+                row["valid_curve"] = valid_curve(args.runs / row["experiment"] / f"{row['memory']}-seed{row['seed']}")
         (args.out / "results.json").write_text(json.dumps(saved, indent=1))
         (args.out / "summary.md").write_text(summary(saved["rows"]))
         print(summary(saved["rows"]))
@@ -255,16 +285,19 @@ def main() -> None:
         config = replace(
             config, steps=steps, warmup=min(config.warmup, steps // 2), eval_interval=min(config.eval_interval, steps)
         )
-        rows = [one_run(name, config, seed, memory, args.runs) for seed in args.seeds for memory in args.modes]
+        modes = args.modes or ["standard", "reversible" if name.startswith("rnn") else "bdia"]
+        for seed in args.seeds:
+            for memory in modes:
+                row = one_run(name, config, seed, memory, args.runs, args.from_runs)
+                # a new row replaces the earlier row of the same experiment, mode and seed, so runs can be
+                # split; the file is read again, as another run of this script may have written meanwhile
+                saved = json.loads(results.read_text()) if results.exists() else saved
+                key = (name, memory, seed)
+                saved["rows"] = [r for r in saved["rows"] if (r["experiment"], r["memory"], r["seed"]) != key] + [row]
+                saved["configs"][name] = config.to_dict()
+                results.write_text(json.dumps(saved, indent=1))
+                (args.out / "summary.md").write_text(summary(saved["rows"]))
         plot_runs(sorted((args.runs / name).iterdir()), args.out / f"{name}_curves.png")
-        # new rows replace the earlier rows of the same experiment, mode and seed, so runs can be split
-        # (read again: another run of this script may have written meanwhile)
-        saved = json.loads(results.read_text()) if results.exists() else saved
-        replaced = {(r["experiment"], r["memory"], r["seed"]) for r in rows}
-        saved["rows"] = [r for r in saved["rows"] if (r["experiment"], r["memory"], r["seed"]) not in replaced] + rows
-        saved["configs"][name] = config.to_dict()
-        results.write_text(json.dumps(saved, indent=1))
-        (args.out / "summary.md").write_text(summary(saved["rows"]))
     print(summary(saved["rows"]))
 
 
