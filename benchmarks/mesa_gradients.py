@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from report import write_results
 from revbits.train import TrainConfig
 from revbits.train.tasks import make_task
 
@@ -110,10 +111,7 @@ def main() -> None:
             f"| {r['min_cosine']:.5f} | {r['median_cosine']:.5f} | {r['max_relative_error']:.4f} "
             f"| {r['median_relative_error']:.4f} | {r['worst_tensor']} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, results, lines)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
+from report import train_briefly, write_results
 from revbits.memory import measure_training_step
 from revbits.models.rnn import make_rnn
 from revbits.train import TrainConfig
-from revbits.train.loop import make_optimizer
-from revbits.train.tasks import make_task
 
 BASE = TrainConfig(model="rnnlm", memory="reversible", d_model=256, n_layer=2, block_size=35, batch_size=32, lr=3e-3)
 
@@ -77,17 +76,8 @@ def main() -> None:
         standard = measured_memory(replace(BASE, cell=cell, memory="standard"), "standard")
         for forget_bits in (1, 2, 3, 5, 0):
             config = replace(BASE, cell=cell, forget_bits=forget_bits, steps=args.steps, warmup=20)
-            task = make_task(config)
-            torch.manual_seed(0)
-            model = task.build_model()
-            optimizer = make_optimizer(model, config)
-            sampler = torch.Generator().manual_seed(0)
-            for _ in range(args.steps):
-                optimizer.zero_grad(set_to_none=True)
-                task.loss(model, task.train_batch(sampler, torch.device("cpu"))).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-            accounting = buffer_accounting(model, task.train_batch(sampler, torch.device("cpu")))
+            _, model, batch = train_briefly(config, args.steps)
+            accounting = buffer_accounting(model, batch)
             reversible = measured_memory(config, "reversible")
             row = {
                 "cell": cell,
@@ -111,10 +101,7 @@ def main() -> None:
             f"| {r['cell']} | {r['forget_bits']} | {r['bits_per_unit_step']:.2f} | {r['saving']:.1f}x "
             f"| {r['optimal_saving']:.1f}x | {r['activations_vs_standard']:.3f} | {r['held_vs_standard']:.3f} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":

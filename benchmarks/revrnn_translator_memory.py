@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
+from report import train_briefly, write_results
 from revbits.memory import measure_training_step
 from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
-from revbits.train.loop import make_optimizer
-from revbits.train.tasks import make_task
 
 BASE = TrainConfig(
     model="rnn-translator",
@@ -42,20 +41,6 @@ BASE = TrainConfig(
     lr=3e-3,
     dropout=0.2,
 )
-
-
-def train_briefly(config: TrainConfig, steps: int):
-    task = make_task(config)
-    torch.manual_seed(0)
-    model = task.build_model()
-    optimizer = make_optimizer(model, config)
-    sampler = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        task.loss(model, task.train_batch(sampler, torch.device("cpu"))).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    return task, model, task.train_batch(sampler, torch.device("cpu"))
 
 
 def bit_accounting(model, batch) -> dict:
@@ -130,10 +115,7 @@ def main() -> None:
             f"| {r['decoder_saving']:.1f}x | {r['decoder_optimal_saving']:.1f}x "
             f"| {r['held_vs_standard']:.3f} | {r['activations_vs_standard']:.3f} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":

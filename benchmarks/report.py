@@ -1,0 +1,37 @@
+"""What the benchmark scripts share: writing raw rows beside their table, and a short training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revbits.train import TrainConfig
+from revbits.train.loop import make_optimizer
+from revbits.train.tasks import Task, make_task
+
+
+def write_results(out: Path, results: Any, table: list[str]) -> None:
+    """<out>.json holds the raw results and <out>.md the markdown table, which is also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+def train_briefly(config: TrainConfig, steps: int) -> tuple[Task, torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """(task, model, the next training batch) after ``steps`` AdamW steps from seed 0 (gates and
+    ranges then look like a trained model's, not an initial one's)."""
+    task = make_task(config)
+    torch.manual_seed(0)
+    model = task.build_model()
+    optimizer = make_optimizer(model, config)
+    sampler = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        task.loss(model, task.train_batch(sampler, torch.device("cpu"))).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return task, model, task.train_batch(sampler, torch.device("cpu"))
