@@ -1,0 +1,43 @@
+"""PETRA (Rivaud et al., ICLR 2025): decoupled stage-parallel training of reversible networks, one
+process per stage over torch.distributed.
+
+    stages = revnet_pipeline(J)                                  # or split(pieces, J)
+    launch(J, run_stage, (partial(revnet_pipeline, J), data, PetraConfig(stages=J, ...)))
+
+Under torchrun, call ``run_stage(None, None, build_stages, data, config)`` in every process.
+"""
+
+from .comm import DesyncError, PeerError
+from .launch import StageFailure, launch
+from .record import StageRecord, load_records
+from .reference import backprop_reference
+from .revnet import ClassifierHead, RevCouplingBlock, RevNetStage, revnet_pipeline, small_revnet
+from .runtime import PetraConfig, StageSummary, run_stage
+from .schedule import delay
+from .stages import LastStage, LossStage, PlainStage, SequentialStage, Stage, balanced_sizes, split
+
+__all__ = [
+    "ClassifierHead",
+    "DesyncError",
+    "LastStage",
+    "LossStage",
+    "PeerError",
+    "PetraConfig",
+    "PlainStage",
+    "RevCouplingBlock",
+    "RevNetStage",
+    "SequentialStage",
+    "Stage",
+    "StageFailure",
+    "StageRecord",
+    "StageSummary",
+    "backprop_reference",
+    "balanced_sizes",
+    "delay",
+    "launch",
+    "load_records",
+    "revnet_pipeline",
+    "run_stage",
+    "small_revnet",
+    "split",
+]

@@ -1,0 +1,178 @@
+"""Start J local stage processes (torch.multiprocessing, spawn) on gloo over 127.0.0.1, and fail fast.
+
+If any process fails, the others are killed and :class:`StageFailure` names the stage. The root cause
+is preferred over its echoes: a stage's own error first, then a stage that died without a word, then a
+stage that only reports a broken or silent neighbour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+class StageFailure(RuntimeError):
+    """A stage process failed; ``stage`` is its index."""
+
+    def __init__(self, message: str, stage: int) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block (spawned children inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _child(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], args: Sequence[Any], conn: Connection
+) -> None:
+    """Run ``fn(rank, world_size, *args)`` in a stage process and report ("ok", value) or
+    ("error", text, secondary) on ``conn``; secondary errors blame a neighbour (they have ``.peer``)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    code = 0
+    try:
+        conn.send(("ok", fn(rank, world_size, *args)))
+    except BaseException as e:
+        traceback.print_exc()
+        conn.send(("error", f"{type(e).__name__}: {e}", hasattr(e, "peer")))
+        code = 1
+    print(f"DBG child {rank} sent, exiting {time.time():.2f}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: a broken process group must not hang the exit
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _failure(procs: list, reports: dict[int, tuple], timed_out: bool, timeout: float) -> StageFailure:
+    """The StageFailure for the current state, blaming the most likely root cause."""
+    J = len(procs)
+    own, silent, echo = [], [], []
+    for r, p in enumerate(procs):
+        report = reports.get(r)
+        if report is not None and report[0] == "error":
+            (echo if report[2] else own).append((r, report[1]))
+        elif p.exitcode is not None and (p.exitcode != 0 or report is None):
+            silent.append((r, f"process {_describe_exit(p.exitcode)} without reporting an error"))
+    failures = own + silent + echo
+    if not failures:
+        running = [r for r, p in enumerate(procs) if p.exitcode is None]
+        return StageFailure(f"PETRA stages {running} of {J} still running after the {timeout:g} s deadline", running[0])
+    stage, text = failures[0]
+    lines = [f"PETRA stage {stage} of {J} failed: {text}"]
+    lines += [f"  then stage {r}: {t}" for r, t in failures[1:]]
+    if timed_out:
+        lines.append(f"  (the {timeout:g} s deadline also passed)")
+    return StageFailure("\n".join(lines), stage)
+
+
+def _drain(open_conns: dict[int, Connection], reports: dict[int, tuple]) -> None:
+    """Move every report waiting in a pipe into ``reports``; forget pipes whose process closed them."""
+    for r, conn in list(open_conns.items()):
+        try:
+            if conn.poll():
+                reports[r] = conn.recv()
+                del open_conns[r]
+        except EOFError:
+            del open_conns[r]
+
+
+def launch(
+    world_size: int, fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float = 600.0, threads: int = 1
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes, with MASTER_ADDR,
+    MASTER_PORT, RANK and WORLD_SIZE set as torchrun would (e.g. ``launch(J, run_stage, (build, data,
+    config))``), and return their return values (which must be small and picklable), by rank.
+
+    Waits at most ``timeout`` seconds in all. If a process fails or the deadline passes, kills the
+    remaining processes and raises :class:`StageFailure` naming the failed stage. Each process gets
+    OMP_NUM_THREADS = ``threads``.
+    """
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs, conns = [], []
+    deadline = time.monotonic() + timeout
+    try:
+        with environ(OMP_NUM_THREADS=str(threads)):
+            for rank in range(world_size):
+                reader, writer = ctx.Pipe(duplex=False)
+                p = ctx.Process(
+                    target=_child,
+                    args=(rank, world_size, port, fn, args, writer),
+                    name=f"petra-stage-{rank}",
+                    daemon=True,
+                )
+                p.start()
+                writer.close()
+                procs.append(p)
+                conns.append(reader)
+        reports: dict[int, tuple] = {}
+        open_conns = dict(enumerate(conns))
+        while True:
+            _drain(open_conns, reports)
+            ended = [p.exitcode is not None for p in procs]
+            bad = any(p.exitcode not in (None, 0) for p in procs)
+            bad |= any(rep[0] == "error" for rep in reports.values())
+            bad |= any(e and r not in reports and r not in open_conns for r, e in enumerate(ended))
+            if bad:
+                _drain(open_conns, reports)  # a report sent just before its process exited
+                raise _failure(procs, reports, False, timeout)
+            if all(ended) and not open_conns:
+                return [reports[r][1] for r in range(world_size)]
+            remaining = deadline - time.monotonic()
+            state = (tuple(ended), tuple(reports), tuple(open_conns))
+            if state != getattr(launch, "_dbg", None):
+                launch._dbg = state
+                print(f"DBG loop {time.time():.2f} {state}", file=sys.stderr, flush=True)
+                for p in procs:
+                    if p.exitcode is None:
+                        import subprocess
+                        print(subprocess.run(f"grep State /proc/{p.pid}/status; ls /proc/{p.pid}/task | wc -l; cat /proc/{p.pid}/task/*/wchan; echo", shell=True, capture_output=True, text=True).stdout, file=sys.stderr)
+            if remaining <= 0:
+                raise _failure(procs, reports, True, timeout)
+            wait([p.sentinel for p in procs if p.exitcode is None] + list(open_conns.values()), timeout=remaining)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=10)
+        for conn in conns:
+            conn.close()

@@ -1,0 +1,272 @@
+"""One PETRA stage process: Algorithm 1 of Rivaud et al. (ICLR 2025), worker perspective.
+
+At every step t (see :mod:`.schedule`) stage j of J (0-based) does
+
+  (a) forward of the newest micro-batch m: x from the data (j = 0) or from stage j - 1; a plain stage
+      pushes x into its FIFO; y = F_j(x) under no_grad; y goes to stage j + 1;
+  (b) backward of micro-batch m - delay(j), delay(j) = 2 (J - 1 - j): (y~, delta) comes from stage j + 1;
+      x~ = F_j^{-1}(y~) with the current weights (reversible) or x~ = FIFO.pop() (plain); then
+          delta_in = (dF_j/dx (x~))^T delta,   Delta_j <- Delta_j + (1/k) (dF_j/dtheta_j (x~))^T delta,
+      and (x~, delta_in) goes to stage j - 1 (stage 0 needs no delta_in);
+  (c) after every k-th backward, its own optimizer steps theta_j with Delta_j, and Delta_j <- 0.
+
+The last stage receives x, and in the same step computes the loss, its gradients, and sends (x, dL/dx)
+back. There is one weight version per stage (no stash) and no flush: the forward and the backward of
+step t both use the current theta_j. After the last forward, stages keep stepping with backwards only
+until every micro-batch is back-propagated (drain); a final partial window of fewer than k backwards is
+applied too (its gradient keeps the 1/k factor, so that step is proportionally smaller), so that no
+computed gradient is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import schedule
+from .comm import Channel, DesyncError
+from .optim import accumulate_, make_optimizer
+from .record import StageRecord, record_path
+
+
+@dataclass
+class PetraConfig:
+    """A PETRA run.
+
+    stages: J, one process each. micro_batches: M, micro-batch m is ``data[m % len(data)]`` (None: one
+    pass over ``data``). accumulation: k. optimizer: "sgd" (with momentum, nesterov, weight_decay),
+    "adamw", or a picklable callable ``(params, config) -> Optimizer``. timeout: seconds any single wait
+    for a neighbour may take; init_timeout: for the start-up rendezvous. seed: every process seeds with
+    it before ``build_stages()``, so all build the same initial weights. out_dir: where each stage saves
+    its :class:`StageRecord`; record: also keep gradients, inputs and reconstructions (tests, debugging).
+    fail_at / fail_mode: test hook, stage ``fail_at[0]`` fails at its step ``fail_at[1]`` by raising
+    ("raise"), dying without a word ("exit"), or hanging ("stall").
+    """
+
+    stages: int = 1
+    micro_batches: int | None = None
+    accumulation: int = 1
+    lr: float = 0.01
+    optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    timeout: float = 60.0
+    init_timeout: float = 300.0
+    seed: int = 0
+    out_dir: str | None = None
+    record: bool = False
+    fail_at: tuple[int, int] | None = None
+    fail_mode: str = "raise"
+
+
+@dataclass
+class StageSummary:
+    """What a stage process returns: its index, steps run, optimizer updates and (last stage) losses."""
+
+    stage: int
+    steps: int
+    updates: int
+    losses: list[float] = field(default_factory=list)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the ``fail_at`` test hook."""
+
+
+def vjp(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    params: Sequence[nn.Parameter],
+    cotangent: Tensor | None,
+    input_grad: bool,
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """(dy/dx^T c, [dy/dtheta^T c]) for y = fn(x), recomputed from x with the current parameters
+    (c = ``cotangent``; None when y is the scalar loss). dy/dx is skipped unless ``input_grad``."""
+    x = x.detach().requires_grad_(input_grad)
+    with torch.enable_grad():
+        y = fn(x)
+    wrt = [x] * input_grad + list(params)
+    if not wrt or not y.requires_grad:
+        return (torch.zeros_like(x) if input_grad else None), [None] * len(params)
+    grads = list(torch.autograd.grad(y, wrt, cotangent, allow_unused=True))
+    gx = grads.pop(0) if input_grad else None
+    if input_grad and gx is None:
+        gx = torch.zeros_like(x)
+    return gx, grads
+
+
+class StageWorker:
+    """The state of stage j: its module, optimizer, FIFO, gradient-accumulation counter and record."""
+
+    def __init__(self, stage: nn.Module, j: int, data: Sequence[tuple[Tensor, Tensor]], config: PetraConfig) -> None:
+        self.stage, self.j, self.J, self.data, self.config = stage, j, config.stages, data, config
+        self.M = len(data) if config.micro_batches is None else config.micro_batches
+        self.k = config.accumulation
+        self.last = j == self.J - 1
+        self.params = [p for p in stage.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, config) if self.params else None
+        self.channel = Channel(j, config.timeout)
+        self.fifo: deque[tuple[int, Tensor]] = deque()
+        self.backwards = 0
+        self.updates = 0
+        self.record = StageRecord(stage=j)
+
+    def run(self) -> StageSummary:
+        stage_steps = schedule.steps(self.j, self.J, self.M)
+        for t in stage_steps:
+            self.channel.flush(before_step=t - 1)
+            self.maybe_fail(t)
+            f = schedule.forward_micro_batch(t, self.j, self.M)
+            b = schedule.backward_micro_batch(t, self.j, self.J, self.M)
+            if self.last:
+                self.loss_step(f, t)
+            else:
+                if f is not None:
+                    self.forward(f, t)
+                if b is not None:
+                    self.backward(b, t)
+        self.channel.flush()
+        if self.backwards % self.k:
+            self.update()
+        return StageSummary(self.j, len(stage_steps), self.updates, list(self.record.losses))
+
+    def input(self, m: int) -> Tensor:
+        """Stage j's forward input of micro-batch m: from the data for stage 0, else from stage j - 1."""
+        if self.j == 0:
+            return self.data[m % len(self.data)][0]
+        return self.channel.recv(self.j - 1, m, "activation")[0]
+
+    def forward(self, m: int, t: int) -> None:
+        """y = F_j(x) under no_grad, sent to stage j + 1; a plain stage keeps x in its FIFO."""
+        x = self.input(m)
+        if self.config.record:
+            self.record.inputs[m] = x.clone()
+        if not self.stage.reversible:
+            self.fifo.append((m, x))
+        with torch.no_grad():
+            y = self.stage(x, m)
+        self.channel.send(self.j + 1, m, [y], t)
+
+    def backward(self, m: int, t: int) -> None:
+        """x~ from inverting y~ (or from the FIFO); delta_in and the (1/k)-scaled parameter gradients by
+        recomputing F_j(x~) with the current weights; (x~, delta_in) sent to stage j - 1."""
+        y, delta = self.channel.recv(self.j + 1, m, "backward pair (output, gradient)")
+        if self.stage.reversible:
+            with torch.no_grad():
+                x = self.stage.invert(y, m)
+        else:
+            queued, x = self.fifo.popleft()
+            if queued != m:
+                raise DesyncError(f"stage {self.j}: FIFO holds micro-batch {queued}, backward wants {m}")
+        if self.config.record:
+            self.record.reconstructed[m] = x.clone()
+        gx, grads = vjp(lambda x: self.stage(x, m), x, self.params, delta, input_grad=self.j > 0)
+        self.accumulate(grads)
+        if self.j > 0:
+            self.channel.send(self.j - 1, m, [x, gx], t)
+
+    def loss_step(self, m: int, t: int) -> None:
+        """The last stage: L(x, target), its gradients, and (x, dL/dx) sent to stage j - 1, in one step."""
+        x = self.input(m)
+        target = self.data[m % len(self.data)][1]
+        if self.config.record:
+            self.record.inputs[m] = x.clone()
+        loss = []
+
+        def loss_fn(x: Tensor) -> Tensor:
+            loss.append(self.stage(x, target, m))
+            return loss[-1]
+
+        gx, grads = vjp(loss_fn, x, self.params, None, input_grad=self.j > 0)
+        self.record.losses.append(loss[0].item())
+        self.accumulate(grads)
+        if self.j > 0:
+            self.channel.send(self.j - 1, m, [x, gx], t)
+
+    def accumulate(self, grads: list[Tensor | None]) -> None:
+        """Delta_j += (1/k) g; every k-th backward, step the optimizer."""
+        accumulate_(self.params, grads, self.k)
+        self.backwards += 1
+        if self.backwards % self.k == 0:
+            self.update()
+
+    def update(self) -> None:
+        """theta_j <- Optimizer(theta_j, Delta_j); Delta_j <- 0."""
+        if self.config.record:
+            self.record.add_grads(self.stage)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.stage.zero_grad(set_to_none=True)
+        self.updates += 1
+
+    def maybe_fail(self, t: int) -> None:
+        """The ``fail_at`` test hook."""
+        if self.config.fail_at != (self.j, t):
+            return
+        if self.config.fail_mode == "exit":
+            os._exit(17)
+        if self.config.fail_mode == "stall":
+            threading.Event().wait()  # never set: hang until killed
+        raise InjectedFailure(f"stage {self.j}: injected failure at step {t} (PetraConfig.fail_at)")
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size), from the arguments or else from torchrun's RANK and WORLD_SIZE."""
+    try:
+        rank = int(os.environ["RANK"]) if rank is None else rank
+        world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
+    except KeyError as e:
+        raise RuntimeError(f"no rank given and {e.args[0]} is not set: launch with launch() or torchrun") from e
+    return rank, world_size
+
+
+def run_stage(
+    rank: int | None,
+    world_size: int | None,
+    build_stages: Callable[[], Sequence[nn.Module]],
+    data: Sequence[tuple[Tensor, Tensor]],
+    config: PetraConfig,
+) -> StageSummary:
+    """Train stage ``rank`` of a J-stage PETRA pipeline in this process.
+
+    Every process seeds with ``config.seed``, builds the full list of J stages with ``build_stages()``
+    (e.g. ``functools.partial(revnet_pipeline, J)``) and keeps its own. ``data[m]`` is micro-batch m's
+    (input, target); stage 0 reads the inputs and the last stage the targets. The process group (gloo)
+    comes from the environment (MASTER_ADDR, MASTER_PORT), as set by :func:`launch` or torchrun; pass
+    rank = world_size = None under torchrun. If ``config.out_dir`` is set, the stage's
+    :class:`StageRecord` is saved there.
+    """
+    rank, world_size = resolve_rank(rank, world_size)
+    if world_size != config.stages:
+        raise ValueError(f"config.stages = {config.stages} but {world_size} processes were started")
+    torch.manual_seed(config.seed)
+    stages = list(build_stages())
+    if len(stages) != world_size:
+        raise ValueError(f"build_stages() made {len(stages)} stages for {world_size} processes")
+    stage = stages[rank]
+    del stages
+    stage.train()
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=config.init_timeout)
+        )
+    worker = StageWorker(stage, rank, data, config)
+    summary = worker.run()
+    if config.out_dir is not None:
+        worker.record.set_params(stage)
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        worker.record.save(record_path(config.out_dir, rank))
+    if own_group:
+        dist.destroy_process_group()
+    return summary
