@@ -8,7 +8,7 @@ or standard and reversible for the RNN experiments):
               test loss.
 - translator: encoder-decoder on Bible en-fr; test loss and BLEU (greedy).
 - rnnlm:      word-level language model on Shakespeare (10k vocabulary), 2-layer GRU, 256 wide,
-              1,000 steps; test perplexity. rnnlm-500: the same for 500 steps.
+              1,000 steps; test perplexity. rnnlm-500 and rnnlm-3000: the same for 500 and 3,000 steps.
 - rnn-translator: attention seq2seq on (reversible) GRUs on Bible en-fr; test loss and BLEU (greedy).
 
 Writes <out>/results.json (every run's numbers), <out>/summary.md (mean +- std tables) and
@@ -109,6 +109,7 @@ EXPERIMENTS = {
     ),
 }
 EXPERIMENTS["rnnlm-500"] = replace(EXPERIMENTS["rnnlm"], steps=500)  # the first, shorter comparison
+EXPERIMENTS["rnnlm-3000"] = replace(EXPERIMENTS["rnnlm"], steps=3000, eval_interval=500)  # does the gap close?
 EXPERIMENTS["rnn-translator"] = TrainConfig(
     model="rnn-translator",
     data="bible-en-fr",

@@ -164,7 +164,7 @@ def launch(
                 for p in procs:
                     if p.exitcode is None:
                         import subprocess
-                        print(subprocess.run(f"grep State /proc/{p.pid}/status; ls /proc/{p.pid}/task | wc -l; cat /proc/{p.pid}/task/*/wchan; echo", shell=True, capture_output=True, text=True).stdout, file=sys.stderr)
+                        print(subprocess.run(f"grep State /proc/{p.pid}/status; ls /proc/{p.pid}/task | wc -l; cat /proc/{p.pid}/task/*/wchan; echo; cat /proc/{p.pid}/task/*/stack; cat /proc/{p.pid}/task/*/comm", shell=True, capture_output=True, text=True).stdout, file=sys.stderr)
             if remaining <= 0:
                 raise _failure(procs, reports, True, timeout)
             wait([p.sentinel for p in procs if p.exitcode is None] + list(open_conns.values()), timeout=remaining)
