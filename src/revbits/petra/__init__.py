@@ -7,6 +7,7 @@ process per stage over torch.distributed.
 Under torchrun, call ``run_stage(None, None, build_stages, data, config)`` in every process.
 """
 
+from .bdia_pieces import BDIAEntry, BDIAExit, BDIAStep, bdia_gpt_pipeline, bdia_pieces
 from .comm import DesyncError, PeerError
 from .launch import StageFailure, launch
 from .record import StageRecord, load_records
@@ -17,6 +18,11 @@ from .schedule import delay
 from .stages import LastStage, LossStage, PlainStage, SequentialStage, Stage, balanced_sizes, split
 
 __all__ = [
+    "BDIAEntry",
+    "BDIAExit",
+    "BDIAStep",
+    "bdia_gpt_pipeline",
+    "bdia_pieces",
     "ClassifierHead",
     "DesyncError",
     "LastStage",

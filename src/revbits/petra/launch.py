@@ -66,9 +66,9 @@ def _child(
         conn.send(("ok", fn(rank, world_size, *args)))
     except BaseException as e:
         traceback.print_exc()
-        conn.send(("error", f"{type(e).__name__}: {e}", hasattr(e, "peer")))
+        with contextlib.suppress(Exception):  # the launcher may be gone; the exit code still tells
+            conn.send(("error", f"{type(e).__name__}: {e}", hasattr(e, "peer")))
         code = 1
-    print(f"DBG child {rank} sent, exiting {time.time():.2f}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip interpreter teardown: a broken process group must not hang the exit
@@ -157,17 +157,12 @@ def launch(
             if all(ended) and not open_conns:
                 return [reports[r][1] for r in range(world_size)]
             remaining = deadline - time.monotonic()
-            state = (tuple(ended), tuple(reports), tuple(open_conns))
-            if state != getattr(launch, "_dbg", None):
-                launch._dbg = state
-                print(f"DBG loop {time.time():.2f} {state}", file=sys.stderr, flush=True)
-                for p in procs:
-                    if p.exitcode is None:
-                        import subprocess
-                        print(subprocess.run(f"grep State /proc/{p.pid}/status; ls /proc/{p.pid}/task | wc -l; cat /proc/{p.pid}/task/*/wchan; echo; cat /proc/{p.pid}/task/*/stack; cat /proc/{p.pid}/task/*/comm", shell=True, capture_output=True, text=True).stdout, file=sys.stderr)
             if remaining <= 0:
                 raise _failure(procs, reports, True, timeout)
-            wait([p.sentinel for p in procs if p.exitcode is None] + list(open_conns.values()), timeout=remaining)
+            # Wait on the snapshot `ended`: a process that exits from now on still wakes us up.
+            ready = wait([p.sentinel for p, e in zip(procs, ended) if not e] + list(open_conns.values()), remaining)
+            if any(p.sentinel in ready and p.exitcode is None for p in procs):
+                time.sleep(0.01)  # its files are closed but it is not reapable yet: do not spin
     finally:
         for p in procs:
             if p.is_alive():

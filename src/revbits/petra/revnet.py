@@ -5,7 +5,6 @@ Sized for 1x28x28 images (Fashion-MNIST); any image size works since the head po
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -16,8 +15,10 @@ from .stages import LossStage, PlainStage, Stage, split
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with gcd(channels, 8) groups (see :class:`RevCouplingBlock` for why not BatchNorm)."""
-    return nn.GroupNorm(math.gcd(channels, 8), channels)
+    """GroupNorm with one group: a per-sample LayerNorm over (C, H, W) (see :class:`RevCouplingBlock` for
+    why not BatchNorm). One group per channel (InstanceNorm) removes each channel's mean, which is all
+    the global-average-pool head sees, and a toy problem then does not learn at all."""
+    return nn.GroupNorm(1, channels)
 
 
 class RevCouplingBlock(nn.Module):

@@ -16,6 +16,10 @@ step t both use the current theta_j. After the last forward, stages keep steppin
 until every micro-batch is back-propagated (drain); a final partial window of fewer than k backwards is
 applied too (its gradient keeps the 1/k factor, so that step is proportionally smaller), so that no
 computed gradient is dropped.
+
+Choices: a reversible backward reconstructs x~ under no_grad and then re-runs F_j(x~) with autograd, one
+more F_j evaluation than the fused reconstruct-and-differentiate of a coupling block (as in the paper's
+code). A plain stage 0 keeps its input in the FIFO like any plain stage, although it could re-read it.
 """
 
 from __future__ import annotations
@@ -68,6 +72,17 @@ class PetraConfig:
     fail_at: tuple[int, int] | None = None
     fail_mode: str = "raise"
 
+    def __post_init__(self) -> None:
+        for name in ("stages", "accumulation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PetraConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise ValueError(f"PetraConfig.micro_batches must be at least 1 (or None), got {self.micro_batches}")
+        if not (self.timeout > 0 and self.init_timeout > 0):
+            raise ValueError("PetraConfig.timeout and init_timeout must be positive: every wait has a deadline")
+        if self.fail_mode not in ("raise", "exit", "stall"):
+            raise ValueError(f"PetraConfig.fail_mode must be 'raise', 'exit' or 'stall', got {self.fail_mode!r}")
+
 
 @dataclass
 class StageSummary:
@@ -89,20 +104,21 @@ def vjp(
     params: Sequence[nn.Parameter],
     cotangent: Tensor | None,
     input_grad: bool,
-) -> tuple[Tensor | None, list[Tensor | None]]:
-    """(dy/dx^T c, [dy/dtheta^T c]) for y = fn(x), recomputed from x with the current parameters
-    (c = ``cotangent``; None when y is the scalar loss). dy/dx is skipped unless ``input_grad``."""
+) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+    """(y, dy/dx^T c, [dy/dtheta^T c]) for y = fn(x), recomputed from x with the current parameters
+    (c = ``cotangent``; None when y is the scalar loss). dy/dx is not computed unless ``input_grad``
+    (stage 0 has no use for it)."""
     x = x.detach().requires_grad_(input_grad)
     with torch.enable_grad():
         y = fn(x)
     wrt = [x] * input_grad + list(params)
     if not wrt or not y.requires_grad:
-        return (torch.zeros_like(x) if input_grad else None), [None] * len(params)
+        return y.detach(), (torch.zeros_like(x) if input_grad else None), [None] * len(params)
     grads = list(torch.autograd.grad(y, wrt, cotangent, allow_unused=True))
     gx = grads.pop(0) if input_grad else None
     if input_grad and gx is None:
         gx = torch.zeros_like(x)
-    return gx, grads
+    return y.detach(), gx, grads
 
 
 class StageWorker:
@@ -111,6 +127,8 @@ class StageWorker:
     def __init__(self, stage: nn.Module, j: int, data: Sequence[tuple[Tensor, Tensor]], config: PetraConfig) -> None:
         self.stage, self.j, self.J, self.data, self.config = stage, j, config.stages, data, config
         self.M = len(data) if config.micro_batches is None else config.micro_batches
+        if not len(data):
+            raise ValueError("no data: data[m] must give micro-batch m's (input, target)")
         self.k = config.accumulation
         self.last = j == self.J - 1
         self.params = [p for p in stage.parameters() if p.requires_grad]
@@ -124,6 +142,8 @@ class StageWorker:
     def run(self) -> StageSummary:
         stage_steps = schedule.steps(self.j, self.J, self.M)
         for t in stage_steps:
+            # Step t only waits on neighbours' steps < t (messages of step t - 1, sends of step <= t - 2
+            # are taken by step <= t - 1), so no cycle of waits can form: no deadlock.
             self.channel.flush(before_step=t - 1)
             self.maybe_fail(t)
             f = schedule.forward_micro_batch(t, self.j, self.M)
@@ -170,7 +190,7 @@ class StageWorker:
                 raise DesyncError(f"stage {self.j}: FIFO holds micro-batch {queued}, backward wants {m}")
         if self.config.record:
             self.record.reconstructed[m] = x.clone()
-        gx, grads = vjp(lambda x: self.stage(x, m), x, self.params, delta, input_grad=self.j > 0)
+        _, gx, grads = vjp(lambda x: self.stage(x, m), x, self.params, delta, input_grad=self.j > 0)
         self.accumulate(grads)
         if self.j > 0:
             self.channel.send(self.j - 1, m, [x, gx], t)
@@ -181,14 +201,8 @@ class StageWorker:
         target = self.data[m % len(self.data)][1]
         if self.config.record:
             self.record.inputs[m] = x.clone()
-        loss = []
-
-        def loss_fn(x: Tensor) -> Tensor:
-            loss.append(self.stage(x, target, m))
-            return loss[-1]
-
-        gx, grads = vjp(loss_fn, x, self.params, None, input_grad=self.j > 0)
-        self.record.losses.append(loss[0].item())
+        loss, gx, grads = vjp(lambda x: self.stage(x, target, m), x, self.params, None, input_grad=self.j > 0)
+        self.record.losses.append(loss.item())
         self.accumulate(grads)
         if self.j > 0:
             self.channel.send(self.j - 1, m, [x, gx], t)

@@ -1,0 +1,166 @@
+"""BDIA blocks as PETRA pieces: the activation between stages is the pair of states (x_{k-1}, x_k).
+
+With y_k = block_k(x_k), a per-sample g_k = +-gamma (gamma = 2**-b), the grid quantiser Q and the
+residue r_{k-1} = (-x_{k-1} 2**l) mod 2**b (see :mod:`revbits.bdia`):
+
+    entry (block 0):   x            -> (x_0, x_1) = (Q(x), Q(y_0))
+    step k >= 1:       (x_{k-1}, x_k) -> (x_k, x_{k+1}),
+                       x_{k+1} = g_k (x_{k-1} + r_{k-1} 2**-l) + Q((1 + g_k) y_k - 2 g_k x_k)
+    exit:              (x_{K-1}, x_K) -> x_K
+
+A step is inverted exactly with the current weights,
+x_{k-1} = (x_{k+1} - Q((1 + g_k) y_k - 2 g_k x_k)) / g_k - r_{k-1} 2**-l, from the b residue bits
+per element it keeps for each micro-batch in flight: that and the pair are the stage's state.
+The signs of g_k and any dropout in the block are drawn from (seed, micro-batch), so the
+recompute in the backward sees the forward's function. The entry's inverse returns Q(x), which has
+the gradient of x (Q is straight-through); the exit is not invertible and belongs in the last stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..bdia_ops import call_block, combine, forward_step, gamma_exponent, inverse_step_, residue
+from ..bits import PackedBits, pack_bits, unpack_bits
+from ..fixedpoint import quantize
+from ..models.blocks import TransformerBlock
+from .stages import LossStage, PlainStage, Stage, seeded, split
+
+
+def _pair(x_prev: Tensor, x_cur: Tensor) -> Tensor:
+    return torch.stack([x_prev, x_cur])
+
+
+class BDIAEntry(Stage):
+    """(x_0, x_1) = (Q(x), Q(block_0(Q(x))))."""
+
+    reversible = True
+
+    def __init__(self, block: nn.Module, bits: int = 9, seed: int = 0) -> None:
+        super().__init__()
+        self.block, self.bits, self.seed = block, bits, seed
+
+    def forward(self, x: Tensor, micro_batch: int) -> Tensor:
+        x0 = quantize(x, self.bits)
+        with seeded(self.seed, micro_batch, x.device):
+            y = call_block(self.block, 0, x0, ())
+        return _pair(x0, quantize(y, self.bits))
+
+    @torch.no_grad()
+    def invert(self, y: Tensor, micro_batch: int) -> Tensor:
+        return y[0].clone()
+
+
+class BDIAStep(Stage):
+    """(x_{k-1}, x_k) -> (x_k, x_{k+1}) for block k >= 1; exact inverse from the kept residue bits."""
+
+    reversible = True
+
+    def __init__(self, block: nn.Module, index: int, bits: int = 9, gamma: float = 0.5, seed: int = 0) -> None:
+        super().__init__()
+        if index < 1:
+            raise ValueError("block 0 of a BDIA stack is its entry (BDIAEntry), not a step")
+        self.block, self.index, self.bits, self.seed = block, index, bits, seed
+        self.gamma, self.gamma_bits = gamma, gamma_exponent(gamma)
+        self.in_flight: dict[int, PackedBits] = {}  # micro-batch -> residue bits of x_{k-1}
+
+    def gamma_of(self, micro_batch: int, like: Tensor) -> Tensor:
+        """g_k per sample, +-gamma, drawn from (seed, micro_batch, k)."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + micro_batch) * 4099 + self.index)
+        signs = torch.randint(0, 2, (like.shape[0],), generator=generator).to(like.device, like.dtype) * 2 - 1
+        return (signs * self.gamma).view(-1, *([1] * (like.dim() - 1)))
+
+    def _block(self, x_cur: Tensor, micro_batch: int) -> Tensor:
+        with seeded(self.seed + self.index, micro_batch, x_cur.device):
+            return call_block(self.block, self.index, x_cur, ())
+
+    def forward(self, pair: Tensor, micro_batch: int) -> Tensor:
+        x_prev, x_cur = pair[0], pair[1]
+        g = self.gamma_of(micro_batch, x_cur)
+        r = residue(x_prev.detach(), self.bits, self.gamma_bits)  # a constant: the skip path's gradient is g
+        if torch.is_grad_enabled():  # the backward's recompute: bits not used by an inversion are done with
+            self.in_flight.pop(micro_batch, None)
+        else:  # PETRA's forward phase: keep the bits the product will drop
+            self.in_flight[micro_batch] = pack_bits(r.to(torch.uint8), self.gamma_bits)
+        u = combine(x_cur, self._block(x_cur, micro_batch), g, self.bits)
+        return _pair(x_cur, forward_step(x_prev, r, u, g, self.bits))
+
+    @torch.no_grad()
+    def invert(self, pair: Tensor, micro_batch: int) -> Tensor:
+        if micro_batch not in self.in_flight:
+            raise KeyError(f"BDIA block {self.index}: no residue bits kept for micro-batch {micro_batch}")
+        x_cur, x_next = pair[0], pair[1]
+        g = self.gamma_of(micro_batch, x_cur)
+        r = unpack_bits(self.in_flight.pop(micro_batch), x_cur.dtype)
+        u = combine(x_cur, self._block(x_cur, micro_batch), g, self.bits)
+        return _pair(inverse_step_(x_next, r, u, g, self.bits), x_cur)
+
+
+class BDIAExit(Stage):
+    """x_K from (x_{K-1}, x_K); not invertible, so it goes in the last stage."""
+
+    reversible = False
+
+    def forward(self, pair: Tensor, micro_batch: int) -> Tensor:
+        return pair[1]
+
+
+def bdia_pieces(
+    blocks: Sequence[nn.Module], bits: int = 9, gamma: float = 0.5, seed: int = 0
+) -> tuple[list[Stage], BDIAExit]:
+    """The pieces of a BDIA stack of ``blocks`` (entry, steps) and its exit."""
+    pieces: list[Stage] = [BDIAEntry(blocks[0], bits, seed)]
+    pieces += [BDIAStep(block, k, bits, gamma, seed) for k, block in enumerate(blocks) if k]
+    return pieces, BDIAExit()
+
+
+class TokenEmbedding(nn.Module):
+    """x = E[tokens] + P[positions]: a GPT's input (not invertible: a PlainStage)."""
+
+    def __init__(self, vocab: int, d_model: int, max_len: int) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, d_model), nn.Embedding(max_len, d_model)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.tokens(tokens) + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
+
+
+class NextTokenLoss(LossStage):
+    """L = cross_entropy(W LayerNorm(x), targets), averaged over every position."""
+
+    def __init__(self, vocab: int, d_model: int) -> None:
+        super().__init__()
+        self.norm, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab)
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(self.head(self.norm(x)).flatten(0, 1), target.flatten())
+
+
+def bdia_gpt_pieces(
+    vocab: int = 32,
+    d_model: int = 32,
+    n_head: int = 2,
+    n_layer: int = 4,
+    max_len: int = 16,
+    dropout: float = 0.0,
+    bits: int = 9,
+    gamma: float = 0.5,
+    seed: int = 0,
+) -> list[nn.Module]:
+    """A causal character GPT as PETRA pieces: embedding, BDIA entry and steps, exit, and the loss head."""
+    blocks = [TransformerBlock(d_model, n_head, causal=True, dropout=dropout) for _ in range(n_layer)]
+    pieces, exit_piece = bdia_pieces(blocks, bits, gamma, seed)
+    embedding = PlainStage(TokenEmbedding(vocab, d_model, max_len), seed)
+    return [embedding, *pieces, exit_piece, NextTokenLoss(vocab, d_model)]
+
+
+def bdia_gpt_pipeline(J: int, sizes: Sequence[int] | None = None, **model) -> list[nn.Module]:
+    """``split(bdia_gpt_pieces(**model), J, sizes)``: a picklable ``build_stages``."""
+    return split(bdia_gpt_pieces(**model), J, sizes)
+
+
+__all__ = ["BDIAEntry", "BDIAExit", "BDIAStep", "NextTokenLoss", "TokenEmbedding", "bdia_gpt_pipeline", "bdia_pieces"]
