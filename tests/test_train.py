@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from revbits.cli import main
 from revbits.data import bible, shakespeare
+from revbits.train.tasks import make_task, read_run_config
 from test_data import write_fashion
 
 TINY = [
@@ -179,6 +180,25 @@ def test_rnn_translator_trains_and_scores_bleu(tmp_path, capsys, memory):
     assert metrics["sentences"] == 8 and 0 <= metrics["bleu"] <= 100 and metrics["perplexity"] > 1
     assert run("eval", out, "--decode", "beam", "--max-sentences", "8") == 2
     assert "greedily" in capsys.readouterr().err
+
+
+def test_vit_trains_with_petra_stages_and_evaluates_like_any_run(tmp_path, capsys):
+    out = tmp_path / "petra"
+    petra = ["--parallel", "petra", "--stages", "2", "--accumulation", "2"]
+    assert run("train", "--model", "vit", "--memory", "bdia", *TINY, "--patch-size", "7", *petra, "--out", out) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+    valid = [r for r in records if r["split"] == "valid"][-1]
+    capsys.readouterr()
+    assert run("eval", out, "--split", "valid") == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(valid["loss"], rel=1e-6)
+    config = read_run_config(out)
+    torch.manual_seed(config.seed)
+    initial = make_task(config).build_model().state_dict()
+    trained = weights(out)
+    assert all(not torch.equal(trained[name], initial[name]) for name in ("patch_embedding.weight", "head.weight"))
+    assert run("train", "--model", "gpt", *TINY, *petra, "--out", tmp_path / "gpt") == 2
+    assert "vit" in capsys.readouterr().err
 
 
 def test_config_file_is_read_and_flags_override_it(tmp_path):

@@ -30,14 +30,20 @@ def backprop_reference(
     records = [StageRecord(stage=j) for j in range(len(stages))]
     params = [[p for p in s.parameters() if p.requires_grad] for s in stages]
     optimizers = [make_optimizer(p, config) if config is not None and p else None for p in params]
+    schedules = [
+        torch.optim.lr_scheduler.LambdaLR(o, config.lr_schedule) if o is not None and config.lr_schedule else None
+        for o in optimizers
+    ]
     for s in stages:
         s.train()
 
     def update() -> None:
-        for stage, record, optimizer in zip(stages, records, optimizers):
+        for stage, record, optimizer, schedule in zip(stages, records, optimizers, schedules):
             record.add_grads(stage)
             if optimizer is not None:
                 optimizer.step()
+            if schedule is not None:
+                schedule.step()
             stage.zero_grad(set_to_none=True)
 
     for m, (x, target) in enumerate(micro_batches):

@@ -53,7 +53,8 @@ class PetraConfig:
     it before ``build_stages()``, so all build the same initial weights. out_dir: where each stage saves
     its :class:`StageRecord`; record: also keep gradients, inputs and reconstructions (tests, debugging).
     fail_at / fail_mode: test hook, stage ``fail_at[0]`` fails at its step ``fail_at[1]`` by raising
-    ("raise"), dying without a word ("exit"), or hanging ("stall").
+    ("raise"), dying without a word ("exit"), or hanging ("stall"). lr_schedule: the learning rate is
+    ``lr * lr_schedule(n)`` after n updates of a stage (every stage counts its own updates alike).
     """
 
     stages: int = 1
@@ -71,6 +72,7 @@ class PetraConfig:
     record: bool = False
     fail_at: tuple[int, int] | None = None
     fail_mode: str = "raise"
+    lr_schedule: Callable[[int], float] | None = None  # lr factor after n updates (picklable); None: constant
 
     def __post_init__(self) -> None:
         for name in ("stages", "accumulation"):
@@ -133,6 +135,9 @@ class StageWorker:
         self.last = j == self.J - 1
         self.params = [p for p in stage.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, config) if self.params else None
+        self.scheduler = None
+        if self.optimizer is not None and config.lr_schedule is not None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_schedule)
         self.channel = Channel(j, config.timeout)
         self.fifo: deque[tuple[int, Tensor]] = deque()
         self.backwards = 0
@@ -220,6 +225,8 @@ class StageWorker:
             self.record.add_grads(self.stage)
         if self.optimizer is not None:
             self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.stage.zero_grad(set_to_none=True)
         self.updates += 1
 

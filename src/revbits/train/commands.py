@@ -16,7 +16,7 @@ from ..mesa import compressors_in
 from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import ALL_MEMORY_MODES, MODELS, RNN_MODELS, ConfigError, TrainConfig, read_config_file
+from .config import ALL_MEMORY_MODES, MODELS, PARALLEL, RNN_MODELS, ConfigError, TrainConfig, read_config_file
 from .loop import evaluate, train
 from .plot import plot_runs
 from .tasks import make_task, read_run_config
@@ -27,6 +27,9 @@ HELP = {
     "memory": "standard, checkpoint, mesa, bdia or bdia+mesa; for rnnlm and rnn-translator: standard or reversible",
     "forget_bits": "reversible RNNs: most bits lost per unit and step (1, 2, 3, 5; 0 = no limit)",
     "attention_slice": "rnn-translator: units of the top encoder state the attention reads (0 to d_model)",
+    "parallel": "none, or petra: one process per stage, decoupled forward and backward (vit with --memory bdia)",
+    "stages": "petra: the number of stages J (processes)",
+    "accumulation": "petra: micro-batches of --batch-size per optimiser update (k)",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
     "train_subset": "use only N training examples (characters for gpt)",
@@ -43,7 +46,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
             continue
         kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-        choices = {"model": MODELS, "memory": ALL_MEMORY_MODES, "cell": CELLS}.get(f.name)
+        choices = {"model": MODELS, "memory": ALL_MEMORY_MODES, "cell": CELLS, "parallel": PARALLEL}.get(f.name)
         parser.add_argument(
             flag,
             type=kind,
@@ -72,7 +75,14 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
-    result = train(config, resume=args.resume)
+    if config.parallel == "petra":
+        if args.resume:
+            raise ConfigError("--resume is not supported with --parallel petra yet")
+        from ..petra.train import train_petra
+
+        result = train_petra(config)
+    else:
+        result = train(config, resume=args.resume)
     print(json.dumps({"run": config.out, **result}))
     return 0
 

@@ -17,6 +17,7 @@ from ..stack import MEMORY_MODES
 
 MODELS = ("gpt", "vit", "translator", "rnnlm", "rnn-translator")
 RNN_MODELS = ("rnnlm", "rnn-translator")
+PARALLEL = ("none", "petra")
 DEFAULT_DATA = {
     "gpt": "shakespeare",
     "vit": "fashion-mnist",
@@ -70,6 +71,10 @@ class TrainConfig:
     cell: str = "gru"  # gru | lstm
     forget_bits: int = 3  # 1, 2, 3 or 5 bits lost at most per unit and step; 0 for no limit
     attention_slice: int = 32  # rnn-translator: units of the top encoder state the attention reads
+    # stage parallelism (parallel = petra: one process per stage)
+    parallel: str = "none"  # none | petra
+    stages: int = 2  # petra: J
+    accumulation: int = 1  # petra: micro-batches (of batch_size) per optimiser update
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -136,6 +141,10 @@ class TrainConfig:
             raise ConfigError(f"stop_at must be between 1 and steps={self.steps}, got {self.stop_at}")
         if self.model == "rnn-translator" and not 0 <= self.attention_slice <= self.d_model:
             raise ConfigError(f"attention_slice must be from 0 to d_model ({self.d_model}), got {self.attention_slice}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel must be none or petra, got {self.parallel!r}")
+        if self.stages < 1 or self.accumulation < 1:
+            raise ConfigError(f"stages and accumulation must be at least 1, got {self.stages} and {self.accumulation}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"train_subset must be at least 1, got {self.train_subset}")
 
