@@ -7,6 +7,7 @@ process per stage over torch.distributed.
 Under torchrun, call ``run_stage(None, None, build_stages, data, config)`` in every process.
 """
 
+from .baselines import run_pipeline_baseline
 from .bdia_pieces import BDIAEntry, BDIAExit, BDIAStep, bdia_gpt_pipeline, bdia_pieces
 from .comm import DesyncError, PeerError
 from .launch import StageFailure, launch
@@ -43,6 +44,7 @@ __all__ = [
     "launch",
     "load_records",
     "revnet_pipeline",
+    "run_pipeline_baseline",
     "run_stage",
     "small_revnet",
     "split",
