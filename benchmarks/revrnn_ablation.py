@@ -26,24 +26,11 @@ import torch
 from torch import nn
 
 import revbits.models.rnn as rnn_models
+from quality import EXPERIMENTS
 from report import write_results
 from revbits.train import TrainConfig, train
 
-CONFIG = TrainConfig(
-    model="rnnlm",
-    data="shakespeare",
-    batch_size=32,
-    block_size=35,
-    lr=3e-3,
-    min_lr=3e-4,
-    warmup=50,
-    eval_batches=40,
-    n_layer=2,
-    d_model=256,
-    dropout=0.2,
-    cell="gru",
-    forget_bits=3,
-)
+CONFIG = EXPERIMENTS["rnnlm"]  # the word LM of benchmarks/quality.py
 
 
 class FloatRevGRU(nn.Module):

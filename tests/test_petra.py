@@ -66,6 +66,15 @@ def run_petra(build: partial, data: list, config: PetraConfig) -> list:
     return launch(config.stages, run_stage, (build, data, config), timeout=LAUNCH_TIMEOUT)
 
 
+def petra_and_backprop(build: partial, data: list, config: PetraConfig, reversible: list[bool]) -> tuple[list, list]:
+    """The stage records of a PETRA run over ``data`` and of single-process backprop on the same stages."""
+    assert [s.reversible for s in build()[:-1]] == reversible
+    run_petra(build, data, config)
+    petra = load_records(config.out_dir, config.stages)
+    torch.manual_seed(config.seed)
+    return petra, backprop_reference(build(), data, config.accumulation, config)
+
+
 # ---------------------------------------------------------------- in-process pieces
 
 
@@ -159,11 +168,7 @@ def test_lr0_gradients_and_reconstructions_equal_backprop(tmp_path, J, sizes, re
     data = images(5)  # 5 micro-batches, k = 2: two full windows and a final partial one
     config = PetraConfig(stages=J, accumulation=2, lr=0.0, out_dir=str(tmp_path), record=True)
     build = pipeline(J, sizes)
-    assert [s.reversible for s in build()[:-1]] == reversible
-    run_petra(build, data, config)
-    petra = load_records(tmp_path, J)
-    torch.manual_seed(config.seed)
-    reference = backprop_reference(build(), data, config.accumulation, config)
+    petra, reference = petra_and_backprop(build, data, config, reversible)
     for j, (got, want) in enumerate(zip(petra, reference)):
         assert len(got.grads) == len(want.grads) == 3
         for g_got, g_want in zip(got.grads, want.grads):
@@ -341,11 +346,7 @@ def test_lr0_bdia_gradients_equal_backprop_and_inputs_are_rebuilt_exactly(tmp_pa
     data = token_batches(5)
     config = PetraConfig(stages=J, accumulation=2, lr=0.0, out_dir=str(tmp_path), record=True)
     build = partial(bdia_gpt_pipeline, J, sizes=sizes, **BDIA_MODEL)
-    assert [s.reversible for s in build()[:-1]] == reversible
-    run_petra(build, data, config)
-    petra = load_records(tmp_path, J)
-    torch.manual_seed(config.seed)
-    reference = backprop_reference(build(), data, config.accumulation, config)
+    petra, reference = petra_and_backprop(build, data, config, reversible)
     for j, (got, want) in enumerate(zip(petra, reference)):
         for g_got, g_want in zip(got.grads, want.grads, strict=True):
             for name, g in g_want.items():
