@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -354,3 +355,21 @@ def test_lr0_bdia_gradients_equal_backprop_and_inputs_are_rebuilt_exactly(tmp_pa
         if 0 < j < J - 1:  # BDIA stages rebuild their input bit for bit (the entry's as Q(x): states are on the grid)
             assert all(torch.equal(got.reconstructed[m], quantize(x, 9)) for m, x in want.inputs.items()), j
     assert petra[-1].losses == pytest.approx(reference[-1].losses, rel=1e-5)
+
+
+def test_a_resumed_run_continues_with_the_saved_optimiser_state(tmp_path):
+    """J = 1 has no staleness, so two segments of 3 micro-batches must equal plain training over all 6:
+    the second update depends on the first's momentum, which only the saved stage state carries over."""
+    data = images(6)
+    build = pipeline(1, (7,))
+    first = PetraConfig(stages=1, micro_batches=3, accumulation=3, lr=0.1, out_dir=str(tmp_path / "a"))
+    run_petra(build, data, first)
+    second = replace(first, first_micro_batch=3, resume_from=first.out_dir, out_dir=str(tmp_path / "b"))
+    run_petra(build, data, second)
+    (got,) = load_records(tmp_path / "b", 1)
+    torch.manual_seed(first.seed)
+    (want,) = backprop_reference(build(), data, first.accumulation, first)
+    for name, p in want.params.items():
+        assert relative_error(got.params[name], p) <= 1e-5, name
+    with pytest.raises(StageFailure, match="missing"):
+        run_petra(build, data, replace(second, resume_from=str(tmp_path / "nothing")))

@@ -40,6 +40,7 @@ from . import schedule
 from .comm import Channel, DesyncError
 from .optim import accumulate_, make_optimizer
 from .record import StageRecord, record_path
+from .resume import load_stage_state, save_stage_state
 
 
 @dataclass
@@ -73,6 +74,8 @@ class PetraConfig:
     fail_at: tuple[int, int] | None = None
     fail_mode: str = "raise"
     lr_schedule: Callable[[int], float] | None = None  # lr factor after n updates (picklable); None: constant
+    first_micro_batch: int = 0  # the global id of this segment's micro-batch 0 (data index, random seeds)
+    resume_from: str | None = None  # a previous segment's out_dir: start from its stage states
 
     def __post_init__(self) -> None:
         for name in ("stages", "accumulation"):
@@ -138,6 +141,9 @@ class StageWorker:
         self.scheduler = None
         if self.optimizer is not None and config.lr_schedule is not None:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_schedule)
+        if config.resume_from is not None:
+            load_stage_state(config.resume_from, j, stage, self.optimizer, self.scheduler)
+        self.first = config.first_micro_batch
         self.channel = Channel(j, config.timeout)
         self.fifo: deque[tuple[int, Tensor]] = deque()
         self.backwards = 0
@@ -168,7 +174,7 @@ class StageWorker:
     def input(self, m: int) -> Tensor:
         """Stage j's forward input of micro-batch m: from the data for stage 0, else from stage j - 1."""
         if self.j == 0:
-            return self.data[m % len(self.data)][0]
+            return self.data[(self.first + m) % len(self.data)][0]
         return self.channel.recv(self.j - 1, m, "activation")[0]
 
     def forward(self, m: int, t: int) -> None:
@@ -179,7 +185,7 @@ class StageWorker:
         if not self.stage.reversible:
             self.fifo.append((m, x))
         with torch.no_grad():
-            y = self.stage(x, m)
+            y = self.stage(x, self.first + m)
         self.channel.send(self.j + 1, m, [y], t)
 
     def backward(self, m: int, t: int) -> None:
@@ -188,14 +194,14 @@ class StageWorker:
         y, delta = self.channel.recv(self.j + 1, m, "backward pair (output, gradient)")
         if self.stage.reversible:
             with torch.no_grad():
-                x = self.stage.invert(y, m)
+                x = self.stage.invert(y, self.first + m)
         else:
             queued, x = self.fifo.popleft()
             if queued != m:
                 raise DesyncError(f"stage {self.j}: FIFO holds micro-batch {queued}, backward wants {m}")
         if self.config.record:
             self.record.reconstructed[m] = x.clone()
-        _, gx, grads = vjp(lambda x: self.stage(x, m), x, self.params, delta, input_grad=self.j > 0)
+        _, gx, grads = vjp(lambda x: self.stage(x, self.first + m), x, self.params, delta, input_grad=self.j > 0)
         self.accumulate(grads)
         if self.j > 0:
             self.channel.send(self.j - 1, m, [x, gx], t)
@@ -203,10 +209,12 @@ class StageWorker:
     def loss_step(self, m: int, t: int) -> None:
         """The last stage: L(x, target), its gradients, and (x, dL/dx) sent to stage j - 1, in one step."""
         x = self.input(m)
-        target = self.data[m % len(self.data)][1]
+        target = self.data[(self.first + m) % len(self.data)][1]
         if self.config.record:
             self.record.inputs[m] = x.clone()
-        loss, gx, grads = vjp(lambda x: self.stage(x, target, m), x, self.params, None, input_grad=self.j > 0)
+        loss, gx, grads = vjp(
+            lambda x: self.stage(x, target, self.first + m), x, self.params, None, input_grad=self.j > 0
+        )
         self.record.losses.append(loss.item())
         self.accumulate(grads)
         if self.j > 0:
@@ -288,6 +296,7 @@ def run_stage(
         worker.record.set_params(stage)
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
         worker.record.save(record_path(config.out_dir, rank))
+        save_stage_state(config.out_dir, rank, worker.optimizer, worker.scheduler)
     if own_group:
         dist.destroy_process_group()
     return summary

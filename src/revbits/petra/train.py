@@ -12,6 +12,8 @@ saved as a checkpoint that ``revbits eval`` reads like any other run.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -89,46 +91,75 @@ def check_petra_config(config: TrainConfig) -> None:
         raise ConfigError(f"--stages {config.stages} is more than the model's {config.n_layer + 2} pieces allow")
 
 
-def train_petra(config: TrainConfig, quiet: bool = False) -> dict[str, Any]:
-    """Train ``config`` with PETRA over ``config.stages`` local processes; returns the last evaluation."""
+def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train ``config`` with PETRA over ``config.stages`` local processes up to ``stop_at`` (or ``steps``),
+    from the last segment's stage states when ``resume``; returns the evaluation at the end.
+
+    Each call is one segment: the pipeline fills, runs and drains, then the stage states go to a new
+    ``stages-<step>`` directory that ``progress.json`` names (written last, atomically), so a failed
+    segment leaves the previous one intact.
+    """
     check_petra_config(config)
     out = Path(config.out)
-    if (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds a run; choose another --out (PETRA runs do not resume yet)")
+    progress_file = out / "progress.json"
     J, k = config.stages, config.accumulation
-    schedule = partial(lr_factor, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr)
+    begin, resume_from = 0, None
+    if resume:
+        if not progress_file.is_file():
+            raise ConfigError(f"--resume: {out} holds no PETRA run to continue (no progress.json)")
+        progress = json.loads(progress_file.read_text())
+        if (progress["stages"], progress["accumulation"]) != (J, k):
+            raise ConfigError(
+                f"--resume: the run used --stages {progress['stages']} --accumulation {progress['accumulation']}"
+            )
+        begin, resume_from = progress["step"], str(out / progress["stages_dir"])
+    elif (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    end = config.stop_at or config.steps
+    if end <= begin:
+        raise ConfigError(f"the run is already at step {begin}; raise --steps to continue it")
+    stages_dir = out / f"stages-{end:08d}"
     petra = PetraConfig(
         stages=J,
-        micro_batches=config.steps * k,
+        micro_batches=(end - begin) * k,
         accumulation=k,
         lr=config.lr,
         optimizer=adamw,
         weight_decay=config.weight_decay,
         seed=config.seed,
-        out_dir=str(out / "stages"),
-        lr_schedule=schedule,
+        out_dir=str(stages_dir),
+        lr_schedule=partial(lr_factor, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr),
+        first_micro_batch=begin * k,
+        resume_from=resume_from,
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     start = time.perf_counter()
-    data = TaskBatches(config, petra.micro_batches)
+    data = TaskBatches(config, config.steps * k)
     summaries = launch(J, run_stage, (partial(stage_builder, config, J), data, petra))
     seconds = time.perf_counter() - start
     torch.manual_seed(config.seed)
     model, stages = build_stages(config, J)
-    gather_weights(model, stages, load_records(petra.out_dir, J))
-    task = task_of(config)
+    gather_weights(model, stages, load_records(stages_dir, J))
     metrics = MetricsLog(out / "metrics.jsonl")
+    metrics.truncate_after(begin)
     losses = summaries[-1].losses
-    for step in range(config.log_interval, config.steps + 1, config.log_interval):
-        window = losses[(step - config.log_interval) * k : step * k]
-        metrics.write({"step": step, "split": "train", "loss": sum(window) / len(window)})
+    for step in range(begin + 1, end + 1):  # as the training loop logs: every log_interval steps and the last
+        if step % config.log_interval == 0 or step == config.steps:
+            window = losses[(max(begin, step - config.log_interval) - begin) * k : (step - begin) * k]
+            metrics.write({"step": step, "split": "train", "loss": sum(window) / len(window)})
     model.eval()
-    result = {"step": config.steps, "split": "valid", **evaluate(task, model, "valid")}
+    result = {"step": end, "split": "valid", **evaluate(task_of(config), model, "valid")}
     metrics.write({**result, "seconds": seconds, "stages": J})
-    save_checkpoint(out, config.steps, model, {"config": config.to_dict(), "parallel": "petra"})
+    save_checkpoint(out, end, model, {"config": config.to_dict(), "parallel": "petra"})
+    progress = {"step": end, "stages": J, "accumulation": k, "stages_dir": stages_dir.name}
+    tmp = progress_file.with_name("progress.json.tmp")
+    tmp.write_text(json.dumps(progress))
+    os.replace(tmp, progress_file)
+    if resume_from is not None:
+        shutil.rmtree(resume_from, ignore_errors=True)
     if not quiet:
-        print(f"PETRA, {J} stages: {config.steps} updates in {seconds:.0f} s; valid {result}")
+        print(f"PETRA, {J} stages: steps {begin}-{end} in {seconds:.0f} s; valid {result}")
     return result
 
 

@@ -76,11 +76,9 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if config.parallel == "petra":
-        if args.resume:
-            raise ConfigError("--resume is not supported with --parallel petra yet")
         from ..petra.train import train_petra
 
-        result = train_petra(config)
+        result = train_petra(config, resume=args.resume)
     else:
         result = train(config, resume=args.resume)
     print(json.dumps({"run": config.out, **result}))

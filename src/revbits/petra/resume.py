@@ -1,0 +1,57 @@
+"""A stage's training state between run segments: parameters (in its record, safetensors) and the
+optimiser and learning-rate schedule (``stage<j>.state.pt``, loaded with ``weights_only=True``).
+
+A PETRA run that is stopped drains first: every micro-batch forwarded has been back-propagated,
+so no activation or residue is in flight and the parameters, optimiser and schedule are the
+whole state. The next segment starts from them at micro-batch ``first_micro_batch``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .record import StageRecord, record_path
+
+
+def state_path(out_dir: str | Path, stage: int) -> Path:
+    return Path(out_dir) / f"stage{stage}.state.pt"
+
+
+def save_stage_state(out_dir: str | Path, stage: int, optimizer: Any, scheduler: Any) -> None:
+    """Write the optimiser and schedule state of ``stage`` atomically (a temporary file, then rename)."""
+    path = state_path(out_dir, stage)
+    state = {
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+    }
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_stage_state(resume_from: str | Path, j: int, module: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Parameters, optimiser and schedule of stage j as the previous segment left them."""
+    params, state = record_path(resume_from, j), state_path(resume_from, j)
+    for path in (params, state):
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {j}: cannot resume, {path} is missing")
+    saved = StageRecord.load(params).params
+    own = dict(module.named_parameters())
+    if saved.keys() != own.keys():
+        raise ValueError(f"stage {j}: the saved parameters do not match this stage's (was the split changed?)")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(saved[name])
+    try:
+        loaded = torch.load(state, weights_only=True)
+    except Exception as error:  # a damaged file names itself
+        raise ValueError(f"stage {j}: {state} is not a readable stage state ({error})") from None
+    if optimizer is not None and loaded["optimizer"] is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and loaded["scheduler"] is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
