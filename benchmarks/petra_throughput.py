@@ -35,7 +35,7 @@ the pair (x~, delta) per step.) At J = 2 it also predicts from the actual split,
     python benchmarks/petra_throughput.py                          # about 5 minutes on an idle 2-core machine
     python benchmarks/petra_throughput.py --steps 2 --warmup 1 --micro-batches 2 --batch 4 --channels 8 \\
         --gpt-batch 2 --d-model 16 --n-head 2 --seq-len 8 --repeats 2 --memory-micro-batches 6 --pool 3 \\
-        --out /tmp/petra_smoke                                     # smoke run (about a minute)
+        --out runs/petra_smoke                                     # smoke run (about a minute)
 """
 
 from __future__ import annotations
@@ -438,7 +438,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "processor": platform.processor(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: v for k, v in vars(args).items() if k != "out"},  # no machine path in the results
         "memory_method": "revbits.memory.LiveBytes per process (+ pipelining receive buffers); max RSS cross-check",
         "models": models,
     }
