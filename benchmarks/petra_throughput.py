@@ -60,7 +60,7 @@ from revbits.petra import PetraConfig, balanced_sizes, launch, small_revnet, spl
 from revbits.petra.baselines import measured_step, run_pipeline_baseline
 from revbits.petra.bdia_pieces import BDIAStep, bdia_gpt_pieces
 from revbits.petra.optim import make_optimizer
-from revbits.petra.runtime import StageWorker
+from revbits.petra.runtime import StageWorker, build_all_stages, join_process_group
 from revbits.petra.schedule import delay
 
 MIB = 2**20
@@ -244,10 +244,11 @@ class MeasuredWorker(StageWorker):
 def petra_stage(rank: int, world_size: int, build, data: list, config: PetraConfig, measure: bool) -> dict:
     """Stage ``rank`` of a PETRA run, as ``run_stage`` sets it up; returns its timings and (``measure``) its
     memory: the LiveBytes peak over the run and the largest held bytes at a steady step's start."""
-    torch.manual_seed(config.seed)
-    stage = list(build())[rank]
+    rank, world_size, stages = build_all_stages(rank, world_size, build, config)
+    stage = stages[rank]
+    del stages
     stage.train()
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    join_process_group(rank, world_size, config)
     tracker = LiveBytes() if measure else None
     worker = MeasuredWorker(stage, rank, data, config, tracker=tracker)
     if tracker is not None:

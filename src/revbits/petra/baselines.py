@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -53,9 +52,9 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from ..memory import LiveBytes
-from .optim import make_optimizer
+from .optim import make_optimizer, make_scheduler
 from .record import StageRecord, record_path
-from .runtime import PetraConfig, resolve_rank
+from .runtime import PetraConfig, build_all_stages, join_process_group
 from .stages import LastStage
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -205,9 +204,6 @@ def run_pipeline_baseline(
     With ``config.out_dir`` the :class:`StageRecord` (gradients and inputs if ``config.record``, losses,
     final parameters) is saved there. ``measure_memory`` runs the last mini-batch under :class:`LiveBytes`
     (not timed; needs at least two mini-batches so that the optimizer state exists)."""
-    rank, world_size = resolve_rank(rank, world_size)
-    if world_size != config.stages:
-        raise ValueError(f"config.stages = {config.stages} but {world_size} processes were started")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {SCHEDULES}")
     M = config.accumulation
@@ -217,22 +213,15 @@ def run_pipeline_baseline(
     steps = total // M
     if measure_memory and steps < 2:
         raise ValueError("measure_memory needs at least two mini-batches (one to create the optimizer state)")
-    torch.manual_seed(config.seed)
-    stages = list(build_stages())
-    if len(stages) != world_size:
-        raise ValueError(f"build_stages() made {len(stages)} stages for {world_size} processes")
+    rank, world_size, stages = build_all_stages(rank, world_size, build_stages, config)
     stages[rank].train()
     example = example_tensors(stages, data[0][0], rank)
     stage = adapt(stages[rank])
     del stages
-    own_group = not dist.is_initialized()
-    if own_group:
-        timeout = timedelta(seconds=config.init_timeout)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+    own_group = join_process_group(rank, world_size, config)
     params = [p for p in stage.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
-    lr_schedule = getattr(config, "lr_schedule", None)  # lr * lr_schedule(n) after n updates, as in PETRA
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule) if lr_schedule is not None else None
+    scheduler = make_scheduler(optimizer, config)  # lr * lr_schedule(n) after n updates, as in PETRA
     pipe = make_schedule(stage, rank, world_size, M, example, schedule)
     record = StageRecord(stage=rank)
     stage.inputs = {} if config.record else None

@@ -32,6 +32,14 @@ def make_optimizer(params: Iterable[nn.Parameter], config: PetraConfig) -> torch
     raise ValueError(f"unknown optimizer {config.optimizer!r}: use 'sgd', 'adamw' or a callable")
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer | None, config: PetraConfig | None):
+    """lr = config.lr * config.lr_schedule(n) after n updates (LambdaLR); None without an optimiser or a
+    schedule (constant lr)."""
+    if optimizer is None or config is None or config.lr_schedule is None:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_schedule)
+
+
 def accumulate_(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None], k: int) -> None:
     """Delta <- Delta + (1/k) g for each parameter's ``.grad`` (Algorithm 1: gradients averaged over
     the k micro-batches of one update). A None gradient (parameter unused) adds nothing."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .optim import accumulate_, make_optimizer
+from .optim import accumulate_, make_optimizer, make_scheduler
 from .record import StageRecord
 from .runtime import PetraConfig
 
@@ -30,10 +30,7 @@ def backprop_reference(
     records = [StageRecord(stage=j) for j in range(len(stages))]
     params = [[p for p in s.parameters() if p.requires_grad] for s in stages]
     optimizers = [make_optimizer(p, config) if config is not None and p else None for p in params]
-    schedules = [
-        torch.optim.lr_scheduler.LambdaLR(o, config.lr_schedule) if o is not None and config.lr_schedule else None
-        for o in optimizers
-    ]
+    schedules = [make_scheduler(o, config) for o in optimizers]
     for s in stages:
         s.train()
 

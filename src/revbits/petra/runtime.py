@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import schedule
 from .comm import Channel, DesyncError
-from .optim import accumulate_, make_optimizer
+from .optim import accumulate_, make_optimizer, make_scheduler
 from .record import StageRecord, record_path
 from .resume import load_stage_state, save_stage_state
 
@@ -47,8 +47,9 @@ from .resume import load_stage_state, save_stage_state
 class PetraConfig:
     """A PETRA run.
 
-    stages: J, one process each. micro_batches: M, micro-batch m is ``data[m % len(data)]`` (None: one
-    pass over ``data``). accumulation: k. optimizer: "sgd" (with momentum, nesterov, weight_decay),
+    stages: J, one process each. micro_batches: M, micro-batch m is
+    ``data[(first_micro_batch + m) % len(data)]`` (None: one pass over ``data``). accumulation: k.
+    optimizer: "sgd" (with momentum, nesterov, weight_decay),
     "adamw", or a picklable callable ``(params, config) -> Optimizer``. timeout: seconds any single wait
     for a neighbour may take; init_timeout: for the start-up rendezvous. seed: every process seeds with
     it before ``build_stages()``, so all build the same initial weights. out_dir: where each stage saves
@@ -138,9 +139,7 @@ class StageWorker:
         self.last = j == self.J - 1
         self.params = [p for p in stage.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, config) if self.params else None
-        self.scheduler = None
-        if self.optimizer is not None and config.lr_schedule is not None:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_schedule)
+        self.scheduler = make_scheduler(self.optimizer, config)
         if config.resume_from is not None:
             load_stage_state(config.resume_from, j, stage, self.optimizer, self.scheduler)
         self.first = config.first_micro_batch
@@ -185,23 +184,24 @@ class StageWorker:
         if not self.stage.reversible:
             self.fifo.append((m, x))
         with torch.no_grad():
-            y = self.stage(x, self.first + m)
+            y = self.stage(x, self.first + m)  # the global id: data index and random draws
         self.channel.send(self.j + 1, m, [y], t)
 
     def backward(self, m: int, t: int) -> None:
         """x~ from inverting y~ (or from the FIFO); delta_in and the (1/k)-scaled parameter gradients by
         recomputing F_j(x~) with the current weights; (x~, delta_in) sent to stage j - 1."""
         y, delta = self.channel.recv(self.j + 1, m, "backward pair (output, gradient)")
+        g = self.first + m
         if self.stage.reversible:
             with torch.no_grad():
-                x = self.stage.invert(y, self.first + m)
+                x = self.stage.invert(y, g)
         else:
             queued, x = self.fifo.popleft()
             if queued != m:
                 raise DesyncError(f"stage {self.j}: FIFO holds micro-batch {queued}, backward wants {m}")
         if self.config.record:
             self.record.reconstructed[m] = x.clone()
-        _, gx, grads = vjp(lambda x: self.stage(x, self.first + m), x, self.params, delta, input_grad=self.j > 0)
+        _, gx, grads = vjp(lambda x: self.stage(x, g), x, self.params, delta, input_grad=self.j > 0)
         self.accumulate(grads)
         if self.j > 0:
             self.channel.send(self.j - 1, m, [x, gx], t)
@@ -209,12 +209,11 @@ class StageWorker:
     def loss_step(self, m: int, t: int) -> None:
         """The last stage: L(x, target), its gradients, and (x, dL/dx) sent to stage j - 1, in one step."""
         x = self.input(m)
-        target = self.data[(self.first + m) % len(self.data)][1]
+        g = self.first + m
+        target = self.data[g % len(self.data)][1]
         if self.config.record:
             self.record.inputs[m] = x.clone()
-        loss, gx, grads = vjp(
-            lambda x: self.stage(x, target, self.first + m), x, self.params, None, input_grad=self.j > 0
-        )
+        loss, gx, grads = vjp(lambda x: self.stage(x, target, g), x, self.params, None, input_grad=self.j > 0)
         self.record.losses.append(loss.item())
         self.accumulate(grads)
         if self.j > 0:
@@ -259,6 +258,30 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def build_all_stages(
+    rank: int | None, world_size: int | None, build_stages: Callable[[], Sequence[nn.Module]], config: PetraConfig
+) -> tuple[int, int, list[nn.Module]]:
+    """(rank, world_size, all J stages): every process seeds with ``config.seed`` and builds the same
+    stages, then keeps its own."""
+    rank, world_size = resolve_rank(rank, world_size)
+    if world_size != config.stages:
+        raise ValueError(f"config.stages = {config.stages} but {world_size} processes were started")
+    torch.manual_seed(config.seed)
+    stages = list(build_stages())
+    if len(stages) != world_size:
+        raise ValueError(f"build_stages() made {len(stages)} stages for {world_size} processes")
+    return rank, world_size, stages
+
+
+def join_process_group(rank: int, world_size: int, config: PetraConfig) -> bool:
+    """Join the gloo group (MASTER_ADDR/MASTER_PORT from the environment) unless this process already
+    is in one; True if it joined, and so must leave it."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=config.init_timeout))
+    return True
+
+
 def run_stage(
     rank: int | None,
     world_size: int | None,
@@ -275,21 +298,11 @@ def run_stage(
     rank = world_size = None under torchrun. If ``config.out_dir`` is set, the stage's
     :class:`StageRecord` is saved there.
     """
-    rank, world_size = resolve_rank(rank, world_size)
-    if world_size != config.stages:
-        raise ValueError(f"config.stages = {config.stages} but {world_size} processes were started")
-    torch.manual_seed(config.seed)
-    stages = list(build_stages())
-    if len(stages) != world_size:
-        raise ValueError(f"build_stages() made {len(stages)} stages for {world_size} processes")
+    rank, world_size, stages = build_all_stages(rank, world_size, build_stages, config)
     stage = stages[rank]
     del stages
     stage.train()
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=config.init_timeout)
-        )
+    own_group = join_process_group(rank, world_size, config)
     worker = StageWorker(stage, rank, data, config)
     summary = worker.run()
     if config.out_dir is not None:

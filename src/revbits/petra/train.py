@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..train.checkpoint import save_checkpoint
 from ..train.config import ConfigError, TrainConfig
-from ..train.loop import evaluate, make_optimizer
+from ..train.loop import adamw, evaluate
 from ..train.metrics import MetricsLog
 from ..train.schedule import lr_factor
 from ..train.tasks import Task, make_task
@@ -73,11 +73,9 @@ def stage_builder(config: TrainConfig, J: int) -> list[nn.Module]:
     return build_stages(config, J)[1]
 
 
-def adamw(params: list[nn.Parameter], petra: PetraConfig) -> torch.optim.Optimizer:
-    """The training command's optimiser over one stage's parameters (see revbits.train.loop)."""
-    holder = nn.Module()
-    holder.params = nn.ParameterList(params)
-    return make_optimizer(holder, TrainConfig(lr=petra.lr, weight_decay=petra.weight_decay))
+def stage_adamw(params: list[nn.Parameter], petra: PetraConfig) -> torch.optim.Optimizer:
+    """The training command's optimiser over one stage's parameters (revbits.train.loop.adamw)."""
+    return adamw(params, petra.lr, petra.weight_decay)
 
 
 def check_petra_config(config: TrainConfig) -> None:
@@ -85,10 +83,8 @@ def check_petra_config(config: TrainConfig) -> None:
         raise ConfigError(f"--parallel petra trains {', '.join(PETRA_MODELS)} models so far, not {config.model}")
     if config.memory != "bdia":
         raise ConfigError(f"--parallel petra needs reversible stages: --memory bdia, got {config.memory}")
-    if config.stages < 1 or config.accumulation < 1:
-        raise ConfigError("--stages and --accumulation must be at least 1")
-    if config.stages > config.n_layer + 1:
-        raise ConfigError(f"--stages {config.stages} is more than the model's {config.n_layer + 2} pieces allow")
+    if config.stages > config.n_layer + 1:  # (TrainConfig already checks stages, accumulation >= 1)
+        raise ConfigError(f"--stages {config.stages} is more than n_layer + 1 = {config.n_layer + 1}")
 
 
 def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -124,7 +120,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
         micro_batches=(end - begin) * k,
         accumulation=k,
         lr=config.lr,
-        optimizer=adamw,
+        optimizer=stage_adamw,
         weight_decay=config.weight_decay,
         seed=config.seed,
         out_dir=str(stages_dir),

@@ -10,7 +10,6 @@ Training the pieces trains the ViT itself, so the weights load into the plain mo
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,18 +20,16 @@ from .stages import LossStage, PlainStage
 
 
 class ViTStem(nn.Module):
-    """x = dropout([cls; W_p patches(images)] + P): the ViT's input, owning only those parameters."""
+    """x = ViT.embed(images), as a module that owns only the embedding's parameters."""
 
     def __init__(self, vit: ViT) -> None:
         super().__init__()
         self.patch_embedding, self.dropout = vit.patch_embedding, vit.dropout
         self.cls_token, self.position_embedding = vit.cls_token, vit.position_embedding
-        self.patches = vit.patches  # the ViT's own shape check and patch cutting (a bound method, no parameters)
+        self.embed = vit.embed  # a bound method over the same modules (registers no parameters)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = self.patch_embedding(self.patches(images))
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding
-        return self.dropout(x)
+        return self.embed(images)
 
 
 class ViTHead(LossStage):
