@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .rnn import make_rnn
+from .seq2seq import strip_special
 
 
 @dataclass
@@ -125,13 +126,13 @@ class RNNTranslator(nn.Module):
             return torch.stack(steps, 1), None
         seed = torch.randint(2**31, (), dtype=torch.int64)  # the readout's dropout masks, per batch
         inputs = (src_emb, src_slice, src_mask, tgt_out.t(), seed)
+        real = tgt_out != self.config.pad_id
         if self.config.memory == "reversible":
-            lengths = (tgt_out != self.config.pad_id).sum(1)
-            losses, _ = self.decoder(tgt_emb, final, lengths=lengths, readout=self.readout, readout_inputs=inputs)
+            losses, _ = self.decoder(tgt_emb, final, lengths=real.sum(1), readout=self.readout, readout_inputs=inputs)
         else:
             out, _ = self.decoder(tgt_emb, final)
             losses = torch.stack([self.readout(out[:, t], t, *inputs) for t in range(out.shape[1])], 1)
-        return losses, losses.sum() / (tgt_out != self.config.pad_id).sum()
+        return losses, losses.sum() / real.sum()
 
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, max_len: int = 64) -> list[list[int]]:
@@ -148,14 +149,7 @@ class RNNTranslator(nn.Module):
             done |= token == self.config.eos_id
             if bool(done.all()):
                 break
-        return [_strip(row, self.config) for row in torch.stack(rows, 1).tolist()]
+        return [strip_special(row, self.config.eos_id, self.config.pad_id) for row in torch.stack(rows, 1).tolist()]
 
     def beam(self, src: torch.Tensor, beam_size: int = 4, max_len: int = 64, length_penalty: float = 0.6):
         raise ValueError("the rnn-translator decodes greedily only: use --decode greedy")
-
-
-def _strip(tokens: list[int], config: RNNTranslatorConfig) -> list[int]:
-    """Cut at the first <eos> and drop padding."""
-    if config.eos_id in tokens:
-        tokens = tokens[: tokens.index(config.eos_id)]
-    return [t for t in tokens if t != config.pad_id]

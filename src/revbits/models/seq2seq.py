@@ -136,7 +136,11 @@ class Translator(nn.Module):
         return results
 
     def _strip(self, tokens: list[int]) -> list[int]:
-        """Cut at the first <eos> and drop padding."""
-        if self.config.eos_id in tokens:
-            tokens = tokens[: tokens.index(self.config.eos_id)]
-        return [t for t in tokens if t != self.config.pad_id]
+        return strip_special(tokens, self.config.eos_id, self.config.pad_id)
+
+
+def strip_special(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """Cut at the first <eos> and drop padding."""
+    if eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id)]
+    return [t for t in tokens if t != pad_id]

@@ -62,9 +62,13 @@ class ViT(nn.Module):
         x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(B, (H // p) * (W // p), C * p * p)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, num_classes] for float images [B, C, H, W]."""
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """x = dropout([cls; W_p patches(images)] + P), the input of the block stack."""
         x = self.patch_embedding(self.patches(images))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding
-        x = self.stack(self.dropout(x))
+        return self.dropout(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, num_classes] for float images [B, C, H, W]."""
+        x = self.stack(self.embed(images))
         return self.head(self.ln_f(x[:, 0]))

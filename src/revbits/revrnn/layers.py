@@ -191,8 +191,7 @@ class _ReadoutGradients:
     def __init__(self, run: _Run, inputs: list[torch.Tensor], needs_grad: tuple[bool, ...]) -> None:
         self.run, self.inputs = run, inputs
         self.params = [] if run.readout is None else list(run.readout.parameters())
-        needs_grad = needs_grad + (False,) * (len(inputs) + len(self.params) - len(needs_grad))
-        self.wants = list(needs_grad[: len(inputs)])
+        self.wants = list(needs_grad[: len(inputs)])  # ctx.needs_input_grad of the readout inputs
         self.input_grads = [torch.zeros_like(i) if want else None for i, want in zip(inputs, self.wants)]
         self.param_grads = [torch.zeros_like(p) for p in self.params]
 
