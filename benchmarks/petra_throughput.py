@@ -60,6 +60,7 @@ from revbits.petra import PetraConfig, balanced_sizes, launch, small_revnet, spl
 from revbits.petra.baselines import measured_step, run_pipeline_baseline
 from revbits.petra.bdia_pieces import BDIAStep, bdia_gpt_pieces
 from revbits.petra.optim import make_optimizer
+from revbits.petra.profile import profile_pieces
 from revbits.petra.runtime import StageWorker, build_all_stages, join_process_group
 from revbits.petra.schedule import delay
 
@@ -91,62 +92,6 @@ def model_setup(name: str, args: argparse.Namespace) -> tuple[partial, list[tupl
 
 
 # ---------------------------------------------------------------- single-process measurements
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        fn()
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def profile_piece(piece: nn.Module, x: Tensor, target: Tensor, head: bool, repeats: int) -> tuple[dict, Tensor]:
-    """Median seconds per micro-batch of one piece: f (forward without graph; 0 for the loss head), r
-    (inversion, reversible pieces), g (forward with graph), b (backward from it); and the piece's output."""
-
-    def run(inp: Tensor) -> Tensor:
-        return piece(inp, target) if head else piece(inp, 0)
-
-    def graph() -> Tensor:
-        return run(x.detach().requires_grad_(x.is_floating_point()))
-
-    def forward_no_graph() -> Tensor:
-        with torch.no_grad():
-            return run(x)
-
-    reversible = bool(getattr(piece, "reversible", False))
-    row = {"piece": type(piece).__name__, "reversible": reversible}
-    row["f"] = 0.0 if head else median_time(forward_no_graph, repeats)
-    row["g"] = median_time(graph, repeats)
-    inversions, backwards = [], []
-    for _ in range(repeats + 1):
-        if reversible:  # BDIA keeps its residue bits in the forward without graph, and uses them here
-            y = forward_no_graph()
-            start = time.perf_counter()
-            piece.invert(y, 0)
-            inversions.append(time.perf_counter() - start)
-        out = graph()
-        start = time.perf_counter()
-        out.backward(None if head else torch.ones_like(out))
-        backwards.append(time.perf_counter() - start)
-        piece.zero_grad(set_to_none=True)
-    row["r"] = statistics.median(inversions[1:]) if reversible else 0.0
-    row["b"] = statistics.median(backwards[1:])
-    y = graph().detach()
-    row["out_bytes"] = y.numel() * y.element_size()
-    return row, y
-
-
-def profile_pieces(pieces: list[nn.Module], x: Tensor, target: Tensor, repeats: int) -> list[dict]:
-    """:func:`profile_piece` for every piece, each fed the previous one's output."""
-    rows = []
-    for i, piece in enumerate(pieces):
-        row, x = profile_piece(piece, x, target, i == len(pieces) - 1, repeats)
-        rows.append(row)
-    return rows
 
 
 def backprop(build, data: list, config: PetraConfig, warmup: int, steps: int) -> dict:

@@ -220,6 +220,34 @@ def test_petra_run_stops_and_resumes_as_if_uninterrupted_with_one_stage(tmp_path
     assert "no PETRA run" in capsys.readouterr().err
 
 
+def test_revnet_trains_plainly_and_with_petra_split_by_measured_time(tmp_path, capsys):
+    shape = [*TINY, "--d-model", "8", "--n-layer", "1"]
+    assert run("train", "--model", "revnet", *shape, "--out", tmp_path / "plain") == 0
+    assert set(weights(tmp_path / "plain")) == set(weights_of_fresh_model(tmp_path / "plain"))
+    petra = ["train", "--model", "revnet", *shape, "--parallel", "petra", "--stages", "2"]
+    assert run(*petra, "--out", tmp_path / "timed", "--stop-at", "3") == 0
+    progress = json.loads((tmp_path / "timed" / "progress.json").read_text())
+    assert len(progress["sizes"]) == 2 and sum(progress["sizes"]) == 5  # stem, 2 coupling, downsampling, head
+    assert run(*petra, "--out", tmp_path / "timed", "--resume") == 0  # resumes on the split it was trained with
+    assert json.loads((tmp_path / "timed" / "progress.json").read_text())["sizes"] == progress["sizes"]
+    assert run(*petra, "--stage-split", "1,4", "--out", tmp_path / "given") == 0
+    assert json.loads((tmp_path / "given" / "progress.json").read_text())["sizes"] == [1, 4]
+    trained, initial = weights(tmp_path / "given"), weights_of_fresh_model(tmp_path / "given")
+    assert all(not torch.equal(trained[name], initial[name]) for name in trained)
+    capsys.readouterr()
+    assert run(*petra, "--stage-split", "1,2,2", "--out", tmp_path / "bad") == 2
+    assert "2 positive piece counts" in capsys.readouterr().err
+    assert run("train", "--model", "revnet", *shape, "--memory", "bdia", "--out", tmp_path / "bdia") == 2
+    assert "standard" in capsys.readouterr().err
+
+
+def weights_of_fresh_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The state dict of the run's model as built before training."""
+    config = read_run_config(run_dir)
+    torch.manual_seed(config.seed)
+    return make_task(config).build_model().state_dict()
+
+
 def test_config_file_is_read_and_flags_override_it(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(

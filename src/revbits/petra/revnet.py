@@ -84,8 +84,12 @@ class ClassifierHead(LossStage):
         super().__init__()
         self.linear = nn.Linear(channels, num_classes)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """W mean_{h,w}(x) + b."""
+        return self.linear(x.mean(dim=(2, 3)))
+
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(self.linear(x.mean(dim=(2, 3))), target)
+        return F.cross_entropy(self.logits(x), target)
 
 
 def conv_stage(c_in: int, c_out: int, stride: int) -> PlainStage:
@@ -112,6 +116,31 @@ def small_revnet(
         pieces += [RevNetStage(channels, blocks_per_stage) for _ in range(n)]
     pieces.append(ClassifierHead(channels, num_classes))
     return pieces
+
+
+class RevNet(nn.Module):
+    """The pieces of :func:`small_revnet` as one image classifier: logits = head(P_n(...P_1(images))).
+
+    Trained on one process it is plain backprop; ``revbits.petra`` trains the same pieces (and so the
+    same parameters, under the same names) stage-parallel, with the coupling stages inverted.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 16,
+        levels: Sequence[int] = (2, 2),
+        blocks_per_stage: int = 1,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.pieces = nn.ModuleList(small_revnet(in_channels, channels, levels, blocks_per_stage, num_classes))
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images
+        for piece in self.pieces[:-1]:
+            x = piece(x, 0)  # the stem and downsampling convs draw no random numbers
+        return self.pieces[-1].logits(x)
 
 
 def revnet_pipeline(J: int, sizes: Sequence[int] | None = None, **model: int | Sequence[int]) -> list[nn.Module]:

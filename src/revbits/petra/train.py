@@ -1,7 +1,8 @@
 """``revbits train --parallel petra --stages J``: a revbits model trained by PETRA, one process per stage.
 
-The model is cut into pieces (:func:`revbits.petra.vit.vit_pieces`), the pieces into J stages balanced
-by parameter count, and :func:`launch` runs the stages. Optimiser updates are ``steps``; each uses
+The model is cut into pieces (:func:`revbits.petra.vit.vit_pieces`, or a RevNet's own pieces), the pieces
+into J stages (``stage_split``: balanced by the cost of each piece measured on one micro-batch, by
+parameter count, or given sizes), and :func:`launch` runs the stages. Optimiser updates are ``steps``; each uses
 ``accumulation`` micro-batches of ``batch_size`` examples, so micro-batch m is the training batch drawn
 from seed (seed, m). AdamW (betas 0.9, 0.95, decay on matrices) with the training command's warm-up and
 cosine schedule runs per stage. Gradient clipping is not applied (a global norm would need every
@@ -30,12 +31,13 @@ from ..train.metrics import MetricsLog
 from ..train.schedule import lr_factor
 from ..train.tasks import Task, make_task
 from .launch import launch
+from .profile import sizes_by_time
 from .record import load_records
 from .runtime import PetraConfig, run_stage
-from .stages import split
+from .stages import balanced_sizes, split
 from .vit import vit_pieces
 
-PETRA_MODELS = ("vit",)
+PETRA_MODELS = ("vit", "revnet")
 _TASKS: dict[str, Task] = {}  # per process: the task of a config, built once
 
 
@@ -63,14 +65,36 @@ class TaskBatches(Sequence):
         return task_of(self.config).train_batch(sampler, torch.device("cpu"))
 
 
-def build_stages(config: TrainConfig, J: int) -> tuple[nn.Module, list[nn.Module]]:
-    """(model, its J stages); the caller seeds torch first, so every process builds the same weights."""
+def model_pieces(model: nn.Module, config: TrainConfig) -> list[nn.Module]:
+    """The PETRA pieces of a task's model; they share its modules, so training them trains the model."""
+    if config.model == "revnet":
+        return list(model.pieces)
+    return vit_pieces(model, config.seed)
+
+
+def build_stages(config: TrainConfig, J: int, sizes: list[int]) -> tuple[nn.Module, list[nn.Module]]:
+    """(model, its J stages of ``sizes`` pieces each); the caller seeds torch first, so every process
+    builds the same weights."""
     model = task_of(config).build_model()
-    return model, split(vit_pieces(model, config.seed), J)
+    return model, split(model_pieces(model, config), J, sizes)
 
 
-def stage_builder(config: TrainConfig, J: int) -> list[nn.Module]:
-    return build_stages(config, J)[1]
+def stage_builder(config: TrainConfig, J: int, sizes: list[int]) -> list[nn.Module]:
+    return build_stages(config, J, sizes)[1]
+
+
+def stage_sizes(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> list[int]:
+    """Pieces per stage for ``config.stage_split``: the given sizes; balanced by parameter count for
+    "params"; for "time", balanced by each piece's PETRA cost (f + r + g + b) measured on the first
+    micro-batch with a throw-away copy of the model."""
+    given = config.stage_sizes()
+    if given is not None:
+        return given
+    torch.manual_seed(config.seed)
+    pieces = model_pieces(task_of(config).build_model(), config)
+    if config.stage_split == "params" or config.stages == 1:
+        return balanced_sizes([sum(p.numel() for p in piece.parameters()) for piece in pieces], config.stages)
+    return sizes_by_time(pieces, *data[0], config.stages)
 
 
 def stage_adamw(params: list[nn.Parameter], petra: PetraConfig) -> torch.optim.Optimizer:
@@ -81,10 +105,11 @@ def stage_adamw(params: list[nn.Parameter], petra: PetraConfig) -> torch.optim.O
 def check_petra_config(config: TrainConfig) -> None:
     if config.model not in PETRA_MODELS:
         raise ConfigError(f"--parallel petra trains {', '.join(PETRA_MODELS)} models so far, not {config.model}")
-    if config.memory != "bdia":
+    if config.model == "vit" and config.memory != "bdia":
         raise ConfigError(f"--parallel petra needs reversible stages: --memory bdia, got {config.memory}")
-    if config.stages > config.n_layer + 1:  # (TrainConfig already checks stages, accumulation >= 1)
-        raise ConfigError(f"--stages {config.stages} is more than n_layer + 1 = {config.n_layer + 1}")
+    most = config.n_layer + 1 if config.model == "vit" else 2 * config.n_layer + 3  # (TrainConfig checks >= 1)
+    if config.stages > most:
+        raise ConfigError(f"--stages {config.stages} is more than the {most} stages {config.model} can be split into")
 
 
 def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -99,7 +124,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
     out = Path(config.out)
     progress_file = out / "progress.json"
     J, k = config.stages, config.accumulation
-    begin, resume_from = 0, None
+    begin, resume_from, sizes = 0, None, None
     if resume:
         if not progress_file.is_file():
             raise ConfigError(f"--resume: {out} holds no PETRA run to continue (no progress.json)")
@@ -109,6 +134,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
                 f"--resume: the run used --stages {progress['stages']} --accumulation {progress['accumulation']}"
             )
         begin, resume_from = progress["step"], str(out / progress["stages_dir"])
+        sizes = progress.get("sizes")  # the stage states only fit the split they were trained with
     elif (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     end = config.stop_at or config.steps
@@ -130,12 +156,13 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    start = time.perf_counter()
     data = TaskBatches(config, config.steps * k)
-    summaries = launch(J, run_stage, (partial(stage_builder, config, J), data, petra))
+    sizes = sizes or stage_sizes(config, data)
+    start = time.perf_counter()
+    summaries = launch(J, run_stage, (partial(stage_builder, config, J, sizes), data, petra))
     seconds = time.perf_counter() - start
     torch.manual_seed(config.seed)
-    model, stages = build_stages(config, J)
+    model, stages = build_stages(config, J, sizes)
     gather_weights(model, stages, load_records(stages_dir, J))
     metrics = MetricsLog(out / "metrics.jsonl")
     metrics.truncate_after(begin)
@@ -148,14 +175,14 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
     result = {"step": end, "split": "valid", **evaluate(task_of(config), model, "valid")}
     metrics.write({**result, "seconds": seconds, "stages": J})
     save_checkpoint(out, end, model, {"config": config.to_dict(), "parallel": "petra"})
-    progress = {"step": end, "stages": J, "accumulation": k, "stages_dir": stages_dir.name}
+    progress = {"step": end, "stages": J, "accumulation": k, "sizes": sizes, "stages_dir": stages_dir.name}
     tmp = progress_file.with_name("progress.json.tmp")
     tmp.write_text(json.dumps(progress))
     os.replace(tmp, progress_file)
     if resume_from is not None:
         shutil.rmtree(resume_from, ignore_errors=True)
     if not quiet:
-        print(f"PETRA, {J} stages: steps {begin}-{end} in {seconds:.0f} s; valid {result}")
+        print(f"PETRA, {J} stages of {sizes} pieces: steps {begin}-{end} in {seconds:.0f} s; valid {result}")
     return result
 
 

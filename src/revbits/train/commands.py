@@ -13,23 +13,26 @@ import torch
 
 from ..bdia import ReversibilityError
 from ..mesa import compressors_in
-from ..models.rnn import CELLS, RNN_MEMORY_MODES
-from ..stack import MEMORY_MODES
+from ..models.rnn import CELLS
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import ALL_MEMORY_MODES, MODELS, PARALLEL, RNN_MODELS, ConfigError, TrainConfig, read_config_file
+from .config import ALL_MEMORY_MODES, MODELS, PARALLEL, ConfigError, TrainConfig, memory_modes, read_config_file
 from .loop import evaluate, train
 from .plot import plot_runs
 from .tasks import make_task, read_run_config
 
 HELP = {
-    "model": "gpt (characters), vit (images), translator (sentence pairs), rnnlm (words, RNN) or rnn-translator",
+    "model": "gpt (characters), vit or revnet (images), translator (sentence pairs), rnnlm (words, RNN) or "
+    "rnn-translator",
     "data": "data set name (default: shakespeare, fashion-mnist, bible-en-fr by model)",
-    "memory": "standard, checkpoint, mesa, bdia or bdia+mesa; for rnnlm and rnn-translator: standard or reversible",
+    "memory": "standard, checkpoint, mesa, bdia or bdia+mesa; for rnnlm and rnn-translator: standard or reversible; "
+    "revnet: standard",
     "forget_bits": "reversible RNNs: most bits lost per unit and step (1, 2, 3, 5; 0 = no limit)",
     "attention_slice": "rnn-translator: units of the top encoder state the attention reads (0 to d_model)",
-    "parallel": "none, or petra: one process per stage, decoupled forward and backward (vit with --memory bdia)",
+    "parallel": "none, or petra: one process per stage, decoupled forward and backward (vit with --memory bdia; "
+    "revnet)",
     "stages": "petra: the number of stages J (processes)",
     "accumulation": "petra: micro-batches of --batch-size per optimiser update (k)",
+    "stage_split": "petra: time (balance stages by measured cost), params (by parameter count) or sizes, e.g. 2,3",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
     "train_subset": "use only N training examples (characters for gpt)",
@@ -132,7 +135,7 @@ def _memory(args: argparse.Namespace) -> int:
     sampler = torch.Generator().manual_seed(config.seed)
     batch = task.train_batch(sampler, torch.device(config.device))
     rows, tables = [], []
-    modes = args.modes or (RNN_MEMORY_MODES if config.model in RNN_MODELS else MEMORY_MODES)
+    modes = args.modes or memory_modes(config.model)
     for memory in modes:
         mode_config = dataclasses.replace(config, memory=memory)
         torch.manual_seed(config.seed)

@@ -15,17 +15,25 @@ from ..mesa import MesaConfig
 from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 
-MODELS = ("gpt", "vit", "translator", "rnnlm", "rnn-translator")
+MODELS = ("gpt", "vit", "revnet", "translator", "rnnlm", "rnn-translator")
 RNN_MODELS = ("rnnlm", "rnn-translator")
 PARALLEL = ("none", "petra")
 DEFAULT_DATA = {
     "gpt": "shakespeare",
     "vit": "fashion-mnist",
+    "revnet": "fashion-mnist",
     "translator": "bible-en-fr",
     "rnnlm": "shakespeare",
     "rnn-translator": "bible-en-fr",
 }
 ALL_MEMORY_MODES = (*MEMORY_MODES, *RNN_MEMORY_MODES[1:])
+# A RevNet is trained by plain backprop on one process; --parallel petra inverts its coupling stages.
+REVNET_MEMORY_MODES = ("standard",)
+
+
+def memory_modes(model: str) -> tuple[str, ...]:
+    """The memory modes ``model`` can be trained under."""
+    return RNN_MEMORY_MODES if model in RNN_MODELS else REVNET_MEMORY_MODES if model == "revnet" else MEMORY_MODES
 
 
 class ConfigError(ValueError):
@@ -75,12 +83,13 @@ class TrainConfig:
     parallel: str = "none"  # none | petra
     stages: int = 2  # petra: J
     accumulation: int = 1  # petra: micro-batches (of batch_size) per optimiser update
+    stage_split: str = "time"  # petra: balance stages by measured time or parameter count, or sizes "2,3"
 
     def __post_init__(self) -> None:
         if self.data is None:
             self.data = DEFAULT_DATA.get(self.model)
         if self.memory is None:
-            self.memory = "reversible" if self.model in RNN_MODELS else "bdia"
+            self.memory = "reversible" if self.model in RNN_MODELS else "standard" if self.model == "revnet" else "bdia"
         self.validate()
 
     def validate(self) -> None:
@@ -100,7 +109,7 @@ class TrainConfig:
                 raise ConfigError(f"bits must be from 1 to 23, got {self.bits}")
         if self.model not in MODELS:
             raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        modes = RNN_MEMORY_MODES if self.model in RNN_MODELS else MEMORY_MODES
+        modes = memory_modes(self.model)
         if self.memory not in modes:
             raise ConfigError(f"memory must be one of {', '.join(modes)} for {self.model}, got {self.memory!r}")
         if self.cell not in CELLS:
@@ -145,8 +154,26 @@ class TrainConfig:
             raise ConfigError(f"parallel must be none or petra, got {self.parallel!r}")
         if self.stages < 1 or self.accumulation < 1:
             raise ConfigError(f"stages and accumulation must be at least 1, got {self.stages} and {self.accumulation}")
+        if self.model == "revnet" and self.d_model % 2:
+            raise ConfigError(f"revnet: d_model is the stem's channel count and must be even, got {self.d_model}")
+        self.stage_sizes()  # a bad stage_split raises here
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"train_subset must be at least 1, got {self.train_subset}")
+
+    def stage_sizes(self) -> list[int] | None:
+        """The pieces per PETRA stage that ``stage_split`` gives, or None for "time" and "params"."""
+        if self.stage_split in ("time", "params"):
+            return None
+        try:
+            sizes = [int(part) for part in self.stage_split.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) != self.stages or min(sizes) < 1:
+            raise ConfigError(
+                f"stage_split must be time, params or {self.stages} positive piece counts such as "
+                f"{','.join(['2'] * self.stages)} (one per stage), got {self.stage_split!r}"
+            )
+        return sizes
 
     def _check_types(self) -> None:
         """Each option has the type its default has (an int is accepted for a float)."""

@@ -2,6 +2,7 @@
 
 - ``gpt``: character language modelling (loss, perplexity, bits per character);
 - ``vit``: image classification (loss, accuracy);
+- ``revnet``: image classification with a small RevNet (trained stage-parallel by ``--parallel petra``);
 - ``translator``: sequence-to-sequence translation (loss, perplexity; BLEU in ``revbits eval``);
 - ``rnnlm``: word-level language modelling with a (reversible) GRU or LSTM (loss, perplexity);
 - ``rnn-translator``: attention seq2seq translation on (reversible) GRUs or LSTMs.
@@ -213,6 +214,19 @@ class ImageTask(Task):
         return {"loss": total_loss / len(images), "accuracy": correct / len(images)}
 
 
+class RevNetImageTask(ImageTask):
+    """Image classification with a small RevNet (:class:`revbits.petra.RevNet`): a stride-2 stem conv to
+    d_model channels, two levels of n_layer coupling stages with a stride-2 conv between them that
+    doubles the channels, and a global-average-pool linear head."""
+
+    def build_model(self) -> nn.Module:
+        from ..petra.revnet import RevNet  # revbits.petra imports this module's tasks
+
+        c = self.config
+        channels = self.splits["train"][0].shape[1]
+        return RevNet(channels, c.d_model, (c.n_layer, c.n_layer), num_classes=self.num_classes)
+
+
 class TranslationTask(Task):
     """Sentence pairs as padded token batches: source, target input (<bos> ...), target output (... <eos>)."""
 
@@ -324,6 +338,7 @@ def _shared_shape(c: TrainConfig) -> dict:
 TASKS: dict[str, type[Task]] = {
     "gpt": CharLMTask,
     "vit": ImageTask,
+    "revnet": RevNetImageTask,
     "translator": TranslationTask,
     "rnnlm": WordLMTask,
     "rnn-translator": RNNTranslationTask,

@@ -1,0 +1,147 @@
+"""Accuracy of PETRA against plain backprop at equal epochs, Fashion-MNIST, 3 seeds.
+
+Two models, each trained by both methods with the same configuration (steps, batch, optimiser, schedule):
+
+- vit:    the revbits ViT with its blocks in a BDIAStack (memory bdia); PETRA stages are the stem, the BDIA
+          entry, steps and exit, and the head (revbits.petra.vit);
+- revnet: the small RevNet of revbits.petra (additive coupling stages, stride-2 convs between levels).
+
+Arms: "backprop" is ``revbits train`` on one process; "petra J=2" is ``revbits train --parallel petra
+--stages 2 --accumulation 1`` (split by measured time). Gradient clipping is off in both arms, because
+PETRA's stages cannot compute a global gradient norm. The batches differ between the arms (both draw
+random training batches, with different streams), as they do between seeds.
+
+    python benchmarks/petra_accuracy.py                            # about an hour on an idle 2-core machine
+    python benchmarks/petra_accuracy.py --seeds 0 --scale 0.05     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from revbits.petra.train import train_petra
+from revbits.train import TrainConfig
+from revbits.train.checkpoint import load_checkpoint
+from revbits.train.loop import evaluate, train
+from revbits.train.tasks import make_task
+
+COMMON = {
+    "data": "fashion-mnist",
+    "train_subset": 10_000,
+    "steps": 2000,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "min_lr": 1e-5,
+    "warmup": 100,
+    "eval_interval": 500,
+    "weight_decay": 0.05,
+    "grad_clip": 0.0,
+}
+MODELS = {
+    "vit": TrainConfig(
+        model="vit", memory="bdia", n_layer=4, n_head=4, d_model=64, patch_size=7, dropout=0.1, **COMMON
+    ),
+    "revnet": TrainConfig(model="revnet", memory="standard", n_layer=2, n_head=1, d_model=16, **COMMON),
+}
+ARMS = ("backprop", "petra J=2")
+
+
+def one_run(name: str, config: TrainConfig, arm: str, seed: int, runs: Path) -> dict:
+    """Train one arm from scratch and evaluate its final weights on the test split."""
+    run_dir = runs / name / f"{arm.replace(' ', '_').replace('=', '')}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = replace(config, seed=seed, out=str(run_dir))
+    if arm == "backprop":
+        train(config, quiet=True)
+    else:
+        train_petra(replace(config, parallel="petra", stages=2, accumulation=1), quiet=True)
+    task = make_task(config)
+    model = task.build_model()
+    load_checkpoint(run_dir, model)
+    model.eval()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    row = {
+        "model": name,
+        "arm": arm,
+        "seed": seed,
+        "epochs": config.steps * config.batch_size / len(task.splits["train"][0]),
+        "valid": evaluate(task, model, "valid"),
+        "test": evaluate(task, model, "test"),
+        "valid_curve": {r["step"]: r["accuracy"] for r in records if r["split"] == "valid"},
+    }
+    if arm != "backprop":
+        row["sizes"] = json.loads((run_dir / "progress.json").read_text())["sizes"]
+    print(json.dumps({k: row[k] for k in ("model", "arm", "seed", "test")}), flush=True)
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| model | method | seeds | epochs | test accuracy | valid accuracy | PETRA − backprop (test, points) |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for name in MODELS:
+        by_arm = {
+            arm: sorted((r for r in rows if (r["model"], r["arm"]) == (name, arm)), key=lambda r: r["seed"])
+            for arm in ARMS
+        }
+        base = {r["seed"]: r["test"]["accuracy"] for r in by_arm["backprop"]}
+        for arm, group in by_arm.items():
+            if not group:
+                continue
+            tests = [r["test"]["accuracy"] for r in group]
+            valids = [r["valid"]["accuracy"] for r in group]
+            paired = [100 * (r["test"]["accuracy"] - base[r["seed"]]) for r in group if r["seed"] in base]
+            delta = (
+                ""
+                if arm == "backprop" or not paired
+                else (f"{statistics.mean(paired):+.2f} (per seed: {', '.join(f'{d:+.2f}' for d in paired)})")
+            )
+            lines.append(
+                f"| {name} | {arm} | {len(group)} | {group[0]['epochs']:.1f} | {mean_std(tests)} | "
+                f"{mean_std(valids)} | {delta} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of steps (quick looks)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "petra_accuracy")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "petra_accuracy", help="run directories")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # two stage processes share two cores; keep the arms alike
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.json"
+    for name in args.models:
+        steps = max(4, int(MODELS[name].steps * args.scale))
+        config = replace(MODELS[name], steps=steps, warmup=min(100, steps // 4), eval_interval=min(500, steps))
+        for seed in args.seeds:
+            for arm in args.arms:
+                row = one_run(name, config, arm, seed, args.runs)
+                # read again: another invocation of this script may have added rows meanwhile
+                saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}
+                key = (name, arm, seed)
+                saved["rows"] = [r for r in saved["rows"] if (r["model"], r["arm"], r["seed"]) != key] + [row]
+                saved["configs"][name] = config.to_dict()
+                results.write_text(json.dumps(saved, indent=1))
+                (args.out / "summary.md").write_text(summary(saved["rows"]))
+    print(summary(json.loads(results.read_text())["rows"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Where each supported transformers family keeps its list of layers.
+
+A family is a set of ``config.model_type`` values whose base model runs a ``nn.ModuleList`` of
+same-shape layers in a loop, ``hidden_states = layer(hidden_states, ...)``. Everything else a
+converted model needs (the layer's call, its output, its cache) is read from the call itself,
+so a family is only a name, its model types and the attribute path of the list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """One supported family.
+
+    Attributes:
+        name: a label for messages and docs.
+        model_types: the ``config.model_type`` values it covers.
+        layer_paths: dotted attribute paths of the layer list below ``model.base_model``, tried in
+            order (the first that exists is used; transformers versions differ).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layer_paths: tuple[str, ...]
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("BERT-style encoders", ("bert", "roberta", "xlm-roberta", "camembert", "electra"), ("encoder.layer",)),
+    Family("DistilBERT", ("distilbert",), ("transformer.layer",)),
+    Family("GPT-2", ("gpt2",), ("h",)),
+    Family("ViT", ("vit", "deit"), ("layers", "encoder.layer")),
+)
+
+
+def supported_model_types() -> list[str]:
+    """Every ``config.model_type`` that :func:`revbits.hf.convert` accepts, sorted."""
+    return sorted(t for family in FAMILIES for t in family.model_types)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of ``model``, from ``model.config.model_type``; ValueError if unsupported."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise TypeError(
+            f"revbits.hf converts transformers models (with a `config.model_type`), got {type(model).__name__}"
+        )
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"revbits.hf does not support model type {model_type!r} ({type(model).__name__}); "
+        f"supported model types: {', '.join(supported_model_types())}"
+    )
+
+
+def _get_path(root: nn.Module, path: str) -> object | None:
+    obj: object | None = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def locate_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """``(parent, attribute, layers)``: the module that holds the layer list, the list's attribute
+    name on it, and the list itself, for a model of a supported family."""
+    family = family_of(model)
+    base = getattr(model, "base_model", model)
+    for path in family.layer_paths:
+        layers = _get_path(base, path)
+        if isinstance(layers, nn.ModuleList):
+            parent_path, _, attribute = path.rpartition(".")
+            parent = _get_path(base, parent_path) if parent_path else base
+            assert isinstance(parent, nn.Module)
+            return parent, attribute, layers
+    raise ValueError(
+        f"revbits.hf: found no layer list in {type(model).__name__} (model type {model.config.model_type!r}) "
+        f"at {' or '.join(family.layer_paths)} below its base model; this transformers version lays the "
+        f"{family.name} family out differently"
+    )
