@@ -184,6 +184,21 @@ def test_lr0_gradients_and_reconstructions_equal_backprop(tmp_path, J, sizes, re
     assert petra[-1].losses == pytest.approx(reference[-1].losses, rel=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lr0_gradients_of_stages_on_cuda_equal_cpu_backprop(tmp_path, monkeypatch):
+    """Stages on GPUs (NCCL with a GPU per stage, else gloo through host memory) give backprop's gradients."""
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # the stage processes inherit it: fp32 convolutions
+    data = images(5)
+    config = PetraConfig(stages=2, accumulation=2, lr=0.0, out_dir=str(tmp_path), record=True, device="cuda")
+    petra, reference = petra_and_backprop(pipeline(2, (1, 6)), data, config, [False])
+    for got, want in zip(petra, reference):
+        for g_got, g_want in zip(got.grads, want.grads):
+            for name, g in g_want.items():
+                assert relative_error(g_got[name], g) <= 1e-4, name
+    assert petra[-1].losses == pytest.approx(reference[-1].losses, rel=1e-4)
+
+
 def test_one_stage_equals_plain_training(tmp_path):
     data = images(5)
     config = PetraConfig(stages=1, accumulation=2, lr=0.1, out_dir=str(tmp_path), record=True)

@@ -68,13 +68,17 @@ class Channel:
     """The messages of stage ``me`` to and from its neighbours, with a deadline on every wait.
 
     Sent messages stay referenced until :meth:`flush` has seen their sends complete; a send can only
-    complete once the neighbour posts the matching receive.
+    complete once the neighbour posts the matching receive. Tensors travel on ``wire`` (the GPU under
+    NCCL, the CPU under gloo) and are handed out on ``device``.
     """
 
-    def __init__(self, me: int, timeout: float, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, me: int, timeout: float, device: torch.device | str = "cpu", wire: torch.device | str | None = None
+    ) -> None:
         self.me = me
         self.timeout = timeout
         self.device = torch.device(device)
+        self.wire = self.device if wire is None else torch.device(wire)
         self.pending: deque[tuple[int, int, int, list[dist.Work], list[Tensor]]] = deque()
 
     def wait(self, work: dist.Work, peer: int, micro_batch: int, what: str) -> None:
@@ -91,14 +95,14 @@ class Channel:
 
     def send(self, peer: int, micro_batch: int, tensors: list[Tensor], step: int) -> None:
         """Post the header and the tensors to ``peer`` without waiting."""
-        tensors = [t.detach().contiguous() for t in tensors]
-        header = encode_header(micro_batch, tensors).to(self.device)
+        tensors = [t.detach().to(self.wire).contiguous() for t in tensors]
+        header = encode_header(micro_batch, tensors).to(self.wire)
         works = [dist.isend(t, peer) for t in [header, *tensors]]
         self.pending.append((step, peer, micro_batch, works, [header, *tensors]))
 
     def recv(self, peer: int, micro_batch: int, what: str) -> list[Tensor]:
         """Receive the next message from ``peer``, which must be for ``micro_batch``."""
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
         self.wait(dist.irecv(header, peer), peer, micro_batch, f"receiving the {what}")
         got, specs = decode_header(header.cpu())
         if got != micro_batch:
@@ -106,11 +110,11 @@ class Channel:
                 f"stage {self.me} expected the {what} of micro-batch {micro_batch} from stage {peer}, "
                 f"got micro-batch {got}"
             )
-        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+        tensors = [torch.empty(shape, dtype=dtype, device=self.wire) for dtype, shape in specs]
         works = [dist.irecv(t, peer) for t in tensors]
         for work in works:
             self.wait(work, peer, micro_batch, f"receiving the {what}")
-        return tensors
+        return [t.to(self.device) for t in tensors]
 
     def flush(self, before_step: int | None = None) -> None:
         """Wait for the sends posted before ``before_step`` (all of them if None) and release them."""

@@ -57,6 +57,7 @@ class PetraConfig:
     fail_at / fail_mode: test hook, stage ``fail_at[0]`` fails at its step ``fail_at[1]`` by raising
     ("raise"), dying without a word ("exit"), or hanging ("stall"). lr_schedule: the learning rate is
     ``lr * lr_schedule(n)`` after n updates of a stage (every stage counts its own updates alike).
+    device: "cpu" or "cuda"; the data may stay on the CPU, each stage moves what it reads.
     """
 
     stages: int = 1
@@ -77,6 +78,7 @@ class PetraConfig:
     lr_schedule: Callable[[int], float] | None = None  # lr factor after n updates (picklable); None: constant
     first_micro_batch: int = 0  # the global id of this segment's micro-batch 0 (data index, random seeds)
     resume_from: str | None = None  # a previous segment's out_dir: start from its stage states
+    device: str = "cpu"  # "cuda": stage j runs on GPU (LOCAL_RANK mod the GPU count); see join_process_group
 
     def __post_init__(self) -> None:
         for name in ("stages", "accumulation"):
@@ -86,6 +88,8 @@ class PetraConfig:
             raise ValueError(f"PetraConfig.micro_batches must be at least 1 (or None), got {self.micro_batches}")
         if not (self.timeout > 0 and self.init_timeout > 0):
             raise ValueError("PetraConfig.timeout and init_timeout must be positive: every wait has a deadline")
+        if torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"PetraConfig.device must be cpu or cuda, got {self.device!r}")
         if self.fail_mode not in ("raise", "exit", "stall"):
             raise ValueError(f"PetraConfig.fail_mode must be 'raise', 'exit' or 'stall', got {self.fail_mode!r}")
 
@@ -143,7 +147,9 @@ class StageWorker:
         if config.resume_from is not None:
             load_stage_state(config.resume_from, j, stage, self.optimizer, self.scheduler)
         self.first = config.first_micro_batch
-        self.channel = Channel(j, config.timeout)
+        self.device = stage_device(config)
+        wire = self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+        self.channel = Channel(j, config.timeout, self.device, wire)
         self.fifo: deque[tuple[int, Tensor]] = deque()
         self.backwards = 0
         self.updates = 0
@@ -173,7 +179,7 @@ class StageWorker:
     def input(self, m: int) -> Tensor:
         """Stage j's forward input of micro-batch m: from the data for stage 0, else from stage j - 1."""
         if self.j == 0:
-            return self.data[(self.first + m) % len(self.data)][0]
+            return self.data[(self.first + m) % len(self.data)][0].to(self.device)
         return self.channel.recv(self.j - 1, m, "activation")[0]
 
     def forward(self, m: int, t: int) -> None:
@@ -210,7 +216,7 @@ class StageWorker:
         """The last stage: L(x, target), its gradients, and (x, dL/dx) sent to stage j - 1, in one step."""
         x = self.input(m)
         g = self.first + m
-        target = self.data[g % len(self.data)][1]
+        target = self.data[g % len(self.data)][1].to(self.device)
         if self.config.record:
             self.record.inputs[m] = x.clone()
         loss, gx, grads = vjp(lambda x: self.stage(x, target, g), x, self.params, None, input_grad=self.j > 0)
@@ -273,12 +279,32 @@ def build_all_stages(
     return rank, world_size, stages
 
 
+def stage_device(config: PetraConfig) -> torch.device:
+    """Where this process's stage computes: the CPU, or GPU LOCAL_RANK mod the number of GPUs."""
+    if torch.device(config.device).type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("PetraConfig.device is cuda, but torch sees no CUDA device")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def backend(device: torch.device, world_size: int) -> str:
+    """NCCL when every stage has a GPU of its own; otherwise gloo (CPU stages, or stages sharing GPUs,
+    which NCCL refuses: their messages then travel through host memory)."""
+    if device.type == "cuda" and torch.cuda.device_count() >= world_size and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
 def join_process_group(rank: int, world_size: int, config: PetraConfig) -> bool:
-    """Join the gloo group (MASTER_ADDR/MASTER_PORT from the environment) unless this process already
-    is in one; True if it joined, and so must leave it."""
+    """Join the process group (MASTER_ADDR/MASTER_PORT from the environment; :func:`backend`) unless this
+    process already is in one; True if it joined, and so must leave it."""
     if dist.is_initialized():
         return False
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=config.init_timeout))
+    name = backend(stage_device(config), world_size)
+    dist.init_process_group(name, rank=rank, world_size=world_size, timeout=timedelta(seconds=config.init_timeout))
     return True
 
 
@@ -299,7 +325,7 @@ def run_stage(
     :class:`StageRecord` is saved there.
     """
     rank, world_size, stages = build_all_stages(rank, world_size, build_stages, config)
-    stage = stages[rank]
+    stage = stages[rank].to(stage_device(config))
     del stages
     stage.train()
     own_group = join_process_group(rank, world_size, config)

@@ -153,6 +153,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
         lr_schedule=partial(lr_factor, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr),
         first_micro_batch=begin * k,
         resume_from=resume_from,
+        device=config.device,
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
@@ -171,7 +172,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
         if step % config.log_interval == 0 or step == config.steps:
             window = losses[(max(begin, step - config.log_interval) - begin) * k : (step - begin) * k]
             metrics.write({"step": step, "split": "train", "loss": sum(window) / len(window)})
-    model.eval()
+    model.to(config.device).eval()
     result = {"step": end, "split": "valid", **evaluate(task_of(config), model, "valid")}
     metrics.write({**result, "seconds": seconds, "stages": J})
     save_checkpoint(out, end, model, {"config": config.to_dict(), "parallel": "petra"})
