@@ -9,7 +9,7 @@ Nothing is downloaded by a loader unless it is asked to (``download=True``): a d
 not cached raises ``MissingDataError``, whose message gives the command that gets it.
 """
 
-from . import bible, cifar10, fashion_mnist, shakespeare  # noqa: F401  (importing registers each data set)
+from . import bible, cifar10, fashion_mnist, shakespeare, wiki  # noqa: F401  (importing registers each data set)
 from .bible import VersePair, load_bible_pairs
 from .cache import data_root, dataset_dir, read_manifest
 from .cifar10 import load_cifar10
@@ -20,6 +20,7 @@ from .registry import Dataset, fetch, get, is_cached, list_datasets, load, names
 from .shakespeare import load_shakespeare
 from .sources import Source
 from .tokenizers import CharTokenizer, WordTokenizer
+from .wiki import load_wiki_extract
 
 __all__ = [
     "CharTokenizer",
@@ -44,6 +45,7 @@ __all__ = [
     "load_cifar10",
     "load_fashion_mnist",
     "load_shakespeare",
+    "load_wiki_extract",
     "names",
     "read_idx",
     "read_manifest",

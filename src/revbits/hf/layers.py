@@ -26,11 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..stack import stack as make_stack
+
 #: Argument names under which a layer receives its key/value cache.
 CACHE_ARGS = ("past_key_values", "layer_past", "past_key_value")
 #: Argument names of per-layer inputs: a loop passes a different value to every layer, and the
 #: converted loop would hand layer 0's value to all of them (transformers 4.x head masks).
 PER_LAYER_ARGS = ("head_mask", "layer_head_mask")
+CHECKPOINTING_HINT = "model.activation_checkpointing_disable(), gradient_checkpointing_disable() before transformers 5"
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ class StackedLayers(nn.Module):
             hidden_states = kwargs.pop(name)
         self._refuse_per_layer_args(args_list, kwargs)
         if self.training and torch.is_grad_enabled():
+            self._refuse_layer_checkpointing()
             self._drop_cache(args_list, kwargs)
         spec, tensors = CallSpec.pack(args_list, kwargs)
         out = self.stack(hidden_states, spec, *tensors)
@@ -203,6 +207,14 @@ class StackedLayers(nn.Module):
                     "restore() the model first."
                 )
 
+    def _refuse_layer_checkpointing(self) -> None:
+        if any(getattr(layer, "gradient_checkpointing", False) for layer in self.original_layers):
+            raise ValueError(
+                "revbits.hf: transformers' own activation checkpointing was enabled on the layers of a converted "
+                f"model; disable it ({CHECKPOINTING_HINT}): the revbits stack already decides what is kept "
+                "for backward, and convert(model, 'checkpoint') checkpoints every layer"
+            )
+
     def _drop_cache(self, args: list[Any], kwargs: dict[str, Any]) -> None:
         for i in range(len(args)):
             name = self._name_of(i)
@@ -215,3 +227,15 @@ class StackedLayers(nn.Module):
                 kwargs[name] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
+
+
+def stacked_layer_list(layers: nn.ModuleList, memory: str, **options: Any) -> nn.ModuleList:
+    """A list of ``len(layers)`` modules that, called in a loop like ``layers``, runs them all as
+    ``revbits.stack(layers, memory, **options)`` in slot 0 and passes the hidden states through
+    in the others. ``layers`` itself is left as it is (slot 0 keeps it for restoring)."""
+    output_format = OutputFormat()
+    stack = make_stack([LayerBlock(layer, output_format) for layer in layers], memory, **options)
+    holder = StackedLayers(stack, layers, memory, output_format)
+    converted = nn.ModuleList([holder] + [PassThrough(i, output_format) for i in range(1, len(layers))])
+    converted.train(layers.training)
+    return converted

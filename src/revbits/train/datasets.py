@@ -1,7 +1,8 @@
 """The splits and tokenizers each task trains on, from the data sets of :mod:`revbits.data`.
 
 Validation data never overlaps training data:
-- text (shakespeare): the data set's own train/valid/test cut by position;
+- text (shakespeare): the data set's own train/valid/test cut by position; wiki-extract: whole
+  articles per split;
 - images: the last 5,000 training images (a tenth of smaller sets) are the validation set; the test
   split is the official one;
 - sentence pairs (bible-en-fr): whole books per split, as the data set defines them.
@@ -11,9 +12,23 @@ from __future__ import annotations
 
 import torch
 
-from ..data import CharTokenizer, WordTokenizer, load_bible_pairs, load_cifar10, load_fashion_mnist, load_shakespeare
+from ..data import (
+    CharTokenizer,
+    WordTokenizer,
+    load_bible_pairs,
+    load_cifar10,
+    load_fashion_mnist,
+    load_shakespeare,
+    load_wiki_extract,
+)
 
-TEXT = {"shakespeare": load_shakespeare}
+
+def wiki_text(split: str) -> str:
+    """The articles of a split of the Wikipedia extract, one blank line apart."""
+    return "\n\n".join(load_wiki_extract(split))
+
+
+TEXT = {"shakespeare": load_shakespeare, "wiki-extract": wiki_text}
 IMAGES = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
 PAIRS = {"bible-en-fr": load_bible_pairs}
 VALID_IMAGES = 5000  # at most; a tenth of a smaller training set

@@ -1,0 +1,190 @@
+"""Convert a transformers model to run its layers as a revbits stack, and restore it."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from torch import nn
+
+from ..fixedpoint import SIGNIFICAND_BITS
+from .families import family_of, locate_layers
+from .layers import CHECKPOINTING_HINT, StackedLayers, stacked_layer_list
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+_BDIA_MODES = ("bdia", "bdia+mesa")
+_OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
+
+
+def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
+    """Run the layer stack of a transformers ``model`` as ``revbits.stack(layers, memory, **options)``.
+
+    In place: the model's list of K layers is replaced by a list of the same length whose slot
+    0 runs all K original layers (the same objects, with their weights) as one revbits stack and
+    whose other slots pass the hidden states through, so the model's own ``forward`` (embeddings,
+    masks, final norm, heads) is unchanged. The stack computes, from the hidden states x_0 that
+    enter the first layer, the x_K that leaves the last one under the memory mode ``memory``
+    (see :func:`revbits.stack`): for ``"standard"``, ``"checkpoint"`` and ``"mesa"`` the layers
+    in sequence; for ``"bdia"`` the BDIA recurrence in training and, at evaluation, the layers in
+    sequence (each output rounded to the 2**-bits grid unless ``quantize_eval=False``).
+
+    Args:
+        model: a transformers model of a supported family (:func:`supported_model_types`).
+        memory: one of :data:`revbits.MEMORY_MODES`.
+        **options: passed to the stack (e.g. ``bits``, ``gamma``, ``quantize_eval``, ``check`` for
+            BDIA; :class:`revbits.mesa.MesaConfig` fields for mesa).
+
+    Returns:
+        ``model`` itself. Call :func:`restore` before ``save_pretrained`` to write a plain checkpoint.
+
+    Raises:
+        ValueError: the model type is not supported, the model is already converted, BDIA is asked
+            for a model with fewer than 2 layers or with weights that are not float32/float64, or
+            the layers use transformers' own activation checkpointing. Errors of ``memory`` and of
+            the stack's options (e.g. ``bits``) are raised as :func:`revbits.stack` raises them
+            (ValueError, TypeError). The model is left unchanged on any error.
+    """
+    if is_converted(model):
+        raise ValueError(
+            f"{type(model).__name__} is already converted to a revbits stack; call revbits.hf.restore(model) "
+            "before converting it again"
+        )
+    family = family_of(model)
+    parent, attribute, layers = locate_layers(model)
+    name = f"{type(model).__name__} (model type {model.config.model_type!r}, {family.name})"
+    if len(layers) == 0:
+        raise ValueError(f"cannot convert {name}: it has no layers")
+    if memory in _BDIA_MODES and len(layers) < 2:
+        raise ValueError(
+            f"cannot convert {name} with memory={memory!r}: it has {len(layers)} layer(s) and a BDIA stack "
+            "needs at least 2 (block 0 is a plain residual step; reversibility starts at block 1). "
+            "Use memory='checkpoint', 'mesa' or 'standard' for it."
+        )
+    dtypes = {p.dtype for p in layers.parameters()}
+    if memory in _BDIA_MODES and not dtypes <= set(SIGNIFICAND_BITS):
+        raise ValueError(
+            f"cannot convert {name} with memory={memory!r}: its layers hold {', '.join(sorted(map(str, dtypes)))} "
+            "weights, and the residual stream of a BDIA stack must be float32 or float64 to be exactly reversible. "
+            "Keep the model in float32 and train under torch.autocast for low-precision layer internals."
+        )
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        raise ValueError(
+            f"{name} has transformers' own activation checkpointing enabled; disable it first "
+            f"({CHECKPOINTING_HINT}); revbits.hf.convert(model, 'checkpoint') does the same job inside the stack"
+        )
+    converted = stacked_layer_list(layers, memory, **options)
+    holder = converted[0]
+    setattr(parent, attribute, converted)
+    base = getattr(model, "base_model", model)
+    base.register_forward_pre_hook(_PerLayerOutputGuard(holder), with_kwargs=True)
+    return model
+
+
+def restore(model: ModelT) -> ModelT:
+    """Undo :func:`convert` in place: put the original ``nn.ModuleList`` of layers back.
+
+    The list is the very object the model had before conversion, holding the same layer objects,
+    so every change made while converted (training steps, ``load_state_dict``, ``.to()``) is kept.
+    Afterwards the model is a plain transformers model again: ``save_pretrained`` writes the
+    original tensor names and ``from_pretrained`` loads the result without revbits.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: ``model`` is not converted.
+        RuntimeError: the converted layer list or the stack's layers were replaced after conversion.
+    """
+    holder = _holder(model)
+    parent, attribute, current = locate_layers(model)
+    if len(current) == 0 or current[0] is not holder:
+        raise RuntimeError(
+            "revbits.hf.restore: the converted layer list was replaced after convert(); cannot restore it"
+        )
+    original = holder.original_layers
+    stacked = [block.layer for block in holder.stack.blocks]
+    if len(stacked) != len(original) or any(a is not b for a, b in zip(stacked, original)):
+        raise RuntimeError("revbits.hf.restore: the stack no longer holds the original layers")
+    original.train(holder.training)
+    setattr(parent, attribute, original)
+    base = getattr(model, "base_model", model)
+    guards = [
+        k for k, h in base._forward_pre_hooks.items() if isinstance(h, _PerLayerOutputGuard) and h.holder is holder
+    ]
+    for key in guards:
+        base._forward_pre_hooks.pop(key)
+        base._forward_pre_hooks_with_kwargs.pop(key, None)
+    return model
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` holds a layer stack that :func:`convert` put in."""
+    return any(isinstance(m, StackedLayers) for m in model.modules())
+
+
+def revbits_stack(model: nn.Module) -> nn.Module:
+    """The revbits stack module of a converted ``model`` (a :class:`revbits.BDIAStack` for
+    ``memory="bdia"``), e.g. to set ``revbits_stack(model).reversible = False``. Its
+    ``blocks[k].layer`` is the model's k-th original layer.
+
+    Raises:
+        ValueError: ``model`` is not converted.
+    """
+    return _holder(model).stack
+
+
+def _holder(model: nn.Module) -> StackedLayers:
+    for module in model.modules():
+        if isinstance(module, StackedLayers):
+            return module
+    raise ValueError(f"{type(model).__name__} is not converted to a revbits stack (revbits.hf.convert)")
+
+
+class _PerLayerOutputGuard:
+    """A forward pre-hook on the base model that refuses requests for per-layer outputs where a
+    converted model cannot give them correctly.
+
+    transformers 5.x records ``output_hidden_states`` / ``output_attentions`` with forward hooks on
+    the layer classes, which still fire inside the stack: at evaluation the recorded values are
+    the layers' own outputs. During BDIA training they are not the stream states x_k (BDIA mixes
+    x_{k-1} into x_{k+1}) and the reversible forward keeps no graph for them, so the request is
+    refused. transformers 4.x collects them in the layer loop, which a converted model bypasses.
+    """
+
+    def __init__(self, holder: StackedLayers) -> None:
+        self.holder = holder
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        requested = [flag for flag in _OUTPUT_FLAGS if _requested(module, kwargs, flag)]
+        if not requested:
+            return None
+        asked = " and ".join(f"{flag}" for flag in requested)
+        if _transformers_major() < 5:
+            raise NotImplementedError(
+                f"revbits.hf: {asked} is not available on a converted model with transformers 4.x, whose layer "
+                "loop collects per-layer outputs; restore() the model first, or upgrade to transformers 5"
+            )
+        if self.holder.memory in _BDIA_MODES and self.holder.training:
+            raise ValueError(
+                f"revbits.hf: {asked} is not available while a BDIA stack trains: its states are not the layer "
+                "outputs and the reversible forward keeps no graph for them. Request them in eval mode "
+                "(model.eval()), or convert with memory='checkpoint', 'mesa' or 'standard'."
+            )
+        return None
+
+
+def _requested(module: nn.Module, kwargs: dict[str, Any], flag: str) -> bool:
+    value = kwargs.get(flag)
+    if value is None:
+        value = getattr(getattr(module, "config", None), flag, None)
+    # transformers 5 also takes an index or a list of indices for output_hidden_states; 0 selects one
+    return value is not None and value is not False
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+__all__ = ["convert", "is_converted", "restore", "revbits_stack"]
