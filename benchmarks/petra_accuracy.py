@@ -6,12 +6,20 @@ Two models, each trained by both methods with the same configuration (steps, bat
           entry, steps and exit, and the head (revbits.petra.vit);
 - revnet: the small RevNet of revbits.petra (additive coupling stages, stride-2 convs between levels).
 
-Arms: "backprop" is ``revbits train`` on one process; "petra J=2" is ``revbits train --parallel petra
---stages 2 --accumulation 1`` (split by measured time). Gradient clipping is off in both arms, because
-PETRA's stages cannot compute a global gradient norm. The batches differ between the arms (both draw
-random training batches, with different streams), as they do between seeds.
+Arms, all with 64 examples per update and the same number of updates (so equal epochs):
 
-    python benchmarks/petra_accuracy.py                            # about an hour on an idle 2-core machine
+- "backprop": ``revbits train`` on one process, batches of 64;
+- "petra J=2 k=8": ``revbits train --parallel petra --stages 2 --accumulation 8 --batch-size 8`` (split by
+  measured time): 8 micro-batches of 8 per update, so stage 0's delay of 2 micro-batches is a quarter
+  of an update;
+- "petra J=2 k=1": ``--accumulation 1 --batch-size 64``: the same delay is two whole updates.
+
+Gradient clipping is off in every arm, because PETRA's stages cannot compute a global gradient norm.
+The batches differ between the arms (all draw random training batches, from different streams), as
+they do between seeds.
+
+    python benchmarks/petra_accuracy.py                            # about 45 minutes on an idle 2-core machine
+    python benchmarks/petra_accuracy.py --models vit --arms "petra J=2 k=1"   # the stale arm
     python benchmarks/petra_accuracy.py --seeds 0 --scale 0.05     # a quick look
 """
 
@@ -50,18 +58,21 @@ MODELS = {
     ),
     "revnet": TrainConfig(model="revnet", memory="standard", n_layer=2, n_head=1, d_model=16, **COMMON),
 }
-ARMS = ("backprop", "petra J=2")
+ARMS = {"backprop": None, "petra J=2 k=8": (2, 8), "petra J=2 k=1": (2, 1)}  # (stages, accumulation)
+DEFAULT_ARMS = ["backprop", "petra J=2 k=8"]
 
 
 def one_run(name: str, config: TrainConfig, arm: str, seed: int, runs: Path) -> dict:
     """Train one arm from scratch and evaluate its final weights on the test split."""
-    run_dir = runs / name / f"{arm.replace(' ', '_').replace('=', '')}-seed{seed}"
+    run_dir = runs / name / f"{arm.replace(' ', '_').replace('=', '')}-seed{seed}"  # e.g. petra_J2_k8-seed0
     shutil.rmtree(run_dir, ignore_errors=True)
     config = replace(config, seed=seed, out=str(run_dir))
-    if arm == "backprop":
+    if ARMS[arm] is None:
         train(config, quiet=True)
     else:
-        train_petra(replace(config, parallel="petra", stages=2, accumulation=1), quiet=True)
+        stages, k = ARMS[arm]
+        petra = replace(config, parallel="petra", stages=stages, accumulation=k, batch_size=config.batch_size // k)
+        train_petra(petra, quiet=True)
     task = make_task(config)
     model = task.build_model()
     load_checkpoint(run_dir, model)
@@ -118,10 +129,11 @@ def summary(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of steps (quick looks)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "petra_accuracy")
+    parser.add_argument("--fresh", action="store_true", help="train again rows already in results.json")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "petra_accuracy", help="run directories")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two stage processes share two cores; keep the arms alike
@@ -132,6 +144,10 @@ def main() -> None:
         config = replace(MODELS[name], steps=steps, warmup=min(100, steps // 4), eval_interval=min(500, steps))
         for seed in args.seeds:
             for arm in args.arms:
+                saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}
+                done = any((r["model"], r["arm"], r["seed"]) == (name, arm, seed) for r in saved["rows"])
+                if done and not args.fresh and saved["configs"].get(name) == config.to_dict():
+                    continue  # this row was measured with this configuration already
                 row = one_run(name, config, arm, seed, args.runs)
                 # read again: another invocation of this script may have added rows meanwhile
                 saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}

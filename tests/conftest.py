@@ -8,6 +8,16 @@ import torch
 from revbits.models import TransformerBlock
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one thread, like the stage processes (2 threads on a busy 2-core machine are
+    far slower for tiny models). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gpt_blocks(depth: int, d_model: int = 32, n_heads: int = 4, dropout: float = 0.0, **kw) -> list:
     """``depth`` small causal pre-LN blocks."""
     return [TransformerBlock(d_model, n_heads, dropout=dropout, causal=True, **kw) for _ in range(depth)]

@@ -22,12 +22,7 @@ SMALL = ["--data", "shakespeare", "--batch-size", "2", "--block-size", "24", "--
 SMALL += ["--eval-interval", "2", "--log-interval", "1", "--warmup", "1", "--lr", "1e-4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

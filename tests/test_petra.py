@@ -44,14 +44,7 @@ MODEL = dict(channels=8, levels=(3, 1))  # pieces: stem, rev, rev, rev, down, re
 LAUNCH_TIMEOUT = 120.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process references run on one thread, like the stage processes (2 threads on a busy
-    2-core machine are ~100x slower for these tiny convolutions)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int, batch: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -27,12 +27,7 @@ BDIA = dict(vocab=32, d_model=16, n_head=2, n_layer=4, max_len=12, dropout=0.0)
 LAUNCH_TIMEOUT = 120.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int, batch: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
+from .cache import read_utf8_lines
 from .errors import DataFormatError, SourceError
 from .registry import Dataset, fetch, register, require
 from .sources import Source, check_digest, pip_download
@@ -107,10 +108,7 @@ def write_tsv(pairs: list[VersePair], path: Path) -> None:
 def read_tsv(path: Path) -> list[VersePair]:
     """Read a TSV written by ``write_tsv``; ``DataFormatError`` names the first bad line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from exc
+    lines = read_utf8_lines(path)
     if not lines or tuple(lines[0].split("\t")) != HEADER:
         raise DataFormatError(f"{path}: the first line must be the header {' '.join(HEADER)}")
     pairs = []

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import DataFormatError
+
 ENV_VAR = "REVBITS_DATA"
 MANIFEST = "manifest.json"
 
@@ -127,3 +129,11 @@ def write_manifest(name: str, source: str, files: dict[str, Path], notes: dict[s
     }
     atomic_write_text(dataset_dir(name) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def read_utf8_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; ``DataFormatError`` if it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from exc

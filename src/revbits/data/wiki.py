@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 from xml.etree import ElementTree
 
+from .cache import read_utf8_lines
 from .errors import DataFormatError, SourceError
 from .registry import Dataset, fetch, register, require
 from .sources import Source, check_digest, pip_download
@@ -420,10 +421,7 @@ def write_articles(articles: list[Article], path: Path) -> None:
 def read_articles(path: Path) -> list[Article]:
     """Read a file written by ``write_articles``; ``DataFormatError`` names the first bad line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from exc
+    lines = read_utf8_lines(path)
     articles = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -1,0 +1,244 @@
+"""Continued masked-LM training of the pretrained all-MiniLM-L6-v2 on the Wikipedia extract: BDIA against
+standard fine-tuning.
+
+Three parts, each written to its own results file:
+
+- quality (``hf_finetune_quality``): ``revbits train --hf all-MiniLM-L6-v2 --data wiki-extract`` under
+  ``--memory standard`` and ``--memory bdia`` at equal steps, 3 seeds, on the full training split and on a
+  reduced one (the first ``--small-tokens`` tokens), to test the claim that BDIA's regularisation helps
+  most with little data. Validation MLM loss (fixed masking, ``eval_batches`` windows) at the end and
+  its best along the run.
+- memory (``hf_finetune_memory``): :func:`revbits.memory.measure_training_step` (LiveBytes) of one AdamW
+  step per mode at the training shape: the peak, split into parameters, gradients, optimiser state and
+  activations, and the bytes held between forward and backward. Then the largest batch whose step
+  fits under ``--budget-mib`` of peak: the peak is linear in the batch, so a line through two measured
+  batches predicts it, and a measured step at the predicted batch (and one at the next) confirms it.
+- speed (``hf_finetune_speed``): median seconds of a training step per mode, the modes alternating step
+  by step in one process, and their ratio (run it on an otherwise idle machine).
+
+    python benchmarks/hf_finetune.py                     # all three parts
+    python benchmarks/hf_finetune.py --parts memory speed
+    python benchmarks/hf_finetune.py --steps 4 --seeds 0 --parts quality --out runs/hf_smoke   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from report import write_results
+from revbits.memory import measure_training_step
+from revbits.train import TrainConfig
+from revbits.train.loop import make_optimizer, train
+from revbits.train.tasks import make_task
+
+MIB = 2**20
+MODES = ("standard", "bdia")
+BASE = TrainConfig(
+    model="hf",
+    hf="all-MiniLM-L6-v2",
+    data="wiki-extract",
+    steps=200,
+    batch_size=8,
+    block_size=64,
+    lr=1e-4,
+    min_lr=1e-5,
+    warmup=20,
+    weight_decay=0.01,
+    eval_interval=50,
+    eval_batches=25,
+    log_interval=10,
+)
+
+
+def quality_row(config: TrainConfig, runs: Path, data: str) -> dict:
+    run_dir = runs / data / f"{config.memory}-seed{config.seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = replace(config, out=str(run_dir))
+    final = train(config, quiet=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    curve = {r["step"]: r["loss"] for r in records if r["split"] == "valid"}
+    row = {"data": data, "memory": config.memory, "seed": config.seed, "valid_loss": final["loss"]}
+    row |= {"best_valid_loss": min(curve.values()), "valid_curve": curve}
+    print(json.dumps({k: v for k, v in row.items() if k != "valid_curve"}), flush=True)
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def quality_table(rows: list[dict], small_tokens: int) -> list[str]:
+    lines = [
+        "| training data | memory | seeds | final valid MLM loss | best valid MLM loss | bdia − standard (final) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for data in ("full", "small"):
+        finals = {m: {r["seed"]: r["valid_loss"] for r in rows if (r["data"], r["memory"]) == (data, m)} for m in MODES}
+        for memory in MODES:
+            group = [r for r in rows if (r["data"], r["memory"]) == (data, memory)]
+            if not group:
+                continue
+            paired = [finals["bdia"][s] - finals["standard"][s] for s in finals["bdia"] if s in finals["standard"]]
+            delta = f"{statistics.mean(paired):+.4f}" if memory == "bdia" and paired else ""
+            label = "full train split" if data == "full" else f"first {small_tokens:,} tokens"
+            lines.append(
+                f"| {label} | {memory} | {len(group)} | {mean_std([r['valid_loss'] for r in group])} | "
+                f"{mean_std([r['best_valid_loss'] for r in group])} | {delta} |"
+            )
+    return lines
+
+
+def measured_step(task, config: TrainConfig, batch_size: int) -> dict:
+    """LiveBytes of one AdamW step of ``config.memory`` at ``batch_size`` (after one warm-up step)."""
+    config = replace(config, batch_size=batch_size)
+    task.config = config
+    torch.manual_seed(0)
+    model = task.build_model().train()
+    batch = task.train_batch(torch.Generator().manual_seed(0), torch.device("cpu"))
+    memory = measure_training_step(model, lambda: task.loss(model, batch), make_optimizer(model, config))
+    return memory.as_dict()
+
+
+def memory_part(args: argparse.Namespace) -> dict:
+    task = make_task(BASE)
+    out: dict = {"budget_mib": args.budget_mib, "block_size": BASE.block_size, "modes": {}}
+    for memory in MODES:
+        config = replace(BASE, memory=memory)
+        at_shape = measured_step(task, config, BASE.batch_size)
+        small, large = measured_step(task, config, 4), measured_step(task, config, 8)
+        per_example = (large["peak"] - small["peak"]) / 4
+        fixed = small["peak"] - 4 * per_example
+        predicted = int((args.budget_mib * MIB - fixed) // per_example)
+        confirm = {b: measured_step(task, config, b)["peak"] for b in (predicted, predicted + 1)}
+        out["modes"][memory] = {
+            "at_training_shape": at_shape,
+            "peak_per_example": per_example,
+            "peak_fixed": fixed,
+            "largest_batch_predicted": predicted,
+            "confirm_peaks": {str(b): p for b, p in confirm.items()},
+            "largest_batch_confirmed": predicted
+            if confirm[predicted] <= args.budget_mib * MIB < confirm[predicted + 1]
+            else None,
+        }
+        print(memory, json.dumps(out["modes"][memory]["confirm_peaks"]), flush=True)
+    return out
+
+
+def memory_table(result: dict) -> list[str]:
+    modes = result["modes"]
+    lines = [
+        f"One AdamW step of MiniLM (masked LM head), batch {BASE.batch_size} x {result['block_size']} tokens, "
+        "LiveBytes (MiB):",
+        "",
+        "| memory | peak | parameters | gradients | optimizer | activations at peak | held after forward |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for memory, r in modes.items():
+        s = r["at_training_shape"]
+        lines.append(
+            f"| {memory} | {s['peak'] / MIB:.1f} | {s['parameters'] / MIB:.1f} | {s['gradients'] / MIB:.1f} | "
+            f"{s['optimizer'] / MIB:.1f} | {s['activations'] / MIB:.1f} | {s['held_after_forward'] / MIB:.1f} |"
+        )
+    held = {m: r["at_training_shape"]["held_after_forward"] for m, r in modes.items()}
+    peak = {m: r["at_training_shape"]["peak"] for m, r in modes.items()}
+    lines += [
+        "",
+        f"bdia / standard: held after forward {held['bdia'] / held['standard']:.3f}, "
+        f"peak {peak['bdia'] / peak['standard']:.3f}",
+        "",
+        f"Largest batch of {result['block_size']}-token windows whose step peaks under {result['budget_mib']} MiB:",
+        "",
+        "| memory | peak per example (MiB) | largest batch | measured peak at it / at one more (MiB) |",
+        "|---|---|---|---|",
+    ]
+    for memory, r in modes.items():
+        b = r["largest_batch_predicted"]
+        at, over = r["confirm_peaks"][str(b)], r["confirm_peaks"][str(b + 1)]
+        ok = "" if r["largest_batch_confirmed"] is not None else " (not confirmed)"
+        lines.append(f"| {memory} | {r['peak_per_example'] / MIB:.2f} | {b}{ok} | {at / MIB:.1f} / {over / MIB:.1f} |")
+    return lines
+
+
+def speed_part(args: argparse.Namespace) -> dict:
+    task = make_task(BASE)
+    models, optimizers = {}, {}
+    for memory in MODES:
+        torch.manual_seed(0)
+        models[memory] = task.build_model().train()
+        optimizers[memory] = make_optimizer(models[memory], replace(BASE, memory=memory))
+    sampler = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for i in range(args.speed_steps + 2):
+        batch = task.train_batch(sampler, torch.device("cpu"))
+        for memory in MODES:
+            start = time.perf_counter()
+            optimizers[memory].zero_grad(set_to_none=True)
+            task.loss(models[memory], batch).backward()
+            optimizers[memory].step()
+            if i >= 2:  # two warm-up steps
+                times[memory].append(time.perf_counter() - start)
+    medians = {m: statistics.median(t) for m, t in times.items()}
+    return {
+        "threads": torch.get_num_threads(),
+        "steps": args.speed_steps,
+        "median_s": medians,
+        "ratio_bdia_over_standard": medians["bdia"] / medians["standard"],
+    }
+
+
+def speed_table(result: dict) -> list[str]:
+    return [
+        f"Median training step, batch {BASE.batch_size} x {BASE.block_size}, {result['steps']} steps per mode, "
+        f"alternating, {result['threads']} threads: bdia / standard = {result['ratio_bdia_over_standard']:.2f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--parts", nargs="+", default=["quality", "memory", "speed"], choices=["quality", "memory", "speed"]
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data", nargs="+", default=["full", "small"], choices=["full", "small"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--steps", type=int, default=BASE.steps)
+    parser.add_argument("--small-tokens", type=int, default=20_000, help="training tokens of the reduced run")
+    parser.add_argument("--budget-mib", type=int, default=1024)
+    parser.add_argument("--speed-steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "hf_finetune")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if "quality" in args.parts:
+        results = args.out / "hf_finetune_quality.json"
+        for data in args.data:
+            config = replace(BASE, steps=args.steps, eval_interval=min(BASE.eval_interval, args.steps))
+            if data == "small":
+                config = replace(config, train_subset=args.small_tokens)
+            for seed in args.seeds:
+                for memory in args.modes:
+                    row = quality_row(replace(config, memory=memory, seed=seed), args.runs, data)
+                    saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}
+                    key = (data, memory, seed)
+                    saved["rows"] = [r for r in saved["rows"] if (r["data"], r["memory"], r["seed"]) != key] + [row]
+                    saved["configs"][data] = replace(config, out="").to_dict()
+                    write_results(results.with_suffix(""), saved, quality_table(saved["rows"], args.small_tokens))
+    if "memory" in args.parts:
+        result = memory_part(args)
+        write_results(args.out / "hf_finetune_memory", result, memory_table(result))
+    if "speed" in args.parts:
+        torch.set_num_threads(2)
+        result = speed_part(args)
+        write_results(args.out / "hf_finetune_speed", result, speed_table(result))
+
+
+if __name__ == "__main__":
+    main()
