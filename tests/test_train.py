@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +242,23 @@ def test_revnet_trains_plainly_and_with_petra_split_by_measured_time(tmp_path, c
     assert "2 positive piece counts" in capsys.readouterr().err
     assert run("train", "--model", "revnet", *shape, "--memory", "bdia", "--out", tmp_path / "bdia") == 2
     assert "standard" in capsys.readouterr().err
+
+
+def test_petra_under_torchrun_equals_the_self_launched_run(tmp_path):
+    """``torchrun --nproc-per-node 2 -m revbits.cli train --parallel petra --stages 2`` runs one stage per
+    torchrun process and trains exactly what ``revbits train`` does when it starts the processes itself."""
+    args = ["--model", "revnet", *TINY, "--d-model", "8", "--n-layer", "1", "--parallel", "petra", "--stages", "2"]
+    args += ["--stage-split", "2,3"]
+    assert run("train", *args, "--out", tmp_path / "spawned") == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*torchrun, "-m", "revbits.cli", "train", *args, "--out", str(tmp_path / "torchrun")]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(tmp_path / "spawned"), weights(tmp_path / "torchrun")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert done.stdout.count('"run"') == 1  # only the last stage reports
 
 
 def weights_of_fresh_model(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..train.checkpoint import save_checkpoint
@@ -33,7 +34,7 @@ from ..train.tasks import Task, make_task
 from .launch import launch
 from .profile import sizes_by_time
 from .record import load_records
-from .runtime import PetraConfig, run_stage
+from .runtime import PetraConfig, join_process_group, run_stage
 from .stages import balanced_sizes, split
 from .vit import vit_pieces
 
@@ -112,9 +113,22 @@ def check_petra_config(config: TrainConfig) -> None:
         raise ConfigError(f"--stages {config.stages} is more than the {most} stages {config.model} can be split into")
 
 
+def torchrun_rank(J: int) -> int | None:
+    """This process's stage when started by torchrun (RANK and WORLD_SIZE set), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    if int(os.environ["WORLD_SIZE"]) != J:
+        raise ConfigError(f"torchrun started {os.environ['WORLD_SIZE']} processes for --stages {J}")
+    return int(os.environ["RANK"])
+
+
 def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train ``config`` with PETRA over ``config.stages`` local processes up to ``stop_at`` (or ``steps``),
+    """Train ``config`` with PETRA over ``config.stages`` processes up to ``stop_at`` (or ``steps``),
     from the last segment's stage states when ``resume``; returns the evaluation at the end.
+
+    The processes are started here (:func:`launch`), or, under ``torchrun --nproc-per-node J``, this
+    process is stage RANK: stage 0 measures the split and sends it to the others, and the last stage
+    gathers the weights, evaluates and writes the run (the others return an empty dict).
 
     Each call is one segment: the pipeline fills, runs and drains, then the stage states go to a new
     ``stages-<step>`` directory that ``progress.json`` names (written last, atomically), so a failed
@@ -155,19 +169,33 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
         resume_from=resume_from,
         device=config.device,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    rank = torchrun_rank(J)
+    writer = rank is None or rank == J - 1  # the last stage has the losses; it writes the run
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     data = TaskBatches(config, config.steps * k)
-    sizes = sizes or stage_sizes(config, data)
     start = time.perf_counter()
-    summaries = launch(J, run_stage, (partial(stage_builder, config, J, sizes), data, petra))
+    if rank is None:
+        sizes = sizes or stage_sizes(config, data)
+        summaries = launch(J, run_stage, (partial(stage_builder, config, J, sizes), data, petra))
+        losses = summaries[-1].losses
+    else:
+        join_process_group(rank, J, petra)
+        decided = [sizes or (stage_sizes(config, data) if rank == 0 else None)]
+        dist.broadcast_object_list(decided, src=0)  # every stage must cut the model the same way
+        sizes = decided[0]
+        losses = run_stage(None, None, partial(stage_builder, config, J, sizes), data, petra).losses
+        dist.barrier()  # every stage has saved its record
+        dist.destroy_process_group()
+        if not writer:
+            return {}
     seconds = time.perf_counter() - start
     torch.manual_seed(config.seed)
     model, stages = build_stages(config, J, sizes)
     gather_weights(model, stages, load_records(stages_dir, J))
     metrics = MetricsLog(out / "metrics.jsonl")
     metrics.truncate_after(begin)
-    losses = summaries[-1].losses
     for step in range(begin + 1, end + 1):  # as the training loop logs: every log_interval steps and the last
         if step % config.log_interval == 0 or step == config.steps:
             window = losses[(max(begin, step - config.log_interval) - begin) * k : (step - begin) * k]

@@ -86,6 +86,8 @@ def _train(args: argparse.Namespace) -> int:
         from ..petra.train import train_petra
 
         result = train_petra(config, resume=args.resume)
+        if not result:  # a torchrun stage other than the last: that one reports
+            return 0
     else:
         result = train(config, resume=args.resume)
     print(json.dumps({"run": config.out, **result}))
