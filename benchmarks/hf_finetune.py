@@ -11,8 +11,8 @@ Three parts, each written to its own results file:
 - memory (``hf_finetune_memory``): :func:`revbits.memory.measure_training_step` (LiveBytes) of one AdamW
   step per mode at the training shape: the peak, split into parameters, gradients, optimiser state and
   activations, and the bytes held between forward and backward. Then the largest batch whose step
-  fits under ``--budget-mib`` of peak: the peak is linear in the batch, so a line through two measured
-  batches predicts it, and a measured step at the predicted batch (and one at the next) confirms it.
+  fits under ``--budget-mib`` of peak, found by secant steps over measured peaks and confirmed by a
+  measured step at it (under the budget) and at one more (over it).
 - speed (``hf_finetune_speed``): median seconds of a training step per mode, the modes alternating step
   by step in one process, and their ratio (run it on an otherwise idle machine).
 
@@ -107,28 +107,49 @@ def measured_step(task, config: TrainConfig, batch_size: int) -> dict:
     return memory.as_dict()
 
 
+def largest_batch(peak_of, peaks: dict[int, int], budget: int, tries: int = 8) -> int | None:
+    """The largest batch b with peak_of(b) <= budget < peak_of(b + 1), found by secant steps on the
+    measured peaks (a convex, increasing, piecewise-linear function of b); ``peaks`` holds the
+    measurements so far and gets every new one. None if ``tries`` rounds do not settle it."""
+    for _ in range(tries):
+        (b0, p0), (b1, p1) = _bracket(peaks, budget)
+        slope = (p1 - p0) / (b1 - b0)
+        guess = max(1, int(b1 + (budget - p1) // slope))
+        for b in (guess, guess + 1):
+            if b not in peaks:
+                peaks[b] = peak_of(b)
+        if peaks[guess] <= budget < peaks[guess + 1]:
+            return guess
+    return None
+
+
+def _bracket(peaks: dict[int, int], budget: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two measured points nearest the budget from below and above (or the two largest below)."""
+    below = sorted((b, p) for b, p in peaks.items() if p <= budget)
+    above = sorted((b, p) for b, p in peaks.items() if p > budget)
+    if below and above:
+        return below[-1], above[0]
+    return tuple(sorted(peaks.items())[-2:]) if not above else tuple(sorted(peaks.items())[:2])
+
+
 def memory_part(args: argparse.Namespace) -> dict:
     task = make_task(BASE)
     out: dict = {"budget_mib": args.budget_mib, "block_size": BASE.block_size, "modes": {}}
     for memory in MODES:
         config = replace(BASE, memory=memory)
         at_shape = measured_step(task, config, BASE.batch_size)
-        small, large = measured_step(task, config, 4), measured_step(task, config, 8)
-        per_example = (large["peak"] - small["peak"]) / 4
-        fixed = small["peak"] - 4 * per_example
-        predicted = int((args.budget_mib * MIB - fixed) // per_example)
-        confirm = {b: measured_step(task, config, b)["peak"] for b in (predicted, predicted + 1)}
+        peaks = {b: measured_step(task, config, b)["peak"] for b in (4, 8)}
+
+        def peak_of(batch: int, config: TrainConfig = config) -> int:
+            return measured_step(task, config, batch)["peak"]
+
+        largest = largest_batch(peak_of, peaks, args.budget_mib * MIB)
         out["modes"][memory] = {
             "at_training_shape": at_shape,
-            "peak_per_example": per_example,
-            "peak_fixed": fixed,
-            "largest_batch_predicted": predicted,
-            "confirm_peaks": {str(b): p for b, p in confirm.items()},
-            "largest_batch_confirmed": predicted
-            if confirm[predicted] <= args.budget_mib * MIB < confirm[predicted + 1]
-            else None,
+            "peaks_by_batch": {str(b): p for b, p in sorted(peaks.items())},
+            "largest_batch": largest,
         }
-        print(memory, json.dumps(out["modes"][memory]["confirm_peaks"]), flush=True)
+        print(memory, json.dumps(out["modes"][memory]["peaks_by_batch"]), flush=True)
     return out
 
 
@@ -156,14 +177,16 @@ def memory_table(result: dict) -> list[str]:
         "",
         f"Largest batch of {result['block_size']}-token windows whose step peaks under {result['budget_mib']} MiB:",
         "",
-        "| memory | peak per example (MiB) | largest batch | measured peak at it / at one more (MiB) |",
-        "|---|---|---|---|",
+        "| memory | largest batch | measured peak at it / at one more (MiB) |",
+        "|---|---|---|",
     ]
     for memory, r in modes.items():
-        b = r["largest_batch_predicted"]
-        at, over = r["confirm_peaks"][str(b)], r["confirm_peaks"][str(b + 1)]
-        ok = "" if r["largest_batch_confirmed"] is not None else " (not confirmed)"
-        lines.append(f"| {memory} | {r['peak_per_example'] / MIB:.2f} | {b}{ok} | {at / MIB:.1f} / {over / MIB:.1f} |")
+        b = r["largest_batch"]
+        if b is None:
+            lines.append(f"| {memory} | not found | |")
+            continue
+        at, over = r["peaks_by_batch"][str(b)], r["peaks_by_batch"][str(b + 1)]
+        lines.append(f"| {memory} | {b} | {at / MIB:.1f} / {over / MIB:.1f} |")
     return lines
 
 

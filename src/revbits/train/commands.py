@@ -154,9 +154,10 @@ def _memory(args: argparse.Namespace) -> int:
         rows.append({"memory": memory, **report.as_dict(), **({"mesa": mesa} if mesa else {})})
         tables += [(f"{memory}: {name or 'model'}", c.report.table()) for name, c in compressors.items()]
     base = rows[0]
+    shape = f"{config.n_layer} layers, d={config.d_model}" if config.model != "hf" else config.hf
     print(
-        f"one training step of {config.model} on {config.data} ({config.n_layer} layers, d={config.d_model}, "
-        f"batch {config.batch_size}), measured; ratios against {base['memory']}:"
+        f"one training step of {config.model} on {config.data} ({shape}, batch {config.batch_size}), "
+        f"measured; ratios against {base['memory']}:"
     )
     for row in rows:
         print(
