@@ -194,6 +194,7 @@ def speed_part(args: argparse.Namespace) -> dict:
     task = make_task(BASE)
     models, optimizers = {}, {}
     for memory in MODES:
+        task.config = replace(BASE, memory=memory)  # build_model reads the memory mode from the task
         torch.manual_seed(0)
         models[memory] = task.build_model().train()
         optimizers[memory] = make_optimizer(models[memory], replace(BASE, memory=memory))
@@ -250,6 +251,8 @@ def main() -> None:
                 for memory in args.modes:
                     row = quality_row(replace(config, memory=memory, seed=seed), args.runs, data)
                     saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}
+                    if saved["configs"].get(data) not in (None, replace(config, out="").to_dict()):
+                        saved["rows"] = [r for r in saved["rows"] if r["data"] != data]  # another setting's rows
                     key = (data, memory, seed)
                     saved["rows"] = [r for r in saved["rows"] if (r["data"], r["memory"], r["seed"]) != key] + [row]
                     saved["configs"][data] = replace(config, out="").to_dict()

@@ -180,7 +180,7 @@ def test_lr0_gradients_and_reconstructions_equal_backprop(tmp_path, J, sizes, re
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lr0_gradients_of_stages_on_cuda_equal_cpu_backprop(tmp_path, monkeypatch):
-    """Stages on GPUs (NCCL with a GPU per stage, else gloo through host memory) give backprop's gradients."""
+    """Stages on GPUs (messages over gloo through host memory) give backprop's gradients."""
     monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # the stage processes inherit it: fp32 convolutions
     data = images(5)
     config = PetraConfig(stages=2, accumulation=2, lr=0.0, out_dir=str(tmp_path), record=True, device="cuda")

@@ -359,3 +359,14 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path, capsys):
     config.write_text('{"quantize_eval": "false"}')
     assert run("train", "--config", config, "--out", tmp_path / "x") == 2
     assert "quantize_eval must be bool" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_an_option_existed_resumes_with_its_default():
+    from revbits.train.config import TrainConfig
+    from revbits.train.loop import _check_resumable
+
+    config = TrainConfig(model="vit", steps=10)
+    older = {k: v for k, v in config.to_dict().items() if k != "stage_split"}  # written before the option
+    _check_resumable(older, config)  # the missing option counts as its default: no error
+    with pytest.raises(ValueError, match="stage_split"):
+        _check_resumable(older, TrainConfig(model="vit", steps=10, stage_split="params"))

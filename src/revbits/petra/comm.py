@@ -69,7 +69,7 @@ class Channel:
 
     Sent messages stay referenced until :meth:`flush` has seen their sends complete; a send can only
     complete once the neighbour posts the matching receive. Tensors travel on ``wire`` (the GPU under
-    NCCL, the CPU under gloo) and are handed out on ``device``.
+    NCCL, the CPU under gloo, which is what PETRA uses) and are handed out on ``device``.
     """
 
     def __init__(

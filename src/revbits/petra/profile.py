@@ -22,12 +22,20 @@ from torch import Tensor, nn
 from .stages import balanced_sizes
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work, so that a wall-clock time covers it (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
     times = []
     for i in range(repeats + 1):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         if i:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -54,12 +62,16 @@ def profile_piece(piece: nn.Module, x: Tensor, target: Tensor, head: bool, repea
     for _ in range(repeats + 1):
         if reversible:  # BDIA keeps its residue bits in the forward without graph, and uses them here
             y = forward_no_graph()
+            synchronize()
             start = time.perf_counter()
             piece.invert(y, 0)
+            synchronize()
             inversions.append(time.perf_counter() - start)
         out = graph()
+        synchronize()
         start = time.perf_counter()
         out.backward(None if head else torch.ones_like(out))
+        synchronize()
         backwards.append(time.perf_counter() - start)
         piece.zero_grad(set_to_none=True)
     row["r"] = statistics.median(inversions[1:]) if reversible else 0.0

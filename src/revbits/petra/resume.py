@@ -48,7 +48,7 @@ def load_stage_state(resume_from: str | Path, j: int, module: nn.Module, optimiz
         for name, p in own.items():
             p.copy_(saved[name])
     try:
-        loaded = torch.load(state, weights_only=True)
+        loaded = torch.load(state, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file names itself
         raise ValueError(f"stage {j}: {state} is not a readable stage state ({error})") from None
     if optimizer is not None and loaded["optimizer"] is not None:

@@ -78,7 +78,7 @@ class PetraConfig:
     lr_schedule: Callable[[int], float] | None = None  # lr factor after n updates (picklable); None: constant
     first_micro_batch: int = 0  # the global id of this segment's micro-batch 0 (data index, random seeds)
     resume_from: str | None = None  # a previous segment's out_dir: start from its stage states
-    device: str = "cpu"  # "cuda": stage j runs on GPU (LOCAL_RANK mod the GPU count); see join_process_group
+    device: str = "cpu"  # "cuda": stage j runs on GPU LOCAL_RANK mod the GPU count; messages go over gloo
 
     def __post_init__(self) -> None:
         for name in ("stages", "accumulation"):
@@ -291,10 +291,14 @@ def stage_device(config: PetraConfig) -> torch.device:
 
 
 def backend(device: torch.device, world_size: int) -> str:
-    """NCCL when every stage has a GPU of its own; otherwise gloo (CPU stages, or stages sharing GPUs,
-    which NCCL refuses: their messages then travel through host memory)."""
-    if device.type == "cuda" and torch.cuda.device_count() >= world_size and dist.is_nccl_available():
-        return "nccl"
+    """gloo, for CPU and GPU stages alike (GPU stages send through host memory).
+
+    NCCL is not used yet: its point-to-point sends block the GPU stream until the peer posts the
+    matching receive, and PETRA's neighbours post them in crossing order (an activation one way, a
+    gradient pair the other), so each step's messages would have to go out as one
+    ``batch_isend_irecv`` group. That needs testing on two or more GPUs, which this project has not
+    had.
+    """
     return "gloo"
 
 

@@ -142,7 +142,8 @@ def split(pieces: Sequence[nn.Module], J: int, sizes: Sequence[int] | None = Non
     """Group ``pieces`` (Stages, then one LossStage) into J contiguous pipeline stages.
 
     ``sizes`` gives the number of pieces per stage; by default the groups are balanced by parameter
-    count (:func:`balanced_sizes`). Balancing by measured time is still to come. A group is a
+    count (:func:`balanced_sizes`); :func:`revbits.petra.profile.sizes_by_time` balances by measured
+    time. A group is a
     reversible stage only if all its pieces are reversible; otherwise it is a plain (FIFO) stage.
     Returns J - 1 :class:`SequentialStage` and a final :class:`LastStage`.
     """

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def stage_builder(config: TrainConfig, J: int, sizes: list[int]) -> list[nn.Modu
 def stage_sizes(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> list[int]:
     """Pieces per stage for ``config.stage_split``: the given sizes; balanced by parameter count for
     "params"; for "time", balanced by each piece's PETRA cost (f + r + g + b) measured on the first
-    micro-batch with a throw-away copy of the model."""
+    micro-batch with a throw-away copy of the model, on ``config.device``."""
     given = config.stage_sizes()
     if given is not None:
         return given
@@ -95,7 +96,10 @@ def stage_sizes(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> l
     pieces = model_pieces(task_of(config).build_model(), config)
     if config.stage_split == "params" or config.stages == 1:
         return balanced_sizes([sum(p.numel() for p in piece.parameters()) for piece in pieces], config.stages)
-    return sizes_by_time(pieces, *data[0], config.stages)
+    device = torch.device(config.device)
+    pieces = [piece.to(device) for piece in pieces]
+    x, target = (t.to(device) for t in data[0])
+    return sizes_by_time(pieces, x, target, config.stages)
 
 
 def stage_adamw(params: list[nn.Parameter], petra: PetraConfig) -> torch.optim.Optimizer:
@@ -148,7 +152,9 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
                 f"--resume: the run used --stages {progress['stages']} --accumulation {progress['accumulation']}"
             )
         begin, resume_from = progress["step"], str(out / progress["stages_dir"])
-        sizes = progress.get("sizes")  # the stage states only fit the split they were trained with
+        # the stage states only fit the split they were trained with (runs saved before splits were
+        # recorded were split by parameter count)
+        sizes = progress.get("sizes") or stage_sizes(replace(config, stage_split="params"), [])
     elif (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     end = config.stop_at or config.steps
@@ -175,6 +181,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     data = TaskBatches(config, config.steps * k)
+    task_of(config)  # every process loads the data before any waits on another
     start = time.perf_counter()
     if rank is None:
         sizes = sizes or stage_sizes(config, data)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +198,16 @@ def _export(args: argparse.Namespace) -> int:
 
     if is_converted(model):
         restore(model)
-    staging = args.out.with_name(args.out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    task.tokenizer.save_pretrained(staging)
-    staging.rename(args.out)  # the directory appears whole or not at all
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+    try:
+        model.save_pretrained(staging)
+        task.tokenizer.save_pretrained(staging)
+        os.rename(staging, args.out)  # the directory appears whole or not at all; an existing one is kept
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"revbits export: cannot write {args.out}: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: load it with transformers' from_pretrained, without revbits")
     return 0
 

@@ -16,7 +16,6 @@ Dropout is the model's own (its config), not ``--dropout``.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -63,12 +62,8 @@ def load_pretrained(name: str, causal: bool | None = None) -> nn.Module:
     local files only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(name)
-    try:
-        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except OSError as error:
-        raise ConfigError(f"--hf {name}: no local model there ({str(error).splitlines()[0]})") from None
+    hf_config = _local(AutoConfig, path, name)
     if causal is None:
         causal = hf_config.model_type in CAUSAL_TYPES
     auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
@@ -76,6 +71,15 @@ def load_pretrained(name: str, causal: bool | None = None) -> nn.Module:
         return auto.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ConfigError(f"--hf {name}: cannot build a language model from it ({error})") from None
+
+
+def _local(auto: type, path: str, name: str):
+    """``auto.from_pretrained(path)`` from local files only, with a ConfigError naming ``--hf`` if it fails."""
+    try:
+        return auto.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--hf {name}: no usable local model there ({first})") from None
 
 
 def mask_tokens(
@@ -105,27 +109,38 @@ class HFTextTask(Task):
         super().__init__(config)
         from transformers import AutoConfig, AutoTokenizer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.path = resolve_model_path(config.hf)
-        self.hf_config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+        self.hf_config = _local(AutoConfig, self.path, config.hf)
         self.causal = self.hf_config.model_type in CAUSAL_TYPES
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.tokenizer = _local(AutoTokenizer, self.path, config.hf)
         if not self.causal and self.tokenizer.mask_token_id is None:
             raise ConfigError(f"--hf {config.hf}: the tokenizer has no [MASK] token for masked language modelling")
-        self.tokenizer.model_max_length = 10**9  # whole splits are tokenised at once, then cut into windows
         self.window = config.block_size if self.causal else config.block_size - 2
-        limit = getattr(self.hf_config, "max_position_embeddings", None) or getattr(self.hf_config, "n_positions", 0)
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or getattr(self.hf_config, "n_positions", None)
         if self.window < 1 or (limit and config.block_size > limit):
-            raise ConfigError(f"--block-size {config.block_size} must be from 3 to the model's {limit} positions")
-        self.splits = {
-            split: torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            for split, text in adapters.texts(config.data).items()
-        }
-        if config.train_subset:
-            self.splits["train"] = self.splits["train"][: config.train_subset]
-        shortest = min(len(t) for t in self.splits.values())
-        if shortest <= self.window:
-            raise ConfigError(f"a split of {config.data} has only {shortest} tokens: too few for a window")
+            least = 1 if self.causal else 3
+            most = f" to the model's {limit} positions" if limit else " or more"
+            raise ConfigError(f"--block-size {config.block_size}: it must be from {least}{most}")
+        self._splits: dict[str, torch.Tensor] | None = None
+
+    @property
+    def splits(self) -> dict[str, torch.Tensor]:
+        """The token stream of each split, tokenised on first use (evaluating or exporting a run that
+        never draws a batch does not need the corpus)."""
+        if self._splits is None:
+            texts = adapters.texts(self.config.data)
+            self._splits = {
+                split: torch.tensor(
+                    self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long
+                )
+                for split, text in texts.items()
+            }
+            if self.config.train_subset:
+                self._splits["train"] = self._splits["train"][: self.config.train_subset]
+            shortest = min(len(t) for t in self._splits.values())
+            if shortest <= self.window:
+                raise ConfigError(f"a split of {self.config.data} has only {shortest} tokens: too few for a window")
+        return self._splits
 
     def build_model(self) -> nn.Module:
         model = load_pretrained(self.path, self.causal)

@@ -8,6 +8,7 @@ on CPU 20 steps plus a resume to 40 give the same weights, bit for bit, as 40 st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -67,6 +68,10 @@ def _restore_rng(state: dict[str, torch.Tensor], device: torch.device, sampler: 
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume with changed options. An option the saved run does not name (one added to
+    revbits after it was written) counts as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {**defaults, **saved}
     changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
