@@ -41,6 +41,13 @@ from revbits.train.tasks import make_task
 
 MIB = 2**20
 MODES = ("standard", "bdia")
+# Quality arms: a label and the options it changes. "bdia gamma 0.25" stores 2 bits per element per
+# layer instead of 1, and its training forward stays closer to the pretrained one (g = +-0.25).
+ARMS = {
+    "standard": {"memory": "standard"},
+    "bdia": {"memory": "bdia"},
+    "bdia gamma 0.25": {"memory": "bdia", "gamma": 0.25},
+}
 BASE = TrainConfig(
     model="hf",
     hf="all-MiniLM-L6-v2",
@@ -58,14 +65,14 @@ BASE = TrainConfig(
 )
 
 
-def quality_row(config: TrainConfig, runs: Path, data: str) -> dict:
-    run_dir = runs / data / f"{config.memory}-seed{config.seed}"
+def quality_row(config: TrainConfig, arm: str, runs: Path, data: str) -> dict:
+    run_dir = runs / data / f"{arm.replace(' ', '-')}-seed{config.seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = replace(config, out=str(run_dir))
+    config = replace(config, out=str(run_dir), **ARMS[arm])
     final = train(config, quiet=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     curve = {r["step"]: r["loss"] for r in records if r["split"] == "valid"}
-    row = {"data": data, "memory": config.memory, "seed": config.seed, "valid_loss": final["loss"]}
+    row = {"data": data, "memory": arm, "seed": config.seed, "valid_loss": final["loss"]}
     row |= {"best_valid_loss": min(curve.values()), "valid_curve": curve}
     print(json.dumps({k: v for k, v in row.items() if k != "valid_curve"}), flush=True)
     return row
@@ -77,17 +84,17 @@ def mean_std(values: list[float]) -> str:
 
 def quality_table(rows: list[dict], small_tokens: int) -> list[str]:
     lines = [
-        "| training data | memory | seeds | final valid MLM loss | best valid MLM loss | bdia − standard (final) |",
+        "| training data | memory | seeds | final valid MLM loss | best valid MLM loss | − standard (final, paired) |",
         "|---|---|---|---|---|---|",
     ]
     for data in ("full", "small"):
-        finals = {m: {r["seed"]: r["valid_loss"] for r in rows if (r["data"], r["memory"]) == (data, m)} for m in MODES}
-        for memory in MODES:
+        finals = {m: {r["seed"]: r["valid_loss"] for r in rows if (r["data"], r["memory"]) == (data, m)} for m in ARMS}
+        for memory in ARMS:
             group = [r for r in rows if (r["data"], r["memory"]) == (data, memory)]
             if not group:
                 continue
-            paired = [finals["bdia"][s] - finals["standard"][s] for s in finals["bdia"] if s in finals["standard"]]
-            delta = f"{statistics.mean(paired):+.4f}" if memory == "bdia" and paired else ""
+            paired = [v - finals["standard"][s] for s, v in finals[memory].items() if s in finals["standard"]]
+            delta = f"{statistics.mean(paired):+.4f}" if memory != "standard" and paired else ""
             label = "full train split" if data == "full" else f"first {small_tokens:,} tokens"
             lines.append(
                 f"| {label} | {memory} | {len(group)} | {mean_std([r['valid_loss'] for r in group])} | "
@@ -232,7 +239,8 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", nargs="+", default=["full", "small"], choices=["full", "small"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(ARMS), help="quality arms")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the quality table from its json")
     parser.add_argument("--steps", type=int, default=BASE.steps)
     parser.add_argument("--small-tokens", type=int, default=20_000, help="training tokens of the reduced run")
     parser.add_argument("--budget-mib", type=int, default=1024)
@@ -241,6 +249,10 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs") / "hf_finetune")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.table_only:
+        saved = json.loads((args.out / "hf_finetune_quality.json").read_text())
+        write_results(args.out / "hf_finetune_quality", saved, quality_table(saved["rows"], args.small_tokens))
+        return
     if "quality" in args.parts:
         results = args.out / "hf_finetune_quality.json"
         for data in args.data:
@@ -249,7 +261,7 @@ def main() -> None:
                 config = replace(config, train_subset=args.small_tokens)
             for seed in args.seeds:
                 for memory in args.modes:
-                    row = quality_row(replace(config, memory=memory, seed=seed), args.runs, data)
+                    row = quality_row(replace(config, seed=seed), memory, args.runs, data)
                     saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}
                     if saved["configs"].get(data) not in (None, replace(config, out="").to_dict()):
                         saved["rows"] = [r for r in saved["rows"] if r["data"] != data]  # another setting's rows
