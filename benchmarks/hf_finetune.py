@@ -4,10 +4,10 @@ standard fine-tuning.
 Three parts, each written to its own results file:
 
 - quality (``hf_finetune_quality``): ``revbits train --hf all-MiniLM-L6-v2 --data wiki-extract`` under
-  ``--memory standard`` and ``--memory bdia`` at equal steps, 3 seeds, on the full training split and on a
-  reduced one (the first ``--small-tokens`` tokens), to test the claim that BDIA's regularisation helps
-  most with little data. Validation MLM loss (fixed masking, ``eval_batches`` windows) at the end and
-  its best along the run.
+  ``--memory standard`` and ``--memory bdia`` at equal steps, 3 seeds, on the full training split and on
+  reduced ones (its first 20,000 or 5,000 tokens: 5 and 20 epochs in 200 steps), to test the claim that
+  BDIA's regularisation helps most with little data. Validation MLM loss (fixed masking,
+  ``eval_batches`` windows) at the end and its best along the run.
 - memory (``hf_finetune_memory``): :func:`revbits.memory.measure_training_step` (LiveBytes) of one AdamW
   step per mode at the training shape: the peak, split into parameters, gradients, optimiser state and
   activations, and the bytes held between forward and backward. Then the largest batch whose step
@@ -82,12 +82,15 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
-def quality_table(rows: list[dict], small_tokens: int) -> list[str]:
+DATA = {"full": None, "small": 20_000, "tiny": 5_000}  # training tokens: the whole split, or the first N
+
+
+def quality_table(rows: list[dict]) -> list[str]:
     lines = [
         "| training data | memory | seeds | final valid MLM loss | best valid MLM loss | − standard (final, paired) |",
         "|---|---|---|---|---|---|",
     ]
-    for data in ("full", "small"):
+    for data, tokens in DATA.items():
         finals = {m: {r["seed"]: r["valid_loss"] for r in rows if (r["data"], r["memory"]) == (data, m)} for m in ARMS}
         for memory in ARMS:
             group = [r for r in rows if (r["data"], r["memory"]) == (data, memory)]
@@ -95,7 +98,7 @@ def quality_table(rows: list[dict], small_tokens: int) -> list[str]:
                 continue
             paired = [v - finals["standard"][s] for s, v in finals[memory].items() if s in finals["standard"]]
             delta = f"{statistics.mean(paired):+.4f}" if memory != "standard" and paired else ""
-            label = "full train split" if data == "full" else f"first {small_tokens:,} tokens"
+            label = "full train split" if tokens is None else f"first {tokens:,} tokens"
             lines.append(
                 f"| {label} | {memory} | {len(group)} | {mean_std([r['valid_loss'] for r in group])} | "
                 f"{mean_std([r['best_valid_loss'] for r in group])} | {delta} |"
@@ -238,11 +241,10 @@ def main() -> None:
         "--parts", nargs="+", default=["quality", "memory", "speed"], choices=["quality", "memory", "speed"]
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--data", nargs="+", default=["full", "small"], choices=["full", "small"])
+    parser.add_argument("--data", nargs="+", default=list(DATA), choices=list(DATA))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(ARMS), help="quality arms")
     parser.add_argument("--table-only", action="store_true", help="rebuild the quality table from its json")
     parser.add_argument("--steps", type=int, default=BASE.steps)
-    parser.add_argument("--small-tokens", type=int, default=20_000, help="training tokens of the reduced run")
     parser.add_argument("--budget-mib", type=int, default=1024)
     parser.add_argument("--speed-steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -251,14 +253,14 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.table_only:
         saved = json.loads((args.out / "hf_finetune_quality.json").read_text())
-        write_results(args.out / "hf_finetune_quality", saved, quality_table(saved["rows"], args.small_tokens))
+        write_results(args.out / "hf_finetune_quality", saved, quality_table(saved["rows"]))
         return
     if "quality" in args.parts:
         results = args.out / "hf_finetune_quality.json"
         for data in args.data:
             config = replace(BASE, steps=args.steps, eval_interval=min(BASE.eval_interval, args.steps))
-            if data == "small":
-                config = replace(config, train_subset=args.small_tokens)
+            if DATA[data] is not None:
+                config = replace(config, train_subset=DATA[data])
             for seed in args.seeds:
                 for memory in args.modes:
                     row = quality_row(replace(config, seed=seed), memory, args.runs, data)
@@ -268,7 +270,7 @@ def main() -> None:
                     key = (data, memory, seed)
                     saved["rows"] = [r for r in saved["rows"] if (r["data"], r["memory"], r["seed"]) != key] + [row]
                     saved["configs"][data] = replace(config, out="").to_dict()
-                    write_results(results.with_suffix(""), saved, quality_table(saved["rows"], args.small_tokens))
+                    write_results(results.with_suffix(""), saved, quality_table(saved["rows"]))
     if "memory" in args.parts:
         result = memory_part(args)
         write_results(args.out / "hf_finetune_memory", result, memory_table(result))
