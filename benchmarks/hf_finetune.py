@@ -36,6 +36,7 @@ import torch
 from report import write_results
 from revbits.memory import measure_training_step
 from revbits.train import TrainConfig
+from revbits.train.commands import make_task_model
 from revbits.train.loop import make_optimizer, train
 from revbits.train.tasks import make_task
 
@@ -204,9 +205,8 @@ def speed_part(args: argparse.Namespace) -> dict:
     task = make_task(BASE)
     models, optimizers = {}, {}
     for memory in MODES:
-        task.config = replace(BASE, memory=memory)  # build_model reads the memory mode from the task
         torch.manual_seed(0)
-        models[memory] = task.build_model().train()
+        models[memory] = make_task_model(task, replace(BASE, memory=memory)).train()
         optimizers[memory] = make_optimizer(models[memory], replace(BASE, memory=memory))
     sampler = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {m: [] for m in MODES}

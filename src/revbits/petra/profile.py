@@ -15,11 +15,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .stages import balanced_sizes
+
+T = TypeVar("T")
 
 
 def synchronize() -> None:
@@ -28,17 +31,18 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """(fn(), the wall seconds it took), queued CUDA work included."""
+    synchronize()
+    start = time.perf_counter()
+    result = fn()
+    synchronize()
+    return result, time.perf_counter() - start
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
-    times = []
-    for i in range(repeats + 1):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median([timed(fn)[1] for _ in range(repeats + 1)][1:])
 
 
 def profile_piece(piece: nn.Module, x: Tensor, target: Tensor, head: bool, repeats: int) -> tuple[dict, Tensor]:
@@ -62,17 +66,9 @@ def profile_piece(piece: nn.Module, x: Tensor, target: Tensor, head: bool, repea
     for _ in range(repeats + 1):
         if reversible:  # BDIA keeps its residue bits in the forward without graph, and uses them here
             y = forward_no_graph()
-            synchronize()
-            start = time.perf_counter()
-            piece.invert(y, 0)
-            synchronize()
-            inversions.append(time.perf_counter() - start)
+            inversions.append(timed(lambda y=y: piece.invert(y, 0))[1])
         out = graph()
-        synchronize()
-        start = time.perf_counter()
-        out.backward(None if head else torch.ones_like(out))
-        synchronize()
-        backwards.append(time.perf_counter() - start)
+        backwards.append(timed(lambda out=out: out.backward(None if head else torch.ones_like(out)))[1])
         piece.zero_grad(set_to_none=True)
     row["r"] = statistics.median(inversions[1:]) if reversible else 0.0
     row["b"] = statistics.median(backwards[1:])

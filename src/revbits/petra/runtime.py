@@ -148,8 +148,7 @@ class StageWorker:
             load_stage_state(config.resume_from, j, stage, self.optimizer, self.scheduler)
         self.first = config.first_micro_batch
         self.device = stage_device(config)
-        wire = self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
-        self.channel = Channel(j, config.timeout, self.device, wire)
+        self.channel = Channel(j, config.timeout, self.device, wire="cpu")  # gloo: see join_process_group
         self.fifo: deque[tuple[int, Tensor]] = deque()
         self.backwards = 0
         self.updates = 0
@@ -290,25 +289,19 @@ def stage_device(config: PetraConfig) -> torch.device:
     return device
 
 
-def backend(device: torch.device, world_size: int) -> str:
-    """gloo, for CPU and GPU stages alike (GPU stages send through host memory).
-
-    NCCL is not used yet: its point-to-point sends block the GPU stream until the peer posts the
-    matching receive, and PETRA's neighbours post them in crossing order (an activation one way, a
-    gradient pair the other), so each step's messages would have to go out as one
-    ``batch_isend_irecv`` group. That needs testing on two or more GPUs, which this project has not
-    had.
-    """
-    return "gloo"
-
-
 def join_process_group(rank: int, world_size: int, config: PetraConfig) -> bool:
-    """Join the process group (MASTER_ADDR/MASTER_PORT from the environment; :func:`backend`) unless this
-    process already is in one; True if it joined, and so must leave it."""
+    """Join the gloo group (MASTER_ADDR/MASTER_PORT from the environment) unless this process already
+    is in one; True if it joined, and so must leave it.
+
+    gloo serves CPU and GPU stages alike (GPU stages send through host memory). NCCL is not used yet:
+    its point-to-point sends block the GPU stream until the peer posts the matching receive, and
+    PETRA's neighbours post them in crossing order (an activation one way, a gradient pair the other),
+    so each step's messages would have to go out as one ``batch_isend_irecv`` group. That needs
+    testing on two or more GPUs, which this project has not had.
+    """
     if dist.is_initialized():
         return False
-    name = backend(stage_device(config), world_size)
-    dist.init_process_group(name, rank=rank, world_size=world_size, timeout=timedelta(seconds=config.init_timeout))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=config.init_timeout))
     return True
 
 

@@ -138,6 +138,11 @@ def balanced_sizes(weights: Sequence[int], parts: int) -> list[int]:
     return sizes[::-1]
 
 
+def sizes_by_params(pieces: Sequence[nn.Module], J: int) -> list[int]:
+    """Pieces per stage for J stages balanced by parameter count (:func:`balanced_sizes`)."""
+    return balanced_sizes([sum(p.numel() for p in piece.parameters()) for piece in pieces], J)
+
+
 def split(pieces: Sequence[nn.Module], J: int, sizes: Sequence[int] | None = None) -> list[nn.Module]:
     """Group ``pieces`` (Stages, then one LossStage) into J contiguous pipeline stages.
 
@@ -154,7 +159,7 @@ def split(pieces: Sequence[nn.Module], J: int, sizes: Sequence[int] | None = Non
         if not isinstance(piece, Stage):
             raise TypeError(f"piece {i} is a {type(piece).__name__}, not a Stage (wrap it in PlainStage)")
     if sizes is None:
-        sizes = balanced_sizes([sum(p.numel() for p in piece.parameters()) for piece in pieces], J)
+        sizes = sizes_by_params(pieces, J)
     sizes = list(sizes)
     if len(sizes) != J or min(sizes) < 1 or sum(sizes) != len(pieces):
         raise ValueError(f"sizes {sizes} must be {J} positive numbers summing to {len(pieces)} pieces")

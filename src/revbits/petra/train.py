@@ -36,7 +36,7 @@ from .launch import launch
 from .profile import sizes_by_time
 from .record import load_records
 from .runtime import PetraConfig, join_process_group, run_stage
-from .stages import balanced_sizes, split
+from .stages import sizes_by_params, split
 from .vit import vit_pieces
 
 PETRA_MODELS = ("vit", "revnet")
@@ -95,7 +95,7 @@ def stage_sizes(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> l
     torch.manual_seed(config.seed)
     pieces = model_pieces(task_of(config).build_model(), config)
     if config.stage_split == "params" or config.stages == 1:
-        return balanced_sizes([sum(p.numel() for p in piece.parameters()) for piece in pieces], config.stages)
+        return sizes_by_params(pieces, config.stages)
     device = torch.device(config.device)
     pieces = [piece.to(device) for piece in pieces]
     x, target = (t.to(device) for t in data[0])

@@ -58,22 +58,6 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_pretrained(name: str, causal: bool | None = None) -> nn.Module:
-    """The model at ``name`` with a language-modelling head (masked, or causal for GPT-2), read from
-    local files only."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
-
-    path = resolve_model_path(name)
-    hf_config = _local(AutoConfig, path, name)
-    if causal is None:
-        causal = hf_config.model_type in CAUSAL_TYPES
-    auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
-    try:
-        return auto.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--hf {name}: cannot build a language model from it ({error})") from None
-
-
 def _local(auto: type, path: str, name: str):
     """``auto.from_pretrained(path)`` from local files only, with a ConfigError naming ``--hf`` if it fails."""
     try:
@@ -146,7 +130,9 @@ class HFTextTask(Task):
         return self._splits
 
     def build_model(self) -> nn.Module:
-        model = load_pretrained(self.path, self.causal)
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+        model = _local(AutoModelForCausalLM if self.causal else AutoModelForMaskedLM, self.path, self.config.hf)
         if self.config.memory != "standard":
             from ..hf import convert
 
