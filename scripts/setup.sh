@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv and install revbits with its test tools. Safe to run again.
+# Create .venv and install revbits with its test tools, at the versions pinned in constraints.txt,
+# so the same commit installs the same packages next month. Safe to run again.
 # torch is installed first, pinned: set REVBITS_TORCH to another requirement (for example a
 # CUDA build's version) to change it. A plain `torch` requirement would pull the CUDA wheels.
+# REVBITS_VENV names another environment folder; REVBITS_UNPINNED=1 skips constraints.txt and
+# takes the newest releases (scripts/test-latest.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install -q "${REVBITS_TORCH:-torch==2.13.0}"
+VENV=${REVBITS_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q "${REVBITS_TORCH:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,hf]"
+if [ "${REVBITS_UNPINNED:-0}" = 1 ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade -e ".[dev,hf]"
+else
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,hf]"
+fi

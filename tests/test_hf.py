@@ -420,6 +420,12 @@ def test_bad_options_and_gradient_checkpointing_leave_the_model_unchanged():
 # Every supported model type, tiny and random: evaluation equal, one reversible training step.
 
 
+# The Llama-style decoder families are tested in test_hf_llama.py.
+ENCODER_TYPES = sorted(
+    t for family in hf.FAMILIES if family.name != "Llama-style decoders" for t in family.model_types
+)
+
+
 def tiny_model(model_type: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     sizes = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
@@ -452,13 +458,13 @@ def tiny_model(model_type: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         "vit": lambda: (transformers.ViTModel(transformers.ViTConfig(**image)), pixels),
         "deit": lambda: (transformers.DeiTModel(transformers.DeiTConfig(**image)), pixels),
     }
-    assert sorted(makers) == hf.supported_model_types(), "every supported model type is tested here"
+    assert sorted(makers) == ENCODER_TYPES, "every supported non-decoder model type is tested here"
     model, inputs = makers[model_type]()
     assert model.config.model_type == model_type
     return model.eval(), inputs
 
 
-@pytest.mark.parametrize("model_type", hf.supported_model_types())
+@pytest.mark.parametrize("model_type", ENCODER_TYPES)
 def test_every_supported_model_type_converts(model_type):
     model, inputs = tiny_model(model_type)
     reference = copy.deepcopy(model)
@@ -472,9 +478,11 @@ def test_every_supported_model_type_converts(model_type):
     assert model.state_dict().keys() == reference.state_dict().keys()
 
 
-def test_layers_returning_tuples_get_tuples_back():
-    """transformers 4.x layers return (hidden_states, ...) and their loop reads item 0; every slot
-    of a converted list answers in that structure. A per-layer head mask is refused."""
+def test_layer_loops_of_every_style_run_unchanged():
+    """Loops that read item 0 of a tuple output (older transformers) and loops that give every
+    layer its own arguments (per-layer head masks, alternating attention masks) compute what the
+    original list computes, in evaluation and in training; the last slot answers in the layers'
+    own structure, and using an intermediate output for anything else is an error."""
 
     class TupleLayer(nn.Module):
         def __init__(self) -> None:
@@ -482,24 +490,54 @@ def test_layers_returning_tuples_get_tuples_back():
             self.linear = nn.Linear(8, 8)
 
         def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False):
-            return (hidden_states + torch.tanh(self.linear(hidden_states)) * attention_mask, None)
+            scale = 1.0 if head_mask is None else head_mask
+            return (hidden_states + torch.tanh(self.linear(hidden_states)) * attention_mask * scale, None)
 
     torch.manual_seed(0)
-    layers = nn.ModuleList(TupleLayer() for _ in range(3))
-    x = torch.randn(2, 5, 8)
-    mask = torch.rand(2, 5, 1)
+    layers = nn.ModuleList(TupleLayer() for _ in range(3)).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    masks = [torch.rand(2, 5, 1, dtype=torch.float64) for _ in range(3)]
+    head_masks = [torch.tensor(float(k + 1), dtype=torch.float64) for k in range(3)]
 
     def loop(layer_list, **kwargs):
         h = x
-        for layer in layer_list:
-            out = layer(h, mask, **kwargs)
-            assert isinstance(out, tuple) and len(out) == 2 and out[1] is None
+        for k, layer in enumerate(layer_list):
+            out = layer(h, masks[k], head_mask=head_masks[k], **kwargs)
             h = out[0]
+        assert isinstance(out, tuple) and len(out) == 2 and out[1] is None
         return h
 
     expected = loop(layers)
     converted = hf.layers.stacked_layer_list(layers, "bdia", quantize_eval=False).eval()
     assert torch.equal(loop(converted), expected)
     assert torch.equal(loop(converted, output_attentions=False), expected)
-    with pytest.raises(NotImplementedError, match="per-layer `head_mask`"):
-        loop(converted, head_mask=torch.ones(2))
+    converted.train()
+    stack = converted[2].stack
+    for m in masks:
+        m.requires_grad_()
+    torch.manual_seed(1)  # the same gamma signs in both runs
+    loop(converted).sum().backward()
+    reversible = [m.grad.clone() for m in masks] + [p.grad.clone() for p in layers.parameters()]
+    for t in masks + list(layers.parameters()):
+        t.grad = None
+    stack.reversible = False
+    torch.manual_seed(1)
+    loop(converted).sum().backward()
+    plain = [m.grad for m in masks] + [p.grad for p in layers.parameters()]
+    for a, b in zip(reversible, plain):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max()
+    with pytest.raises(RuntimeError, match="used the output of layer 0"):
+        converted[0](x, masks[0]).shape  # noqa: B018
+
+
+def test_converted_state_dict_has_the_original_names():
+    """state_dict() of a converted list names layer k's tensors `k.<name>`, as the plain list
+    does, and load_state_dict() takes plain names (and the converted ones)."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    plain_keys = list(layers.state_dict())
+    converted = hf.layers.stacked_layer_list(layers, "bdia")
+    assert list(converted.state_dict()) == plain_keys
+    fresh = {k: torch.full_like(v, 7.0) for k, v in layers.state_dict().items()}
+    converted.load_state_dict(fresh)
+    assert all(torch.equal(p, torch.full_like(p, 7.0)) for p in layers.parameters())

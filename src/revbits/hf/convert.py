@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ..fixedpoint import SIGNIFICAND_BITS
-from .families import family_of, locate_layers
+from .families import family_of, locate_layers, transformers_base
 from .layers import CHECKPOINTING_HINT, StackedLayers, stacked_layer_list
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -19,17 +19,21 @@ _OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
     """Run the layer stack of a transformers ``model`` as ``revbits.stack(layers, memory, **options)``.
 
-    In place: the model's list of K layers is replaced by a list of the same length whose slot
-    0 runs all K original layers (the same objects, with their weights) as one revbits stack and
-    whose other slots pass the hidden states through, so the model's own ``forward`` (embeddings,
-    masks, final norm, heads) is unchanged. The stack computes, from the hidden states x_0 that
+    In place: the model's list of K layers is replaced by a list of the same length whose slots
+    0..K-2 record the call the model's loop makes and pass the hidden states on, and whose last
+    slot runs all K original layers (the same objects, with their weights) as one revbits stack,
+    each with the arguments the loop gave its slot. The model's own ``forward`` (embeddings,
+    masks, rotary tables, final norm, heads, loss) is unchanged, and its ``state_dict()`` keeps
+    the original names, so ``save_pretrained``, Trainer checkpoints and PEFT adapters written
+    while converted load into plain transformers. The stack computes, from the hidden states x_0 that
     enter the first layer, the x_K that leaves the last one under the memory mode ``memory``
     (see :func:`revbits.stack`): for ``"standard"``, ``"checkpoint"`` and ``"mesa"`` the layers
     in sequence; for ``"bdia"`` the BDIA recurrence in training and, at evaluation, the layers in
     sequence (each output rounded to the 2**-bits grid unless ``quantize_eval=False``).
 
     Args:
-        model: a transformers model of a supported family (:func:`supported_model_types`).
+        model: a transformers model of a supported family (:func:`supported_model_types`), or a
+            PEFT model wrapping one.
         memory: one of :data:`revbits.MEMORY_MODES`.
         **options: passed to the stack (e.g. ``bits``, ``gamma``, ``quantize_eval``, ``check`` for
             BDIA; :class:`revbits.mesa.MesaConfig` fields for mesa).
@@ -73,9 +77,9 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
             f"({CHECKPOINTING_HINT}); revbits.hf.convert(model, 'checkpoint') does the same job inside the stack"
         )
     converted = stacked_layer_list(layers, memory, **options)
-    holder = converted[0]
+    holder = converted[len(converted) - 1]
     setattr(parent, attribute, converted)
-    base = getattr(model, "base_model", model)
+    base = transformers_base(model)
     base.register_forward_pre_hook(_PerLayerOutputGuard(holder), with_kwargs=True)
     return model
 
@@ -97,7 +101,7 @@ def restore(model: ModelT) -> ModelT:
     """
     holder = _holder(model)
     parent, attribute, current = locate_layers(model)
-    if len(current) == 0 or current[0] is not holder:
+    if len(current) == 0 or current[len(current) - 1] is not holder:
         raise RuntimeError(
             "revbits.hf.restore: the converted layer list was replaced after convert(); cannot restore it"
         )
@@ -107,7 +111,7 @@ def restore(model: ModelT) -> ModelT:
         raise RuntimeError("revbits.hf.restore: the stack no longer holds the original layers")
     original.train(holder.training)
     setattr(parent, attribute, original)
-    base = getattr(model, "base_model", model)
+    base = transformers_base(model)
     guards = [
         k for k, h in base._forward_pre_hooks.items() if isinstance(h, _PerLayerOutputGuard) and h.holder is holder
     ]

@@ -34,12 +34,38 @@ FAMILIES: tuple[Family, ...] = (
     Family("DistilBERT", ("distilbert",), ("transformer.layer",)),
     Family("GPT-2", ("gpt2",), ("h",)),
     Family("ViT", ("vit", "deit"), ("layers", "encoder.layer")),
+    Family(
+        "Llama-style decoders",
+        (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo2",
+            "granite",
+            "starcoder2",
+        ),
+        ("layers",),
+    ),
 )
 
 
 def supported_model_types() -> list[str]:
     """Every ``config.model_type`` that :func:`revbits.hf.convert` accepts, sorted."""
     return sorted(t for family in FAMILIES for t in family.model_types)
+
+
+def transformers_base(model: nn.Module) -> nn.Module:
+    """The transformers base model (e.g. ``LlamaModel``) of ``model``: a task model's
+    ``base_model``, also through a PEFT wrapper (``PeftModel.get_base_model()``)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):  # PEFT's PeftModel
+        model = get_base()
+    return getattr(model, "base_model", model)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -72,7 +98,7 @@ def locate_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """``(parent, attribute, layers)``: the module that holds the layer list, the list's attribute
     name on it, and the list itself, for a model of a supported family."""
     family = family_of(model)
-    base = getattr(model, "base_model", model)
+    base = transformers_base(model)
     for path in family.layer_paths:
         layers = _get_path(base, path)
         if isinstance(layers, nn.ModuleList):
