@@ -83,9 +83,14 @@ def gpt2_case() -> Case:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config).eval()
+    assert model.config.use_cache, "the default config as shipped: layers are handed a cache"
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
     embeds = model.transformer.wte(ids).detach()
-    return Case(model, {"input_ids": ids}, "inputs_embeds", embeds, {"labels": ids})
+    labels = ids.masked_fill(mask == 0, -100)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    return Case(model, inputs, "inputs_embeds", embeds, {"labels": labels, "attention_mask": mask})
 
 
 def vit_case() -> Case:
@@ -276,6 +281,12 @@ def test_gpt2_generation_with_cache_is_unchanged():
     expected = case.model.generate(prompt, max_new_tokens=5, do_sample=False)
     hf.convert(case.model, "bdia", quantize_eval=False)
     assert torch.equal(case.model.generate(prompt, max_new_tokens=5, do_sample=False), expected)
+    mask = case.inputs["attention_mask"]
+    padded = case.model.generate(case.inputs["input_ids"], attention_mask=mask, max_new_tokens=5, do_sample=False)
+    hf.restore(case.model)
+    expected = case.model.generate(case.inputs["input_ids"], attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(padded, expected)
+    hf.convert(case.model, "bdia", quantize_eval=False)
     with torch.no_grad():  # at evaluation the cache reaches the layers and is filled
         cache = case.model(prompt, use_cache=True).past_key_values
     assert cache.get_seq_length() == prompt.shape[1]
