@@ -128,6 +128,12 @@ def run_training_step(case: Case, model: nn.Module, seed: int = 3) -> tuple[torc
     return out.detach(), leaf.grad.clone(), grads
 
 
+def layer_parameter_names(model: nn.Module) -> set[str]:
+    """The names of the parameters the converted model's stack trains."""
+    inside = {id(p) for p in hf.revbits_stack(model).parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in inside}
+
+
 def relative_errors(grads: dict, reference: dict) -> dict[str, float]:
     """max |a - b| / max |b| per tensor, for the tensors whose gradient is not rounding noise.
 
@@ -227,7 +233,7 @@ def test_reversible_gradients_equal_plain_autograd(case):
     out_p, leaf_p, grads_p = run_training_step(case, case.model)
     assert torch.equal(out_r, out_p)
     assert grads_r.keys() == grads_p.keys()
-    layer_params = {n for n, p in case.model.named_parameters() if ".stack.blocks." in n}
+    layer_params = layer_parameter_names(case.model)
     assert layer_params and layer_params <= grads_p.keys(), "every layer parameter gets a gradient"
     assert (leaf_r - leaf_p).abs().max() <= 1e-5 * leaf_p.abs().max()
     errors = relative_errors(grads_r, grads_p)
@@ -249,7 +255,7 @@ def test_round_trip_restores_a_plain_checkpoint(case, tmp_path):
     case.training_loss(model, case.leaf)[1].backward()
     optimizer.step()
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert any(".stack.blocks." in n for n in changed), "the step moved layer weights"
+    assert set(changed) & layer_parameter_names(model), "the step moved layer weights"
 
     assert hf.restore(model) is model
     assert not hf.is_converted(model)
@@ -519,11 +525,12 @@ def test_layer_loops_of_every_style_run_unchanged():
         return h
 
     expected = loop(layers)
-    converted = hf.layers.stacked_layer_list(layers, "bdia", quantize_eval=False).eval()
+    conversion = hf.layers.convert_layer_list(layers, "bdia", quantize_eval=False)
+    converted = layers.eval()
     assert torch.equal(loop(converted), expected)
     assert torch.equal(loop(converted, output_attentions=False), expected)
     converted.train()
-    stack = converted[2].stack
+    stack = conversion.stack
     for m in masks:
         m.requires_grad_()
     torch.manual_seed(1)  # the same gamma signs in both runs
@@ -541,14 +548,17 @@ def test_layer_loops_of_every_style_run_unchanged():
         converted[0](x, masks[0]).shape  # noqa: B018
 
 
-def test_converted_state_dict_has_the_original_names():
-    """state_dict() of a converted list names layer k's tensors `k.<name>`, as the plain list
-    does, and load_state_dict() takes plain names (and the converted ones)."""
+def test_converted_layers_keep_their_names_and_state_dict():
+    """Converted layers stay where they were: the list's state_dict() and module names are the plain
+    ones, load_state_dict() reaches the layers, and detaching gives the original classes back."""
     torch.manual_seed(0)
     layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
     plain_keys = list(layers.state_dict())
-    converted = hf.layers.stacked_layer_list(layers, "bdia")
-    assert list(converted.state_dict()) == plain_keys
-    fresh = {k: torch.full_like(v, 7.0) for k, v in layers.state_dict().items()}
-    converted.load_state_dict(fresh)
-    assert all(torch.equal(p, torch.full_like(p, 7.0)) for p in layers.parameters())
+    names = [n for n, _ in layers.named_modules()]
+    conversion = hf.layers.convert_layer_list(layers, "bdia")
+    assert list(layers.state_dict()) == plain_keys and [n for n, _ in layers.named_modules()] == names
+    assert all(isinstance(layer, nn.Linear) for layer in layers)
+    layers.load_state_dict({k: torch.full_like(v, 7.0) for k, v in layers.state_dict().items()})
+    assert all(torch.equal(p, torch.full_like(p, 7.0)) for p in conversion.stack.parameters())
+    conversion.detach()
+    assert all(type(layer) is nn.Linear for layer in layers)

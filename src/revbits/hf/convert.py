@@ -8,7 +8,7 @@ from torch import nn
 
 from ..fixedpoint import SIGNIFICAND_BITS
 from .families import family_of, locate_layers, transformers_base
-from .layers import CHECKPOINTING_HINT, StackedLayers, stacked_layer_list
+from .layers import CHECKPOINTING_HINT, Conversion, conversion_of, convert_layer_list
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -19,14 +19,15 @@ _OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
     """Run the layer stack of a transformers ``model`` as ``revbits.stack(layers, memory, **options)``.
 
-    In place: the model's list of K layers is replaced by a list of the same length whose slots
-    0..K-2 record the call the model's loop makes and pass the hidden states on, and whose last
-    slot runs all K original layers (the same objects, with their weights) as one revbits stack,
-    each with the arguments the loop gave its slot. The model's own ``forward`` (embeddings,
-    masks, rotary tables, final norm, heads, loss) is unchanged, and its ``state_dict()`` keeps
-    the original names, so ``save_pretrained``, Trainer checkpoints and PEFT adapters written
-    while converted load into plain transformers. The stack computes, from the hidden states x_0 that
-    enter the first layer, the x_K that leaves the last one under the memory mode ``memory``
+    In place: the model keeps its list of K layers, but calling them in its loop now records
+    each call, and the call to the last layer runs all K layers (the same objects, with their
+    weights) as one revbits stack, each with the arguments the loop gave it. The model's own
+    ``forward`` (embeddings, masks, rotary tables, final norm, heads, loss) is unchanged, and so
+    are its module tree, parameter names and ``state_dict()``: ``save_pretrained``, Trainer
+    checkpoints and PEFT adapters written while converted are plain transformers files.
+
+    The stack computes, from the hidden states x_0 that enter the first layer, the x_K that
+    leaves the last one under the memory mode ``memory``
     (see :func:`revbits.stack`): for ``"standard"``, ``"checkpoint"`` and ``"mesa"`` the layers
     in sequence; for ``"bdia"`` the BDIA recurrence in training and, at evaluation, the layers in
     sequence (each output rounded to the 2**-bits grid unless ``quantize_eval=False``).
@@ -54,7 +55,7 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
             "before converting it again"
         )
     family = family_of(model)
-    parent, attribute, layers = locate_layers(model)
+    _, _, layers = locate_layers(model)
     name = f"{type(model).__name__} (model type {model.config.model_type!r}, {family.name})"
     if len(layers) == 0:
         raise ValueError(f"cannot convert {name}: it has no layers")
@@ -76,44 +77,36 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
             f"{name} has transformers' own activation checkpointing enabled; disable it first "
             f"({CHECKPOINTING_HINT}); revbits.hf.convert(model, 'checkpoint') does the same job inside the stack"
         )
-    converted = stacked_layer_list(layers, memory, **options)
-    holder = converted[len(converted) - 1]
-    setattr(parent, attribute, converted)
+    conversion = convert_layer_list(layers, memory, **options)
     base = transformers_base(model)
-    base.register_forward_pre_hook(_PerLayerOutputGuard(holder), with_kwargs=True)
+    base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)
     return model
 
 
 def restore(model: ModelT) -> ModelT:
-    """Undo :func:`convert` in place: put the original ``nn.ModuleList`` of layers back.
+    """Undo :func:`convert` in place: the layers get their own classes back.
 
-    The list is the very object the model had before conversion, holding the same layer objects,
-    so every change made while converted (training steps, ``load_state_dict``, ``.to()``) is kept.
-    Afterwards the model is a plain transformers model again: ``save_pretrained`` writes the
-    original tensor names and ``from_pretrained`` loads the result without revbits.
+    The layers never left the model, so every change made while converted (training steps,
+    ``load_state_dict``, ``.to()``, LoRA adapters) is kept. Afterwards the model is a plain
+    transformers model again.
 
     Returns:
         ``model`` itself.
 
     Raises:
         ValueError: ``model`` is not converted.
-        RuntimeError: the converted layer list or the stack's layers were replaced after conversion.
+        RuntimeError: the model's layer list was replaced after conversion.
     """
-    holder = _holder(model)
-    parent, attribute, current = locate_layers(model)
-    if len(current) == 0 or current[len(current) - 1] is not holder:
-        raise RuntimeError(
-            "revbits.hf.restore: the converted layer list was replaced after convert(); cannot restore it"
-        )
-    original = holder.original_layers
-    stacked = [block.layer for block in holder.stack.blocks]
-    if len(stacked) != len(original) or any(a is not b for a, b in zip(stacked, original)):
-        raise RuntimeError("revbits.hf.restore: the stack no longer holds the original layers")
-    original.train(holder.training)
-    setattr(parent, attribute, original)
+    conversion = _conversion(model)
+    _, _, current = locate_layers(model)
+    if list(current) != conversion.layers or any(a is not b for a, b in zip(current, conversion.layers)):
+        raise RuntimeError("revbits.hf.restore: the model's layer list was replaced after convert(); cannot restore it")
+    conversion.detach()
     base = transformers_base(model)
     guards = [
-        k for k, h in base._forward_pre_hooks.items() if isinstance(h, _PerLayerOutputGuard) and h.holder is holder
+        k
+        for k, h in base._forward_pre_hooks.items()
+        if isinstance(h, _PerLayerOutputGuard) and h.conversion is conversion
     ]
     for key in guards:
         base._forward_pre_hooks.pop(key)
@@ -122,25 +115,26 @@ def restore(model: ModelT) -> ModelT:
 
 
 def is_converted(model: nn.Module) -> bool:
-    """Whether ``model`` holds a layer stack that :func:`convert` put in."""
-    return any(isinstance(m, StackedLayers) for m in model.modules())
+    """Whether ``model`` holds layers that :func:`convert` converted."""
+    return any(conversion_of(m) is not None for m in model.modules())
 
 
 def revbits_stack(model: nn.Module) -> nn.Module:
     """The revbits stack module of a converted ``model`` (a :class:`revbits.BDIAStack` for
     ``memory="bdia"``), e.g. to set ``revbits_stack(model).reversible = False``. Its
-    ``blocks[k].layer`` is the model's k-th original layer.
+    ``blocks[k].layer`` is the model's k-th layer.
 
     Raises:
         ValueError: ``model`` is not converted.
     """
-    return _holder(model).stack
+    return _conversion(model).stack
 
 
-def _holder(model: nn.Module) -> StackedLayers:
+def _conversion(model: nn.Module) -> Conversion:
     for module in model.modules():
-        if isinstance(module, StackedLayers):
-            return module
+        conversion = conversion_of(module)
+        if conversion is not None:
+            return conversion
     raise ValueError(f"{type(model).__name__} is not converted to a revbits stack (revbits.hf.convert)")
 
 
@@ -155,8 +149,8 @@ class _PerLayerOutputGuard:
     refused. transformers 4.x collects them in the layer loop, which a converted model bypasses.
     """
 
-    def __init__(self, holder: StackedLayers) -> None:
-        self.holder = holder
+    def __init__(self, conversion: Conversion) -> None:
+        self.conversion = conversion
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         requested = [flag for flag in _OUTPUT_FLAGS if _requested(module, kwargs, flag)]
@@ -168,7 +162,7 @@ class _PerLayerOutputGuard:
                 f"revbits.hf: {asked} is not available on a converted model with transformers 4.x, whose layer "
                 "loop collects per-layer outputs; restore() the model first, or upgrade to transformers 5"
             )
-        if self.holder.memory in _BDIA_MODES and self.holder.training:
+        if self.conversion.memory in _BDIA_MODES and module.training:
             raise ValueError(
                 f"revbits.hf: {asked} is not available while a BDIA stack trains: its states are not the layer "
                 "outputs and the reversible forward keeps no graph for them. Request them in eval mode "

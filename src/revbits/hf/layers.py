@@ -1,4 +1,4 @@
-"""The modules that stand in for a transformers layer list while a model is converted.
+"""How a transformers layer list runs as one revbits stack while the model is converted.
 
 A transformers model runs its layers in a loop inside its own ``forward``::
 
@@ -7,12 +7,13 @@ A transformers model runs its layers in a loop inside its own ``forward``::
 
 The arguments may differ from layer to layer (Gemma 2/3 and Qwen alternate sliding-window and
 full-attention masks, Gemma 3 alternates rotary tables, older models pass a per-layer head
-mask). A converted list keeps the loop and the list's length: slots 0..K-2 are
-:class:`LayerSlot` modules that record the call they receive and hand the hidden states on
-untouched, and slot K-1, a :class:`StackedLayers`, records the last call and then runs all K
-original layers as one revbits stack, layer k with exactly the arguments the loop gave slot k.
-Each original layer is wrapped in a :class:`LayerBlock`, the ``block(x, *args) -> y`` adapter
-that revbits stacks call.
+mask). Conversion keeps the loop, the list and the layers where they are, and swaps each
+layer's class for a subclass whose ``__call__`` records the call the loop makes and hands the
+hidden states on untouched (:class:`InFlight`); the call to the last layer then runs all K
+layers as one revbits stack, layer k with exactly the arguments the loop gave it. Each layer
+is wrapped in a :class:`LayerBlock`, the ``block(x, *args) -> y`` adapter that revbits stacks
+call, and the stack lives outside the model's module tree, so the model's ``state_dict()``,
+parameter names and module names are those of the plain model.
 
 Every tensor in the recorded calls (also inside tuples, lists and dicts, such as the rotary
 ``position_embeddings = (cos, sin)``) becomes a top-level argument of the stack, once however
@@ -163,10 +164,11 @@ class LayerBlock(nn.Module):
         self.layer = layer
         self.index = index
         self._format = output_format
+        self._call = type(layer).__call__  # the layer's own call, hooks included, not the recording one
 
     def forward(self, x: torch.Tensor, calls: LayerCalls, *tensors: torch.Tensor) -> torch.Tensor:
         args, kwargs = calls[self.index].unpack(tensors)
-        return self._format.record(self.layer(x, *args, **kwargs))
+        return self._format.record(self._call(self.layer, x, *args, **kwargs))
 
 
 class InFlight:
@@ -194,107 +196,61 @@ class InFlight:
         )
 
 
-class _Pass:
-    """The calls recorded so far in one forward pass through a converted list."""
+class Conversion:
+    """The state of one converted layer list: the K layers, the revbits stack that runs them, and
+    the calls recorded so far in the current forward pass.
 
-    def __init__(self) -> None:
+    Each layer stays where it is in the model (so ``state_dict()``, ``named_modules()``, PEFT's
+    adapter names, FSDP's wrapping by layer class and ``model.layers[k]`` all see the plain model);
+    only its class is swapped for a subclass whose ``__call__`` records the call made by the
+    model's loop (:func:`converted_class`). The stack is kept outside the model's module tree, so
+    no parameter is registered twice.
+    """
+
+    def __init__(self, layers: nn.ModuleList, memory: str, **options: Any) -> None:
+        self.layers = list(layers)
+        self.memory = memory
+        self.output_format = OutputFormat()
+        self.original_classes = [type(layer) for layer in self.layers]
+        blocks = [LayerBlock(layer, k, self.output_format) for k, layer in enumerate(self.layers)]
+        self.stack = make_stack(blocks, memory, **options)
+        inside = {id(m) for layer in self.layers for m in layer.modules()}
+        self._own_modules = [m for m in self.stack.modules() if id(m) not in inside]
+        self.set_training(self.layers[-1].training)
+        params = list(inspect.signature(self.layers[0].forward).parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.positional_names = [p.name for p in params if p.kind in positional]
         self.hidden_states: torch.Tensor | None = None
         self.calls: list[tuple[list[Any], dict[str, Any]]] = []
 
+    def set_training(self, mode: bool) -> None:
+        """Put the stack and its adapters (not the layers, which follow the model) in ``mode``."""
+        for module in self._own_modules:
+            module.training = mode
 
-class LayerSlot(nn.Module):
-    """Slot ``index`` of a converted layer list: records the call and returns :class:`InFlight`.
+    def attach(self) -> None:
+        for k, layer in enumerate(self.layers):
+            layer.__dict__["_revbits_conversion"] = self
+            layer.__dict__["_revbits_index"] = k
+            layer.__class__ = converted_class(self.original_classes[k])
 
-    Attributes the model's loop reads off a layer (e.g. ``attention_type``) are answered by the
-    original layer of the same index.
-    """
+    def detach(self) -> None:
+        for k, layer in enumerate(self.layers):
+            layer.__class__ = self.original_classes[k]
+            del layer.__dict__["_revbits_conversion"], layer.__dict__["_revbits_index"]
 
-    def __init__(self, index: int, layer: nn.Module, shared: _Pass, positional_names: list[str]) -> None:
-        super().__init__()
-        self.index = index
-        self.__dict__["_layer"] = layer  # unregistered: the stack owns it
-        self.__dict__["_pass"] = shared
-        self.__dict__["_positional_names"] = positional_names
+    # -- one forward pass -----------------------------------------------------------------------
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self.__dict__.get("_layer")
-            if layer is None:
-                raise
-            return getattr(layer, name)
-
-    def extra_repr(self) -> str:
-        return f"layer {self.index} runs in the last slot"
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._record(args, kwargs)
-        return InFlight(self._pass.hidden_states, self.index)
-
-    def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        shared: _Pass = self._pass
-        args_list, kwargs = list(args), dict(kwargs)
-        if args_list:
-            hidden = args_list.pop(0)
-        else:
-            names = self._positional_names
-            hidden = kwargs.pop(names[0] if names else "hidden_states")
-        if isinstance(hidden, InFlight):
-            hidden = hidden.hidden_states
-        if self.index == 0:
-            shared.hidden_states, shared.calls = hidden, []
-        elif hidden is not shared.hidden_states or len(shared.calls) != self.index:
-            shared.hidden_states, shared.calls = None, []
-            raise RuntimeError(
-                f"revbits.hf: layer {self.index} of a converted model did not receive the hidden states that "
-                "entered layer 0 (the model computes on them between layers, or calls the layers out of order); "
-                "a converted model runs all its layers at once in the last slot of the layer list"
-            )
-        shared.calls.append((args_list, kwargs))
-
-
-class StackedLayers(LayerSlot):
-    """Slot K-1 of a converted layer list: records the last call, then runs all K layers as one
-    revbits stack from the hidden states x_0 that entered slot 0 and returns x_K (for BDIA at
-    evaluation with ``quantize_eval=False``: exactly the layers in sequence).
-
-    In training with gradients on, each recorded call is made safe to run twice (see the module
-    docstring); at evaluation it is passed on unchanged, so generation with a cache works.
-    """
-
-    def __init__(
-        self,
-        stack: nn.Module,
-        original: nn.ModuleList,
-        memory: str,
-        output_format: OutputFormat,
-        shared: _Pass,
-        positional_names: list[str],
-    ) -> None:
-        super().__init__(len(original) - 1, original[len(original) - 1], shared, positional_names)
-        self.stack = stack
-        self.memory = memory
-        self._format = output_format
-        # The original list, kept unregistered so its parameters are not counted twice; restore()
-        # puts this very object back.
-        self.__dict__["_original"] = original
-
-    @property
-    def original_layers(self) -> nn.ModuleList:
-        """The layer list the model had before conversion (its layers are the stack's)."""
-        return self.__dict__["_original"]
-
-    def extra_repr(self) -> str:
-        return f"memory={self.memory!r}, layers={len(self.original_layers)}"
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._record(args, kwargs)
-        shared: _Pass = self._pass
-        hidden, calls = shared.hidden_states, shared.calls
-        shared.hidden_states, shared.calls = None, []
+    def call(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The model's loop called ``layer``: record the call; at the last layer run the stack."""
+        index = layer.__dict__["_revbits_index"]
+        self._record(index, args, kwargs)
+        if index < len(self.layers) - 1:
+            return InFlight(self.hidden_states, index)
+        hidden, calls = self.hidden_states, self.calls
+        self.hidden_states, self.calls = None, []
         assert hidden is not None
-        training = self.training and torch.is_grad_enabled()
+        training = layer.training and torch.is_grad_enabled()
         if training:
             self._refuse_layer_checkpointing()
         tensors: list[torch.Tensor] = []
@@ -303,14 +259,33 @@ class StackedLayers(LayerSlot):
             if training:
                 call_args, call_kwargs = self._safe_to_repeat(k, call_args, call_kwargs)
             specs.append(CallSpec.pack(call_args, call_kwargs, tensors))
+        self.set_training(layer.training)
         out = self.stack(hidden, LayerCalls(specs), *tensors)
-        return self._format.wrap(out)
+        return self.output_format.wrap(out)
 
-    # -- argument handling ----------------------------------------------------------------------
+    def _record(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        args_list, kwargs = list(args), dict(kwargs)
+        if args_list:
+            hidden = args_list.pop(0)
+        else:
+            names = self.positional_names
+            hidden = kwargs.pop(names[0] if names else "hidden_states")
+        if isinstance(hidden, InFlight):
+            hidden = hidden.hidden_states
+        if index == 0:
+            self.hidden_states, self.calls = hidden, []
+        elif hidden is not self.hidden_states or len(self.calls) != index:
+            self.hidden_states, self.calls = None, []
+            raise RuntimeError(
+                f"revbits.hf: layer {index} of a converted model did not receive the hidden states that entered "
+                "layer 0 (the model computes on them between layers, or calls the layers out of order); a "
+                "converted model runs all its layers at once when its last layer is called"
+            )
+        self.calls.append((args_list, kwargs))
 
     def _name_of(self, position: int) -> str:
         """The parameter name of positional argument ``position`` (0 = first after the hidden states)."""
-        names = self._positional_names
+        names = self.positional_names
         return names[position + 1] if position + 1 < len(names) else f"positional argument {position + 1}"
 
     def _safe_to_repeat(self, k: int, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -332,10 +307,10 @@ class StackedLayers(LayerSlot):
                 "stateful helper) would see that second run. Pass it only at evaluation, or restore() the model."
             )
 
-        return [clean(self._name_of(i), a) for i, a in enumerate(args)], {k_: clean(k_, v) for k_, v in kwargs.items()}
+        return [clean(self._name_of(i), a) for i, a in enumerate(args)], {n: clean(n, v) for n, v in kwargs.items()}
 
     def _refuse_layer_checkpointing(self) -> None:
-        if any(getattr(layer, "gradient_checkpointing", False) for layer in self.original_layers):
+        if any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers):
             raise ValueError(
                 "revbits.hf: transformers' own activation checkpointing was enabled on the layers of a converted "
                 f"model; disable it ({CHECKPOINTING_HINT}): the revbits stack already decides what is kept "
@@ -343,58 +318,34 @@ class StackedLayers(LayerSlot):
             )
 
 
-def stacked_layer_list(layers: nn.ModuleList, memory: str, **options: Any) -> nn.ModuleList:
-    """A list of ``len(layers)`` modules that, called in a loop like ``layers``, runs them all as
-    ``revbits.stack(layers, memory, **options)`` in its last slot, layer k with the arguments the
-    loop gave slot k. ``layers`` itself is left as it is (the last slot keeps it for restoring).
-
-    The list's ``state_dict()`` and ``load_state_dict()`` use the original names (``3.mlp...``,
-    not ``<K-1>.stack.blocks.3.layer.mlp...``), so checkpoints written while converted are plain.
-    """
-    output_format = OutputFormat()
-    stack = make_stack([LayerBlock(layer, k, output_format) for k, layer in enumerate(layers)], memory, **options)
-    params = list(inspect.signature(layers[0].forward).parameters.values())
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p.name for p in params if p.kind in positional]
-    shared = _Pass()
-    last = StackedLayers(stack, layers, memory, output_format, shared, names)
-    slots: list[nn.Module] = [LayerSlot(i, layers[i], shared, names) for i in range(len(layers) - 1)]
-    converted = nn.ModuleList([*slots, last])
-    converted.train(layers.training)
-    inner = f"{len(layers) - 1}.stack.blocks."
-    converted.register_state_dict_post_hook(_PlainNames(inner))
-    converted.register_load_state_dict_pre_hook(_ConvertedNames(inner, len(layers)))
-    return converted
+def conversion_of(layer: nn.Module) -> Conversion | None:
+    """The :class:`Conversion` a layer belongs to, or None for a plain layer."""
+    return layer.__dict__.get("_revbits_conversion")
 
 
-class _PlainNames:
-    """state_dict post-hook: ``<prefix><K-1>.stack.blocks.<k>.layer.<rest>`` -> ``<prefix><k>.<rest>``,
-    keeping the order of the keys."""
-
-    def __init__(self, inner: str) -> None:
-        self.inner = inner
-
-    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        start = prefix + self.inner
-        items = list(state_dict.items())
-        state_dict.clear()
-        for key, value in items:
-            if key.startswith(start):
-                index, _, rest = key[len(start) :].partition(".")
-                if rest.startswith("layer."):
-                    key = f"{prefix}{index}.{rest[len('layer.') :]}"
-            state_dict[key] = value
+_CONVERTED_CLASSES: dict[type, type] = {}
 
 
-class _ConvertedNames:
-    """load_state_dict pre-hook: ``<prefix><k>.<rest>`` -> ``<prefix><K-1>.stack.blocks.<k>.layer.<rest>``,
-    so a plain checkpoint (or one written while converted) loads into a converted list."""
+def _converted_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return self.__dict__["_revbits_conversion"].call(self, args, kwargs)
 
-    def __init__(self, inner: str, count: int) -> None:
-        self.inner, self.count = inner, count
 
-    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            index, _, rest = key[len(prefix) :].partition(".")
-            if index.isdigit() and int(index) < self.count and not rest.startswith("stack."):
-                state_dict[f"{prefix}{self.inner}{index}.layer.{rest}"] = state_dict.pop(key)
+def converted_class(cls: type) -> type:
+    """A subclass of the layer class ``cls`` whose ``__call__`` goes through its :class:`Conversion`.
+    It keeps the name, so ``isinstance`` checks and class-name lookups (transformers' output
+    recording, FSDP wrapping policies) still find the layer."""
+    if cls not in _CONVERTED_CLASSES:
+        namespace = {"__call__": _converted_call, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        _CONVERTED_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    return _CONVERTED_CLASSES[cls]
+
+
+def convert_layer_list(layers: nn.ModuleList, memory: str, **options: Any) -> Conversion:
+    """Convert ``layers`` in place: called in a loop as before, they run as
+    ``revbits.stack(layers, memory, **options)`` when the last one is called, layer k with the
+    arguments the loop gave it. :meth:`Conversion.detach` undoes it."""
+    conversion = Conversion(layers, memory, **options)
+    conversion.attach()
+    return conversion
+
+
