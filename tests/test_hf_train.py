@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForMaskedLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForMaskedLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from revbits import hf
 from revbits.cli import main
 from revbits.data import shakespeare
 from revbits.train.hf_task import mask_tokens, resolve_model_path
@@ -86,8 +87,7 @@ def test_minilm_fine_tunes_with_bdia_resumes_exactly_and_exports_a_plain_model(t
     converted.load_state_dict(a, strict=False)  # tied decoder weights are stored once
     converted.eval()
     plain.eval()
-    for stack in [m for m in converted.modules() if type(m).__name__ == "BDIAStack"]:
-        stack.quantize_eval = False  # then evaluation is exactly the plain layers in sequence
+    hf.revbits_stack(converted).quantize_eval = False  # then evaluation is exactly the plain layers in sequence
     batch = task.train_batch(torch.Generator().manual_seed(5), torch.device("cpu"))
     with torch.no_grad():
         assert torch.equal(converted(input_ids=batch[0]).logits, plain(input_ids=batch[0]).logits)
@@ -115,6 +115,36 @@ def test_gpt2_directory_fine_tunes_as_a_causal_lm(tmp_path, shakespeare_cache):
     assert [r["step"] for r in records if r["split"] == "valid"] == [2, 4]
     assert run("export", out, tmp_path / "exported") == 0
     assert type(GPT2LMHeadModel.from_pretrained(tmp_path / "exported")).__name__ == "GPT2LMHeadModel"
+
+
+def test_llama_directory_fine_tunes_resumes_exactly_and_exports(tmp_path, shakespeare_cache):
+    """A local Llama-family directory trains as a causal LM with BDIA, resumes bit for bit, and
+    exports a plain LlamaForCausalLM holding the run's weights."""
+    model_dir = tmp_path / "llama"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    common = ["train", "--hf", model_dir, *SMALL, "--steps", "4", "--memory", "bdia"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(*common, "--out", straight) == 0
+    assert run(*common, "--out", resumed, "--stop-at", "2") == 0
+    assert run(*common, "--out", resumed, "--resume") == 0
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert run("export", straight, tmp_path / "exported") == 0
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "exported")
+    assert all(torch.equal(plain.state_dict()[n], t) for n, t in a.items())
+    assert any(not torch.equal(t, LlamaForCausalLM.from_pretrained(model_dir).state_dict()[n]) for n, t in a.items())
 
 
 def test_bad_hf_flags_are_clear_errors(tmp_path, shakespeare_cache, capsys):

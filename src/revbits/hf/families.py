@@ -29,28 +29,18 @@ class Family:
     layer_paths: tuple[str, ...]
 
 
+DECODER_FAMILY = Family(
+    "Llama-style decoders",
+    ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "starcoder2"),
+    ("layers",),
+)
+
 FAMILIES: tuple[Family, ...] = (
     Family("BERT-style encoders", ("bert", "roberta", "xlm-roberta", "camembert", "electra"), ("encoder.layer",)),
     Family("DistilBERT", ("distilbert",), ("transformer.layer",)),
     Family("GPT-2", ("gpt2",), ("h",)),
     Family("ViT", ("vit", "deit"), ("layers", "encoder.layer")),
-    Family(
-        "Llama-style decoders",
-        (
-            "llama",
-            "mistral",
-            "qwen2",
-            "qwen3",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "phi3",
-            "olmo2",
-            "granite",
-            "starcoder2",
-        ),
-        ("layers",),
-    ),
+    DECODER_FAMILY,
 )
 
 

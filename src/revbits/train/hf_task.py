@@ -15,18 +15,19 @@ Dropout is the model's own (its config), not ``--dropout``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..hf.families import DECODER_FAMILY
 from . import datasets as adapters
 from .config import ConfigError, TrainConfig
+from .metrics import perplexity
 from .tasks import EVAL_SEED, Task
 
 MASK_FRACTION = 0.15  # of the positions of a window, chosen for prediction
-CAUSAL_TYPES = ("gpt2",)
+CAUSAL_TYPES = ("gpt2", *DECODER_FAMILY.model_types)
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # position ids start after the padding id
 # Names that resolve to a copy of the weights shipped inside an installed Python package.
 PACKAGED = {
@@ -136,7 +137,10 @@ class HFTextTask(Task):
         if self.config.memory != "standard":
             from ..hf import convert
 
-            convert(model, self.config.memory, **self.config.memory_options)
+            try:
+                convert(model, self.config.memory, **self.config.memory_options)
+            except (ValueError, NotImplementedError) as error:  # revbits.hf's "cannot convert this model"
+                raise ConfigError(f"--hf {self.config.hf}: {error}") from None
         return model
 
     def _batch(self, split: str, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -167,7 +171,7 @@ class HFTextTask(Task):
             self.loss(model, self._batch(split, generator, self.device)).item() for _ in range(self.config.eval_batches)
         ]
         loss = sum(losses) / len(losses)
-        return {"loss": loss, "perplexity": math.exp(loss)}
+        return {"loss": loss, "perplexity": perplexity(loss)}
 
     def save_assets(self, run_dir: Path) -> None:
         self.tokenizer.save_pretrained(run_dir / "tokenizer")
