@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .data import MissingDataError
 from .data.cli import add_data_commands
+from .interrupt import Interrupted
+from .petra.launch import StageFailure
 from .stack import MEMORY_MODES
 from .train.commands import RUN_ERRORS, add_train_commands
 
@@ -104,12 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; user errors, interrupts and failed PETRA stages end in one line on stderr
+    (exit 2, 128 + the signal, and 1); anything else is a revbits bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (*RUN_ERRORS, MissingDataError) as error:
+    except RUN_ERRORS as error:
         print(f"revbits {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"revbits {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except StageFailure as failure:
+        print(f"revbits {args.command}: error: {failure}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"revbits {args.command}: interrupted (SIGINT) before anything was saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,22 +11,29 @@ Layout::
             ...
 
 A file only ever appears under its final name complete: it is written to a temporary file in
-the same folder and then renamed with ``os.replace``, which is atomic on POSIX and Windows.
+the same folder, fsync'd and then renamed (:mod:`revbits.io`, the one implementation of atomic
+writes). Loaders check the cached files against the manifest on every load (:func:`check_files`):
+the size always, the sha256 too for files up to ``AFFORDABLE_SHA_BYTES``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import secrets
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..io import (  # noqa: F401 (the loaders' names)
+    AFFORDABLE_SHA_BYTES,
+    atomic_move,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_file,
+    file_entry,
+    sha256_file,
+)
 from .errors import DataFormatError
 
 ENV_VAR = "REVBITS_DATA"
@@ -44,52 +51,6 @@ def dataset_dir(name: str) -> Path:
     return data_root() / name
 
 
-@contextlib.contextmanager
-def _temp_path(folder: Path, suffix: str) -> Iterator[Path]:
-    """A fresh file name in ``folder``; the file is removed on the way out unless it was renamed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f".tmp-{secrets.token_hex(8)}{suffix}"
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is never seen half-written."""
-    path = Path(path)
-    with _temp_path(path.parent, path.suffix) as tmp:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``atomic_write_bytes`` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_move(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst`` atomically: a rename when both are on one file system, else a copy
-    to a temporary file beside ``dst`` and a rename."""
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(src, dst)
-        return
-    except OSError:  # another file system: copy, then rename
-        pass
-    with _temp_path(dst.parent, dst.suffix) as tmp:
-        with open(src, "rb") as inp, open(tmp, "xb") as out:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    src.unlink()
-
-
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """The hex digest of a file, read in 1 MiB blocks (``algorithm`` is any hashlib name)."""
     digest = hashlib.new(algorithm)
@@ -97,11 +58,6 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file."""
-    return file_digest(path, "sha256")
 
 
 def read_manifest(name: str) -> dict[str, Any] | None:
@@ -124,7 +80,7 @@ def write_manifest(name: str, source: str, files: dict[str, Path], notes: dict[s
         "name": name,
         "source": source,
         "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {rel: {"size": path.stat().st_size, "sha256": sha256_file(path)} for rel, path in files.items()},
+        "files": {rel: file_entry(path) for rel, path in files.items()},
         "notes": dict(notes or {}),
     }
     atomic_write_text(dataset_dir(name) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -137,3 +93,28 @@ def read_utf8_lines(path: Path) -> list[str]:
         return Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def check_files(name: str, files: tuple[str, ...], full: bool = False) -> list[str]:
+    """What is wrong with the cached ``files`` of data set ``name`` against its manifest (empty: nothing).
+
+    Each file's size is checked, and its sha256 when ``full`` or when it is at most
+    ``AFFORDABLE_SHA_BYTES`` long. A data set without a manifest (files put there by hand) cannot be
+    checked and gives no problems.
+    """
+    manifest = read_manifest(name)
+    folder = dataset_dir(name)
+    if manifest is None:
+        return [] if not (folder / MANIFEST).exists() else [f"{folder / MANIFEST} is damaged: not a JSON manifest"]
+    recorded = manifest.get("files", {})
+    problems = []
+    for rel in files:
+        entry = recorded.get(rel)
+        if not isinstance(entry, dict) or "size" not in entry:
+            problems.append(f"{folder / rel} is not listed in {folder / MANIFEST}")
+            continue
+        sha = full or entry["size"] <= AFFORDABLE_SHA_BYTES
+        problem = check_file(folder / rel, entry, sha)
+        if problem:
+            problems.append(problem)
+    return problems

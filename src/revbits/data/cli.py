@@ -1,4 +1,4 @@
-"""``revbits data fetch NAME`` and ``revbits data list``.
+"""``revbits data fetch NAME``, ``revbits data list`` and ``revbits data verify [NAME...]``.
 
 The main command line calls ``add_data_commands(subparsers)``; each handler is stored as the
 parser default ``run`` and returns the exit code: 0 on success, 2 for an unknown name or a
@@ -41,12 +41,30 @@ def _list(args: argparse.Namespace) -> int:
     print(f"data sets (cache folder {data_root()}):")
     for row in rows:
         print(f"\n{row['name']}: {row['description']}")
-        if row["cached"]:
+        if row["cached"] and row["damaged"]:
+            print(f"  cached   DAMAGED: {row['damaged']}")
+            print(f"           get it again with: {registry.fetch_command(row['name'])} --force")
+        elif row["cached"]:
             print(f"  cached   yes, {_size(row['size'])}, in {row['path']}")
             print(f"  source   {row['source']}" + (f", fetched {row['fetched_at']}" if row["fetched_at"] else ""))
         else:
             print(f"  cached   no (get it with: {registry.fetch_command(row['name'])})")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Check every file of the named (default: every cached) data set against its manifest's sha256."""
+    try:
+        names = args.names or [row["name"] for row in registry.list_datasets() if row["cached"]]
+        results = {name: registry.verify(name) for name in names}
+    except DataError as exc:
+        print(f"revbits data verify: {exc}", file=sys.stderr)
+        return 2
+    for name, problems in results.items():
+        print(f"{name}: " + ("ok" if not problems else "; ".join(problems)))
+    if not results:
+        print(f"no data set is cached in {data_root()}")
+    return 1 if any(results.values()) else 0
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -68,4 +86,11 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     fetch.set_defaults(run=_fetch)
     listing = commands.add_parser("list", help="show every data set, whether it is cached, where, and its source")
     listing.set_defaults(run=_list)
+    verify = commands.add_parser(
+        "verify",
+        help="check cached data sets against their manifests (size and sha256 of every file)",
+        description="Exit 0 when every checked data set is whole, 1 when one is damaged, missing or unchecked.",
+    )
+    verify.add_argument("names", nargs="*", help="data sets to check (default: every cached one)")
+    verify.set_defaults(run=_verify)
     return data

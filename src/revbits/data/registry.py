@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import MANIFEST, atomic_move, data_root, dataset_dir, read_manifest, write_manifest
+from .cache import MANIFEST, atomic_move, check_files, data_root, dataset_dir, read_manifest, write_manifest
 from .errors import DataFormatError, FetchError, MissingDataError, SourceError, UnknownDatasetError
 from .sources import Source
 
@@ -75,7 +75,8 @@ def fetch_command(name: str) -> str:
 
 
 def require(name: str) -> Path:
-    """The cache folder of data set ``name``, or ``MissingDataError`` saying how to get it."""
+    """The cache folder of data set ``name``, checked against its manifest (sizes, and sha256 where
+    affordable); ``MissingDataError`` saying how to get it, or ``DataFormatError`` naming a damaged file."""
     dataset = get(name)
     if not is_cached(name):
         raise MissingDataError(
@@ -84,7 +85,22 @@ def require(name: str) -> Path:
             f"{dataset.needs}\n"
             f"(the cache folder is $REVBITS_DATA, or ~/.cache/revbits when that is not set)"
         )
+    problems = check_files(name, dataset.files)
+    if problems:
+        raise DataFormatError(f"data set {name!r}: {problems[0]}; fetch it again with: {fetch_command(name)} --force")
     return dataset_dir(name)
+
+
+def verify(name: str) -> list[str]:
+    """Everything wrong with cached data set ``name``, each file's sha256 included ([] when it is whole).
+    A data set that is not cached, or has no manifest, says so."""
+    dataset = get(name)
+    if not is_cached(name):
+        missing = [rel for rel in dataset.files if not (dataset_dir(name) / rel).is_file()]
+        return [f"not cached (missing {', '.join(missing)})"]
+    if not (dataset_dir(name) / MANIFEST).exists():
+        return [f"no {MANIFEST}: the files were put there by hand and cannot be checked"]
+    return check_files(name, dataset.files, full=True)
 
 
 def _install(dataset: Dataset, staging: Path, source: Source, notes: dict[str, str]) -> Path:
@@ -106,9 +122,12 @@ def fetch(name: str, force: bool = False, log: Callable[[str], None] | None = No
     every source's failure when none works. ``log`` (e.g. ``print``) hears about each attempt.
     """
     dataset = get(name)
-    if is_cached(name) and not force:
-        return dataset_dir(name)
     say = log or (lambda message: None)
+    if is_cached(name) and not force:
+        problems = check_files(name, dataset.files)
+        if not problems:
+            return dataset_dir(name)
+        say(f"{name}: the cached copy is damaged ({problems[0]}); fetching it again")
     root = data_root()
     root.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -154,10 +173,12 @@ def describe(name: str) -> dict[str, Any]:
     else:
         source = manifest.get("source")
     size = sum((folder / rel).stat().st_size for rel in dataset.files) if cached else 0
+    problems = check_files(name, dataset.files, full=False) if cached else []
     return {
         "name": name,
         "description": dataset.description,
         "cached": cached,
+        "damaged": problems[0] if problems else None,
         "path": str(folder),
         "source": source,
         "fetched_at": manifest.get("fetched_at") if manifest else None,

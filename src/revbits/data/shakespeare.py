@@ -83,7 +83,11 @@ def load_shakespeare(split: str = "all", download: bool = False) -> str:
         raise ValueError(f"split must be one of {['all', *SPLIT_FRACTIONS]}, got {split!r}")
     if download:
         fetch(NAME)
-    text = (require(NAME) / TEXT_FILE).read_text(encoding="ascii")
+    path = require(NAME) / TEXT_FILE
+    try:
+        text = path.read_text(encoding="ascii")
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path}: damaged, not ASCII text ({error})") from None
     return split_text(text, split)
 
 

@@ -1,17 +1,25 @@
 """Start J local stage processes (torch.multiprocessing, spawn) on gloo over 127.0.0.1, and fail fast.
 
-If any process fails, the others are killed and :class:`StageFailure` names the stage. The root cause
-is preferred over its echoes: a stage's own error first, then a stage that died without a word, then a
-stage that only reports a broken or silent neighbour.
+If any process fails, the others are killed and :class:`StageFailure` names the stage, in one line. The
+root cause is preferred over its echoes: a stage's own error first, then a stage that died without a
+word, then a stage that only reports a broken or silent neighbour.
+
+There is no deadline on a healthy run: the launcher waits as long as the stages live, and a stalled
+stage is found by its neighbours' per-message timeouts. Each stage asks the kernel for SIGTERM when the
+launcher dies (``prctl(PR_SET_PDEATHSIG)``), so no stage outlives it by more than the time it takes to
+stop. SIGINT and SIGTERM sent to the launcher are passed on to the stages, which stop at an update
+boundary and save (see :func:`revbits.petra.runtime.StageWorker.run`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+from ..io import IntegrityError
 
 
 class StageFailure(RuntimeError):
@@ -52,11 +62,35 @@ def environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
+
+
+def die_with_parent(parent: int, name: str | None = None, sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send this process ``sig`` when its parent ``parent`` dies (Linux; elsewhere a
+    no-op), and if the parent is already gone, send it now. ``name`` becomes the process name ps shows."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if name:
+            libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the launcher's pipe still tells a stage nothing
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
 def _child(
-    rank: int, world_size: int, port: int, fn: Callable[..., Any], args: Sequence[Any], conn: Connection
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    conn: Connection,
+    parent: int,
 ) -> None:
     """Run ``fn(rank, world_size, *args)`` in a stage process and report ("ok", value) or
     ("error", text, secondary) on ``conn``; secondary errors blame a neighbour (they have ``.peer``)."""
+    die_with_parent(parent, f"petra-stage-{rank}")
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
     )
@@ -65,7 +99,10 @@ def _child(
     try:
         conn.send(("ok", fn(rank, world_size, *args)))
     except BaseException as e:
-        traceback.print_exc()
+        if hasattr(e, "peer") or isinstance(e, IntegrityError):  # a neighbour's failure, or a damaged file
+            print(f"PETRA stage {rank}: {type(e).__name__}: {e}", file=sys.stderr)
+        else:
+            traceback.print_exc()
         with contextlib.suppress(Exception):  # the launcher may be gone; the exit code still tells
             conn.send(("error", f"{type(e).__name__}: {e}", hasattr(e, "peer")))
         code = 1
@@ -81,7 +118,7 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _failure(procs: list, reports: dict[int, tuple], timed_out: bool, timeout: float) -> StageFailure:
+def _failure(procs: list, reports: dict[int, tuple], timed_out: bool, timeout: float | None) -> StageFailure:
     """The StageFailure for the current state, blaming the most likely root cause."""
     J = len(procs)
     own, silent, echo = [], [], []
@@ -96,11 +133,11 @@ def _failure(procs: list, reports: dict[int, tuple], timed_out: bool, timeout: f
         running = [r for r, p in enumerate(procs) if p.exitcode is None]
         return StageFailure(f"PETRA stages {running} of {J} still running after the {timeout:g} s deadline", running[0])
     stage, text = failures[0]
-    lines = [f"PETRA stage {stage} of {J} failed: {text}"]
-    lines += [f"  then stage {r}: {t}" for r, t in failures[1:]]
+    parts = [f"PETRA stage {stage} of {J} failed: {text}"]
+    parts += [f"then stage {r}: {t.splitlines()[0] if t else t}" for r, t in failures[1:]]
     if timed_out:
-        lines.append(f"  (the {timeout:g} s deadline also passed)")
-    return StageFailure("\n".join(lines), stage)
+        parts.append(f"(the {timeout:g} s deadline also passed)")
+    return StageFailure("; ".join(parts), stage)
 
 
 def _drain(open_conns: dict[int, Connection], reports: dict[int, tuple]) -> None:
@@ -115,27 +152,38 @@ def _drain(open_conns: dict[int, Connection], reports: dict[int, tuple]) -> None
 
 
 def launch(
-    world_size: int, fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float = 600.0, threads: int = 1
+    world_size: int, fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float | None = None, threads: int = 1
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes, with MASTER_ADDR,
     MASTER_PORT, RANK and WORLD_SIZE set as torchrun would (e.g. ``launch(J, run_stage, (build, data,
     config))``), and return their return values (which must be small and picklable), by rank.
 
-    Waits at most ``timeout`` seconds in all. If a process fails or the deadline passes, kills the
-    remaining processes and raises :class:`StageFailure` naming the failed stage. Each process gets
-    OMP_NUM_THREADS = ``threads``.
+    Waits as long as the processes live, or at most ``timeout`` seconds in all when it is given (tests).
+    If a process fails or the deadline passes, kills the remaining processes and raises
+    :class:`StageFailure` naming the failed stage. Each process gets OMP_NUM_THREADS = ``threads``.
+    SIGINT and SIGTERM received while waiting are sent on to the processes as SIGTERM.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
     procs, conns = [], []
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    previous = {}
+
+    def pass_on(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+
     try:
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
         with environ(OMP_NUM_THREADS=str(threads)):
             for rank in range(world_size):
                 reader, writer = ctx.Pipe(duplex=False)
                 p = ctx.Process(
                     target=_child,
-                    args=(rank, world_size, port, fn, args, writer),
+                    args=(rank, world_size, port, fn, args, writer, os.getpid()),
                     name=f"petra-stage-{rank}",
                     daemon=True,
                 )
@@ -156,14 +204,16 @@ def launch(
                 raise _failure(procs, reports, False, timeout)
             if all(ended) and not open_conns:
                 return [reports[r][1] for r in range(world_size)]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 raise _failure(procs, reports, True, timeout)
             # Wait on the snapshot `ended`: a process that exits from now on still wakes us up.
             ready = wait([p.sentinel for p, e in zip(procs, ended) if not e] + list(open_conns.values()), remaining)
             if any(p.sentinel in ready and p.exitcode is None for p in procs):
                 time.sleep(0.01)  # its files are closed but it is not reapable yet: do not spin
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for p in procs:
             if p.is_alive():
                 p.kill()

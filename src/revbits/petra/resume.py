@@ -8,13 +8,13 @@ whole state. The next segment starts from them at micro-batch ``first_micro_batc
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..io import IntegrityError, atomic_write, verify_manifest
 from .record import StageRecord, record_path
 
 
@@ -23,34 +23,39 @@ def state_path(out_dir: str | Path, stage: int) -> Path:
 
 
 def save_stage_state(out_dir: str | Path, stage: int, optimizer: Any, scheduler: Any) -> None:
-    """Write the optimiser and schedule state of ``stage`` atomically (a temporary file, then rename)."""
+    """Write the optimiser and schedule state of ``stage`` atomically and durably (:mod:`revbits.io`)."""
     path = state_path(out_dir, stage)
     state = {
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
     }
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_stage_state(resume_from: str | Path, j: int, module: nn.Module, optimizer: Any, scheduler: Any) -> None:
-    """Parameters, optimiser and schedule of stage j as the previous segment left them."""
+    """Parameters, optimiser and schedule of stage j as the previous segment left them. Where the
+    directory has a manifest (written once every stage has saved), both files are checked against it
+    first; :class:`IntegrityError` names a file that is missing, damaged or does not fit."""
     params, state = record_path(resume_from, j), state_path(resume_from, j)
     for path in (params, state):
         if not path.is_file():
-            raise FileNotFoundError(f"stage {j}: cannot resume, {path} is missing")
-    saved = StageRecord.load(params).params
+            raise IntegrityError(f"stage {j}: cannot resume, {path} is missing")
+    if (Path(resume_from) / "manifest.json").exists():
+        verify_manifest(resume_from, [params.name, state.name])
+    try:
+        saved = StageRecord.load(params).params
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise IntegrityError(f"stage {j}: {params} is not a readable stage record ({error})") from None
     own = dict(module.named_parameters())
     if saved.keys() != own.keys():
-        raise ValueError(f"stage {j}: the saved parameters do not match this stage's (was the split changed?)")
+        raise IntegrityError(f"stage {j}: {params} does not fit this stage's parameters (was the split changed?)")
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(saved[name])
     try:
         loaded = torch.load(state, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file names itself
-        raise ValueError(f"stage {j}: {state} is not a readable stage state ({error})") from None
+        raise IntegrityError(f"stage {j}: {state} is not a readable stage state ({error})") from None
     if optimizer is not None and loaded["optimizer"] is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and loaded["scheduler"] is not None:

@@ -31,11 +31,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..io import atomic_write
 from . import schedule
 from .comm import Channel, DesyncError
 from .optim import accumulate_, make_optimizer, make_scheduler
@@ -96,12 +98,24 @@ class PetraConfig:
 
 @dataclass
 class StageSummary:
-    """What a stage process returns: its index, steps run, optimizer updates and (last stage) losses."""
+    """What a stage process returns: its index, steps run, optimizer updates, (last stage) losses, and
+    the micro-batches trained (fewer than asked for when the run was stopped early)."""
 
     stage: int
     steps: int
     updates: int
     losses: list[float] = field(default_factory=list)
+    micro_batches: int = 0
+    stopped: bool = False
+
+
+STOP_KEY = "revbits/petra/stop"  # the micro-batch count stage 0 stopped at (store of the process group)
+STOP_REQUEST_KEY = "revbits/petra/stop-request"  # another stage got SIGINT or SIGTERM
+
+
+def _store() -> dist.Store:
+    """The key-value store of the default process group (its rendezvous)."""
+    return dist.distributed_c10d._get_default_store()
 
 
 class InjectedFailure(RuntimeError):
@@ -153,10 +167,17 @@ class StageWorker:
         self.backwards = 0
         self.updates = 0
         self.record = StageRecord(stage=j)
+        self.stop: Any = None
+        self.stopped = False
 
-    def run(self) -> StageSummary:
-        stage_steps = schedule.steps(self.j, self.J, self.M)
-        for t in stage_steps:
+    def run(self, stop: Any = None) -> StageSummary:
+        """All steps of this stage. With ``stop`` (a :class:`revbits.interrupt.StopFlag`), a signal
+        ends the run early at an update boundary: stage 0 forwards no micro-batch past the end of the
+        current accumulation window and tells the others (the process group's store) before it sends
+        that window's last one, so every stage knows the new end before it would wait for more; all
+        stages then drain, and the state is a clean update boundary."""
+        self.stop, self.stopped, t = stop, False, self.j
+        while t < self.M + self.j + schedule.delay(self.j, self.J):
             # Step t only waits on neighbours' steps < t (messages of step t - 1, sends of step <= t - 2
             # are taken by step <= t - 1), so no cycle of waits can form: no deadlock.
             self.channel.flush(before_step=t - 1)
@@ -170,16 +191,40 @@ class StageWorker:
                     self.forward(f, t)
                 if b is not None:
                     self.backward(b, t)
+            t += 1
         self.channel.flush()
         if self.backwards % self.k:
             self.update()
-        return StageSummary(self.j, len(stage_steps), self.updates, list(self.record.losses))
+        return StageSummary(
+            self.j, t - self.j, self.updates, list(self.record.losses), self.M, self.stopped
+        )
+
+    def check_stop(self, m: int) -> None:
+        """After micro-batch m's forward input is known: if it ends an accumulation window, learn (stage
+        0: decide) whether the run stops after it (see :meth:`run`)."""
+        if self.stop is None or (m + 1) % self.k or m + 1 >= self.M:
+            return
+        store = _store()
+        if self.j == 0:
+            if self.stop.signum and not self.stopped:
+                store.set(STOP_REQUEST_KEY, "1")
+            if store.check([STOP_REQUEST_KEY]):
+                store.set(STOP_KEY, str(m + 1))
+                self.M, self.stopped = m + 1, True
+        else:
+            if self.stop.signum:
+                store.set(STOP_REQUEST_KEY, "1")
+            if store.check([STOP_KEY]):
+                self.M, self.stopped = int(store.get(STOP_KEY)), True
 
     def input(self, m: int) -> Tensor:
         """Stage j's forward input of micro-batch m: from the data for stage 0, else from stage j - 1."""
         if self.j == 0:
+            self.check_stop(m)
             return self.data[(self.first + m) % len(self.data)][0].to(self.device)
-        return self.channel.recv(self.j - 1, m, "activation")[0]
+        x = self.channel.recv(self.j - 1, m, "activation")[0]
+        self.check_stop(m)
+        return x
 
     def forward(self, m: int, t: int) -> None:
         """y = F_j(x) under no_grad, sent to stage j + 1; a plain stage keeps x in its FIFO."""
@@ -311,6 +356,7 @@ def run_stage(
     build_stages: Callable[[], Sequence[nn.Module]],
     data: Sequence[tuple[Tensor, Tensor]],
     config: PetraConfig,
+    stop: Any = None,
 ) -> StageSummary:
     """Train stage ``rank`` of a J-stage PETRA pipeline in this process.
 
@@ -319,7 +365,8 @@ def run_stage(
     (input, target); stage 0 reads the inputs and the last stage the targets. The process group (gloo)
     comes from the environment (MASTER_ADDR, MASTER_PORT), as set by :func:`launch` or torchrun; pass
     rank = world_size = None under torchrun. If ``config.out_dir`` is set, the stage's
-    :class:`StageRecord` is saved there.
+    :class:`StageRecord` is saved there, with its optimiser state, each file atomically and fsync'd.
+    ``stop``: a :class:`revbits.interrupt.StopFlag` that may end the run early (see :meth:`StageWorker.run`).
     """
     rank, world_size, stages = build_all_stages(rank, world_size, build_stages, config)
     stage = stages[rank].to(stage_device(config))
@@ -327,11 +374,11 @@ def run_stage(
     stage.train()
     own_group = join_process_group(rank, world_size, config)
     worker = StageWorker(stage, rank, data, config)
-    summary = worker.run()
+    summary = worker.run(stop)
     if config.out_dir is not None:
         worker.record.set_params(stage)
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        worker.record.save(record_path(config.out_dir, rank))
+        atomic_write(record_path(config.out_dir, rank), worker.record.save)
         save_stage_state(config.out_dir, rank, worker.optimizer, worker.scheduler)
     if own_group:
         dist.destroy_process_group()

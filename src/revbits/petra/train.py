@@ -12,9 +12,13 @@ saved as a checkpoint that ``revbits eval`` reads like any other run.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
-import shutil
+import platform
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,13 +30,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..train.checkpoint import save_checkpoint
+from ..data.cache import data_root
+from ..interrupt import Interrupted, StopFlag
+from ..io import (
+    IntegrityError,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    remove_tree,
+    verify_manifest,
+    write_manifest,
+)
+from ..train.checkpoint import clean_run_dir, save_checkpoint
 from ..train.config import ConfigError, TrainConfig
-from ..train.loop import adamw, evaluate
+from ..train.loop import DivergenceError, adamw, evaluate, prepare_out
 from ..train.metrics import MetricsLog
 from ..train.schedule import lr_factor
 from ..train.tasks import Task, make_task
-from .launch import launch
+from .launch import die_with_parent, launch
 from .profile import sizes_by_time
 from .record import load_records
 from .runtime import PetraConfig, join_process_group, run_stage
@@ -88,7 +103,7 @@ def stage_builder(config: TrainConfig, J: int, sizes: list[int]) -> list[nn.Modu
 def stage_sizes(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> list[int]:
     """Pieces per stage for ``config.stage_split``: the given sizes; balanced by parameter count for
     "params"; for "time", balanced by each piece's PETRA cost (f + r + g + b) measured on the first
-    micro-batch with a throw-away copy of the model, on ``config.device``."""
+    micro-batch with a throw-away copy of the model, on ``config.device``, once (:func:`timed_split`)."""
     given = config.stage_sizes()
     if given is not None:
         return given
@@ -96,10 +111,7 @@ def stage_sizes(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> l
     pieces = model_pieces(task_of(config).build_model(), config)
     if config.stage_split == "params" or config.stages == 1:
         return sizes_by_params(pieces, config.stages)
-    device = torch.device(config.device)
-    pieces = [piece.to(device) for piece in pieces]
-    x, target = (t.to(device) for t in data[0])
-    return sizes_by_time(pieces, x, target, config.stages)
+    return timed_split(config, data)
 
 
 def stage_adamw(params: list[nn.Parameter], petra: PetraConfig) -> torch.optim.Optimizer:
@@ -126,99 +138,207 @@ def torchrun_rank(J: int) -> int | None:
     return int(os.environ["RANK"])
 
 
+def timed_split(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> list[int]:
+    """The "time" split, measured once per model shape, device, stage count and machine and then reused
+    (``$REVBITS_DATA/petra-splits/<key>.json``), so the same command always trains the same split.
+
+    Measured times vary from run to run, so two machines (or a re-measurement after deleting the file)
+    may choose different splits; the split a run used is also recorded in its ``progress.json``.
+    """
+    ignored = {"out", "seed", "steps", "stop_at", "lr", "min_lr", "warmup", "weight_decay", "grad_clip"}
+    ignored |= {"eval_interval", "eval_batches", "log_interval", "accumulation", "stage_split", "train_subset"}
+    shape = {k: v for k, v in config.to_dict().items() if k not in ignored}
+    shape |= {"torch": torch.__version__, "machine": platform.node(), "cpu": platform.machine()}
+    key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+    path = data_root() / "petra-splits" / f"{key}.json"
+    with contextlib.suppress(IntegrityError, KeyError, TypeError):
+        sizes = read_json(path, "measured split")["sizes"]
+        if isinstance(sizes, list) and len(sizes) == config.stages and all(isinstance(n, int) for n in sizes):
+            return sizes
+    torch.manual_seed(config.seed)
+    pieces = model_pieces(task_of(config).build_model(), config)
+    device = torch.device(config.device)
+    pieces = [piece.to(device) for piece in pieces]
+    x, target = (t.to(device) for t in data[0])
+    sizes = sizes_by_time(pieces, x, target, config.stages)
+    with contextlib.suppress(OSError):  # a read-only cache only means measuring again next time
+        atomic_write_json(path, {"sizes": sizes, "measured_for": shape})
+    return sizes
+
+
+def read_progress(out: Path) -> dict[str, Any] | None:
+    """The PETRA run's ``progress.json`` (None if there is none); IntegrityError naming it if damaged."""
+    path = out / "progress.json"
+    if not path.exists():
+        return None
+    progress = read_json(path, "PETRA progress record")
+    if not isinstance(progress, dict) or not {"step", "stages", "accumulation", "stages_dir"} <= progress.keys():
+        raise IntegrityError(f"{path} is damaged: it does not name a step and a stage-state directory")
+    return progress
+
+
 def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train ``config`` with PETRA over ``config.stages`` processes up to ``stop_at`` (or ``steps``),
-    from the last segment's stage states when ``resume``; returns the evaluation at the end.
+    from the saved stage states when ``resume``; returns the evaluation at the end.
 
     The processes are started here (:func:`launch`), or, under ``torchrun --nproc-per-node J``, this
-    process is stage RANK: stage 0 measures the split and sends it to the others, and the last stage
-    gathers the weights, evaluates and writes the run (the others return an empty dict).
+    process is stage RANK: stage 0 measures the split and sends it to the others. Either way every stage
+    runs :func:`petra_process`, and the last stage writes the run.
 
-    Each call is one segment: the pipeline fills, runs and drains, then the stage states go to a new
-    ``stages-<step>`` directory that ``progress.json`` names (written last, atomically), so a failed
-    segment leaves the previous one intact.
+    The run goes in segments of ``eval_interval`` steps. At the end of each the pipeline drains, every
+    stage saves its state to a new ``stages-*`` directory, and the last stage writes the directory's
+    manifest, evaluates, saves the gathered weights as a checkpoint and names the set in
+    ``progress.json`` (written last, atomically): a crash loses at most one segment. SIGINT or SIGTERM
+    ends the current segment early, at an update boundary, and raises
+    :class:`revbits.interrupt.Interrupted` once it is saved.
     """
     check_petra_config(config)
     out = Path(config.out)
-    progress_file = out / "progress.json"
     J, k = config.stages, config.accumulation
+    rank = torchrun_rank(J)
+    writer = rank is None or rank == J - 1  # the last stage has the losses; it writes the run
     begin, resume_from, sizes = 0, None, None
-    if resume:
-        if not progress_file.is_file():
-            raise ConfigError(f"--resume: {out} holds no PETRA run to continue (no progress.json)")
-        progress = json.loads(progress_file.read_text())
+    progress = read_progress(out) if out.is_dir() else None
+    if resume and progress is None and not (out / "config.json").is_file():
+        raise ConfigError(f"--resume: {out} holds no PETRA run to continue (no progress.json)")
+    if resume and progress is not None:
         if (progress["stages"], progress["accumulation"]) != (J, k):
             raise ConfigError(
                 f"--resume: the run used --stages {progress['stages']} --accumulation {progress['accumulation']}"
             )
-        begin, resume_from = progress["step"], str(out / progress["stages_dir"])
+        begin, resume_from = progress["step"], out / progress["stages_dir"]
+        verify_manifest(resume_from)
         # the stage states only fit the split they were trained with (runs saved before splits were
         # recorded were split by parameter count)
         sizes = progress.get("sizes") or stage_sizes(replace(config, stage_split="params"), [])
-    elif (out / "metrics.jsonl").exists():
+    elif not resume and (progress is not None or (out / "metrics.jsonl").exists()):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     end = config.stop_at or config.steps
     if end <= begin:
         raise ConfigError(f"the run is already at step {begin}; raise --steps to continue it")
-    stages_dir = out / f"stages-{end:08d}"
-    petra = PetraConfig(
+    if writer:
+        prepare_out(out)
+        clean_run_dir(out)
+        for old in out.glob("stages-*"):  # a segment that was killed before progress.json named it
+            if resume_from is None or old.name != resume_from.name:
+                remove_tree(old)
+        atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
+    data = TaskBatches(config, config.steps * k)
+    task_of(config)  # every process loads the data before any waits on another
+    args = (config, begin, end, None if resume_from is None else str(resume_from))
+    if rank is None:
+        sizes = sizes or stage_sizes(config, data)
+        result = launch(J, petra_process, (*args, sizes))[-1]
+    else:
+        die_with_parent(os.getppid())
+        join_process_group(rank, J, PetraConfig(stages=J))
+        decided = [sizes or (stage_sizes(config, data) if rank == 0 else None)]
+        dist.broadcast_object_list(decided, src=0)  # every stage must cut the model the same way
+        sizes = decided[0]
+        result = petra_process(rank, J, *args, sizes)
+        dist.destroy_process_group()
+        if not writer:
+            return {}
+    interrupted, seconds = result.pop("interrupted"), result.pop("seconds", 0.0)
+    if interrupted:
+        raise Interrupted(
+            interrupted,
+            f"{signal.Signals(interrupted).name}: every PETRA stage stopped and saved at step {result['step']} "
+            f"({out / 'progress.json'}); continue with revbits train --out {out} --resume",
+        )
+    if not quiet:
+        print(f"PETRA, {J} stages of {sizes} pieces: steps {begin}-{end} in {seconds:.0f} s; valid {result}")
+    return result
+
+
+def petra_process(
+    rank: int, J: int, config: TrainConfig, begin: int, end: int, resume_from: str | None, sizes: list[int]
+) -> dict[str, Any]:
+    """Stage ``rank``'s whole run, segment by segment (see :func:`train_petra`); the last stage returns
+    the last evaluation with ``step``, ``seconds`` and ``interrupted`` (the signal that stopped the run,
+    or 0), the others ``{"interrupted": signal}``."""
+    k, out = config.accumulation, Path(config.out)
+    base = PetraConfig(
         stages=J,
-        micro_batches=(end - begin) * k,
         accumulation=k,
         lr=config.lr,
         optimizer=stage_adamw,
         weight_decay=config.weight_decay,
         seed=config.seed,
-        out_dir=str(stages_dir),
         lr_schedule=partial(lr_factor, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr),
-        first_micro_batch=begin * k,
-        resume_from=resume_from,
         device=config.device,
     )
-    rank = torchrun_rank(J)
-    writer = rank is None or rank == J - 1  # the last stage has the losses; it writes the run
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    own_group = join_process_group(rank, J, base)
     data = TaskBatches(config, config.steps * k)
-    task_of(config)  # every process loads the data before any waits on another
-    start = time.perf_counter()
-    if rank is None:
-        sizes = sizes or stage_sizes(config, data)
-        summaries = launch(J, run_stage, (partial(stage_builder, config, J, sizes), data, petra))
-        losses = summaries[-1].losses
-    else:
-        join_process_group(rank, J, petra)
-        decided = [sizes or (stage_sizes(config, data) if rank == 0 else None)]
-        dist.broadcast_object_list(decided, src=0)  # every stage must cut the model the same way
-        sizes = decided[0]
-        losses = run_stage(None, None, partial(stage_builder, config, J, sizes), data, petra).losses
-        dist.barrier()  # every stage has saved its record
+    build = partial(stage_builder, config, J, sizes)
+    result: dict[str, Any] = {"step": begin}
+    started, a, previous, signum = time.perf_counter(), begin, resume_from, 0
+    with StopFlag() as stop:
+        while a < end and not signum:
+            planned = min(end, (a // config.eval_interval + 1) * config.eval_interval)
+            stages_dir = out / f"stages-{a:08d}-{planned:08d}"
+            petra = replace(
+                base,
+                micro_batches=(planned - a) * k,
+                first_micro_batch=a * k,
+                resume_from=previous,
+                out_dir=str(stages_dir),
+            )
+            summary = run_stage(rank, J, build, data, petra, stop)
+            b = a + summary.micro_batches // k
+            dist.barrier()  # every stage has saved its state
+            if rank == J - 1:
+                seconds = time.perf_counter() - started
+                result = write_segment(config, sizes, a, b, summary.losses, stages_dir, previous, not summary.stopped)
+                result["seconds"] = seconds
+            agreed = torch.tensor([stop.signum or 0])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)  # also waits for the writer
+            signum = int(agreed.item())
+            a, previous = b, str(stages_dir)
+    if own_group:
         dist.destroy_process_group()
-        if not writer:
-            return {}
-    seconds = time.perf_counter() - start
+    return {**(result if rank == J - 1 else {}), "interrupted": signum}
+
+
+def write_segment(
+    config: TrainConfig,
+    sizes: list[int],
+    begin: int,
+    end: int,
+    losses: Sequence[float],
+    stages_dir: Path,
+    previous: str | None,
+    evaluate_now: bool,
+) -> dict[str, Any]:
+    """The last stage's part of a segment's end: the stage-state manifest, the train (and valid)
+    metrics, the gathered weights as checkpoint ``end``, then ``progress.json``; the previous segment's
+    stage states go last."""
+    J, k, out = config.stages, config.accumulation, Path(config.out)
+    write_manifest(stages_dir, sorted(path.name for path in stages_dir.iterdir() if not path.name.startswith(".")))
     torch.manual_seed(config.seed)
     model, stages = build_stages(config, J, sizes)
     gather_weights(model, stages, load_records(stages_dir, J))
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad or not all(math.isfinite(loss) for loss in losses):
+        cause = f"weight {bad[0]} holds non-finite values" if bad else "a training loss is not finite"
+        raise DivergenceError(f"PETRA steps {begin + 1}-{end}: {cause}; lower --lr or check the data")
     metrics = MetricsLog(out / "metrics.jsonl")
     metrics.truncate_after(begin)
     for step in range(begin + 1, end + 1):  # as the training loop logs: every log_interval steps and the last
         if step % config.log_interval == 0 or step == config.steps:
             window = losses[(max(begin, step - config.log_interval) - begin) * k : (step - begin) * k]
             metrics.write({"step": step, "split": "train", "loss": sum(window) / len(window)})
-    model.to(config.device).eval()
-    result = {"step": end, "split": "valid", **evaluate(task_of(config), model, "valid")}
-    metrics.write({**result, "seconds": seconds, "stages": J})
+    result: dict[str, Any] = {"step": end}
+    if evaluate_now:
+        model.to(config.device).eval()
+        result = {"step": end, "split": "valid", **evaluate(task_of(config), model, "valid")}
+        metrics.write({**result, "stages": J})
+    metrics.sync()
     save_checkpoint(out, end, model, {"config": config.to_dict(), "parallel": "petra"})
     progress = {"step": end, "stages": J, "accumulation": k, "sizes": sizes, "stages_dir": stages_dir.name}
-    tmp = progress_file.with_name("progress.json.tmp")
-    tmp.write_text(json.dumps(progress))
-    os.replace(tmp, progress_file)
-    if resume_from is not None:
-        shutil.rmtree(resume_from, ignore_errors=True)
-    if not quiet:
-        print(f"PETRA, {J} stages of {sizes} pieces: steps {begin}-{end} in {seconds:.0f} s; valid {result}")
+    atomic_write_json(out / "progress.json", progress)
+    if previous is not None:
+        remove_tree(Path(previous))
     return result
 
 

@@ -1,17 +1,20 @@
-"""Checkpoints written atomically and loaded safely.
+"""Checkpoints that are complete or absent, verified on load.
 
-A checkpoint is a directory ``checkpoints/step_NNNNNNNN`` holding ``model.safetensors`` (the
-weights) and ``state.pt`` (optimizer, scheduler, RNG states, step and config; plain tensors and
-Python values, read with ``torch.load(weights_only=True)``). It is built under a temporary name
-and renamed into place, then ``checkpoints/latest`` is replaced atomically; a crash at any
-moment leaves the previous checkpoint intact.
+A checkpoint is a directory ``checkpoints/step_NNNNNNNN`` holding ``model.safetensors`` (the weights),
+``state.pt`` (optimizer, scheduler, RNG states, step and config; plain tensors and Python values, read
+with ``torch.load(weights_only=True)``) and ``manifest.json`` (each file's size and sha256). It is
+written under a temporary name, every file fsync'd, the manifest last, then renamed into place and the
+directory fsync'd; ``checkpoints/latest`` is then replaced atomically. ``latest`` is only a hint for
+people and tools: the newest checkpoint is the ``step_*`` directory with the highest step, so a crash
+between the rename and the pointer loses nothing.
+
+Loading takes the newest checkpoint and checks every file against its manifest. A damaged or missing
+file is refused with a message that names it; an older checkpoint is never used in its place.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from ..io import (
+    IntegrityError,
+    atomic_write,
+    atomic_write_text,
+    fault_point,
+    fsync_dir,
+    remove_leftovers,
+    remove_tree,
+    temp_name,
+    verify_manifest,
+    write_manifest,
+)
+
+STEP_DIR = re.compile(r"step_(\d{8})")
+FILES = ("model.safetensors", "state.pt")
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged, or does not fit the model."""
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
@@ -36,65 +49,86 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(final)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save({**state, "step": step}, tmp / "state.pt")
-    if final.exists():
-        trash = root / f".old_{final.name}_{os.getpid()}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, final)
-    _write_text_atomic(root / "latest", final.name)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        atomic_write(tmp / FILES[0], lambda path: save_model(model, str(path)))
+        fault_point("checkpoint.weights")
+        atomic_write(tmp / FILES[1], lambda path: torch.save({**state, "step": step}, path))
+        fault_point("checkpoint.state")
+        write_manifest(tmp, FILES, {"step": step})
+        fault_point("checkpoint.manifest")
+        if final.exists():  # the same step saved again (a resumed run that stopped where it began)
+            remove_tree(final)
+        tmp.rename(final)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    fsync_dir(root)
+    fault_point("checkpoint.rename")
+    atomic_write_text(root / "latest", final.name + "\n")
+    fault_point("checkpoint.latest")
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        remove_tree(old)
+        fault_point("checkpoint.prune")
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``checkpoints/latest`` names, or None if there is none.
-
-    A pointer that is blank or names no checkpoint (a crash mid-write) falls back to the newest
-    complete ``step_*`` directory.
-    """
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The ``step_*`` directories of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.exists():
-        return None
-    name = pointer.read_text().strip()
-    if re.fullmatch(r"step_\d{8}", name) and _complete(root / name):
-        return root / name
-    complete = [path for path in sorted(root.glob("step_*")) if _complete(path)]
-    if not complete:
-        raise CheckpointError(f"{pointer} names {name!r}, and {root} holds no complete checkpoint")
-    return complete[-1]
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.iterdir() if STEP_DIR.fullmatch(path.name) and path.is_dir())
 
 
-def _complete(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() and (path / "state.pt").is_file()
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove what an interrupted write left behind (temporary files and directories)."""
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        remove_leftovers(folder)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint directory of a run (highest step), or None if there is none.
+
+    ``checkpoints/latest`` is not needed: a missing or stale pointer changes nothing.
+    """
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """:class:`CheckpointError` naming the file, unless every file of checkpoint ``path`` matches its manifest."""
+    try:
+        verify_manifest(path, FILES)
+    except IntegrityError as error:
+        older = [p.name for p in checkpoint_dirs(path.parent.parent) if p.name < path.name]
+        way_out = f"; move {path.name} aside to use {older[-1]}" if older else ""
+        raise CheckpointError(f"checkpoint {path.name} cannot be used: {error}{way_out}") from None
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
-    """Load the newest checkpoint's weights into ``model`` and return its state dict."""
+    """Load the newest checkpoint's weights into ``model`` (after verifying it) and return its state dict."""
     path = latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"no checkpoint in {run_dir}: train first, or check the path")
+    verify_checkpoint(path)
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        missing, unexpected = load_model(model, str(path / FILES[0]), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{path / 'model.safetensors'} is corrupt or does not fit the model: {error}") from None
+        raise CheckpointError(f"{path / FILES[0]} is corrupt or does not fit the model: {error}") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"{path / 'model.safetensors'} does not fit the model: missing {sorted(missing)[:5]}, "
+            f"{path / FILES[0]} does not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{path / FILES[0]} holds non-finite values (in {', '.join(bad[:3])})")
     try:
-        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        state = torch.load(path / FILES[1], weights_only=True, map_location="cpu")
     except Exception as error:  # torch raises several types for damaged or unsafe files
-        raise CheckpointError(f"{path / 'state.pt'} is corrupt or unsafe to load: {error}") from None
+        raise CheckpointError(f"{path / FILES[1]} is corrupt or unsafe to load: {error}") from None
     if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path / 'state.pt'} is not a revbits training state")
+        raise CheckpointError(f"{path / FILES[1]} is not a revbits training state")
     return state

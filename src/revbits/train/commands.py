@@ -5,21 +5,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..bdia import ReversibilityError
+from ..data.errors import DataError
+from ..io import IntegrityError, read_json
 from ..mesa import compressors_in
 from ..models.rnn import CELLS
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ALL_MEMORY_MODES, MODELS, PARALLEL, ConfigError, TrainConfig, memory_modes, read_config_file
-from .loop import evaluate, train
+from .loop import DivergenceError, build_model, evaluate, train
 from .plot import plot_runs
 from .tasks import make_task, read_run_config
 
@@ -52,7 +56,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
             continue
-        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        kind = {"int": int, "float": finite_float, "int | None": int}.get(str(f.type), str)
         choices = {"model": MODELS, "memory": ALL_MEMORY_MODES, "cell": CELLS, "parallel": PARALLEL}.get(f.name)
         parser.add_argument(
             flag,
@@ -64,12 +68,40 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (nan and inf are refused when the flag is parsed)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     if args.resume and not args.config:
         saved = Path(args.out or TrainConfig.out) / "config.json"
         if saved.exists():
-            values = json.loads(saved.read_text())
+            values = read_json(saved, "run configuration")
+            if not isinstance(values, dict):
+                raise IntegrityError(f"{saved} is damaged: it holds no table of options")
             values.pop("stop_at", None)  # where the last invocation stopped is not an option of this one
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name)
@@ -102,12 +134,14 @@ def _load_run(run_dir: Path, quantize_eval: bool | None = None) -> tuple[Any, An
         config.quantize_eval = quantize_eval
     config.device = "cuda" if torch.cuda.is_available() and config.device.startswith("cuda") else "cpu"
     task = make_task(config)
-    model = task.build_model()
+    model = build_model(task)
     load_checkpoint(run_dir, model)
     return task, model.to(config.device).eval(), config
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.decode == "beam" and read_run_config(args.run_dir).model == "rnn-translator":
+        raise ConfigError("the rnn-translator decodes greedily only: use --decode greedy")
     task, model, config = _load_run(args.run_dir, args.quantize_eval)
     metrics: dict[str, Any] = {"run": str(args.run_dir), "split": args.split, **evaluate(task, model, args.split)}
     if config.model in ("translator", "rnn-translator"):
@@ -233,8 +267,10 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     eval_parser.add_argument("run_dir", type=Path, help="run directory")
     eval_parser.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     eval_parser.add_argument("--decode", default="greedy", choices=["greedy", "beam"], help="translator decoding")
-    eval_parser.add_argument("--beam-size", type=int, default=4)
-    eval_parser.add_argument("--max-sentences", type=int, default=500, help="translator: sentences scored by BLEU")
+    eval_parser.add_argument("--beam-size", type=_at_least(1), default=4)
+    eval_parser.add_argument(
+        "--max-sentences", type=_at_least(1), default=500, help="translator: sentences scored by BLEU"
+    )
     eval_parser.add_argument(
         "--quantize-eval",
         action=argparse.BooleanOptionalAction,
@@ -246,10 +282,10 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     sample_parser = commands.add_parser("sample", help="generate text from a trained gpt run")
     sample_parser.add_argument("run_dir", type=Path, help="run directory of a gpt model")
     sample_parser.add_argument("--prompt", default="\n")
-    sample_parser.add_argument("--tokens", type=int, default=300)
-    sample_parser.add_argument("--temperature", type=float, default=0.8)
-    sample_parser.add_argument("--top-k", type=int, default=40)
-    sample_parser.add_argument("--seed", type=int, default=0)
+    sample_parser.add_argument("--tokens", type=_at_least(1), default=300)
+    sample_parser.add_argument("--temperature", type=_positive_float, default=0.8)
+    sample_parser.add_argument("--top-k", type=_at_least(1), default=40)
+    sample_parser.add_argument("--seed", type=_at_least(0), default=0)
     sample_parser.set_defaults(run=_sample)
 
     memory_parser = commands.add_parser(
@@ -277,4 +313,14 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     plot_parser.set_defaults(run=_plot)
 
 
-RUN_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError, ReversibilityError)
+# Errors that are the user's input or environment, reported in one line. Anything else is a revbits bug
+# and keeps its traceback (so no bare ValueError here).
+RUN_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    IntegrityError,
+    DataError,
+    DivergenceError,
+    ReversibilityError,
+    OSError,  # a file that cannot be read or written (missing, permissions, disk full): the message names it
+)

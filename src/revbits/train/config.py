@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -96,6 +97,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         self._check_types()
+        self._check_numbers()
         try:
             torch.device(self.device)
         except RuntimeError:
@@ -146,8 +148,9 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup, grad_clip and weight_decay must not be negative")
+        for name in ("warmup", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ConfigError(f"stop_at must be between 1 and steps={self.steps}, got {self.stop_at}")
         if self.model == "rnn-translator" and not 0 <= self.attention_slice <= self.d_model:
@@ -192,6 +195,21 @@ class TrainConfig:
                 ok = True
             if not ok:
                 raise ConfigError(f"{f.name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+
+    def _check_numbers(self) -> None:
+        """Every float option is finite, and the options without a check elsewhere are in range."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
+        if not 0 <= self.mesa_momentum < 1:
+            raise ConfigError(f"mesa_momentum must be in [0, 1), got {self.mesa_momentum}")
+        if self.mesa_channel_group < 1:
+            raise ConfigError(f"mesa_channel_group must be at least 1, got {self.mesa_channel_group}")
+        if self.attention_slice < 0:
+            raise ConfigError(f"attention_slice must not be negative, got {self.attention_slice}")
 
     def _mesa_options(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,7 @@ from ..data import (
     load_shakespeare,
     load_wiki_extract,
 )
+from .config import ConfigError
 
 
 def wiki_text(split: str) -> str:
@@ -37,7 +38,7 @@ VOCAB = {"min_count": 2, "max_size": 8000}
 
 def _known(name: str, table: dict, kind: str) -> None:
     if name not in table:
-        raise ValueError(f"{name!r} is not a {kind} data set; use one of {', '.join(table)}")
+        raise ConfigError(f"{name!r} is not a {kind} data set; use one of {', '.join(table)}")
 
 
 def texts(name: str) -> dict[str, str]:

@@ -4,6 +4,9 @@ A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per lo
 ``checkpoints/``. ``resume=True`` continues the newest checkpoint of ``config.out`` exactly:
 weights, optimiser, scheduler, the global RNG and the data sampler's RNG are all restored, so
 on CPU 20 steps plus a resume to 40 give the same weights, bit for bit, as 40 straight steps.
+A run stopped by SIGINT or SIGTERM saves at the step it was in; one killed outright resumes from
+its newest checkpoint, or from step 0. A non-finite loss, gradient norm or weight stops the run
+before anything of that step is saved.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import resource
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,8 +26,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..interrupt import Interrupted, StopFlag
+from ..io import atomic_write_text, fault_point, read_json
 from ..mesa import compressors_in
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import clean_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLog
 from .schedule import lr_factor
@@ -91,31 +98,85 @@ def evaluate(task: Task, model: nn.Module, split: str) -> dict[str, float]:
     return metrics
 
 
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss, gradient or weight; nothing of that step was saved."""
+
+
+def check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, model: nn.Module) -> None:
+    """:class:`DivergenceError` naming ``step`` and the cause unless the loss, the gradient norm and
+    every weight are finite."""
+    hint = "lower --lr, set --grad-clip, or check the data; the checkpoints already saved are kept"
+    if not math.isfinite(loss.item()):
+        raise DivergenceError(f"step {step}: the training loss is {loss.item()}; {hint}")
+    if not math.isfinite(grad_norm.item()):
+        raise DivergenceError(f"step {step}: the gradient norm is {grad_norm.item()} before the update; {hint}")
+    params = dict(model.named_parameters())
+    if params and not torch.stack([torch.isfinite(p).all() for p in params.values()]).all().item():
+        name = next(name for name, p in params.items() if not torch.isfinite(p).all())
+        raise DivergenceError(f"step {step}: weight {name} holds non-finite values after the update; {hint}")
+
+
+def prepare_out(out: Path) -> None:
+    """Create the run directory, or a ConfigError in one line saying why ``--out`` cannot be used."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+
+
+def start_state(out: Path, resume: bool) -> Path | None:
+    """The checkpoint a run starts from (None: from step 0), after cleaning an interrupted write's
+    leftovers. A run killed before its first checkpoint resumes from the start."""
+    if out.is_dir():
+        clean_run_dir(out)
+    newest = latest_checkpoint(out)
+    if resume and newest is None and not (out / "config.json").is_file():
+        raise ConfigError(f"--resume: {out} holds no run to continue (no config.json); check --out")
+    if not resume and (newest is not None or (out / "metrics.jsonl").exists()):
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return newest if resume else None
+
+
+def build_model(task: Task) -> nn.Module:
+    """The task's model; a model constructor's refusal of the options (a ValueError raised while the
+    model checks its configuration) becomes a ConfigError naming it."""
+    try:
+        return task.build_model()
+    except ValueError as error:
+        raise ConfigError(f"the model cannot be built with these options: {error}") from None
+
+
 def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train ``config.model`` on ``config.data``; returns the last evaluation and run facts."""
+    """Train ``config.model`` on ``config.data``; returns the last evaluation and run facts.
+
+    ``resume``: continue from the newest checkpoint of ``config.out``, or from step 0 when the run was
+    stopped before its first one. SIGINT or SIGTERM during the loop saves a checkpoint at the current
+    step and raises :class:`revbits.interrupt.Interrupted`.
+    """
     out = Path(config.out)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for, but torch sees no CUDA device")
-    has_checkpoint = latest_checkpoint(out) is not None if out.exists() else False
-    if resume and not has_checkpoint:
-        raise CheckpointError(f"--resume: no checkpoint in {out}")
-    if not resume and (has_checkpoint or (out / "metrics.jsonl").exists()):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-
+    start = start_state(out, resume)
     if resume and (out / "config.json").exists():
-        _check_resumable(json.loads((out / "config.json").read_text()), config)
+        _check_resumable(read_json(out / "config.json", "run configuration"), config)
     task = make_task(config)
     torch.manual_seed(config.seed)
-    model = task.build_model().to(device)
+    model = build_model(task).to(device)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr)
     )
     sampler = torch.Generator().manual_seed(config.seed + 1)
+    prepare_out(out)
     metrics = MetricsLog(out / "metrics.jsonl")
     step = 0
-    if resume:
+    if start is not None:
         state = load_checkpoint(out, model)
         _check_resumable(state["config"], config)
         optimizer.load_state_dict(state["optimizer"])
@@ -124,65 +185,83 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
         for name, compressor in compressors_in(model).items():
             compressor.load_state_dict(state.get("mesa", {}).get(name, {}))
         step = int(state["step"])
-        metrics.truncate_after(step)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    elif resume and not quiet:
+        print(f"revbits train: {out} holds no checkpoint yet; starting from step 0", file=sys.stderr)
+    metrics.truncate_after(step)
+    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
     task.save_assets(out)
+
+    def save(step: int) -> Path:
+        metrics.sync()
+        return save_checkpoint(
+            out,
+            step,
+            model,
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(device, sampler),
+                "mesa": {name: c.state_dict() for name, c in compressors_in(model).items()},
+                "config": config.to_dict(),
+            },
+        )
 
     last_step = config.stop_at or config.steps
     model.train()
     result: dict[str, Any] = {"step": step}
     progress = tqdm(total=last_step, initial=step, disable=quiet, desc=f"{config.model}/{config.memory}", unit="step")
     window_start, window_items = time.perf_counter(), 0
-    while step < last_step:
-        batch = task.train_batch(sampler, device)
-        loss = task.loss(model, batch)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {step + 1}; lower --lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        window_items += task.items(batch)
-        if step % config.log_interval == 0 or step == config.steps:
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": step,
-                "split": "train",
-                "loss": loss.item(),
-                "lr": scheduler.get_last_lr()[0],
-                f"{task.item_name}_per_s": window_items / elapsed,
-                "peak_mib": peak_memory_mib(device),
-            }
-            metrics.write(record)
-            progress.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                mem=f"{record['peak_mib']:.0f}MiB",
-                **{f"{task.item_name}/s": f"{window_items / elapsed:.0f}"},
-            )
-            window_start, window_items = time.perf_counter(), 0
-        progress.update(1)
-        if step % config.eval_interval == 0 or step == config.steps:
-            result = {"step": step, "split": "valid", **evaluate(task, model, "valid")}
-            metrics.write(result)
-            progress.write(
-                f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
-            )
-        if step % config.eval_interval == 0 or step == last_step:
-            save_checkpoint(
-                out,
-                step,
-                model,
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(device, sampler),
-                    "mesa": {name: c.state_dict() for name, c in compressors_in(model).items()},
-                    "config": config.to_dict(),
-                },
-            )
+    with StopFlag() as stop:
+        while step < last_step:
+            batch = task.train_batch(sampler, device)
+            loss = task.loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for p in model.parameters() if p.grad is not None]
+            if config.grad_clip:
+                grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip)
+            else:
+                grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+            if not math.isfinite(loss.item()) or not math.isfinite(grad_norm.item()):
+                check_finite(step + 1, loss, grad_norm, model)
+            optimizer.step()
+            scheduler.step()
+            check_finite(step + 1, loss, grad_norm, model)
+            step += 1
+            window_items += task.items(batch)
+            if step % config.log_interval == 0 or step == config.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step,
+                    "split": "train",
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    f"{task.item_name}_per_s": window_items / elapsed,
+                    "peak_mib": peak_memory_mib(device),
+                }
+                metrics.write(record)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    mem=f"{record['peak_mib']:.0f}MiB",
+                    **{f"{task.item_name}/s": f"{window_items / elapsed:.0f}"},
+                )
+                window_start, window_items = time.perf_counter(), 0
+            progress.update(1)
+            if step % config.eval_interval == 0 or step == config.steps:
+                result = {"step": step, "split": "valid", **evaluate(task, model, "valid")}
+                metrics.write(result)
+                progress.write(
+                    f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+                )
+            fault_point("train.step")
+            if step % config.eval_interval == 0 or step == last_step or stop.signum:
+                saved = save(step)
+            if stop.signum and step < last_step:
+                progress.close()
+                raise Interrupted(
+                    stop.signum,
+                    f"{stop.name} at step {step}: saved {saved}; continue with "
+                    f"revbits train --out {out} --resume",
+                )
     progress.close()
     return result

@@ -1,11 +1,26 @@
-"""Metrics as JSON lines: one object per record, appended and flushed as training goes."""
+"""Metrics as JSON lines: one object per record, appended and flushed as training goes.
+
+A crash can cut the last line short; readers skip such a line, and a resumed run rewrites the file
+(atomically, :mod:`revbits.io`) without it and without the records past its checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
+
+from ..io import IntegrityError, atomic_write_text
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf where it overflows (a diverged or untrained model), never an error."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 class MetricsLog:
@@ -17,28 +32,38 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def sync(self) -> None:
+        """Make the records written so far durable (called before a checkpoint is written)."""
+        if self.path.exists():
+            with self.path.open("a") as f:
+                os.fsync(f.fileno())
+
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (a resumed run writes them again), atomically."""
         if not self.path.exists():
             return
         keep = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics file; a clear error if it is missing or damaged."""
+    """All records of a metrics file; an error naming the file if it is missing or damaged."""
     if not path.exists():
         raise FileNotFoundError(f"no metrics file at {path}: is this a revbits run directory?")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise IntegrityError(f"{path} is damaged: not UTF-8 text ({error})") from None
     records = []
-    lines = path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 if number == len(lines):  # a line cut short by a crash mid-write
                     break
-                raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+                raise IntegrityError(f"{path}, line {number}: damaged, not JSON ({error})") from None
+            if not isinstance(record, dict):
+                raise IntegrityError(f"{path}, line {number}: damaged, not a JSON object")
+            records.append(record)
     return records

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import WordTokenizer
+from ..io import read_json
 from ..models import (
     GPT,
     RNNLM,
@@ -33,7 +33,8 @@ from ..models import (
     ViTConfig,
 )
 from . import datasets as adapters
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .metrics import perplexity
 
 EVAL_SEED = 1234  # evaluation batches are the same in every run and at every step
 
@@ -82,7 +83,7 @@ class CharLMTask(Task):
             self.splits["train"] = self.splits["train"][: config.train_subset]
         shortest = min(len(t) for t in self.splits.values())
         if shortest <= config.block_size + 1:
-            raise ValueError(f"a split of {config.data} has {shortest} tokens, fewer than block_size + 2")
+            raise ConfigError(f"a split of {config.data} has {shortest} tokens, fewer than block_size + 2")
 
     def tokenize(self, data: str):
         return adapters.text_splits(data)
@@ -123,7 +124,7 @@ class CharLMTask(Task):
             )
             losses.append(self.loss(model, self._windows(data, starts, self.device)).item())
         loss = sum(losses) / len(losses)
-        return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2)}
+        return {"loss": loss, "perplexity": perplexity(loss), "bits_per_char": loss / math.log(2)}
 
     def save_assets(self, run_dir: Path) -> None:
         self.tokenizer.save(run_dir / "tokenizer.json")
@@ -155,7 +156,7 @@ class WordLMTask(CharLMTask):
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         loss = super().evaluate(model, split)["loss"]
-        return {"loss": loss, "perplexity": math.exp(loss)}
+        return {"loss": loss, "perplexity": perplexity(loss)}
 
 
 class ImageTask(Task):
@@ -294,7 +295,7 @@ class TranslationTask(Task):
             total += self.loss(model, batch).item() * tokens
             count += tokens
         loss = total / count
-        return {"loss": loss, "perplexity": math.exp(loss)}
+        return {"loss": loss, "perplexity": perplexity(loss)}
 
     def save_assets(self, run_dir: Path) -> None:
         self.src_tokenizer.save(run_dir / "src_tokenizer.json")
@@ -358,4 +359,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} has no config.json: is it a revbits run directory?")
-    return TrainConfig.from_dict(json.loads(path.read_text()), source=str(path))
+    values = read_json(path, "run configuration")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} is damaged: it holds no table of options")
+    return TrainConfig.from_dict(values, source=str(path))
