@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bdia_args import BlockArguments
 from .fixedpoint import exact_limit
 
 
@@ -91,10 +92,10 @@ def inverse_step_(x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: tor
     return u.sub_(x_next).div_(-g).sub_(r, alpha=2.0**-bits)
 
 
-def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any]) -> torch.Tensor:
-    """y = block(x, *args), checked against the block protocol."""
+def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any] | BlockArguments) -> torch.Tensor:
+    """y = block(x, *args) (or block(x, *args, **kwargs) for a BlockArguments), checked against the block protocol."""
     version = x._version
-    y = block(x, *args)
+    y = args.call(block, x) if isinstance(args, BlockArguments) else block(x, *args)
     if x._version != version:
         raise BlockProtocolError(
             f"block {index} ({type(block).__name__}) modified its input in place; a reversible stack keeps "
