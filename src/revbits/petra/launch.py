@@ -161,7 +161,7 @@ def launch(
     Waits as long as the processes live, or at most ``timeout`` seconds in all when it is given (tests).
     If a process fails or the deadline passes, kills the remaining processes and raises
     :class:`StageFailure` naming the failed stage. Each process gets OMP_NUM_THREADS = ``threads``.
-    SIGINT and SIGTERM received while waiting are sent on to the processes as SIGTERM.
+    SIGINT and SIGTERM received while waiting are sent on to the processes.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -173,7 +173,7 @@ def launch(
         for p in procs:
             if p.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGTERM)
+                    os.kill(p.pid, signum)
 
     try:
         if threading.current_thread() is threading.main_thread():

@@ -224,7 +224,13 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
                 grad_norm = nn.utils.get_total_norm([p.grad for p in params])
             if not math.isfinite(loss.item()) or not math.isfinite(grad_norm.item()):
                 check_finite(step + 1, loss, grad_norm, model)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as error:  # torch refuses an update that overflows float32 (a huge --lr)
+                if "overflow" not in str(error):
+                    raise
+                message = f"step {step + 1}: the optimiser's update overflows ({error}); lower --lr"
+                raise DivergenceError(message) from None
             scheduler.step()
             check_finite(step + 1, loss, grad_norm, model)
             step += 1
