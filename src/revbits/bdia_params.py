@@ -112,3 +112,20 @@ def backward_through_block(
     for t in inputs:
         t.grad = None
     return BlockGradients(input_grads, param_grads)
+
+
+def sharded_block(blocks: Sequence[nn.Module]) -> str | None:
+    """Why the blocks cannot be run in batch chunks, if one of them is (or holds) its own FSDP unit.
+
+    FSDP reduce-scatters a unit's gradients once per backward, when the unit's backward ends; a block
+    recomputed and back-propagated chunk by chunk ends it once per chunk, and the later chunks' gradients
+    would never be reduced. FSDP around the stack or the whole model keeps every block unsharded through
+    the stack's backward, so chunks are fine there.
+    """
+    for k, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            kinds = {c.__name__ for c in type(module).__mro__}
+            if kinds & {"FSDPModule", "FullyShardedDataParallel"}:
+                where = f"{name!r} in block {k}" if name else f"block {k}"
+                return f"{where} is its own FSDP unit"
+    return None
