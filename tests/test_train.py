@@ -372,3 +372,26 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default():
     _check_resumable(older, config)  # the missing option counts as its default: no error
     with pytest.raises(ValueError, match="stage_split"):
         _check_resumable(older, TrainConfig(model="vit", steps=10, stage_split="params"))
+
+
+def test_the_timed_petra_split_is_measured_once_and_reused(tiny_data):
+    """Issue 15, point 8: the same command trains the same split. The measured split is stored per model
+    shape, device, stage count and machine; a later run reads it instead of timing again."""
+    from dataclasses import replace
+
+    from revbits.petra.train import TaskBatches, stage_sizes
+    from revbits.train.config import TrainConfig
+
+    config = TrainConfig(model="revnet", d_model=8, n_layer=1, batch_size=4, parallel="petra", stages=2)
+    data = TaskBatches(config, 1)
+    first = stage_sizes(config, data)
+    stored = list((tiny_data / "petra-splits").glob("*.json"))
+    assert len(stored) == 1 and json.loads(stored[0].read_text())["sizes"] == first
+    planted = [1, 4] if first != [1, 4] else [2, 3]  # proves the file is read, not the pieces timed again
+    stored[0].write_text(json.dumps({"sizes": planted}))
+    assert stage_sizes(config, data) == planted
+    assert stage_sizes(replace(config, seed=3, lr=3e-3, steps=50, out="elsewhere"), data) == planted
+    assert sum(stage_sizes(replace(config, d_model=16), data)) == 5  # another shape: measured afresh
+    assert len(list((tiny_data / "petra-splits").glob("*.json"))) == 2
+    stored[0].write_text("{not json")  # a damaged record is measured again, not trusted
+    assert sum(stage_sizes(config, data)) == 5
