@@ -6,8 +6,9 @@ parameter count, or given sizes), and :func:`launch` runs the stages. Optimiser 
 ``accumulation`` micro-batches of ``batch_size`` examples, so micro-batch m is the training batch drawn
 from seed (seed, m). AdamW (betas 0.9, 0.95, decay on matrices) with the training command's warm-up and
 cosine schedule runs per stage. Gradient clipping is not applied (a global norm would need every
-stage's gradients at once). The trained weights are gathered into the plain model, evaluated, and
-saved as a checkpoint that ``revbits eval`` reads like any other run.
+stage's gradients at once). Every ``eval_interval`` steps the pipeline drains, every stage saves, and
+the trained weights are gathered into the plain model, evaluated, and saved as a checkpoint that
+``revbits eval`` reads like any other run.
 """
 
 from __future__ import annotations
