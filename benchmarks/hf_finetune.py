@@ -48,6 +48,8 @@ ARMS = {
     "standard": {"memory": "standard"},
     "bdia": {"memory": "bdia"},
     "bdia gamma 0.25": {"memory": "bdia", "gamma": 0.25},
+    "bdia gamma 0.125": {"memory": "bdia", "gamma": 0.125},
+    "bdia gamma 0.0625": {"memory": "bdia", "gamma": 0.0625},
 }
 BASE = TrainConfig(
     model="hf",
@@ -81,6 +83,12 @@ def quality_row(config: TrainConfig, arm: str, runs: Path, data: str) -> dict:
 
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def same_setting(saved: dict | None, current: dict) -> bool:
+    """Whether rows saved under ``saved`` came from the setting ``current`` (options added to
+    TrainConfig since, absent from ``saved``, are at their defaults and do not count)."""
+    return saved is None or all(current.get(k) == v for k, v in saved.items())
 
 
 DATA = {"full": None, "small": 20_000, "tiny": 5_000}  # training tokens: the whole split, or the first N
@@ -265,7 +273,7 @@ def main() -> None:
                 for memory in args.modes:
                     row = quality_row(replace(config, seed=seed), memory, args.runs, data)
                     saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}
-                    if saved["configs"].get(data) not in (None, replace(config, out="").to_dict()):
+                    if not same_setting(saved["configs"].get(data), replace(config, out="").to_dict()):
                         saved["rows"] = [r for r in saved["rows"] if r["data"] != data]  # another setting's rows
                     key = (data, memory, seed)
                     saved["rows"] = [r for r in saved["rows"] if (r["data"], r["memory"], r["seed"]) != key] + [row]
