@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"revbits {args.command}: error: {failure}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"revbits {args.command}: interrupted (SIGINT) before anything was saved", file=sys.stderr)
+        print(f"revbits {args.command}: interrupted (SIGINT) outside a training loop; saved files are unchanged",
+              file=sys.stderr)
         return 130
 
 

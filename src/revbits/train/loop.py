@@ -163,6 +163,7 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for, but torch sees no CUDA device")
     start = start_state(out, resume)
+    prepare_out(out)
     if resume and (out / "config.json").exists():
         _check_resumable(read_json(out / "config.json", "run configuration"), config)
     task = make_task(config)
@@ -173,7 +174,6 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
         optimizer, lambda s: lr_factor(s, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr)
     )
     sampler = torch.Generator().manual_seed(config.seed + 1)
-    prepare_out(out)
     metrics = MetricsLog(out / "metrics.jsonl")
     step = 0
     if start is not None:
