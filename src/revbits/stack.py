@@ -20,15 +20,15 @@ MEMORY_MODES = ("standard", "checkpoint", "mesa", "bdia", "bdia+mesa")
 
 
 class SequentialStack(nn.Module):
-    """x_{k+1} = block_k(x_k, *args), with every activation kept for backward (plain autograd)."""
+    """x_{k+1} = block_k(x_k, *args, **kwargs), with every activation kept for backward (plain autograd)."""
 
     def __init__(self, blocks: Sequence[nn.Module]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, *args)
+            x = block(x, *args, **kwargs)
         return x
 
 
@@ -38,11 +38,11 @@ class CheckpointStack(SequentialStack):
     Only each block's input is kept; its internals are recomputed in backward.
     """
 
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
-            return super().forward(x, *args)
+            return super().forward(x, *args, **kwargs)
         for block in self.blocks:
-            x = checkpoint(block, x, *args, use_reentrant=False)
+            x = checkpoint(block, x, *args, use_reentrant=False, **kwargs)
         return x
 
 
@@ -54,16 +54,19 @@ class MesaStack(SequentialStack):
         super().__init__(blocks)
         self.compressor = Compressor(config)
 
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
-            return super().forward(x, *args)
+            return super().forward(x, *args, **kwargs)
         self.compressor.report.clear()
         with self.compressor.saving():
-            return super().forward(x, *args)
+            return super().forward(x, *args, **kwargs)
 
 
 def stack(blocks: Sequence[nn.Module], memory: str = "standard", **options: Any) -> nn.Module:
     """Wrap ``blocks`` in the memory mode ``memory``.
+
+    The result is called as ``stack(x, *args, **kwargs)``; every block gets ``block(x, *args, **kwargs)``
+    in every mode, and tensor arguments (positional or keyword) get their gradients.
 
     - ``"standard"``: plain autograd, every activation stored.
     - ``"checkpoint"``: each block's input stored, internals recomputed (torch.utils.checkpoint).
