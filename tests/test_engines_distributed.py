@@ -100,13 +100,13 @@ def _fsdp2(rank: int, where: str, batch_chunks: int) -> dict:
     return {n: None if p.grad is None else p.grad.full_tensor() for n, p in m.named_parameters()}
 
 
-def _fsdp1(rank: int, use_orig_params: bool, reversible: bool = True) -> dict:
+def _fsdp1(rank: int, use_orig_params: bool, reversible: bool = True, per_block: bool = True) -> dict:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     m = model()
     m.stack.reversible = reversible
-    policy = ModuleWrapPolicy({Block})
+    policy = ModuleWrapPolicy({Block} if per_block else set())
     m = FSDP(m, use_orig_params=use_orig_params, auto_wrap_policy=policy, device_id=torch.device("cpu"))
     x, signs = _local(rank)
     m(x, signs).backward()
@@ -142,6 +142,7 @@ SCENARIOS = {
     "fsdp1 use_orig_params=True": lambda rank: _fsdp1(rank, True),
     "fsdp1 use_orig_params=False": lambda rank: _fsdp1(rank, False),
     "fsdp1 use_orig_params=False, plain autograd": lambda rank: _fsdp1(rank, False, reversible=False),
+    "fsdp1 root only": lambda rank: _fsdp1(rank, True, per_block=False),
     "ddp no_sync": lambda rank: _ddp(rank, True),
     "ddp no_sync, plain autograd": lambda rank: _ddp(rank, False),
 }
@@ -191,7 +192,8 @@ def _assert_equal_to_reference(grads: dict | str, expected: dict) -> None:
         assert err <= 1e-5, f"{name}: relative error {err:.3g}"
 
 
-FSDP_EXACT = [n for n in SCENARIOS if n.startswith("fsdp") and "each block, 2" not in n and "=False" not in n]
+NOT_COMPARED_HERE = ("each block, 2", "=False", "root only")  # an error, flat parameters, an error
+FSDP_EXACT = [n for n in SCENARIOS if n.startswith("fsdp") and not any(k in n for k in NOT_COMPARED_HERE)]
 
 
 def test_fsdp_per_block_refuses_batch_chunks(distributed):
@@ -227,6 +229,13 @@ def test_fsdp1_flat_parameters_equal_plain_autograd(distributed):
     assert isinstance(plain, dict), plain
     assert len(plain) == 4  # the root's flat parameter and one per block
     _assert_equal_to_reference(bdia, plain)
+
+
+def test_fsdp1_with_blocks_in_an_outer_unit_raises_a_clear_error(distributed):
+    """FSDP1 reshards an outer unit when its gradient is accumulated, before the next block is recomputed."""
+    message = distributed["fsdp1 root only"]
+    assert isinstance(message, str) and "RecomputationError" in message
+    assert "wrap each block in its own FSDP unit" in message
 
 
 def test_ddp_no_sync_gradients_equal_one_process(distributed):

@@ -20,11 +20,23 @@ Nothing is matched by name or shape; the graph of the recomputation decides.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BlockGradients", "backward_through_block", "block_parameters", "reached_leaves", "trainable_parameters"]
+from .bdia_ops import call_block
+
+__all__ = [
+    "BlockGradients",
+    "RecomputationError",
+    "backward_through_block",
+    "block_parameters",
+    "recompute_block",
+    "reached_leaves",
+    "sharded_block",
+    "trainable_parameters",
+]
 
 
 def _returnable(p: nn.Parameter) -> bool:
@@ -129,3 +141,22 @@ def sharded_block(blocks: Sequence[nn.Module]) -> str | None:
                 where = f"{name!r} in block {k}" if name else f"block {k}"
                 return f"{where} is its own FSDP unit"
     return None
+
+
+class RecomputationError(RuntimeError):
+    """A block that ran in the forward pass failed when the backward ran it again."""
+
+
+def recompute_block(block: nn.Module, index: int, x: torch.Tensor, args: Any) -> torch.Tensor:
+    """y = block(x, *args) in the backward's recomputation; a RuntimeError there, after the same call
+    succeeded in the forward, almost always means the block's parameters changed in between, and the
+    error says so (a RecomputationError chained to the original)."""
+    try:
+        return call_block(block, index, x, args)
+    except RuntimeError as e:
+        raise RecomputationError(
+            f"block {index} ({type(block).__name__}) ran in the forward pass but failed when the backward "
+            f"recomputed it: {e}. The likely cause is a wrapper that resharded or replaced its parameters "
+            "after the forward, such as FSDP1 with the block's parameters in an outer unit: wrap each block "
+            "in its own FSDP unit (auto_wrap_policy), or use FSDP2's fully_shard"
+        ) from e
