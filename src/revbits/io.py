@@ -149,13 +149,13 @@ def remove_tree(folder: Path) -> None:
 
 
 def remove_leftovers(folder: Path) -> list[Path]:
-    """Remove the temporary files and directories an interrupted write left in ``folder`` (names
-    made by :func:`temp_name`); returns what was removed."""
+    """Remove the temporary files and directories an interrupted write left in ``folder`` (hidden
+    names with ``.tmp`` in them: :func:`temp_name`'s, and those of revbits before it); returns them."""
     removed = []
     if not Path(folder).is_dir():
         return removed
     for entry in Path(folder).iterdir():
-        if entry.name.startswith(".") and TEMP_MARK in entry.name:
+        if entry.name.startswith(".") and ".tmp" in entry.name:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
