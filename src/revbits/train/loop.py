@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..interrupt import Interrupted, StopFlag
-from ..io import atomic_write_text, fault_point, read_json
+from ..io import IntegrityError, atomic_write_text, fault_point, read_json
 from ..mesa import compressors_in
 from .checkpoint import clean_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -165,7 +165,10 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
     start = start_state(out, resume)
     prepare_out(out)
     if resume and (out / "config.json").exists():
-        _check_resumable(read_json(out / "config.json", "run configuration"), config)
+        saved = read_json(out / "config.json", "run configuration")
+        if not isinstance(saved, dict):
+            raise IntegrityError(f"{out / 'config.json'} is damaged: it holds no table of options")
+        _check_resumable(saved, config)
     task = make_task(config)
     torch.manual_seed(config.seed)
     model = build_model(task).to(device)
