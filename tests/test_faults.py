@@ -354,3 +354,16 @@ def test_petra_stops_on_sigint_dies_with_its_launcher_names_a_killed_stage_and_r
     assert code == 0, text
     assert check_saved(out, saved + 2) == saved + 2
     assert len(list(out.glob("stages-*"))) == 1
+
+    # damaged PETRA files are refused by name before any stage starts
+    stages_dir = next(out.glob("stages-*"))
+    for name in ("stage0.state.pt", "stage1.safetensors"):
+        original = (stages_dir / name).read_bytes()
+        flip_byte(stages_dir / name, -3)
+        code, text = cli(tmp_path, *PETRA, "--out", out, "--resume", "--stop-at", str(saved + 4))
+        assert code == 2 and f"{name} is damaged" in text and "Traceback" not in text, text
+        (stages_dir / name).write_bytes(original)
+    progress = (out / "progress.json").read_bytes()
+    (out / "progress.json").write_bytes(progress[:10])
+    code, text = cli(tmp_path, *PETRA, "--out", out, "--resume", "--stop-at", str(saved + 4))
+    assert code == 2 and "progress.json is damaged" in text, text
