@@ -140,6 +140,7 @@ SCENARIOS = {
     "fsdp2 on the stack, 2 batch chunks": lambda rank: _fsdp2(rank, "stack", 2),
     "fsdp2 on the root": lambda rank: _fsdp2(rank, "root", 1),
     "fsdp1 use_orig_params=True": lambda rank: _fsdp1(rank, True),
+    "fsdp1 use_orig_params=True, plain autograd": lambda rank: _fsdp1(rank, True, reversible=False),
     "fsdp1 use_orig_params=False": lambda rank: _fsdp1(rank, False),
     "fsdp1 use_orig_params=False, plain autograd": lambda rank: _fsdp1(rank, False, reversible=False),
     "fsdp1 root only": lambda rank: _fsdp1(rank, True, per_block=False),
@@ -192,7 +193,7 @@ def _assert_equal_to_reference(grads: dict | str, expected: dict) -> None:
         assert err <= 1e-5, f"{name}: relative error {err:.3g}"
 
 
-NOT_COMPARED_HERE = ("each block, 2", "=False", "root only")  # an error, flat parameters, an error
+NOT_COMPARED_HERE = ("each block, 2", "=False", "root only", "plain")  # an error, flat parameters, an error
 FSDP_EXACT = [n for n in SCENARIOS if n.startswith("fsdp") and not any(k in n for k in NOT_COMPARED_HERE)]
 
 
@@ -213,14 +214,21 @@ def test_fsdp_gradients_equal_one_process(distributed, name):
     _assert_equal_to_reference({n: grads[n] for n in used}, used)
 
 
-@pytest.mark.parametrize("name", FSDP_EXACT)
-def test_fsdp_unused_parameters_get_no_gradient(distributed, name):
+@pytest.mark.parametrize("name", [n for n in FSDP_EXACT if n.startswith("fsdp2")])
+def test_fsdp2_unused_parameters_get_none(distributed, name):
     grads = distributed[name]
     assert isinstance(grads, dict), grads
     unused = [n for n in grads if ".unused." in n]
+    assert unused and all(grads[n] is None for n in unused)
+
+
+def test_fsdp1_unused_parameters_as_under_plain_autograd(distributed):
+    """FSDP1's flat gradient gives unused original parameters zeros, with or without BDIA."""
+    bdia, plain = distributed["fsdp1 use_orig_params=True"], distributed["fsdp1 use_orig_params=True, plain autograd"]
+    assert isinstance(bdia, dict) and isinstance(plain, dict)
+    unused = [n for n in plain if ".unused." in n]
     assert unused
-    for n in unused:
-        assert grads[n] is None or not grads[n].any(), n
+    _assert_equal_to_reference({n: bdia[n] for n in unused}, {n: plain[n] for n in unused})
 
 
 def test_fsdp1_flat_parameters_equal_plain_autograd(distributed):
