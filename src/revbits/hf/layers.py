@@ -36,7 +36,7 @@ from torch import nn
 
 from ..stack import stack as make_stack
 
-CHECKPOINTING_HINT = "model.activation_checkpointing_disable(), gradient_checkpointing_disable() before transformers 5"
+CHECKPOINTING_HINT = "model.activation_checkpointing_disable(); gradient_checkpointing_disable() in older transformers"
 _CONSTANT_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum, slice)
 
 
