@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from report import write_results
+from report import mean_std, write_results
 from revbits.memory import measure_training_step
 from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
@@ -79,10 +79,6 @@ def quality_row(config: TrainConfig, arm: str, runs: Path, data: str) -> dict:
     row |= {"best_valid_loss": min(curve.values()), "valid_curve": curve}
     print(json.dumps({k: v for k, v in row.items() if k != "valid_curve"}), flush=True)
     return row
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
 def same_setting(saved: dict | None, current: dict) -> bool:

@@ -33,7 +33,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from report import write_results
+from report import mean_std, write_results
 from revbits.cli import main as revbits_main
 from revbits.memory import measure_training_step
 from revbits.train import TrainConfig
@@ -148,10 +148,6 @@ def memory_and_speed(config: TrainConfig, speed_steps: int) -> dict:
     return {"memory": memory, "median_step_s": {arm: statistics.median(t) for arm, t in times.items()}}
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
-
 def table(result: dict) -> list[str]:
     rows, measured = result["rows"], result.get("measured")
     seeds = sorted({r["seed"] for r in rows})
@@ -178,8 +174,8 @@ def table(result: dict) -> list[str]:
             t = measured["median_step_s"]
             time_ratio = f"{t[arm] / t['standard']:.2f}"
         lines.append(
-            f"| {arm} | {mean_std([r['valid_loss'] for r in group])} | "
-            f"{mean_std([r['best_valid_loss'] for r in group])} | {delta if arm != 'standard' else ''} | "
+            f"| {arm} | {mean_std([r['valid_loss'] for r in group], 3)} | "
+            f"{mean_std([r['best_valid_loss'] for r in group], 3)} | {delta if arm != 'standard' else ''} | "
             f"{held} | {mem} | {time_ratio} |"
         )
     return lines

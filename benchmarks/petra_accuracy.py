@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from report import mean_std
 from revbits.petra.train import train_petra
 from revbits.train import TrainConfig
 from revbits.train.checkpoint import load_checkpoint
@@ -91,12 +92,6 @@ def one_run(name: str, config: TrainConfig, arm: str, seed: int, runs: Path) -> 
         row["sizes"] = json.loads((run_dir / "progress.json").read_text())["sizes"]
     print(json.dumps({k: row[k] for k in ("model", "arm", "seed", "test")}), flush=True)
     return row
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def summary(rows: list[dict]) -> str:

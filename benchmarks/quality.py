@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from report import mean_std
 from revbits import BDIAStack
 from revbits.train import TrainConfig, load_checkpoint, train
 from revbits.train.loop import evaluate
@@ -194,12 +195,6 @@ def valid_curve(run_dir: Path) -> dict[str, float]:
     """Validation loss by step, from the run's metrics."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     return {str(r["step"]): r["loss"] for r in records if r.get("split") == "valid"}
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def summary(rows: list[dict]) -> str:

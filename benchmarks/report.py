@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,13 @@ import torch
 from revbits.train import TrainConfig
 from revbits.train.loop import make_optimizer
 from revbits.train.tasks import Task, make_task
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    """``mean ± sample standard deviation`` of ``values`` (the value alone for one)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def write_results(out: Path, results: Any, table: list[str]) -> None:
