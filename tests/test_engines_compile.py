@@ -19,9 +19,9 @@ D, T, BATCH, DEPTH = 64, 64, 8, 3
 
 
 class Model(nn.Module):
-    def __init__(self, compile_blocks: bool = False) -> None:
+    def __init__(self, compile_blocks: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
-        blocks = [TransformerBlock(D, 4, causal=True) for _ in range(DEPTH)]
+        blocks = [TransformerBlock(D, 4, causal=True, dropout=dropout) for _ in range(DEPTH)]
         if compile_blocks:
             blocks = [torch.compile(b) for b in blocks]
         self.stack = BDIAStack(blocks)
@@ -43,6 +43,7 @@ def grads_of(model: nn.Module, run, x: torch.Tensor, reversible: bool) -> list[t
     model.stack.reversible = reversible
     model.zero_grad(set_to_none=True)
     signs = torch.randint(0, 2, (DEPTH - 1, BATCH), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    torch.manual_seed(4)  # the same dropout masks in every run
     run(x, signs).backward()
     return [p.grad.clone() for p in model.parameters()]
 
@@ -71,9 +72,9 @@ def test_compiled_model_has_one_graph_break_at_the_reversible_path():
 
 
 def test_blocks_compiled_before_wrapping_train_exactly():
-    """Compiled blocks run the same compiled graph in the forward and in the recomputation."""
+    """Compiled blocks run the same compiled graph in the forward and in the recomputation, dropout replayed."""
     torch.manual_seed(0)
-    model = Model(compile_blocks=True)
+    model = Model(compile_blocks=True, dropout=0.1)
     x = torch.randn(BATCH, T, D)
     got = grads_of(model, model, x, reversible=True)
     want = grads_of(model, model, x, reversible=False)  # plain autograd through the same compiled blocks
