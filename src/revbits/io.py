@@ -98,6 +98,16 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and directory under ``folder`` (before renaming a staged directory into place)."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            _fsync_file(path)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` writes the new content to a temporary path, which then replaces ``path``
     atomically and durably (for writers that take a path: ``torch.save``, safetensors)."""

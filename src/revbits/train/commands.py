@@ -18,7 +18,7 @@ import torch
 
 from ..bdia import ReversibilityError
 from ..data.errors import DataError
-from ..io import IntegrityError, read_json
+from ..io import IntegrityError, fsync_dir, fsync_tree, read_json
 from ..mesa import compressors_in
 from ..models.rnn import CELLS
 from .checkpoint import CheckpointError, load_checkpoint
@@ -237,7 +237,9 @@ def _export(args: argparse.Namespace) -> int:
     try:
         model.save_pretrained(staging)
         task.tokenizer.save_pretrained(staging)
+        fsync_tree(staging)
         os.rename(staging, args.out)  # the directory appears whole or not at all; an existing one is kept
+        fsync_dir(args.out.parent)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         print(f"revbits export: cannot write {args.out}: {error}", file=sys.stderr)
