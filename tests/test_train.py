@@ -293,6 +293,8 @@ def test_missing_data_set_says_how_to_get_it(tmp_path, tiny_data, capsys):
         (["--d-model", "30", "--n-head", "4"], "not divisible"),
         (["--stop-at", "99"], "stop_at must be between"),
         (["--memory", "bdia", "--n-layer", "1"], "n_layer >= 2"),
+        (["--model", "vit", "--patch-size", "5"], "is not a multiple of patch_size"),  # the model's own check
+        (["--block-size", "4000"], "fewer than block_size + 2"),
     ],
 )
 def test_bad_options_are_named(tmp_path, capsys, flags, message):

@@ -213,7 +213,7 @@ def make_task_model(task: Any, config: TrainConfig) -> torch.nn.Module:
     """The task's model built with another configuration (e.g. another memory mode)."""
     original, task.config = task.config, config
     try:
-        return task.build_model()
+        return build_model(task)
     finally:
         task.config = original
 
