@@ -27,6 +27,7 @@ from revbits.cli import main
 from revbits.data import cache, shakespeare
 from revbits.io import MANIFEST, verify_manifest
 from revbits.train.checkpoint import checkpoint_dirs, verify_checkpoint
+from revbits.train.loop import DivergenceError, check_finite
 from revbits.train.metrics import perplexity
 from test_train import TINY, run, tiny_data  # noqa: F401 (tiny_data: the cache fixture, autouse)
 
@@ -367,3 +368,19 @@ def test_petra_stops_on_sigint_dies_with_its_launcher_names_a_killed_stage_and_r
     (out / "progress.json").write_bytes(progress[:10])
     code, text = cli(tmp_path, *PETRA, "--out", out, "--resume", "--stop-at", str(saved + 4))
     assert code == 2 and "progress.json is damaged" in text, text
+
+
+def test_each_divergence_cause_is_named_with_its_step():
+    model = torch.nn.Linear(2, 2)
+    finite, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    check_finite(7, finite, finite, model)  # all finite: nothing happens
+    with torch.no_grad():
+        model.weight.mul_(1e30)  # huge but finite: the fused norm overflows, the exact check clears it
+    check_finite(7, finite, finite, model)
+    for loss, grad_norm, cause in [(nan, finite, "training loss is nan"), (finite, nan, "gradient norm is nan")]:
+        with pytest.raises(DivergenceError, match=f"step 7: the {cause}"):
+            check_finite(7, loss, grad_norm, model)
+    with torch.no_grad():
+        model.bias[1] = float("inf")
+    with pytest.raises(DivergenceError, match="step 7: weight bias holds non-finite values"):
+        check_finite(7, finite, finite, model)

@@ -111,9 +111,12 @@ def check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, model: 
     if not math.isfinite(grad_norm.item()):
         raise DivergenceError(f"step {step}: the gradient norm is {grad_norm.item()} before the update; {hint}")
     params = dict(model.named_parameters())
-    if params and not torch.stack([torch.isfinite(p).all() for p in params.values()]).all().item():
-        name = next(name for name, p in params.items() if not torch.isfinite(p).all())
-        raise DivergenceError(f"step {step}: weight {name} holds non-finite values after the update; {hint}")
+    # fast path: one fused norm over all weights (inf or nan if any weight is; it may also overflow for
+    # huge finite weights, so the exact check below decides)
+    if params and not math.isfinite(nn.utils.get_total_norm(list(params.values())).item()):
+        bad = next((name for name, p in params.items() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise DivergenceError(f"step {step}: weight {bad} holds non-finite values after the update; {hint}")
 
 
 def prepare_out(out: Path) -> None:
