@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from revbits.cli import main
 from revbits.data import cache, shakespeare
@@ -73,8 +74,6 @@ def cli(tmp_path: Path, *argv: object, env: dict[str, str] | None = None, timeou
 
 
 def newest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(checkpoint_dirs(run_dir)[-1] / "model.safetensors"))
 
 
@@ -384,3 +383,25 @@ def test_each_divergence_cause_is_named_with_its_step():
         model.bias[1] = float("inf")
     with pytest.raises(DivergenceError, match="step 7: weight bias holds non-finite values"):
         check_finite(7, finite, finite, model)
+
+
+def test_a_petra_run_interrupted_mid_segment_stops_where_stop_at_would(tmp_path):
+    """SIGINT reaching stage 0 at its second micro-batch (the end of the first accumulation window)
+    stops every stage after update 1, drained: the saved weights and stage states are the ones
+    --stop-at 1 gives, bit for bit."""
+    flags = ["train", "--model", "revnet", *TINY, "--d-model", "8", "--n-layer", "1", "--accumulation", "2"]
+    flags += ["--parallel", "petra", "--stages", "2", "--stage-split", "2,3"]
+    code, text = cli(tmp_path, *flags, "--out", tmp_path / "signal", env={"REVBITS_FAULT": "petra.stage0.input@2:INT"})
+    assert code == 130 and "SIGINT: every PETRA stage stopped and saved at step 1 " in text, text
+    assert run(*flags, "--stop-at", "1", "--out", tmp_path / "stop-at") == 0
+    assert_same_weights(tmp_path / "signal", tmp_path / "stop-at")
+    for name in ("stage0.safetensors", "stage1.safetensors", "stage0.state.pt", "stage1.state.pt"):
+        a, b = (next((tmp_path / run_dir).glob("stages-*")) / name for run_dir in ("signal", "stop-at"))
+        if name.endswith(".safetensors"):  # (the header's metadata order differs from process to process)
+            ta, tb = load_file(str(a)), load_file(str(b))
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+        else:
+            sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+            assert sa["scheduler"] == sb["scheduler"]
+            for key, state in sa["optimizer"]["state"].items():
+                assert all(torch.equal(state[k], sb["optimizer"]["state"][key][k]) for k in state)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..io import atomic_write
+from ..io import atomic_write, fault_point
 from . import schedule
 from .comm import Channel, DesyncError
 from .optim import accumulate_, make_optimizer, make_scheduler
@@ -220,6 +220,7 @@ class StageWorker:
     def input(self, m: int) -> Tensor:
         """Stage j's forward input of micro-batch m: from the data for stage 0, else from stage j - 1."""
         if self.j == 0:
+            fault_point("petra.stage0.input")
             self.check_stop(m)
             return self.data[(self.first + m) % len(self.data)][0].to(self.device)
         x = self.channel.recv(self.j - 1, m, "activation")[0]
