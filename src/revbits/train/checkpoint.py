@@ -102,9 +102,15 @@ def verify_checkpoint(path: Path) -> None:
     try:
         verify_manifest(path, FILES)
     except IntegrityError as error:
+        problem = str(error)
+        if not (path / "manifest.json").exists() and all((path / name).is_file() for name in FILES):
+            problem = (
+                f"{path / 'manifest.json'} is missing: it was deleted, or the checkpoint was written by a revbits "
+                "older than manifests (which cannot be checked, and is not loaded)"
+            )
         older = [p.name for p in checkpoint_dirs(path.parent.parent) if p.name < path.name]
         way_out = f"; move {path.name} aside to use {older[-1]}" if older else ""
-        raise CheckpointError(f"checkpoint {path.name} cannot be used: {error}{way_out}") from None
+        raise CheckpointError(f"checkpoint {path.name} cannot be used: {problem}{way_out}") from None
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
