@@ -263,3 +263,43 @@ def test_timm_loops_over_blocks_raise_a_clear_error():
     vit.set_grad_checkpointing()
     with pytest.raises(TypeError, match="BDIAStack cannot be iterated over"):
         vit(x)
+
+
+class Unsharding(nn.Module):
+    """A wrapper that swaps its block's parameters for fresh copies in every call and hands their gradients
+    back to the originals when autograd accumulates them, as FSDP's unshard and reduce-scatter do."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        originals = dict(self.block.named_parameters())
+        for name, p in originals.items():
+            copy = nn.Parameter(p.detach().clone())
+            copy.register_post_accumulate_grad_hook(lambda c, p=p: self._hand_back(c, p))
+            self.block.get_submodule(name.rpartition(".")[0]).register_parameter(name.rpartition(".")[2], copy)
+        try:
+            return self.block(x)
+        finally:
+            for name, p in originals.items():
+                self.block.get_submodule(name.rpartition(".")[0]).register_parameter(name.rpartition(".")[2], p)
+
+    @staticmethod
+    def _hand_back(copy: torch.Tensor, original: torch.Tensor) -> None:
+        original.grad = copy.grad if original.grad is None else original.grad + copy.grad
+        copy.grad = None
+
+
+def test_parameters_swapped_between_forward_and_backward_get_their_gradients():
+    """The recomputation uses parameters the forward never saw: they get the gradient, as under plain autograd."""
+    results = []
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        stack = BDIAStack([Unsharding(TransformerBlock(16, 2)) for _ in range(3)])
+        stack.reversible = reversible
+        x = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        stack(x, gammas=torch.tensor([[1, -1, 1, -1], [1, 1, -1, -1]])).square().sum().backward()
+        results.append([x.grad, *(p.grad for p in stack.parameters())])
+    assert all(g is not None for g in results[0])
+    assert max_relative_error(*results) <= 1e-5
