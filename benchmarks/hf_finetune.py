@@ -55,6 +55,7 @@ BASE = TrainConfig(
     model="hf",
     hf="all-MiniLM-L6-v2",
     data="wiki-extract",
+    gamma=0.5,  # the "bdia" arm: the paper's value (revbits train --hf defaults to 0.125 since)
     steps=200,
     batch_size=8,
     block_size=64,
