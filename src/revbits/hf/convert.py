@@ -13,6 +13,12 @@ from .layers import CHECKPOINTING_HINT, Conversion, conversion_of, convert_layer
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 _BDIA_MODES = ("bdia", "bdia+mesa")
+#: BDIA's |g| for a converted (pretrained) model unless ``gamma`` is given: 3 bits per element per
+#: layer. Fine-tuning a pretrained decoder at 1/8 stays within the seed noise of standard training,
+#: at 1/2 (the paper's value, for training from scratch) it trails (docs/hf.md,
+#: benchmarks/hf_llama_finetune.py): evaluation runs g = 0, and a large |g| takes the training
+#: forward far from that function.
+FINE_TUNING_GAMMA = 0.125
 _OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 
 
@@ -37,7 +43,8 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
             PEFT model wrapping one.
         memory: one of :data:`revbits.MEMORY_MODES`.
         **options: passed to the stack (e.g. ``bits``, ``gamma``, ``quantize_eval``, ``check`` for
-            BDIA; :class:`revbits.mesa.MesaConfig` fields for mesa).
+            BDIA, where ``gamma`` defaults to :data:`FINE_TUNING_GAMMA` = 1/8;
+            :class:`revbits.mesa.MesaConfig` fields for mesa).
 
     Returns:
         ``model`` itself. Call :func:`restore` before ``save_pretrained`` to write a plain checkpoint.
@@ -77,6 +84,8 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
             f"{name} has transformers' own activation checkpointing enabled; disable it first "
             f"({CHECKPOINTING_HINT}); revbits.hf.convert(model, 'checkpoint') does the same job inside the stack"
         )
+    if memory in _BDIA_MODES:
+        options.setdefault("gamma", FINE_TUNING_GAMMA)
     conversion = convert_layer_list(layers, memory, **options)
     base = transformers_base(model)
     base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)

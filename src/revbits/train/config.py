@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..bdia_ops import gamma_exponent
+from ..hf.convert import FINE_TUNING_GAMMA
 from ..mesa import MesaConfig
 from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
@@ -41,12 +42,6 @@ def memory_modes(model: str) -> tuple[str, ...]:
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used; the message names it."""
 
-
-# BDIA's |g| when fine-tuning a pretrained model (--hf): 3 bits per element per layer. Measured in
-# docs/hf.md (benchmarks/hf_llama_finetune.py): at g = 1/8 fine-tuning a pretrained decoder is
-# within the seed noise of standard training, at 1/2 (the paper's value, for training from
-# scratch) it is not, because the training forward drifts further from the pretrained function.
-HF_GAMMA = 0.125
 
 @dataclass
 class TrainConfig:
@@ -78,7 +73,7 @@ class TrainConfig:
     train_subset: int | None = None  # use only the first N training examples
     # bdia options
     bits: int = 9
-    gamma: float | None = None  # None: 0.5, or HF_GAMMA when fine-tuning a pretrained --hf model
+    gamma: float | None = None  # None: 0.5, or hf.FINE_TUNING_GAMMA when fine-tuning a pretrained --hf model
     quantize_eval: bool = True
     # mesa options (memory = mesa or bdia+mesa)
     mesa_ranges: str = "batch"  # batch | ema
@@ -100,7 +95,7 @@ class TrainConfig:
         if self.memory is None:
             self.memory = "reversible" if self.model in RNN_MODELS else "standard" if self.model == "revnet" else "bdia"
         if self.gamma is None:
-            self.gamma = HF_GAMMA if self.model == "hf" else 0.5
+            self.gamma = FINE_TUNING_GAMMA if self.model == "hf" else 0.5
         self.validate()
 
     def validate(self) -> None:
