@@ -29,6 +29,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .bdia_args import BlockArguments
+from .bdia_chunks import AUTO, BatchSplit, check_batch_chunks, plan_split
+from .bdia_compile import forward_block, holds_compiled_code
 from .bdia_ops import (
     BlockProtocolError,
     StreamRangeError,
@@ -42,6 +45,13 @@ from .bdia_ops import (
     residue,
     state_checksum,
     stream_max,
+)
+from .bdia_params import (
+    backward_through_block,
+    block_parameters,
+    recompute_block,
+    sharded_block,
+    trainable_parameters,
 )
 from .bits import PackedBits, pack_bits, unpack_bits
 from .fixedpoint import exact_limit, quantize
@@ -61,10 +71,11 @@ class ReversibilityError(RuntimeError):
 @dataclass
 class _Plan:
     blocks: Sequence[nn.Module]
-    args: list[Any]  # the extra block arguments, tensors replaced by None
-    tensor_slots: list[int]  # where the tensor arguments go in args
+    args: BlockArguments  # the extra block arguments, tensors replaced by None
+    tensor_slots: list[int]  # where the tensor arguments go in args.values()
     params: list[list[int]]  # per block, indices into the parameter list
     block_params: list[list[nn.Parameter]]  # per block, its trainable parameters at forward time
+    compiled: list[bool]  # per block, whether it holds compiled code (bdia_compile)
     num_params: int
     bits: int
     gamma: float
@@ -74,7 +85,8 @@ class _Plan:
     preserve_rng: bool
     compressor: Compressor | None = None  # 8-bit storage inside each recomputed block
     signs: PackedBits | None = None
-    planes: list[PackedBits | None] = field(default_factory=list)
+    split: BatchSplit | None = None  # the batch chunks every block runs on (bdia_chunks)
+    planes: list[list[PackedBits] | None] = field(default_factory=list)  # per block, one per chunk
     rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     checksums: list[torch.Tensor] = field(default_factory=list)
     states: list[torch.Tensor] = field(default_factory=list)  # check=True only
@@ -82,11 +94,11 @@ class _Plan:
     output_version: int = 0
     autocast: tuple[str, bool, torch.dtype] = ("cpu", False, torch.bfloat16)
 
-    def block_args(self, tensors: Sequence[torch.Tensor]) -> list[Any]:
-        args = list(self.args)
+    def block_args(self, tensors: Sequence[torch.Tensor]) -> BlockArguments:
+        values = self.args.values()
         for slot, tensor in zip(self.tensor_slots, tensors):
-            args[slot] = tensor
-        return args
+            values[slot] = tensor
+        return self.args.with_values(values)
 
     def recompute_saving(self, k: int) -> contextlib.AbstractContextManager:
         """Where block k's recomputation saves its activations: 8-bit codes with a compressor."""
@@ -128,7 +140,10 @@ class _RngReplay:
 _HIGHER_ORDER = (
     "BDIAStack computes first-order gradients only: its backward rebuilds the activations "
     "instead of storing them, and that rebuild cannot be differentiated again. For "
-    "create_graph=True (higher-order gradients) set `stack.reversible = False`."
+    "create_graph=True (higher-order gradients) set `stack.reversible = False` (plain autograd on the "
+    "same forward), and if the blocks call scaled_dot_product_attention, run the forward inside "
+    "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`, since the fused "
+    "attention kernels (flash, memory-efficient) have no double backward."
 )
 
 
@@ -147,26 +162,39 @@ class _BDIAFunction(torch.autograd.Function):
     def forward(ctx, plan: _Plan, x0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         arg_tensors = inputs[: len(plan.tensor_slots)]
         args = plan.block_args(arg_tensors)
+        split = plan.split
+        assert split is not None
+        chunk_args = [split.tree(args, c) for c in range(split.chunks)]
         x_prev, x_cur = None, x0
         maxima = [stream_max(x0)]
         for k, block in enumerate(plan.blocks):
-            if plan.preserve_rng:
+            if plan.preserve_rng:  # chunk c + 1 draws from where chunk c left the RNG, in both passes
                 plan.rng_states.append(_capture_rng(x0.device))
             if plan.check:
                 plan.states.append(x_cur)
             elif plan.verify:
                 plan.checksums.append(state_checksum(x_cur))
-            y = call_block(block, k, x_cur, args)
-            if k == 0:
-                x_next = quantize(y, plan.bits)
-            else:
-                assert x_prev is not None
-                g = plan.gamma_of(k, x_cur)
-                r = residue(x_prev, plan.bits, plan.gamma_bits)
-                plan.planes.append(pack_bits(r.to(torch.uint8), plan.gamma_bits))
-                x_next = forward_step_(x_prev, r, combine(x_cur, y, g, plan.bits), g, plan.bits)
-                del r
-            del y
+            # Chunk c of x_{k+1} reads only chunk c of x_{k-1} and x_k, so it can overwrite x_{k-1}
+            # in place once that buffer is this forward's own (not the input x_0; check=True keeps all).
+            owned = x_prev is not None and x_prev is not x0 and not plan.check
+            x_next = x_prev if owned else torch.empty_like(x_cur)
+            assert x_next is not None
+            g = plan.gamma_of(k, x_cur) if k else None
+            planes: list[PackedBits] = []
+            for c, rows in enumerate(split.slices):
+                y = forward_block(block, k, x_cur[rows], chunk_args[c], plan.compiled[k])
+                if g is None:
+                    x_next[rows] = quantize(y, plan.bits)
+                else:
+                    assert x_prev is not None
+                    r = residue(x_prev[rows], plan.bits, plan.gamma_bits)
+                    planes.append(pack_bits(r.to(torch.uint8), plan.gamma_bits))
+                    u = combine(x_cur[rows], y, g[rows], plan.bits)
+                    x_next[rows] = forward_step_(x_prev[rows], r, u, g[rows], plan.bits)
+                    del r, u
+                del y
+            if g is not None:
+                plan.planes.append(planes)
             x_prev, x_cur = x_cur, x_next
             maxima.append(stream_max(x_cur))
         raise_if_out_of_range(maxima, x0.dtype, plan.bits)
@@ -199,64 +227,101 @@ class _BDIAFunction(torch.autograd.Function):
                 "cannot be rebuilt from it (use an out-of-place operation)"
             )
         arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
-        args = plan.block_args(arg_inputs)
         wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad]
-        wanted_args = [arg_inputs[i] for i in wanted_slots]
         param_grads: list[torch.Tensor | None] = [None] * plan.num_params
         arg_grads: list[torch.Tensor | None] = [None] * len(arg_inputs)
         mismatches: list[torch.Tensor] = []
         device_type, autocast_on, autocast_dtype = plan.autocast
+        split = plan.split
+        assert split is not None
 
-        g_next, p_cur = grad_out, None
+        # State-sized tensors: x_cur = x_k, x_next = x_{k+1}, g_next = dL/dx_{k+1}, g_after = dL/dx_{k+2}.
+        # Chunk by chunk, block k writes x_{k-1} over x_{k+1} and dL/dx_k over dL/dx_{k+2}, except over the
+        # output x_K and autograd's grad_out, which are not this backward's to overwrite: four buffers,
+        # plus grad_out (the engine holds it) and, during block K-1, x_K.
+        next_is_output = True
+        g_next, g_after, gamma_after = grad_out, None, None
         for k in range(len(plan.blocks) - 1, -1, -1):
             # the parameters of block k at forward time that still want a gradient, and their slots
             live = [i for i, p in enumerate(plan.block_params[k]) if p.requires_grad]
             block_params = [plan.block_params[k][i] for i in live]
+            g = plan.gamma_of(k, x_cur) if k else None
+            planes = plan.planes[k - 1] if k else None
+            if k:
+                plan.planes[k - 1] = None  # its memory is no longer needed
+            x_prev = (torch.empty_like(x_cur) if next_is_output else x_next) if k else None
+            g_cur = torch.empty_like(x_cur) if g_after is None or g_after is grad_out else g_after
             rng = plan.rng_states[k] if plan.preserve_rng else None
-            with (
-                _RngReplay(rng, x_cur.device, plan.preserve_rng),
-                torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
-            ):
-                with torch.enable_grad(), plan.recompute_saving(k):
-                    xk = x_cur.detach().requires_grad_()
-                    y = call_block(plan.blocks[k], k, xk, args)
-                g = plan.gamma_of(k, x_cur) if k else None
-                if g is not None:  # rebuild x_{k-1}, then form the gradients that bypass the block
-                    u = combine(x_cur, y.detach(), g, plan.bits)
-                    plane = plan.planes[k - 1]
-                    assert plane is not None
-                    plan.planes[k - 1] = None  # its memory is no longer needed
-                    x_prev = inverse_step_(x_next, unpack_bits(plane, x_cur.dtype), u, g, plan.bits)
-                    del u
-                    _compare(plan, k - 1, x_prev, mismatches)
-                    x_next, x_cur = x_cur, x_prev
-                    del x_prev
-                    grad_y = (1 + g) * g_next
-                    direct = g_next * (-2 * g) if p_cur is None else p_cur.addcmul_(g_next, g, value=-2)
-                    p_cur = g_next.mul_(g) if g_next is not grad_out else g * g_next
-                else:
-                    _compare_block0(plan, quantize(y.detach(), plan.bits), x_next, mismatches)
-                    grad_y, direct, p_cur = g_next, p_cur, None
-            del g_next
-            grads = torch.autograd.grad(y, [xk, *block_params, *wanted_args], grad_y, allow_unused=True)
-            del y, xk, grad_y
-            g_next = _sum_owned(direct, grads[0])
-            del direct
-            _accumulate(param_grads, [plan.params[k][i] for i in live], grads[1 : 1 + len(block_params)])
-            _accumulate(arg_grads, wanted_slots, grads[1 + len(block_params) :])
-            del grads
+            block0: list[torch.Tensor] = []
+            for c, rows in enumerate(split.slices):
+                leaves = [split.leaf(a, c) for a in arg_inputs]
+                args = split.tree(plan.block_args(leaves), c)
+                with (
+                    _RngReplay(rng, x_cur.device, plan.preserve_rng),
+                    torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
+                ):
+                    with torch.enable_grad(), plan.recompute_saving(k):
+                        xk = x_cur[rows].detach().requires_grad_()
+                        y = recompute_block(plan.blocks[k], k, xk, args)
+                    if plan.preserve_rng:
+                        rng = _capture_rng(x_cur.device)  # where chunk c + 1 starts
+                    gn = g_next[rows]
+                    if g is not None:  # rebuild x_{k-1}, then form the gradients that bypass the block
+                        assert planes is not None and x_prev is not None
+                        gc = g[rows]
+                        u = combine(x_cur[rows], y.detach(), gc, plan.bits)
+                        residue_bits = unpack_bits(planes[c], x_cur.dtype)
+                        x_prev[rows] = inverse_step_(x_next[rows], residue_bits, u, gc, plan.bits)
+                        del u, residue_bits
+                        grad_y = (1 + gc) * gn
+                    else:
+                        _compare_block0(plan, quantize(y.detach(), plan.bits), x_next[rows], block0)
+                        grad_y = gn
+                    _skip_gradient(g_cur[rows], g_after, gamma_after, rows, gn, g)
+                    del gn
+                wanted = [leaves[i] for i in wanted_slots]
+                grads = backward_through_block(y, grad_y, [xk, *wanted], block_params)
+                del y, xk, grad_y
+                if grads.inputs[0] is not None:
+                    g_cur[rows].add_(grads.inputs[0])
+                _accumulate(param_grads, [plan.params[k][i] for i in live], grads.params)
+                for slot, grad in zip(wanted_slots, grads.inputs[1:]):
+                    split.add_grad(arg_grads, slot, arg_inputs[slot], grad, c)
+                del grads, leaves, wanted, args
+            if x_prev is not None:
+                _compare(plan, k - 1, x_prev, mismatches)
+                x_next, x_cur, next_is_output = x_cur, x_prev, False
+            elif block0:
+                mismatches.append(torch.stack(block0).any())
+            g_after, g_next, gamma_after = g_next, g_cur, g
         _raise_on_mismatch(plan, mismatches)
         if plan.compressor is not None:
             plan.compressor.raise_if_nonfinite()
         return (None, g_next, *arg_grads, *param_grads)
 
 
-def _sum_owned(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor:
-    """mine + theirs, written into ``mine`` (a tensor this backward allocated) when it exists."""
-    if mine is None:
-        assert theirs is not None
-        return theirs
-    return mine if theirs is None else mine.add_(theirs)
+def _skip_gradient(
+    out: torch.Tensor,
+    g_after: torch.Tensor | None,
+    gamma_after: torch.Tensor | None,
+    rows: slice,
+    g_next: torch.Tensor,
+    gamma: torch.Tensor | None,
+) -> None:
+    """The part of dL/dx_k that bypasses block k, for one chunk, written into ``out``:
+
+        g_{k+1} dL/dx_{k+2} - 2 g_k dL/dx_{k+1}     (the first term is absent for k = K-1, the second for k = 0)
+
+    ``out`` may be the chunk of ``g_after`` itself: it is read before it is written.
+    """
+    if g_after is None:
+        assert gamma is not None
+        torch.mul(g_next, -2 * gamma[rows], out=out)
+        return
+    assert gamma_after is not None
+    torch.mul(g_after[rows], gamma_after[rows], out=out)
+    if gamma is not None:
+        out.addcmul_(g_next, gamma[rows], value=-2)
 
 
 def _accumulate(store: list[torch.Tensor | None], slots: Sequence[int], grads: Sequence[torch.Tensor | None]) -> None:
@@ -303,7 +368,9 @@ def _raise_on_mismatch(plan: _Plan, mismatches: list[torch.Tensor]) -> None:
         f"({type(plan.blocks[block]).__name__}): the block's recomputation was not bit-identical. "
         "Typical causes: a non-deterministic kernel (call torch.use_deterministic_algorithms(True)), "
         "a block whose state changed between forward and backward (BatchNorm statistics, a "
-        "parameter modified in place), or randomness not drawn from torch's RNG. Construct the "
+        "parameter modified in place), randomness not drawn from torch's RNG, or a function compiled "
+        "with torch.compile inside the block (compile the whole block instead, which the stack runs "
+        "the same way in both passes). Construct the "
         "stack with check=True to compare every state exactly."
     )
 
@@ -328,8 +395,15 @@ class BDIAStack(nn.Module):
             each block recomputed in backward as 8-bit codes (``memory="bdia+mesa"``). The
             forward, the rebuilt states and their checks are unchanged; only the gradients of
             the block internals see the rounding.
+        batch_chunks: how many slices of the batch every block runs on in training, one after
+            another, in the forward and in the backward's recomputation, which then holds one
+            slice's graph instead of the whole batch's (:mod:`revbits.bdia_chunks`). ``"auto"``
+            (default): min(B, 8, numel(x) // 2**16), at least 1; an integer n: min(n, B); 1: the
+            whole batch at once. Block arguments follow the rule of :mod:`revbits.bdia_chunks`.
 
-    ``stack(x, *args, gammas=signs)`` takes explicit signs, a [K-1, batch] tensor of +-1.
+    ``stack(x, *args, gammas=signs, **kwargs)`` calls every block as ``block(x, *args, **kwargs)``; tensor
+    arguments, positional or keyword, get their gradients. ``gammas`` are explicit signs, a [K-1, batch]
+    tensor of +-1.
     ``stack.reversible = False`` runs the same quantised forward under plain autograd.
     ``stack.eval_gamma = g`` evaluates with a fixed g for every sample and block (default 0).
     The first dimension of x is the batch.
@@ -346,6 +420,7 @@ class BDIAStack(nn.Module):
         verify: bool = True,
         preserve_rng_state: bool = True,
         recompute_compressor: Compressor | None = None,
+        batch_chunks: int | str = AUTO,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -368,20 +443,29 @@ class BDIAStack(nn.Module):
         self.verify = verify
         self.preserve_rng_state = preserve_rng_state
         self.compressor = recompute_compressor
+        self.batch_chunks = check_batch_chunks(batch_chunks)
         self.reversible = True
         self.eval_gamma = 0.0  # the fixed g of evaluation; non-zero only for robustness studies
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, quantize_eval={self.quantize_eval}, reversible={self.reversible}"
 
-    def forward(self, x: torch.Tensor, *args: Any, gammas: torch.Tensor | None = None) -> torch.Tensor:
+    def __iter__(self) -> Any:
+        raise TypeError(
+            "BDIAStack cannot be iterated over: it runs its blocks itself, reversibly, and a loop over them would "
+            "train them with plain autograd; call stack(x, *args, **kwargs) instead (for a timm ViT: no "
+            "set_grad_checkpointing, and pass attn_mask to the stack rather than to forward_features)"
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, gammas: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         exact_limit(x.dtype, self.bits)  # rejects a low-precision stream with a clear message
+        call = BlockArguments(args, kwargs)
         if x.dim() < 1:
             raise ValueError("the stack input needs a batch dimension first")
         signs = self._signs(x, gammas)
         if signs is None:
-            return self._forward_eval(x, args)
-        _check_args(args)
+            return self._forward_eval(x, call)
+        _check_args(call)
         if self.preserve_rng_state and x.device.type not in ("cpu", "cuda"):
             raise NotImplementedError(
                 f"BDIAStack replays the RNG of cpu and cuda devices only, not {x.device.type}; run on one of "
@@ -391,12 +475,12 @@ class BDIAStack(nn.Module):
         if self.reversible and torch.is_grad_enabled():
             if self.compressor is not None:
                 self.compressor.report.clear()  # it will describe this step's recomputation
-            return self._forward_reversible(x0, args, signs)
-        return self._forward_plain(x0, args, signs)
+            return self._forward_reversible(x0, call, signs)
+        return self._forward_plain(x0, call, signs)
 
     # -- the three paths ------------------------------------------------------------------------
 
-    def _forward_eval(self, x: torch.Tensor, args: Sequence[Any]) -> torch.Tensor:
+    def _forward_eval(self, x: torch.Tensor, args: BlockArguments) -> torch.Tensor:
         """g = eval_gamma (0 by default): x_{k+1} = g x_{k-1} + Q((1 + g) y_k - 2 g x_k), x_1 = Q(y_0).
 
         At g = 0 this is x_{k+1} = Q(y_k), or exactly the blocks in sequence without the quantiser.
@@ -413,23 +497,32 @@ class BDIAStack(nn.Module):
                 x_prev, x = x, g * x_prev + round_((1 + g) * y - (2 * g) * x)
         return x
 
-    def _forward_plain(self, x0: torch.Tensor, args: Sequence[Any], signs: torch.Tensor) -> torch.Tensor:
+    def _forward_plain(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> torch.Tensor:
         """The same quantised BDIA forward under ordinary autograd (the reference)."""
         plan = self._plan(x0, args, signs)
-        states = [x0, quantize(call_block(self.blocks[0], 0, x0, args), self.bits)]
+        split = plan.split
+        assert split is not None
+
+        def run(k: int, x: torch.Tensor) -> torch.Tensor:  # block k on the chunks the reversible path uses
+            ys = [call_block(self.blocks[k], k, x[rows], split.tree(args, c)) for c, rows in enumerate(split.slices)]
+            return ys[0] if len(ys) == 1 else torch.cat(ys)
+
+        states = [x0, quantize(run(0, x0), self.bits)]
         for k in range(1, len(self.blocks)):
             x_prev, x_cur = states[-2], states[-1]
             g = plan.gamma_of(k, x_cur)
-            y = call_block(self.blocks[k], k, x_cur, args)
+            y = run(k, x_cur)
             r = residue(x_prev.detach(), self.bits, self.gamma_bits)
             states.append(forward_step(x_prev, r, combine(x_cur, y, g, self.bits), g, self.bits))
         raise_if_out_of_range([stream_max(x) for x in states], x0.dtype, self.bits)
         return states[-1]
 
-    def _forward_reversible(self, x0: torch.Tensor, args: Sequence[Any], signs: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable  # the recomputation runs outside dynamo, so the forward must too (bdia_compile)
+    def _forward_reversible(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> torch.Tensor:
         plan = self._plan(x0, args, signs)
-        arg_tensors = [args[i] for i in plan.tensor_slots]
-        params = _unique_params(self.blocks)
+        values = args.values()
+        arg_tensors = [values[i] for i in plan.tensor_slots]
+        params = trainable_parameters(self.blocks)
         return _BDIAFunction.apply(plan, x0, *arg_tensors, *params)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -447,17 +540,18 @@ class BDIAStack(nn.Module):
             raise ValueError("gammas must hold signs, +1 or -1; the magnitude is the stack's `gamma`")
         return gammas.to(device=x.device, dtype=torch.int8)
 
-    def _plan(self, x0: torch.Tensor, args: Sequence[Any], signs: torch.Tensor) -> _Plan:
-        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        params = _unique_params(self.blocks)
+    def _plan(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> _Plan:
+        slots = args.tensor_slots()
+        params = trainable_parameters(self.blocks)
         index = {id(p): i for i, p in enumerate(params)}
         device_type = x0.device.type
         return _Plan(
             blocks=list(self.blocks),
-            args=[None if i in slots else a for i, a in enumerate(args)],
+            args=args.with_values([None if i in slots else a for i, a in enumerate(args.values())]),
             tensor_slots=slots,
-            params=[[index[id(p)] for p in b.parameters() if p.requires_grad] for b in self.blocks],
-            block_params=[[p for p in b.parameters() if p.requires_grad] for b in self.blocks],
+            params=[[index[id(p)] for p in block_parameters(b)] for b in self.blocks],
+            block_params=[block_parameters(b) for b in self.blocks],
+            compiled=[holds_compiled_code(b) for b in self.blocks],
             num_params=len(params),
             bits=self.bits,
             gamma=self.gamma,
@@ -467,6 +561,7 @@ class BDIAStack(nn.Module):
             preserve_rng=self.preserve_rng_state,
             compressor=self.compressor,
             signs=pack_bits(signs > 0),
+            split=_split(self.batch_chunks, x0, args, self.blocks),
             autocast=(
                 device_type,
                 torch.is_autocast_enabled(device_type),
@@ -475,25 +570,29 @@ class BDIAStack(nn.Module):
         )
 
 
-def _check_args(args: Sequence[Any]) -> None:
-    """Tensors that need gradients must be top-level block arguments: only those become inputs of the
-    reversible Function, so a nested one would silently get no gradient."""
-    for i, arg in enumerate(args):
+def _split(option: int | str, x0: torch.Tensor, args: BlockArguments, blocks: Sequence[nn.Module]) -> BatchSplit:
+    """The batch chunks of :func:`plan_split`, or one chunk where a block is its own FSDP unit, which
+    reduces its gradients once per recomputation (``"auto"``; an explicit count > 1 raises)."""
+    split = plan_split(option, x0, args, blocks)
+    if split.chunks > 1 and (reason := sharded_block(blocks)) is not None:
+        if option != AUTO:
+            raise ValueError(
+                f"batch_chunks={option}: {reason}, which reduces its gradients at the end of each recomputation, "
+                "so only the first chunk's would count; use batch_chunks=1, or shard the stack or the model instead"
+            )
+        return BatchSplit.into(x0.shape[0], 1)
+    return split
+
+
+def _check_args(args: BlockArguments) -> None:
+    """Tensors that need gradients must be top-level block arguments (positional or keyword): only those
+    become inputs of the reversible Function, so a nested one would silently get no gradient."""
+    for name, arg in zip(args.names(), args.values()):
         if isinstance(arg, torch.Tensor):
             continue
         nested = [t for t in tree_flatten(arg)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         if nested:
             raise BlockProtocolError(
-                f"block argument {i} is a {type(arg).__name__} holding a tensor that requires grad; pass such "
+                f"block {name} is a {type(arg).__name__} holding a tensor that requires grad; pass such "
                 "tensors as separate top-level arguments so that their gradients can be returned"
             )
-
-
-def _unique_params(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
-    """The trainable parameters of all blocks, each once even when blocks share it."""
-    seen: dict[int, nn.Parameter] = {}
-    for block in blocks:
-        for p in block.parameters():
-            if p.requires_grad:
-                seen.setdefault(id(p), p)
-    return list(seen.values())
