@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from report import mean_std
-from revbits.petra.train import train_petra
 from revbits.train import TrainConfig
 from revbits.train.checkpoint import load_checkpoint
 from revbits.train.loop import evaluate, train
+from revbits.train.petra import train_petra
 from revbits.train.tasks import make_task
 
 COMMON = {

@@ -382,8 +382,8 @@ def test_the_timed_petra_split_is_measured_once_and_reused(tiny_data):
     shape, device, stage count and machine; a later run reads it instead of timing again."""
     from dataclasses import replace
 
-    from revbits.petra.train import TaskBatches, stage_sizes
     from revbits.train.config import TrainConfig
+    from revbits.train.petra import TaskBatches, stage_sizes
 
     config = TrainConfig(model="revnet", d_model=8, n_layer=1, batch_size=4, parallel="petra", stages=2)
     data = TaskBatches(config, 1)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .runtime import PetraConfig
+from .config import PetraConfig
 
 
 def make_optimizer(params: Iterable[nn.Parameter], config: PetraConfig) -> torch.optim.Optimizer:

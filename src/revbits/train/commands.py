@@ -24,6 +24,7 @@ from ..models.rnn import CELLS
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ALL_MEMORY_MODES, MODELS, PARALLEL, ConfigError, TrainConfig, memory_modes, read_config_file
 from .loop import DivergenceError, build_model, evaluate, train
+from .petra import train_petra
 from .plot import plot_runs
 from .tasks import make_task, read_run_config
 
@@ -121,8 +122,6 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if config.parallel == "petra":
-        from ..petra.train import train_petra
-
         result = train_petra(config, resume=args.resume)
         if not result:  # a torchrun stage other than the last: that one reports
             return 0

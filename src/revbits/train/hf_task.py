@@ -24,7 +24,7 @@ from ..hf.families import DECODER_FAMILY
 from . import datasets as adapters
 from .config import ConfigError, TrainConfig
 from .metrics import perplexity
-from .tasks import EVAL_SEED, Task
+from .task_base import EVAL_SEED, Task
 
 MASK_FRACTION = 0.15  # of the positions of a window, chosen for prediction
 CAUSAL_TYPES = ("gpt2", *DECODER_FAMILY.model_types)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -32,40 +31,12 @@ from ..models import (
     ViT,
     ViTConfig,
 )
+from ..petra.revnet import RevNet
 from . import datasets as adapters
 from .config import ConfigError, TrainConfig
+from .hf_task import HFTextTask
 from .metrics import perplexity
-
-EVAL_SEED = 1234  # evaluation batches are the same in every run and at every step
-
-
-class Task(ABC):
-    item_name = "samples"
-
-    def __init__(self, config: TrainConfig) -> None:
-        self.config = config
-
-    @abstractmethod
-    def build_model(self) -> nn.Module: ...
-
-    @abstractmethod
-    def train_batch(self, sampler: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]: ...
-
-    @abstractmethod
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
-
-    @abstractmethod
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]: ...
-
-    def items(self, batch: tuple[torch.Tensor, ...]) -> int:
-        return batch[0].shape[0]
-
-    def save_assets(self, run_dir: Path) -> None:  # noqa: B027 (optional hook; images need nothing)
-        """Write what evaluation and sampling need besides the weights (vocabularies)."""
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.config.device)
+from .task_base import EVAL_SEED, Task
 
 
 class CharLMTask(Task):
@@ -221,8 +192,6 @@ class RevNetImageTask(ImageTask):
     doubles the channels, and a global-average-pool linear head."""
 
     def build_model(self) -> nn.Module:
-        from ..petra.revnet import RevNet  # revbits.petra imports this module's tasks
-
         c = self.config
         channels = self.splits["train"][0].shape[1]
         return RevNet(channels, c.d_model, (c.n_layer, c.n_layer), num_classes=self.num_classes)
@@ -347,9 +316,7 @@ TASKS: dict[str, type[Task]] = {
 
 
 def make_task(config: TrainConfig) -> Task:
-    if config.model == "hf":  # imported on demand: it needs transformers
-        from .hf_task import HFTextTask
-
+    if config.model == "hf":  # transformers itself is imported only when the task is built
         return HFTextTask(config)
     return TASKS[config.model](config)
 

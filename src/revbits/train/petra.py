@@ -42,18 +42,19 @@ from ..io import (
     verify_manifest,
     write_manifest,
 )
-from ..train.checkpoint import clean_run_dir, save_checkpoint
-from ..train.config import ConfigError, TrainConfig
-from ..train.loop import DivergenceError, adamw, evaluate, prepare_out
-from ..train.metrics import MetricsLog
-from ..train.schedule import lr_factor
-from ..train.tasks import Task, make_task
-from .launch import die_with_parent, launch
-from .profile import sizes_by_time
-from .record import load_records
-from .runtime import PetraConfig, join_process_group, run_stage
-from .stages import sizes_by_params, split
-from .vit import vit_pieces
+from ..petra.launch import die_with_parent, launch
+from ..petra.profile import sizes_by_time
+from ..petra.record import load_records
+from ..petra.runtime import PetraConfig, join_process_group, run_stage
+from ..petra.stages import sizes_by_params, split
+from ..petra.vit import vit_pieces
+from .checkpoint import clean_run_dir, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .loop import DivergenceError, adamw, evaluate, prepare_out
+from .metrics import MetricsLog
+from .schedule import lr_factor
+from .task_base import Task
+from .tasks import make_task
 
 PETRA_MODELS = ("vit", "revnet")
 _TASKS: dict[str, Task] = {}  # per process: the task of a config, built once

@@ -1,0 +1,104 @@
+"""No import cycles in revbits, lazy (function-level) imports included, between modules and between
+the top-level units (subpackages and top-level modules) of DESIGN.md's layering.
+
+The same check from the command line: ``python -m pytest tests/test_imports.py -q``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[1] / "src"
+
+
+def module_names() -> dict[str, Path]:
+    names = {}
+    for path in (SOURCE / "revbits").rglob("*.py"):
+        parts = list(path.relative_to(SOURCE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def imported_modules(module: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The revbits modules ``module`` imports anywhere in its file (top level or inside functions)."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            prefix = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+            # `from p import m` imports module p.m if there is one, else the name m of module p
+            targets = [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in known else prefix for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # a name imported from a module: the module
+                target = target.rpartition(".")[0]
+            if target.startswith("revbits") and target != module:
+                found.add(target)
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in list(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def module_graph() -> dict[str, set[str]]:
+    known = module_names()
+    return {name: imported_modules(name, path, known) for name, path in known.items()}
+
+
+def unit(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_module_imports_another_in_a_cycle():
+    graph = module_graph()
+    assert len(graph) > 50 and graph["revbits.train.commands"], "the scan sees the package"
+    assert cycles(graph) == []
+
+
+def test_the_top_level_units_form_layers_without_cycles():
+    units: dict[str, set[str]] = {}
+    for module, imports in module_graph().items():
+        if module != "revbits":  # the root package re-exports the public API
+            outside = {unit(m) for m in imports} - {unit(module), "revbits"}
+            units.setdefault(unit(module), set()).update(outside)
+    assert cycles(units) == []
+    assert "revbits.train" not in units["revbits.petra"], "petra is the stage runtime; the training command is in train"
+
+
+def test_the_checker_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
