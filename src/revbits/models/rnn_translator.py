@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..rng import derive_seed
 from .rnn import make_rnn
 from .seq2seq import strip_special
 
@@ -49,7 +50,7 @@ def step_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, t: int, salt: in
     reversible backward draws the same mask as the forward did."""
     if p == 0:
         return x
-    generator = torch.Generator(device=x.device).manual_seed(int(seed) * 1_000_003 + 2 * t + salt)
+    generator = torch.Generator(device=x.device).manual_seed(derive_seed(int(seed), 2 * t + salt))
     keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
     return x * keep / (1 - p)
 

@@ -28,6 +28,7 @@ from ..bdia_ops import call_block, combine, forward_step, gamma_exponent, invers
 from ..bits import PackedBits, pack_bits, unpack_bits
 from ..fixedpoint import quantize
 from ..models.blocks import TransformerBlock
+from ..rng import derive_seed
 from .stages import LossStage, PlainStage, Stage, seeded, split
 
 
@@ -70,7 +71,7 @@ class BDIAStep(Stage):
 
     def gamma_of(self, micro_batch: int, like: Tensor) -> Tensor:
         """g_k per sample, +-gamma, drawn from (seed, micro_batch, k)."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + micro_batch) * 4099 + self.index)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, micro_batch) * 4099 + self.index)
         signs = torch.randint(0, 2, (like.shape[0],), generator=generator).to(like.device, like.dtype) * 2 - 1
         return (signs * self.gamma).view(-1, *([1] * (like.dim() - 1)))
 

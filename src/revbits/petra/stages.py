@@ -16,6 +16,8 @@ from itertools import accumulate
 import torch
 from torch import Tensor, nn
 
+from ..rng import derive_seed, seeded_rng
+
 
 class Stage(nn.Module):
     """One pipeline stage y = F_j(x; theta_j).
@@ -47,9 +49,7 @@ class LossStage(nn.Module):
 def seeded(seed: int, micro_batch: int, device: torch.device) -> Iterator[None]:
     """Run the body with the global RNG seeded from (seed, micro_batch), then restore it, so that
     dropout and the like draw the same numbers in the forward and in the backward's recompute."""
-    on_cpu = device.type == "cpu"
-    with torch.random.fork_rng(devices=[] if on_cpu else [device], device_type=None if on_cpu else device.type):
-        torch.manual_seed((seed * 1_000_003 + micro_batch) % 2**63)
+    with seeded_rng(derive_seed(seed, micro_batch), device):
         yield
 
 

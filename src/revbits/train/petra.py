@@ -48,6 +48,7 @@ from ..petra.record import load_records
 from ..petra.runtime import PetraConfig, join_process_group, run_stage
 from ..petra.stages import sizes_by_params, split
 from ..petra.vit import vit_pieces
+from ..rng import derive_seed
 from .checkpoint import clean_run_dir, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .loop import DivergenceError, adamw, evaluate, prepare_out
@@ -80,7 +81,7 @@ class TaskBatches(Sequence):
     def __getitem__(self, m: int) -> tuple[Tensor, Tensor]:
         if not 0 <= m < self.count:
             raise IndexError(m)
-        sampler = torch.Generator().manual_seed(self.config.seed * 1_000_003 + m)
+        sampler = torch.Generator().manual_seed(derive_seed(self.config.seed, m))
         return task_of(self.config).train_batch(sampler, torch.device("cpu"))
 
 
