@@ -55,9 +55,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from report import write_results
-from revbits.memory import LiveBytes
+from revbits.memory import LiveBytes, tracking
 from revbits.petra import PetraConfig, balanced_sizes, launch, small_revnet, split
-from revbits.petra.baselines import measured_step, run_pipeline_baseline
+from revbits.petra.baselines import run_pipeline_baseline
 from revbits.petra.bdia_pieces import BDIAStep, bdia_gpt_pieces
 from revbits.petra.optim import make_optimizer
 from revbits.petra.profile import profile_pieces
@@ -116,7 +116,7 @@ def backprop(build, data: list, config: PetraConfig, warmup: int, steps: int) ->
         start = time.perf_counter()
         mini_batch(w)
         times.append(time.perf_counter() - start)
-    with measured_step(params, optimizer) as tracker:
+    with tracking(params, optimizer) as tracker:
         mini_batch(warmup + steps)
     return {
         "steady": B * M / statistics.median(times[warmup:]),

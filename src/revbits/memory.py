@@ -17,8 +17,9 @@ measured step and reports
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -144,6 +145,30 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Te
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
+@contextlib.contextmanager
+def tracking(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None = None) -> Iterator[LiveBytes]:
+    """A :class:`LiveBytes` tracker active in the body, its peak reset at entry: ``params`` count as
+    parameters, the optimiser's state tensors as optimizer state, every gradient accumulated into a
+    parameter as gradients, and everything else created inside as activations."""
+    tracker = LiveBytes()
+    for p in params:
+        tracker.register(p, "parameters")
+    for t in _optimizer_tensors(optimizer):
+        tracker.register(t, "optimizer")
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda p: tracker.register(p.grad, "gradients"))
+        for p in params
+        if p.requires_grad
+    ]
+    try:
+        with tracker:
+            tracker.reset_peak()
+            yield tracker
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def measure_training_step(
     model: nn.Module,
     loss_fn: Callable[[], torch.Tensor],
@@ -181,23 +206,8 @@ def measure_training_step(
     if on_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    tracker = LiveBytes()
-    for p in params:
-        tracker.register(p, "parameters")
-    for t in _optimizer_tensors(optimizer):
-        tracker.register(t, "optimizer")
-    hooks = [
-        p.register_post_accumulate_grad_hook(lambda p: tracker.register(p.grad, "gradients"))
-        for p in params
-        if p.requires_grad
-    ]
-    try:
-        with tracker:
-            tracker.reset_peak()
-            held, cuda_held = step(tracker)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with tracking(params, optimizer) as tracker:
+        held, cuda_held = step(tracker)
     return StepMemory(
         device=str(params[0].device) if params else "cpu",
         **tracker.peak,

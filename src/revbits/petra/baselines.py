@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-from ..memory import LiveBytes
+from ..memory import tracking
 from .optim import make_optimizer, make_scheduler
 from .record import StageRecord, record_path
 from .runtime import PetraConfig, build_all_stages, join_process_group
@@ -125,8 +124,9 @@ def example_tensors(stages: Sequence[nn.Module], x: Tensor, j: int) -> tuple[Ten
 @dataclass
 class PipelineSummary:
     """What a baseline stage process returns: ``step_seconds`` per mini-batch (the memory-measured step
-    excluded) and, if measured, the bytes of one mini-batch step: the peak by category (:func:`measured_step`),
-    ``recv_buffers`` (:func:`recv_buffer_bytes`, not in the peak) and the process's ``max_rss``."""
+    excluded) and, if measured, the bytes of one mini-batch step: the peak by category
+    (:func:`revbits.memory.tracking`), ``recv_buffers`` (:func:`recv_buffer_bytes`, not in the peak) and
+    the process's ``max_rss``."""
 
     stage: int
     schedule: str
@@ -137,32 +137,10 @@ class PipelineSummary:
     memory: dict[str, int] | None = None
 
 
-@contextmanager
-def measured_step(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> Iterator[LiveBytes]:
-    """Track live bytes (:class:`LiveBytes`) in the block: parameters, optimizer state and gradients are
-    registered in their categories, everything else created inside counts as activations (autograd graphs,
-    received tensors, communication buffers)."""
-    tracker = LiveBytes()
-    for p in params:
-        tracker.register(p, "parameters")
-    for state in optimizer.state.values():
-        for v in state.values():
-            if isinstance(v, Tensor):
-                tracker.register(v, "optimizer")
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.register(p.grad, "gradients")) for p in params]
-    try:
-        with tracker:
-            tracker.reset_peak()
-            yield tracker
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
 def recv_buffer_bytes(pipe: PipelineScheduleSingle) -> int:
     """Bytes of the receive buffers (activations and gradients, one per micro-batch) that pipelining
     allocates at its first step and keeps: live during every later step, but not created inside it, so
-    :func:`measured_step` does not count them. Reads pipelining internals; -1 if they have changed."""
+    :func:`revbits.memory.tracking` does not count them. Reads pipelining internals; -1 if they have changed."""
     try:
         infos = [*pipe._stage.args_recv_info.values(), *pipe._stage.grad_recv_info.values()]
         buffers = [info.buffer for group in infos for info in group if isinstance(info.buffer, Tensor)]
@@ -233,7 +211,7 @@ def run_pipeline_baseline(
         measure = measure_memory and w == steps - 1
         start = time.perf_counter()
         if measure:
-            with measured_step(params, optimizer) as tracker:
+            with tracking(params, optimizer) as tracker:
                 losses = mini_batch_step(pipe, stage, rank, world_size, batch, optimizer, record, config.record)
             summary.memory = dict(tracker.peak, peak=tracker.peak_total)
         else:
