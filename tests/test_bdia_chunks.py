@@ -245,3 +245,42 @@ def test_stack_passes_the_option_through():
     body = revbits.stack(gpt_blocks(2), memory="bdia+mesa", batch_chunks=3)
     assert body.batch_chunks == 3
     assert revbits.stack(gpt_blocks(2), memory="bdia").batch_chunks == "auto"
+
+
+def test_training_command_exposes_the_option():
+    from revbits.train import TrainConfig
+    from revbits.train.config import ConfigError
+
+    assert TrainConfig(model="gpt", memory="bdia").memory_options["batch_chunks"] == "auto"
+    assert TrainConfig(model="gpt", memory="bdia+mesa", batch_chunks="4").memory_options["batch_chunks"] == 4
+    with pytest.raises(ConfigError, match="batch_chunks must be"):
+        TrainConfig(model="gpt", memory="bdia", batch_chunks="0")
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_llama_decoder_with_lora_is_exact_in_chunks(chunks):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from revbits import hf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation="sdpa", attention_dropout=0.1,
+    )
+    model = transformers.LlamaForCausalLM(config).double()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    hf.convert(model, "bdia", batch_chunks=chunks, check=True)
+    model.train()
+    ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
+    results = []
+    for reversible in (True, False):
+        hf.revbits_stack(model).reversible = reversible
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert max(relative_error(grads_a[n], grads_b[n]) for n in grads_b) <= 1e-10

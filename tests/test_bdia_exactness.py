@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import revbits
-from conftest import gpt_blocks, random_signs
+from helpers import gpt_blocks, random_signs
 from revbits.fixedpoint import quantize
 
 

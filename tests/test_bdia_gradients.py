@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import revbits
-from conftest import gpt_blocks, random_signs, relative_error, reversible_and_plain_agree_under_autocast
+from helpers import gpt_blocks, random_signs, relative_error, reversible_and_plain_agree_under_autocast
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 

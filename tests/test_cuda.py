@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import revbits
-from conftest import gpt_blocks, random_signs, reversible_and_plain_agree_under_autocast
+from helpers import gpt_blocks, random_signs, reversible_and_plain_agree_under_autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

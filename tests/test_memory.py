@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import revbits
-from conftest import gpt_blocks
+from helpers import gpt_blocks
 from revbits.bench import bdia_floor_bytes
 from revbits.memory import LiveBytes, measure_training_step
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import revbits
-from conftest import gpt_blocks
+from helpers import gpt_blocks
 from revbits.memory import measure_training_step
 from revbits.mesa import Compressor, MesaConfig, NonFiniteActivationError
 from revbits.mesa.quantizer import CODE_MAX, GroupLayout, dequantize, group_range, layout_for, quantize

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import revbits
-from conftest import relative_error
+from helpers import relative_error
 from revbits.models import GPT, GPTConfig, Translator, TranslatorConfig, ViT, ViTConfig
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import relative_error
+from helpers import relative_error
 from revbits.fixedpoint import quantize
 from revbits.models import TransformerBlock
 from revbits.petra import (

@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import relative_error
+from helpers import relative_error
 from revbits.petra import PetraConfig, backprop_reference, bdia_gpt_pipeline, launch, load_records, revnet_pipeline
 from revbits.petra.baselines import (
     LastStageAdapter,

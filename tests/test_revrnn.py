@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import relative_error
+from helpers import relative_error
 from revbits.revrnn import RevGRU, RevLSTM, StateRangeError
 from revbits.revrnn.cells import to_float
 from revbits.revrnn.layers import _Run

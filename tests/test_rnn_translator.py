@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import relative_error
+from helpers import relative_error
 from revbits.memory import measure_training_step
 from revbits.models import RNNTranslator, RNNTranslatorConfig
 

@@ -1,0 +1,42 @@
+"""Helper functions shared by the test modules (``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import torch
+
+from revbits.models import TransformerBlock
+
+
+def gpt_blocks(depth: int, d_model: int = 32, n_heads: int = 4, dropout: float = 0.0, **kw) -> list:
+    """``depth`` small causal pre-LN blocks."""
+    return [TransformerBlock(d_model, n_heads, dropout=dropout, causal=True, **kw) for _ in range(depth)]
+
+
+def random_signs(depth: int, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randint(0, 2, (depth - 1, batch), generator=generator) * 2 - 1
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 when both are zero)."""
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / scale if scale else (a - b).abs().max().item()
+
+
+def reversible_and_plain_agree_under_autocast(stack, x, signs, device_type: str, autocast: bool) -> None:
+    """Run the same forward reversibly and under plain autograd, inside bf16 autocast (or not), and
+    check that the stream stays fp32, the outputs are equal bitwise and the gradients to 1e-5."""
+    results = []
+    for reversible in (True, False):
+        stack.reversible = reversible
+        for t in [x, *stack.parameters()]:
+            t.grad = None
+        torch.manual_seed(1)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            out = stack(x, gammas=signs)
+        assert out.dtype == torch.float32
+        out.square().mean().backward()
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in stack.parameters()]))
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    assert torch.equal(out_a, out_b)
+    assert relative_error(gx_a, gx_b) <= 1e-5
+    assert max(relative_error(a, b) for a, b in zip(gp_a, gp_b)) <= 1e-5
