@@ -10,8 +10,9 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
+from helpers import tiny_llama_config
 from revbits import hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,16 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_llama() -> AutoModelForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
+    config = tiny_llama_config()
     return AutoModelForCausalLM.from_config(config).double().eval()
 
 
@@ -92,10 +84,9 @@ def test_convert_then_lora():
 def test_adapter_saved_while_converted_loads_into_a_plain_model(tmp_path):
     model = lora(tiny_llama())
     hf.convert(model, "bdia")
-    step(model)
-    sgd(model)
-    step(model)
-    sgd(model)
+    for _ in range(2):
+        step(model)
+        sgd(model)
     trained = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     model.save_pretrained(tmp_path)  # the adapter only, without restore()
     plain = PeftModel.from_pretrained(tiny_llama(), tmp_path)
@@ -107,10 +98,9 @@ def test_adapter_saved_while_converted_loads_into_a_plain_model(tmp_path):
 def test_merge_and_unload_after_restore_gives_the_fine_tuned_plain_model():
     model = lora(tiny_llama())
     hf.convert(model, "bdia")
-    step(model)
-    sgd(model)
-    step(model)
-    sgd(model)
+    for _ in range(2):
+        step(model)
+        sgd(model)
     twin = lora(tiny_llama())  # never converted, given the same adapter weights
     twin.load_state_dict(model.state_dict())
     merged = hf.restore(model).merge_and_unload()

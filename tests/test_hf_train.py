@@ -65,14 +65,21 @@ def test_mask_tokens_follows_the_bert_recipe():
     assert torch.equal(tiny != -100, ~ends)
 
 
-def test_minilm_fine_tunes_with_bdia_resumes_exactly_and_exports_a_plain_model(tmp_path, shakespeare_cache, capsys):
-    common = ["train", "--hf", MINILM, *SMALL, "--steps", "4", "--memory", "bdia", "--quantize-eval"]
+def straight_equals_resumed(common: list, tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Train ``common`` straight, and stopped at step 2 then resumed; the two final checkpoints hold
+    the same weights bit for bit. Returns the straight run and its weights."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(*common, "--out", straight) == 0
     assert run(*common, "--out", resumed, "--stop-at", "2") == 0
     assert run(*common, "--out", resumed, "--resume") == 0
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    return straight, a
+
+
+def test_minilm_fine_tunes_with_bdia_resumes_exactly_and_exports_a_plain_model(tmp_path, shakespeare_cache, capsys):
+    common = ["train", "--hf", MINILM, *SMALL, "--steps", "4", "--memory", "bdia", "--quantize-eval"]
+    straight, a = straight_equals_resumed(common, tmp_path)
 
     exported = tmp_path / "exported"
     assert run("export", straight, exported) == 0
@@ -135,12 +142,7 @@ def test_llama_directory_fine_tunes_resumes_exactly_and_exports(tmp_path, shakes
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     common = ["train", "--hf", model_dir, *SMALL, "--steps", "4", "--memory", "bdia"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run(*common, "--out", straight) == 0
-    assert run(*common, "--out", resumed, "--stop-at", "2") == 0
-    assert run(*common, "--out", resumed, "--resume") == 0
-    a, b = weights(straight), weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    straight, a = straight_equals_resumed(common, tmp_path)
     assert run("export", straight, tmp_path / "exported") == 0
     plain = LlamaForCausalLM.from_pretrained(tmp_path / "exported")
     assert all(torch.equal(plain.state_dict()[n], t) for n, t in a.items())

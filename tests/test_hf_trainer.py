@@ -11,8 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
+from helpers import tiny_llama_config
 from revbits import hf  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,16 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_llama() -> AutoModelForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
+    config = tiny_llama_config()
     return AutoModelForCausalLM.from_config(config)
 
 
