@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import revbits
-from conftest import gpt_blocks, random_signs, relative_error
+from helpers import gpt_blocks, random_signs, relative_error
 from revbits.bdia_chunks import BatchSplit, plan_split
 from revbits.memory import measure_training_step
 

@@ -398,7 +398,7 @@ class BDIAStack(nn.Module):
         batch_chunks: how many slices of the batch every block runs on in training, one after
             another, in the forward and in the backward's recomputation, which then holds one
             slice's graph instead of the whole batch's (:mod:`revbits.bdia_chunks`). ``"auto"``
-            (default): min(B, 8, numel(x) // 2**16), at least 1; an integer n: min(n, B); 1: the
+            (default): min(B, 8, numel(x) // 2**15), at least 1; an integer n: min(n, B); 1: the
             whole batch at once. Block arguments follow the rule of :mod:`revbits.bdia_chunks`.
 
     ``stack(x, *args, gammas=signs, **kwargs)`` calls every block as ``block(x, *args, **kwargs)``; tensor

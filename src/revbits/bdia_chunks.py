@@ -10,8 +10,8 @@ forward's. The plain-autograd reference (``reversible = False``) uses the same s
 
 Number of chunks n for a batch of B samples and the stack option ``batch_chunks``:
 
-- ``"auto"`` (the default): n = min(B, 8, max(1, numel(x) // 2**16)); a stream of fewer than
-  2**17 elements is not split, so small models pay no per-chunk overhead;
+- ``"auto"`` (the default): n = min(B, 8, max(1, numel(x) // 2**15)); a stream of fewer than
+  2**16 elements is not split, so small models pay no per-chunk overhead;
 - an integer m >= 1: n = min(m, B); 1 turns chunking off (the backward of revbits 0.1).
 
 The chunks are contiguous slices of dim 0, sizes differing by at most one.
@@ -49,7 +49,7 @@ __all__ = ["AUTO", "AUTO_MAX_CHUNKS", "AUTO_MIN_CHUNK_NUMEL", "BatchSplit", "che
 
 AUTO = "auto"
 AUTO_MAX_CHUNKS = 8
-AUTO_MIN_CHUNK_NUMEL = 2**16
+AUTO_MIN_CHUNK_NUMEL = 2**15
 
 
 def check_batch_chunks(value: int | str) -> int | str:

@@ -20,6 +20,8 @@ from .models import TransformerBlock
 from .stack import MEMORY_MODES, stack
 
 RNG_STATE_BYTES = torch.get_rng_state().numel()
+#: Benchmark modes that are a memory mode with options: BDIA with the whole batch at once (revbits 0.1).
+VARIANTS: dict[str, tuple[str, dict]] = {"bdia (chunks=1)": ("bdia", {"batch_chunks": 1})}
 
 
 @dataclass
@@ -47,7 +49,8 @@ def bdia_floor_bytes(depth: int, batch: int, numel: int, gamma_bits: int = 1, cu
 def build(config: BenchConfig, depth: int, mode: str) -> nn.Module:
     torch.manual_seed(config.seed)
     blocks = [TransformerBlock(config.d_model, config.n_heads, causal=True) for _ in range(depth)]
-    return stack(blocks, memory=mode).to(config.device).train()
+    memory, options = VARIANTS.get(mode, (mode, {}))
+    return stack(blocks, memory=memory, **options).to(config.device).train()
 
 
 def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:

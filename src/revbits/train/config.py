@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..bdia_chunks import check_batch_chunks
 from ..bdia_ops import gamma_exponent
 from ..hf.convert import FINE_TUNING_GAMMA
 from ..mesa import MesaConfig
@@ -75,6 +76,7 @@ class TrainConfig:
     bits: int = 9
     gamma: float | None = None  # None: 0.5, or hf.FINE_TUNING_GAMMA when fine-tuning a pretrained --hf model
     quantize_eval: bool = True
+    batch_chunks: str = "auto"  # bdia: slices of the batch per block in training, "auto" or an integer (1: whole)
     # mesa options (memory = mesa or bdia+mesa)
     mesa_ranges: str = "batch"  # batch | ema
     mesa_momentum: float = 0.9
@@ -114,6 +116,7 @@ class TrainConfig:
                 raise ConfigError(str(error)) from None
             if not 1 <= self.bits <= 23:
                 raise ConfigError(f"bits must be from 1 to 23, got {self.bits}")
+            self._batch_chunks()  # a bad value raises here
         if self.model not in MODELS:
             raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         modes = memory_modes(self.model)
@@ -214,6 +217,14 @@ class TrainConfig:
         if self.attention_slice < 0:
             raise ConfigError(f"attention_slice must not be negative, got {self.attention_slice}")
 
+    def _batch_chunks(self) -> int | str:
+        """``batch_chunks`` as BDIAStack takes it: "auto" or an integer >= 1."""
+        value: int | str = int(self.batch_chunks) if self.batch_chunks.strip().isdigit() else self.batch_chunks
+        try:
+            return check_batch_chunks(value)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
     def _mesa_options(self) -> dict[str, Any]:
         return {
             "ranges": self.mesa_ranges,
@@ -228,6 +239,7 @@ class TrainConfig:
         options: dict[str, Any] = {}
         if self.memory.startswith("bdia"):
             options.update(bits=self.bits, gamma=self.gamma, quantize_eval=self.quantize_eval)
+            options.update(batch_chunks=self._batch_chunks())
         if "mesa" in self.memory:
             options.update(self._mesa_options())
         return options
