@@ -64,3 +64,21 @@ def test_heads_must_divide_width(capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "revbits.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("revbits ")
+
+
+def test_every_mesa_option_reaches_the_command_line(capsys):
+    """Each MesaConfig field but the seed (the run's own) is a --mesa-* flag of revbits train, and
+    MesaConfig checks the values."""
+    from revbits.mesa import MesaConfig
+    from revbits.train import TrainConfig
+    from revbits.train.config import ConfigError
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in MesaConfig.option_names() - {"seed"}:
+        assert f"--mesa-{name.replace('_', '-')}" in text, name
+    options = TrainConfig(model="gpt", memory="mesa", mesa_min_numel=10, mesa_stochastic=False).memory_options
+    assert options["min_numel"] == 10 and options["stochastic"] is False and options["check_finite"] is True
+    with pytest.raises(ConfigError, match="mesa option: min_numel"):
+        TrainConfig(model="gpt", memory="mesa", mesa_min_numel=-1)

@@ -81,6 +81,9 @@ class TrainConfig:
     mesa_ranges: str = "batch"  # batch | ema
     mesa_momentum: float = 0.9
     mesa_channel_group: int = 1
+    mesa_min_numel: int = 4096  # smaller tensors stay exact
+    mesa_stochastic: bool = True  # stochastic rounding; False rounds to nearest
+    mesa_check_finite: bool = True  # raise on a non-finite activation
     # recurrent models (rnnlm, rnn-translator; memory = standard or reversible)
     cell: str = "gru"  # gru | lstm
     forget_bits: int = 3  # 1, 2, 3 or 5 bits lost at most per unit and step; 0 for no limit
@@ -143,11 +146,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.memory.startswith("bdia") and self.n_layer < 2:
             raise ConfigError(f"memory={self.memory!r} needs n_layer >= 2")
-        if "mesa" in self.memory:
-            try:
-                MesaConfig(**self._mesa_options())
-            except ValueError as error:
-                raise ConfigError(f"mesa option: {error}") from None
+        try:  # MesaConfig checks its own options (checked whatever the memory mode, as every option is)
+            MesaConfig(**self._mesa_options())
+        except ValueError as error:
+            raise ConfigError(f"mesa option: {error}") from None
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         if not 0 <= self.dropout < 1:
@@ -210,10 +212,6 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
-        if not 0 <= self.mesa_momentum < 1:
-            raise ConfigError(f"mesa_momentum must be in [0, 1), got {self.mesa_momentum}")
-        if self.mesa_channel_group < 1:
-            raise ConfigError(f"mesa_channel_group must be at least 1, got {self.mesa_channel_group}")
         if self.attention_slice < 0:
             raise ConfigError(f"attention_slice must not be negative, got {self.attention_slice}")
 
@@ -226,12 +224,9 @@ class TrainConfig:
             raise ConfigError(str(error)) from None
 
     def _mesa_options(self) -> dict[str, Any]:
-        return {
-            "ranges": self.mesa_ranges,
-            "momentum": self.mesa_momentum,
-            "channel_group": self.mesa_channel_group,
-            "seed": self.seed,
-        }
+        """The MesaConfig fields: every ``mesa_<name>`` option is MesaConfig's ``<name>``; the seed is the run's."""
+        mesa = [f.name for f in fields(self) if f.name.startswith("mesa_")]
+        return {name.removeprefix("mesa_"): getattr(self, name) for name in mesa} | {"seed": self.seed}
 
     @property
     def memory_options(self) -> dict[str, Any]:
