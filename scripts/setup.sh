@@ -15,6 +15,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 if [ "${REVBITS_UNPINNED:-0}" = 1 ]; then
     "$VENV/bin/python" -m pip install -q --upgrade -e ".[dev,hf]"
+    pin=(--upgrade)
 else
     "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,hf]"
+    pin=(-c constraints.txt)
 fi
+# timm (the `timm` extra, tests only) without its dependencies: it asks for torchvision, whose
+# wheels here are built for CUDA torch; pip would replace the pinned torch and the broken
+# torchvision would break `import transformers`. Its other needs come with transformers.
+"$VENV/bin/python" -m pip install -q --no-deps "${pin[@]}" timm
