@@ -231,7 +231,7 @@ def fit(rows: list[dict], budget: int) -> list[dict]:
                 "bytes_per_token": float(b) / key[1],
                 "max_residual": residual,
                 "longest_length": longest,
-                "extrapolated": longest is not None and longest > t.max(),
+                "extrapolated": bool(longest is not None and longest > t.max()),
                 "measured_up_to": int(t.max()),
             }
         )
@@ -293,13 +293,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--idle", default="unknown", help="written into the raw output: was the machine idle?")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "long_context")
+    parser.add_argument("--time-only", action="store_true", help="only the step times at --time-batch/--time-length")
     args = parser.parse_args()
+    if args.time_only:
+        times = step_times(args.time_batch, args.time_length, args.modes, args.repeats)
+        ref = times.get("checkpoint", float("nan"))
+        text = f"Batch {args.time_batch}, T = {args.time_length}, median of {args.repeats} interleaved steps.\n\n"
+        text += "| mode | step (s) | / checkpoint |\n|---|---|---|\n"
+        text += "".join(f"| {m} | {t:.2f} | {t / ref:.2f} |\n" for m, t in times.items())
+        text += f"\nmachine idle: {args.idle}\n"
+        meta = {"time_batch": args.time_batch, "time_length": args.time_length, "repeats": args.repeats,
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine_idle": args.idle}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "step_seconds": times}, indent=1))
+        args.out.with_suffix(".md").write_text(text)
+        print(text)
+        return
     lengths = {b: (args.lengths if b == 1 else args.lengths_batched) for b in args.batches}
     budget = int(args.budget_gib * 2**30)
     start = time.perf_counter()
     rows = measure(args.batches, lengths, args.modes, lambda s: print(s, flush=True))
     fits = fit(rows, budget)
-    times = step_times(args.time_batch, args.time_length, args.modes, args.repeats)
+    times = step_times(args.time_batch, args.time_length, args.modes, args.repeats) if args.repeats else {}
     extra = {
         "head_and_loss": head_and_loss(args.batches, lengths),
         "chunk_graph": [chunk_graph(1, max(lengths[b])) for b in args.batches[:1]],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -63,6 +64,37 @@ def chunk_graph_bytes(config: bench.BenchConfig, x: torch.Tensor, samples: int) 
     with tracker:
         y = block(xc)
     return tracker.current["activations"] - y.numel() * y.element_size()
+
+
+def write_times(config: bench.BenchConfig, out: Path, idle: str) -> None:
+    """Median step time (zero_grad, forward, backward, AdamW step) per mode, interleaved, as ratios to
+    checkpoint; one warm-up step per mode first."""
+    x = torch.randn(config.batch, config.seq_len, config.d_model, generator=torch.Generator().manual_seed(config.seed))
+    rows = []
+    for depth in config.depths:
+        models = {m: bench.build(config, depth, m) for m in config.modes}
+        optimizers = {m: torch.optim.AdamW(models[m].parameters(), lr=1e-4) for m in config.modes}
+        times: dict[str, list[float]] = {m: [] for m in config.modes}
+        for repeat in range(config.repeats + 1):
+            for m in config.modes:
+                seconds = bench._timed_step(models[m], optimizers[m], x)
+                if repeat:
+                    times[m].append(seconds)
+        ref = statistics.median(times["checkpoint"]) if "checkpoint" in times else float("nan")
+        for m in config.modes:
+            median = statistics.median(times[m])
+            rows.append({"depth": depth, "mode": m, "times": times[m], "step_seconds": median,
+                         "step_seconds_vs_checkpoint": median / ref})
+    text = "| K | mode | median step (s) | / checkpoint |\n|---|---|---|---|\n"
+    for r in rows:
+        text += f"| {r['depth']} | {r['mode']} | {r['step_seconds']:.2f} | {r['step_seconds_vs_checkpoint']:.2f} |\n"
+    text += f"\nmachine idle: {idle}\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"config": vars(config), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    meta["machine_idle"] = idle
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -113,6 +145,7 @@ def main() -> None:
     parser.add_argument("--memtracker", action="store_true", help="also measure each peak with PyTorch's MemTracker")
     parser.add_argument("--targets", action="store_true", help="check issue 17's targets for bdia at the largest K")
     parser.add_argument("--idle", default="unknown", help="written into the raw output: was the machine idle?")
+    parser.add_argument("--time-only", action="store_true", help="only the interleaved step times (AdamW), no memory")
     args = parser.parse_args()
     config = bench.BenchConfig(
         depths=tuple(args.depths),
@@ -123,6 +156,9 @@ def main() -> None:
         repeats=args.repeats,
         device=args.device,
     )
+    if args.time_only:
+        write_times(config, args.out, args.idle)
+        return
     rows = bench.run(config)
     if args.memtracker:
         generator = torch.Generator().manual_seed(config.seed)  # the batch bench.run used
