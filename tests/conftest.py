@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-# The helpers used to live here; test modules import them from helpers.py.
-from helpers import gpt_blocks, random_signs, relative_error  # noqa: F401  (until test_bdia_chunks.py moves)
-
 
 @pytest.fixture
 def one_thread():

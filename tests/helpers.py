@@ -57,3 +57,18 @@ def tiny_llama_config(**overrides):
         pad_token_id=0,
     )
     return LlamaConfig(**(sizes | overrides))
+
+
+def run_step(stack, x, args=(), signs=None, seed: int = 0):
+    """One forward and backward of ``stack`` from RNG seed ``seed`` with a fixed, uneven output
+    weighting: (output, gradients of x, the arguments that require grad and the parameters)."""
+    for t in [x, *args, *stack.parameters()]:
+        t.grad = None
+    torch.manual_seed(seed)
+    out = stack(x, *args, gammas=signs)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    grads = {"x": x.grad.clone()}
+    grads.update({f"arg{i}": a.grad.clone() for i, a in enumerate(args) if a.requires_grad})
+    grads.update({n: p.grad.clone() for n, p in stack.named_parameters() if p.requires_grad})
+    return out.detach(), grads

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import revbits
-from helpers import gpt_blocks, random_signs, relative_error
+from helpers import gpt_blocks, random_signs, relative_error, run_step
 from revbits.bdia_chunks import BatchSplit, plan_split
 from revbits.memory import measure_training_step
 
@@ -16,19 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 SETTINGS = [1, 2, 3, 5, 9, "auto"]  # with batch 5: whole, uneven, uneven, one sample each, more than B
-
-
-def run_step(stack, x, args, signs, seed=0):
-    for t in [x, *args, *stack.parameters()]:
-        t.grad = None
-    torch.manual_seed(seed)
-    out = stack(x, *args, gammas=signs)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    (out * weights).sum().backward()
-    grads = {"x": x.grad.clone()}
-    grads.update({f"arg{i}": a.grad.clone() for i, a in enumerate(args) if a.requires_grad})
-    grads.update({n: p.grad.clone() for n, p in stack.named_parameters() if p.requires_grad})
-    return out.detach(), grads
 
 
 def reversible_against_plain(stack, x, args=(), signs=None, dtype=torch.float64):

@@ -6,23 +6,9 @@ import pytest
 import torch
 
 import revbits
-from helpers import gpt_blocks, random_signs, relative_error, reversible_and_plain_agree_under_autocast
+from helpers import gpt_blocks, random_signs, relative_error, reversible_and_plain_agree_under_autocast, run_step
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def run_step(stack, x, args, signs, seed):
-    """One forward/backward from a fixed RNG state; returns output and every gradient."""
-    for t in [x, *args, *stack.parameters()]:
-        t.grad = None
-    torch.manual_seed(seed)
-    out = stack(x, *args, gammas=signs)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    (out * weights).sum().backward()
-    grads = {"x": x.grad.clone()}
-    grads.update({f"arg{i}": a.grad.clone() for i, a in enumerate(args) if a.requires_grad})
-    grads.update({n: p.grad.clone() for n, p in stack.named_parameters() if p.requires_grad})
-    return out.detach(), grads
 
 
 def compare_with_plain(stack, x, args=(), signs=None, seed=0, dtype=torch.float64):
