@@ -56,6 +56,7 @@ from .bdia_params import (
 from .bits import PackedBits, pack_bits, unpack_bits
 from .fixedpoint import exact_limit, quantize
 from .mesa import Compressor
+from .rng import RngReplay, capture_rng_state
 
 __all__ = ["BDIAStack", "BlockProtocolError", "ReversibilityError", "StreamRangeError"]
 
@@ -113,30 +114,6 @@ class _Plan:
         return (sign * self.gamma).view(-1, *([1] * (like.dim() - 1)))
 
 
-def _capture_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    # cloned through the dispatcher, so memory trackers see the bytes this keeps
-    return torch.get_rng_state().clone(), cuda_state
-
-
-class _RngReplay:
-    """Run a block with the RNG state it saw in the forward pass, leaving the global RNG alone."""
-
-    def __init__(self, state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device, on: bool):
-        self.state, self.device, self.on = state, device, on
-        self.fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=on)
-
-    def __enter__(self) -> None:
-        self.fork.__enter__()
-        if self.on:
-            torch.set_rng_state(self.state[0])
-            if self.state[1] is not None:
-                torch.cuda.set_rng_state(self.state[1], self.device)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.fork.__exit__(*exc)
-
-
 _HIGHER_ORDER = (
     "BDIAStack computes first-order gradients only: its backward rebuilds the activations "
     "instead of storing them, and that rebuild cannot be differentiated again. For "
@@ -169,7 +146,7 @@ class _BDIAFunction(torch.autograd.Function):
         maxima = [stream_max(x0)]
         for k, block in enumerate(plan.blocks):
             if plan.preserve_rng:  # chunk c + 1 draws from where chunk c left the RNG, in both passes
-                plan.rng_states.append(_capture_rng(x0.device))
+                plan.rng_states.append(capture_rng_state(x0.device))
             if plan.check:
                 plan.states.append(x_cur)
             elif plan.verify:
@@ -257,14 +234,14 @@ class _BDIAFunction(torch.autograd.Function):
                 leaves = [split.leaf(a, c) for a in arg_inputs]
                 args = split.tree(plan.block_args(leaves), c)
                 with (
-                    _RngReplay(rng, x_cur.device, plan.preserve_rng),
+                    RngReplay(rng, x_cur.device, plan.preserve_rng),
                     torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
                 ):
                     with torch.enable_grad(), plan.recompute_saving(k):
                         xk = x_cur[rows].detach().requires_grad_()
                         y = recompute_block(plan.blocks[k], k, xk, args)
                     if plan.preserve_rng:
-                        rng = _capture_rng(x_cur.device)  # where chunk c + 1 starts
+                        rng = capture_rng_state(x_cur.device)  # where chunk c + 1 starts
                     gn = g_next[rows]
                     if g is not None:  # rebuild x_{k-1}, then form the gradients that bypass the block
                         assert planes is not None and x_prev is not None

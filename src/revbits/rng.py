@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -31,3 +32,33 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[] if on_cpu else [device], device_type=None if on_cpu else device.type):
         torch.manual_seed(seed)
         yield
+
+
+RngState = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def capture_rng_state(device: torch.device) -> RngState:
+    """The CPU generator's state, and ``device``'s if it is a CUDA device, to replay later."""
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    # cloned through the dispatcher, so memory trackers see the bytes this keeps
+    return torch.get_rng_state().clone(), cuda_state
+
+
+class RngReplay:
+    """Run the body from a state taken by :func:`capture_rng_state` (when ``on``), leaving the global
+    RNG as it was before: a block recomputed in backward draws the dropout masks of its forward."""
+
+    def __init__(self, state: RngState | None, device: torch.device, on: bool = True) -> None:
+        self.state, self.device, self.on = state, device, on
+        self.fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=on)
+
+    def __enter__(self) -> None:
+        self.fork.__enter__()
+        if self.on:
+            assert self.state is not None
+            torch.set_rng_state(self.state[0])
+            if self.state[1] is not None:
+                torch.cuda.set_rng_state(self.state[1], self.device)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.fork.__exit__(*exc)
