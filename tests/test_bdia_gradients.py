@@ -93,10 +93,14 @@ def test_random_gammas_in_training_mode_are_reproducible_from_the_seed():
     assert not torch.equal(outs[0], other)
 
 
-def test_backward_leaves_the_global_rng_as_plain_autograd_does():
+@pytest.mark.parametrize(
+    "batch, chunks, check, dropout",
+    [(2, "auto", False, 0.2), (6, 3, True, 0.3)],  # whole batch; dropout replayed per chunk, rebuilt states checked
+)
+def test_backward_leaves_the_global_rng_as_plain_autograd_does(batch, chunks, check, dropout):
     torch.manual_seed(6)
-    stack = revbits.BDIAStack(gpt_blocks(4, dropout=0.2)).double()
-    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    stack = revbits.BDIAStack(gpt_blocks(4, dropout=dropout), check=check, batch_chunks=chunks).double()
+    x = torch.randn(batch, 5, 32, dtype=torch.float64, requires_grad=True)
     after = []
     for reversible in (True, False):
         stack.reversible = reversible

@@ -62,11 +62,7 @@ def fault_point(name: str) -> None:
 def fsync_dir(folder: Path) -> None:
     """Make the entries of ``folder`` (renames, new files) durable (a no-op where the OS cannot)."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(folder)
 
 
 def temp_name(path: Path) -> Path:
@@ -91,6 +87,7 @@ def _staged(path: Path) -> Iterator[Path]:
 
 
 def _fsync_file(path: Path) -> None:
+    """fsync the file (or directory) at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
