@@ -2,7 +2,7 @@
 
 2 gloo processes on CPU, each with its half of the batch. A GPT-style stack (d=128, T=256, 4 samples per
 rank, 8 blocks) between a linear embedding and a linear head; one measured step (forward, backward) after a
-warm-up step. Bytes are counted by revbits.memory.LiveBytes, a dispatch-mode tracker, in each rank:
+warm-up step. Bytes are counted by revbits.measure.LiveBytes, a dispatch-mode tracker, in each rank:
 
 - ``held_after_forward``: activation bytes alive between the end of forward and the start of backward;
 - ``peak``: the most bytes alive at once during the step, and the activations part of it.
@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import revbits
-from revbits.memory import LiveBytes
+from revbits.measure import LiveBytes
 from revbits.models import TransformerBlock
 
 WORLD, D, T, LOCAL_BATCH, DEPTH = 2, 128, 256, 4, 8

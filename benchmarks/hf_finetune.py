@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from report import mean_std, write_results
-from revbits.memory import measure_training_step
+from revbits.measure import measure_training_step
 from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
 from revbits.train.loop import make_optimizer, train

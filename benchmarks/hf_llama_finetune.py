@@ -35,7 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from report import mean_std, write_results
 from revbits.cli import main as revbits_main
-from revbits.memory import measure_training_step
+from revbits.measure import measure_training_step
 from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
 from revbits.train.datasets import texts

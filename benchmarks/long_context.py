@@ -19,7 +19,7 @@ Modes, all in one run from the same weights and tokens:
 - bdia: BDIA with its defaults (batch_chunks="auto");
 - bdia+mesa: BDIA with its defaults and 8-bit recomputed activations.
 
-Memory is counted by revbits.memory.LiveBytes (every storage an operator creates, until freed): the
+Memory is counted by revbits.measure.LiveBytes (every storage an operator creates, until freed): the
 peak of one step, parameters included. Peaks are measured at several sequence lengths per batch
 size; each mode's peak is then fitted by a line a + b T (attention runs as a fused kernel, so no
 tensor grows faster than T; the fit's largest residual is reported), and the longest context under
@@ -51,7 +51,7 @@ from torch import nn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from revbits import hf  # noqa: E402
-from revbits.memory import LiveBytes, measure_training_step  # noqa: E402
+from revbits.measure import LiveBytes, measure_training_step  # noqa: E402
 
 MIB = 2**20
 MODEL = dict(

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from revbits import bench  # noqa: E402
-from revbits.memory import LiveBytes  # noqa: E402
+from revbits.measure import LiveBytes  # noqa: E402
 
 #: Issue 17's targets for "bdia" at K = 24: (row key, bound).
 TARGETS = [

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from report import write_results
-from revbits.memory import LiveBytes, tracking
+from revbits.measure import LiveBytes, tracking
 from revbits.petra import PetraConfig, balanced_sizes, launch, small_revnet, split
 from revbits.petra.baselines import run_pipeline_baseline
 from revbits.petra.bdia_pieces import BDIAStep, bdia_gpt_pieces

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from report import train_briefly, write_results
-from revbits.memory import measure_training_step
+from revbits.measure import measure_training_step
 from revbits.models.rnn import make_rnn
 from revbits.train import TrainConfig
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import revbits
 from helpers import gpt_blocks
-from revbits.memory import measure_training_step
+from revbits.measure import measure_training_step
 from revbits.mesa import Compressor, MesaConfig, NonFiniteActivationError
 from revbits.mesa.quantizer import CODE_MAX, GroupLayout, dequantize, group_range, layout_for, quantize
 from revbits.models import GPT, ViT

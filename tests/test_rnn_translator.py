@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import relative_error
-from revbits.memory import measure_training_step
+from revbits.measure import measure_training_step
 from revbits.models import RNNTranslator, RNNTranslatorConfig
 
 

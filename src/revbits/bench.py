@@ -1,7 +1,7 @@
 """Compare memory modes on a stack of GPT-style blocks: memory of one step and step time.
 
 Every mode starts from the same weights and the same batch; memory is measured with
-:func:`revbits.memory.measure_training_step` and time as the median of interleaved steps, so
+:func:`revbits.measure.measure_training_step` and time as the median of interleaved steps, so
 the ratios between modes come from one run on one machine.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .memory import measure_training_step
+from .measure import measure_training_step
 from .models import TransformerBlock
 from .stack import MEMORY_MODES, stack
 

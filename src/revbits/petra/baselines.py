@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-from ..memory import tracking
+from ..measure import tracking
 from .optim import make_optimizer, make_scheduler
 from .record import StageRecord, record_path
 from .runtime import PetraConfig, build_all_stages, join_process_group
@@ -125,7 +125,7 @@ def example_tensors(stages: Sequence[nn.Module], x: Tensor, j: int) -> tuple[Ten
 class PipelineSummary:
     """What a baseline stage process returns: ``step_seconds`` per mini-batch (the memory-measured step
     excluded) and, if measured, the bytes of one mini-batch step: the peak by category
-    (:func:`revbits.memory.tracking`), ``recv_buffers`` (:func:`recv_buffer_bytes`, not in the peak) and
+    (:func:`revbits.measure.tracking`), ``recv_buffers`` (:func:`recv_buffer_bytes`, not in the peak) and
     the process's ``max_rss``."""
 
     stage: int
@@ -140,7 +140,7 @@ class PipelineSummary:
 def recv_buffer_bytes(pipe: PipelineScheduleSingle) -> int:
     """Bytes of the receive buffers (activations and gradients, one per micro-batch) that pipelining
     allocates at its first step and keeps: live during every later step, but not created inside it, so
-    :func:`revbits.memory.tracking` does not count them. Reads pipelining internals; -1 if they have changed."""
+    :func:`revbits.measure.tracking` does not count them. Reads pipelining internals; -1 if they have changed."""
     try:
         infos = [*pipe._stage.args_recv_info.values(), *pipe._stage.grad_recv_info.values()]
         buffers = [info.buffer for group in infos for info in group if isinstance(info.buffer, Tensor)]

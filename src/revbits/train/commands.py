@@ -174,7 +174,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from ..memory import measure_training_step
+    from ..measure import measure_training_step
     from .loop import make_optimizer
 
     config = _config_from_args(args)
