@@ -132,30 +132,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24, 48])
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    bench.add_arguments(parser, bench.BenchConfig(), variants=True)  # the defaults of the full run
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory_modes")
-    parser.add_argument(
-        "--modes", nargs="+", default=list(bench.BenchConfig.modes), choices=[*bench.MEMORY_MODES, *bench.VARIANTS]
-    )
     parser.add_argument("--memtracker", action="store_true", help="also measure each peak with PyTorch's MemTracker")
     parser.add_argument("--targets", action="store_true", help="check issue 17's targets for bdia at the largest K")
     parser.add_argument("--idle", default="unknown", help="written into the raw output: was the machine idle?")
     parser.add_argument("--time-only", action="store_true", help="only the interleaved step times (AdamW), no memory")
     args = parser.parse_args()
-    config = bench.BenchConfig(
-        depths=tuple(args.depths),
-        modes=tuple(args.modes),
-        d_model=args.d_model,
-        seq_len=args.seq_len,
-        batch=args.batch,
-        repeats=args.repeats,
-        device=args.device,
-    )
+    config = bench.BenchConfig.from_args(args)
     if args.time_only:
         write_times(config, args.out, args.idle)
         return

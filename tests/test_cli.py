@@ -61,6 +61,28 @@ def test_heads_must_divide_width(capsys):
     assert "not divisible" in capsys.readouterr().err
 
 
+def test_bench_flags_build_the_config_in_one_place():
+    """``revbits bench`` and benchmarks/memory_modes.py add the same flags and read them with
+    BenchConfig.from_args; each keeps its own defaults (the CLI's quicker run, the script's full one)."""
+    import argparse
+
+    from revbits import bench
+    from revbits.cli import build_parser
+    from revbits.stack import MEMORY_MODES
+
+    cli = bench.BenchConfig.from_args(build_parser().parse_args(["bench"]))
+    assert cli == bench.BenchConfig(depths=(6, 12, 24), modes=MEMORY_MODES, d_model=256, n_heads=4, seq_len=256,
+                                    batch=8, repeats=3, device="cpu", seed=0)
+    script = argparse.ArgumentParser()
+    bench.add_arguments(script, bench.BenchConfig(), variants=True)
+    assert bench.BenchConfig.from_args(script.parse_args([])) == bench.BenchConfig()
+    flags = ["--depths", "3", "--modes", "bdia (chunks=1)", "--heads", "2", "--seed", "5", "--seq-len", "9"]
+    got = bench.BenchConfig.from_args(script.parse_args(flags))
+    assert (got.depths, got.modes, got.n_heads, got.seed, got.seq_len) == ((3,), ("bdia (chunks=1)",), 2, 5, 9)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--modes", "bdia (chunks=1)"])  # variants are the script's only
+
+
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "revbits.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("revbits ")

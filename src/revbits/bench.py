@@ -7,10 +7,11 @@ the ratios between modes come from one run on one machine.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -35,6 +36,60 @@ class BenchConfig:
     repeats: int = 3
     device: str = "cpu"
     seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchConfig:
+        """The configuration of parsed :func:`add_arguments` flags; raises ValueError naming the flags
+        when ``--d-model`` is not a multiple of ``--heads``."""
+        if args.d_model % args.heads:
+            raise ValueError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
+        return cls(
+            depths=tuple(args.depths),
+            modes=tuple(args.modes),
+            d_model=args.d_model,
+            n_heads=args.heads,
+            seq_len=args.seq_len,
+            batch=args.batch,
+            repeats=args.repeats,
+            device=args.device,
+            seed=args.seed,
+        )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _depth(text: str) -> int:
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a BDIA stack needs at least 2 blocks, got {text}")
+    return value
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, defaults: BenchConfig | None = None, variants: bool = False
+) -> None:
+    """Add the flags of :class:`BenchConfig` (read back by :meth:`BenchConfig.from_args`) to ``parser``,
+    with ``defaults``' values as defaults; ``variants`` also accepts the :data:`VARIANTS` as modes."""
+    d = defaults or BenchConfig()
+    choices = [*MEMORY_MODES, *VARIANTS] if variants else list(MEMORY_MODES)
+    parser.add_argument("--depths", type=_depth, nargs="+", default=list(d.depths), help="numbers of blocks K")
+    parser.add_argument("--modes", nargs="+", default=list(d.modes), choices=choices)
+    parser.add_argument("--d-model", type=_positive, default=d.d_model)
+    parser.add_argument("--heads", type=_positive, default=d.n_heads)
+    parser.add_argument("--seq-len", type=_positive, default=d.seq_len)
+    parser.add_argument("--batch", type=_positive, default=d.batch)
+    parser.add_argument("--repeats", type=_positive, default=d.repeats, help="timed steps per mode (median)")
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+#: The defaults of ``revbits bench``: a quicker run than the full benchmark's (benchmarks/memory_modes.py).
+CLI_DEFAULTS = replace(BenchConfig(), depths=(6, 12, 24), seq_len=256)
 
 
 def bdia_floor_bytes(depth: int, batch: int, numel: int, gamma_bits: int = 1, cuda: bool = False) -> int:
