@@ -9,7 +9,7 @@ from torch import nn
 
 import revbits
 from helpers import gpt_blocks, random_signs, relative_error, run_step
-from revbits.bdia_chunks import BatchSplit, plan_split
+from revbits.bdia.chunks import BatchSplit, plan_split
 from revbits.measure import measure_training_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")

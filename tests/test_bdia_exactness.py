@@ -7,7 +7,7 @@ import torch
 
 import revbits
 from helpers import gpt_blocks, random_signs
-from revbits.fixedpoint import quantize
+from revbits.bdia.fixedpoint import quantize
 
 
 def states_of_plain_forward(stack, x, signs):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revbits.bits import pack_bits, unpack_bits
+from revbits.bdia.bits import pack_bits, unpack_bits
 
 
 @settings(max_examples=60, deadline=None)

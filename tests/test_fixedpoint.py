@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revbits.bdia_ops import forward_step, forward_step_, inverse_step_, residue
-from revbits.fixedpoint import exact_limit, grid_codes, quantize
+from revbits.bdia.fixedpoint import exact_limit, grid_codes, quantize
+from revbits.bdia.step import forward_step, forward_step_, inverse_step_, residue
 
 
 def test_quantiser_rounds_to_the_grid_with_halves_to_even():
@@ -58,3 +58,31 @@ def test_one_step_is_exactly_invertible(bits, gamma_bits, sign, seed, scale):
 def test_grid_codes_are_the_integers_of_the_grid():
     x = torch.tensor([0.5, -0.25, 3.0])
     assert grid_codes(x, 2).tolist() == [2, -1, 12]
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("revbits.fixedpoint", "revbits.bdia.fixedpoint"),
+        ("revbits.bits", "revbits.bdia.bits"),
+        ("revbits.bdia_ops", "revbits.bdia.step"),
+        ("revbits.bdia_params", "revbits.bdia.params"),
+        ("revbits.bdia_args", "revbits.bdia.args"),
+        ("revbits.bdia_compile", "revbits.bdia.compile"),
+        ("revbits.bdia_chunks", "revbits.bdia.chunks"),
+        ("revbits.info_buffer", "revbits.revrnn.info_buffer"),
+        ("revbits.petra.vit", "revbits.petra.vit_pieces"),
+    ],
+)
+def test_the_old_module_paths_still_give_the_same_objects(old, new):
+    """0.2 moved these modules; the old paths re-export the very same objects until 0.3."""
+    import importlib
+
+    old_module, new_module = importlib.import_module(old), importlib.import_module(new)
+    assert old_module.__doc__.startswith(f"Deprecated: moved to :mod:`{new}`")
+    assert old_module.__all__
+    for name in old_module.__all__:
+        if old == "revbits.bits" and name == "InfoBuffer":  # it went to revrnn, with the RNNs that use it
+            assert old_module.InfoBuffer is importlib.import_module("revbits.revrnn.info_buffer").InfoBuffer
+            continue
+        assert getattr(old_module, name) is getattr(new_module, name), name

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revbits.bits import InfoBuffer
+from revbits.revrnn.info_buffer import InfoBuffer
 
 SHAPE = (3, 5)
 

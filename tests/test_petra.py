@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from helpers import relative_error
-from revbits.fixedpoint import quantize
+from revbits.bdia.fixedpoint import quantize
 from revbits.models import TransformerBlock
 from revbits.petra import (
     PetraConfig,

@@ -2,7 +2,7 @@
 
 from . import mesa
 from .bdia import BDIAStack, BlockProtocolError, ReversibilityError, StreamRangeError
-from .fixedpoint import quantize
+from .bdia.fixedpoint import quantize
 from .revrnn import RevGRU, RevLSTM, StateRangeError
 from .stack import MEMORY_MODES, CheckpointStack, MesaStack, SequentialStack, stack
 

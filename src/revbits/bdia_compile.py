@@ -1,45 +1,8 @@
-"""BDIA under torch.compile: the forward and the backward's recomputation run the same code.
+"""Deprecated: moved to :mod:`revbits.bdia.compile`; this alias goes in 0.3."""
 
-The reversible backward rebuilds x_{k-1} = (x_{k+1} - Q((1 + g) y_k - 2 g x_k)) / g - r 2**-l,
-which is exact only if the recomputed y_k is bit-identical to the forward's. Compiled and
-eager kernels round differently, and so can two compiled graphs of one block (dynamo compiles an
-inference graph under no_grad and a training graph under grad), so two rules keep them equal:
-
-- dynamo stays out of the reversible path (``torch.compiler.disable`` on it): under
-  ``torch.compile(model)`` the blocks run eagerly in both passes, and the rest of the model is
-  compiled around the stack;
-- a block that holds compiled code (``torch.compile(block)``, ``block.compile()``, or a
-  compiled submodule) runs in the forward pass under grad, on an input that requires grad, as
-  its recomputation will, so both passes call the same compiled training graph. Its graph is
-  dropped at once; only the output is kept.
-
-A compiled function called from inside a block cannot be seen from outside; if it makes the
-two passes differ, the stack's checksum catches it and raises ReversibilityError.
-"""
-
-from __future__ import annotations
-
-import torch
-from torch import nn
-
-from .bdia_args import BlockArguments
-from .bdia_ops import call_block
+from .bdia.compile import (
+    forward_block,
+    holds_compiled_code,
+)
 
 __all__ = ["forward_block", "holds_compiled_code"]
-
-
-def holds_compiled_code(block: nn.Module) -> bool:
-    """Whether ``block`` or one of its submodules was compiled (torch.compile or Module.compile)."""
-    return any(
-        isinstance(getattr(m, "_orig_mod", None), nn.Module) or getattr(m, "_compiled_call_impl", None) is not None
-        for m in block.modules()
-    )
-
-
-def forward_block(block: nn.Module, index: int, x: torch.Tensor, args: BlockArguments, compiled: bool) -> torch.Tensor:
-    """y = block(x, *args, **kwargs) in the reversible forward, run the way the recomputation runs it
-    when the block holds compiled code (see the module docstring); returns y without a graph."""
-    if not compiled:
-        return call_block(block, index, x, args)
-    with torch.enable_grad():
-        return call_block(block, index, x.detach().requires_grad_(), args).detach()

@@ -1,150 +1,31 @@
-"""The arithmetic of one BDIA step, shared by the reversible and the plain (autograd) paths.
+"""Deprecated: moved to :mod:`revbits.bdia.step`; this alias goes in 0.3."""
 
-Every function here returns values on the grid 2**-l, and every operation on grid values
-below the exact limit is exact, so evaluation order and in-place updates cannot change a bit.
-The one rounding that is not exact, inside :func:`combine`, happens in a single custom
-Function used by every path.
-"""
+from .bdia.step import (
+    BlockProtocolError,
+    StreamRangeError,
+    call_block,
+    combine,
+    forward_step,
+    forward_step_,
+    gamma_exponent,
+    inverse_step_,
+    raise_if_out_of_range,
+    residue,
+    state_checksum,
+    stream_max,
+)
 
-from __future__ import annotations
-
-import math
-from collections.abc import Sequence
-from typing import Any
-
-import torch
-from torch import nn
-
-from .bdia_args import BlockArguments
-from .fixedpoint import exact_limit
-
-
-class BlockProtocolError(ValueError):
-    """A block broke the protocol ``block(x, *args) -> y`` with y of the shape and dtype of x."""
-
-
-class StreamRangeError(ValueError):
-    """A residual state left the range where the fixed-point grid is exact, or is not finite."""
-
-
-def gamma_exponent(gamma: float) -> int:
-    """The b with |gamma| = 2**-b, for b in 1..8; anything else cannot be inverted exactly."""
-    magnitude = abs(float(gamma))
-    if magnitude > 0:
-        b = -math.log2(magnitude)
-        if b == round(b) and 1 <= round(b) <= 8:
-            return int(round(b))
-    raise ValueError(
-        f"gamma must be 2**-b with b an integer from 1 to 8 (0.5, 0.25, ...), got {gamma}: "
-        "only a power of two can be divided out exactly, and b bits per element are stored"
-    )
-
-
-class _Combine(torch.autograd.Function):
-    """u = Q((1 + g) y - 2 g x) with a straight-through Q.
-
-    Computed as round(y (1 + g) 2**l - 2 2**l g x) 2**-l: the product with y and the sum each
-    round once, the rest is exact. Exactness of the inverse only needs every pass (forward,
-    reference, recomputation) to use this one function, which they do. The result is always
-    contiguous, so every state of the stack has one memory layout. Gradients: du/dy = 1 + g,
-    du/dx = -2 g.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(g)
-        scale = float(2**bits)
-        u = (y * ((1 + g) * scale)).contiguous()
-        u.addcmul_(x, g, value=-2 * scale)
-        return u.round_().div_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (g,) = ctx.saved_tensors
-        return grad * (-2 * g), grad * (1 + g), None, None
-
-
-def combine(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """u = Q((1 + g) * y - 2 g * x), the quantised block term of the BDIA update."""
-    return _Combine.apply(x, y, g, bits)
-
-
-def residue(x_prev: torch.Tensor, bits: int, gamma_bits: int) -> torch.Tensor:
-    """r = (-m) mod 2**b for the grid code m = x_prev 2**l: the bits that g * x_prev would lose.
-
-    Returned in x_prev's dtype; every step (scaling by -2**l, the remainder) is exact.
-    """
-    return (x_prev * -(2.0**bits)).remainder_(2**gamma_bits)
-
-
-def forward_step(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """x_{k+1} = g * (x_{k-1} + r * 2**-l) + u, exact on the grid (differentiable)."""
-    return u + g * (x_prev + r * 2.0**-bits)
-
-
-def forward_step_(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`forward_step` computed in the buffers of ``r`` and ``u`` (no autograd), bit-identical."""
-    return u.addcmul_(r.mul_(2.0**-bits).add_(x_prev), g)
-
-
-def inverse_step_(x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """x_{k-1} = (x_{k+1} - u) / g - r * 2**-l, the exact inverse, computed in ``u``'s buffer."""
-    return u.sub_(x_next).div_(-g).sub_(r, alpha=2.0**-bits)
-
-
-def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any] | BlockArguments) -> torch.Tensor:
-    """y = block(x, *args) (or block(x, *args, **kwargs) for a BlockArguments), checked against the block protocol."""
-    version = x._version
-    y = args.call(block, x) if isinstance(args, BlockArguments) else block(x, *args)
-    if x._version != version:
-        raise BlockProtocolError(
-            f"block {index} ({type(block).__name__}) modified its input in place; a reversible stack keeps "
-            "the states it is given, so write `x = x + f(x)` instead of `x += f(x)`"
-        )
-    if not isinstance(y, torch.Tensor):
-        raise BlockProtocolError(
-            f"block {index} ({type(block).__name__}) returned {type(y).__name__}, not a tensor; "
-            "a block must return one tensor of the shape and dtype of its input"
-        )
-    if y.shape != x.shape or y.dtype != x.dtype:
-        raise BlockProtocolError(
-            f"block {index} ({type(block).__name__}) maps {tuple(x.shape)} {x.dtype} to "
-            f"{tuple(y.shape)} {y.dtype}; a reversible stack needs blocks that keep the shape "
-            "and dtype of the residual stream (add the residual in the input dtype under autocast)"
-        )
-    return y
-
-
-def stream_max(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a float64 scalar tensor (NaN if x holds a NaN), without a host sync or a copy."""
-    low, high = torch.aminmax(x.detach())
-    return torch.maximum(-low, high).to(torch.float64)
-
-
-def raise_if_out_of_range(maxima: Sequence[torch.Tensor], dtype: torch.dtype, bits: int) -> None:
-    """Raise StreamRangeError naming the first state x_i with |x_i| >= 2**(p - bits) or NaN/Inf.
-
-    ``maxima[i]`` is :func:`stream_max` of x_i. One host synchronisation covers all states.
-    """
-    limit = exact_limit(dtype, bits)
-    for index, value in enumerate(torch.stack(list(maxima)).tolist()):
-        if value < limit:
-            continue
-        source = "the input of the stack" if index == 0 else f"the output of block {index - 1}"
-        if not math.isfinite(value):
-            raise StreamRangeError(f"{source} (state x_{index}) contains NaN or Inf")
-        raise StreamRangeError(
-            f"{source} (state x_{index}) reaches |x| = {value:.6g}, at or beyond "
-            f"2**{int(math.log2(limit))} = {limit:g}, where a 2**-{bits} grid stops being exact "
-            f"in {dtype}; normalise the stream, lower `bits`, or use float64"
-        )
-
-
-def state_checksum(x: torch.Tensor) -> torch.Tensor:
-    """(||x||_2 accumulated in float64, sum x): equal states give equal values, a changed one not.
-
-    For grid values the float64 sum of squares is exact, so any change of one element changes
-    it; the square also catches changes that cancel in a plain sum (+d here, -d there). Both
-    reductions read x in place without a temporary.
-    """
-    return torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64), x.sum().to(torch.float64)])
+__all__ = [
+    "BlockProtocolError",
+    "StreamRangeError",
+    "call_block",
+    "combine",
+    "forward_step",
+    "forward_step_",
+    "gamma_exponent",
+    "inverse_step_",
+    "raise_if_out_of_range",
+    "residue",
+    "state_checksum",
+    "stream_max",
+]

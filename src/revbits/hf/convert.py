@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ..fixedpoint import SIGNIFICAND_BITS
+from ..bdia.fixedpoint import SIGNIFICAND_BITS
 from .families import family_of, locate_layers, transformers_base
 from .layers import CHECKPOINTING_HINT, Conversion, conversion_of, convert_layer_list
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bdia_ops import call_block, combine, forward_step, gamma_exponent, inverse_step_, residue
-from ..bits import PackedBits, pack_bits, unpack_bits
-from ..fixedpoint import quantize
+from ..bdia.bits import PackedBits, pack_bits, unpack_bits
+from ..bdia.fixedpoint import quantize
+from ..bdia.step import call_block, combine, forward_step, gamma_exponent, inverse_step_, residue
 from ..models.blocks import TransformerBlock
 from ..rng import derive_seed
 from .stages import LossStage, PlainStage, Stage, seeded, split

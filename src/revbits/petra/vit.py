@@ -1,52 +1,5 @@
-"""A revbits ViT (memory="bdia") as PETRA pieces that share its modules:
+"""Deprecated: moved to :mod:`revbits.petra.vit_pieces`; this alias goes in 0.3."""
 
-    stem:   images -> [cls; W_p patches] + P, dropout            (plain: kept in a FIFO)
-    BDIA:   entry (block 0), steps 1..K-1                         (reversible: residue bits in flight)
-    exit:   (x_{K-1}, x_K) -> x_K                                 (last stage)
-    head:   L = cross_entropy(W LayerNorm(x_K[:, 0]), label)      (last stage)
+from .vit_pieces import ViTHead, ViTStem, vit_pieces
 
-Training the pieces trains the ViT itself, so the weights load into the plain model unchanged.
-"""
-
-from __future__ import annotations
-
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from ..bdia import BDIAStack
-from ..models.vit import ViT
-from .bdia_pieces import bdia_pieces
-from .stages import LossStage, PlainStage
-
-
-class ViTStem(nn.Module):
-    """x = ViT.embed(images), as a module that owns only the embedding's parameters."""
-
-    def __init__(self, vit: ViT) -> None:
-        super().__init__()
-        self.patch_embedding, self.dropout = vit.patch_embedding, vit.dropout
-        self.cls_token, self.position_embedding = vit.cls_token, vit.position_embedding
-        self.embed = vit.embed  # a bound method over the same modules (registers no parameters)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.embed(images)
-
-
-class ViTHead(LossStage):
-    """L = cross_entropy(head(ln_f(x[:, 0])), label)."""
-
-    def __init__(self, vit: ViT) -> None:
-        super().__init__()
-        self.ln_f, self.head = vit.ln_f, vit.head
-
-    def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(self.head(self.ln_f(x[:, 0])), target)
-
-
-def vit_pieces(vit: ViT, seed: int = 0) -> list[nn.Module]:
-    """Stem, BDIA entry and steps, exit and head of ``vit``, whose block stack must be a BDIAStack."""
-    if not isinstance(vit.stack, BDIAStack):
-        raise ValueError(f"PETRA needs the ViT's blocks in a BDIAStack (memory='bdia'), got {type(vit.stack).__name__}")
-    stem = PlainStage(ViTStem(vit), seed)
-    pieces, exit_piece = bdia_pieces(list(vit.stack.blocks), vit.stack.bits, vit.stack.gamma, seed)
-    return [stem, *pieces, exit_piece, ViTHead(vit)]
+__all__ = ["ViTHead", "ViTStem", "vit_pieces"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..info_buffer import InfoBuffer
+from .info_buffer import InfoBuffer
 
 STATE_BITS = 23  # fractional bits of h and c
 GATE_BITS = 10  # gates are n / 2**10

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..info_buffer import InfoBuffer
 from .cells import (
     FORGET_BITS,
     GATE_BITS,
@@ -32,6 +31,7 @@ from .cells import (
     to_fixed,
     to_float,
 )
+from .info_buffer import InfoBuffer
 
 
 class StateRangeError(OverflowError):

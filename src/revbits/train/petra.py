@@ -1,6 +1,7 @@
 """``revbits train --parallel petra --stages J``: a revbits model trained by PETRA, one process per stage.
 
-The model is cut into pieces (:func:`revbits.petra.vit.vit_pieces`, or a RevNet's own pieces), the pieces
+The model is cut into pieces that share its modules (:data:`PIECES`: a ViT's by
+:func:`revbits.petra.vit_pieces.vit_pieces`, a RevNet's by :func:`revbits.petra.revnet.revnet_pieces`), the pieces
 into J stages (``stage_split``: balanced by the cost of each piece measured on one micro-batch, by
 parameter count, or given sizes), and :func:`launch` runs the stages. Optimiser updates are ``steps``; each uses
 ``accumulation`` micro-batches of ``batch_size`` examples, so micro-batch m is the training batch drawn
@@ -21,7 +22,7 @@ import os
 import platform
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -46,18 +47,23 @@ from ..petra.launch import die_with_parent, launch
 from ..petra.profile import sizes_by_time
 from ..petra.record import load_records
 from ..petra.runtime import PetraConfig, join_process_group, run_stage
+from ..petra.revnet import revnet_pieces
 from ..petra.stages import sizes_by_params, split
-from ..petra.vit import vit_pieces
+from ..petra.vit_pieces import vit_pieces
 from ..rng import derive_seed
 from .checkpoint import clean_run_dir, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .loop import DivergenceError, adamw, evaluate, prepare_out
 from .metrics import MetricsLog
-from .schedule import lr_factor
-from .task_base import Task
-from .tasks import make_task
+from .lr_schedule import lr_factor
+from .tasks import Task, make_task
 
-PETRA_MODELS = ("vit", "revnet")
+# How each model trained by PETRA is cut into pieces that share its modules, from (model, seed).
+PIECES: dict[str, Callable[[nn.Module, int], list[nn.Module]]] = {
+    "vit": vit_pieces,
+    "revnet": lambda model, seed: revnet_pieces(model),  # no randomness in a RevNet
+}
+PETRA_MODELS = tuple(PIECES)
 _TASKS: dict[str, Task] = {}  # per process: the task of a config, built once
 
 
@@ -87,15 +93,13 @@ class TaskBatches(Sequence):
 
 def model_pieces(model: nn.Module, config: TrainConfig) -> list[nn.Module]:
     """The PETRA pieces of a task's model; they share its modules, so training them trains the model."""
-    if config.model == "revnet":
-        return list(model.pieces)
-    return vit_pieces(model, config.seed)
+    return PIECES[config.model](model, config.seed)
 
 
 def build_stages(config: TrainConfig, J: int, sizes: list[int]) -> tuple[nn.Module, list[nn.Module]]:
     """(model, its J stages of ``sizes`` pieces each); the caller seeds torch first, so every process
     builds the same weights."""
-    model = task_of(config).build_model()
+    model = task_of(config).build_model(config)
     return model, split(model_pieces(model, config), J, sizes)
 
 
@@ -111,7 +115,7 @@ def stage_sizes(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> l
     if given is not None:
         return given
     torch.manual_seed(config.seed)
-    pieces = model_pieces(task_of(config).build_model(), config)
+    pieces = model_pieces(task_of(config).build_model(config), config)
     if config.stage_split == "params" or config.stages == 1:
         return sizes_by_params(pieces, config.stages)
     return timed_split(config, data)
@@ -159,7 +163,7 @@ def timed_split(config: TrainConfig, data: Sequence[tuple[Tensor, Tensor]]) -> l
         if isinstance(sizes, list) and len(sizes) == config.stages and all(isinstance(n, int) for n in sizes):
             return sizes
     torch.manual_seed(config.seed)
-    pieces = model_pieces(task_of(config).build_model(), config)
+    pieces = model_pieces(task_of(config).build_model(config), config)
     device = torch.device(config.device)
     pieces = [piece.to(device) for piece in pieces]
     x, target = (t.to(device) for t in data[0])

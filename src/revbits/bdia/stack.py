@@ -29,10 +29,21 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .bdia_args import BlockArguments
-from .bdia_chunks import AUTO, BatchSplit, check_batch_chunks, plan_split
-from .bdia_compile import forward_block, holds_compiled_code
-from .bdia_ops import (
+from ..mesa import Compressor
+from ..rng import RngReplay, capture_rng_state
+from .args import BlockArguments
+from .bits import PackedBits, pack_bits, unpack_bits
+from .chunks import AUTO, BatchSplit, check_batch_chunks, plan_split
+from .compile import forward_block, holds_compiled_code
+from .fixedpoint import exact_limit, quantize
+from .params import (
+    backward_through_block,
+    block_parameters,
+    recompute_block,
+    sharded_block,
+    trainable_parameters,
+)
+from .step import (
     BlockProtocolError,
     StreamRangeError,
     call_block,
@@ -46,17 +57,6 @@ from .bdia_ops import (
     state_checksum,
     stream_max,
 )
-from .bdia_params import (
-    backward_through_block,
-    block_parameters,
-    recompute_block,
-    sharded_block,
-    trainable_parameters,
-)
-from .bits import PackedBits, pack_bits, unpack_bits
-from .fixedpoint import exact_limit, quantize
-from .mesa import Compressor
-from .rng import RngReplay, capture_rng_state
 
 __all__ = ["BDIAStack", "BlockProtocolError", "ReversibilityError", "StreamRangeError"]
 
@@ -76,7 +76,7 @@ class _Plan:
     tensor_slots: list[int]  # where the tensor arguments go in args.values()
     params: list[list[int]]  # per block, indices into the parameter list
     block_params: list[list[nn.Parameter]]  # per block, its trainable parameters at forward time
-    compiled: list[bool]  # per block, whether it holds compiled code (bdia_compile)
+    compiled: list[bool]  # per block, whether it holds compiled code (bdia.compile)
     num_params: int
     bits: int
     gamma: float
@@ -86,7 +86,7 @@ class _Plan:
     preserve_rng: bool
     compressor: Compressor | None = None  # 8-bit storage inside each recomputed block
     signs: PackedBits | None = None
-    split: BatchSplit | None = None  # the batch chunks every block runs on (bdia_chunks)
+    split: BatchSplit | None = None  # the batch chunks every block runs on (bdia.chunks)
     planes: list[list[PackedBits] | None] = field(default_factory=list)  # per block, one per chunk
     rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     checksums: list[torch.Tensor] = field(default_factory=list)
@@ -374,9 +374,9 @@ class BDIAStack(nn.Module):
             the block internals see the rounding.
         batch_chunks: how many slices of the batch every block runs on in training, one after
             another, in the forward and in the backward's recomputation, which then holds one
-            slice's graph instead of the whole batch's (:mod:`revbits.bdia_chunks`). ``"auto"``
+            slice's graph instead of the whole batch's (:mod:`revbits.bdia.chunks`). ``"auto"``
             (default): min(B, 8, numel(x) // 2**15), at least 1; an integer n: min(n, B); 1: the
-            whole batch at once. Block arguments follow the rule of :mod:`revbits.bdia_chunks`.
+            whole batch at once. Block arguments follow the rule of :mod:`revbits.bdia.chunks`.
 
     ``stack(x, *args, gammas=signs, **kwargs)`` calls every block as ``block(x, *args, **kwargs)``; tensor
     arguments, positional or keyword, get their gradients. ``gammas`` are explicit signs, a [K-1, batch]
@@ -494,7 +494,7 @@ class BDIAStack(nn.Module):
         raise_if_out_of_range([stream_max(x) for x in states], x0.dtype, self.bits)
         return states[-1]
 
-    @torch.compiler.disable  # the recomputation runs outside dynamo, so the forward must too (bdia_compile)
+    @torch.compiler.disable  # the recomputation runs outside dynamo, so the forward must too (bdia.compile)
     def _forward_reversible(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> torch.Tensor:
         plan = self._plan(x0, args, signs)
         values = args.values()

@@ -1,0 +1,28 @@
+"""BDIA: exact bit-level reversible training of a stack of same-shape residual blocks.
+
+- :mod:`~revbits.bdia.stack`: :class:`BDIAStack` and its autograd Function (forward without a graph,
+  backward that rebuilds every state);
+- :mod:`~revbits.bdia.step`: one BDIA step and its exact inverse, shared with PETRA's BDIA stages;
+- :mod:`~revbits.bdia.fixedpoint`: the grid Q and its exact range; :mod:`~revbits.bdia.bits`: packed bit planes;
+- :mod:`~revbits.bdia.args`, :mod:`~revbits.bdia.chunks`, :mod:`~revbits.bdia.params`, :mod:`~revbits.bdia.compile`:
+  the block arguments, batch chunks, gradient routing and torch.compile rules of the reversible backward.
+"""
+
+from .bits import PackedBits, pack_bits, unpack_bits
+from .fixedpoint import exact_limit, quantize
+from .params import RecomputationError
+from .stack import BDIAStack, ReversibilityError
+from .step import BlockProtocolError, StreamRangeError
+
+__all__ = [
+    "BDIAStack",
+    "BlockProtocolError",
+    "PackedBits",
+    "RecomputationError",
+    "ReversibilityError",
+    "StreamRangeError",
+    "exact_limit",
+    "pack_bits",
+    "quantize",
+    "unpack_bits",
+]
