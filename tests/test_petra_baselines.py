@@ -7,6 +7,7 @@ with k = M on the same micro-batches. Models and data are tiny; each launch take
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import pytest
@@ -69,8 +70,17 @@ def run_and_compare(tmp_path, build: partial, data: list, config: PetraConfig, s
     return summaries
 
 
-def test_installed_torch_has_the_gloo_pipelining_fix():
-    assert gloo_pipelining_supported()
+@pytest.mark.parametrize(
+    "version, supported", [("2.7.1+cpu", False), ("1.13.0", False), ("2.8.0", True), ("2.13.0.dev20250101", True)]
+)
+def test_baselines_refuse_a_torch_without_the_gloo_fix(monkeypatch, version, supported):
+    """Before torch 2.8 pipelining over gloo hangs; the baseline says so and names the version instead."""
+    monkeypatch.setattr(torch, "__version__", version)
+    assert gloo_pipelining_supported() is supported
+    if not supported:
+        config = PetraConfig(stages=1, accumulation=2)
+        with pytest.raises(RuntimeError, match=rf"need torch >= 2\.8 .*this is torch {re.escape(version)}$"):
+            run_pipeline_baseline(0, 1, partial(revnet_pipeline, 1, **REVNET), images(4), config)
 
 
 def test_adapters_count_micro_batches_and_split_the_head_off():

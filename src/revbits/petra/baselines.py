@@ -184,6 +184,11 @@ def run_pipeline_baseline(
     (not timed; needs at least two mini-batches so that the optimizer state exists)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {SCHEDULES}")
+    if not gloo_pipelining_supported():
+        raise RuntimeError(
+            f"the GPipe and 1F1B baselines need torch >= 2.8 (pipelining over gloo hangs before it, pytorch "
+            f"issue 132644); this is torch {torch.__version__}"
+        )
     M = config.accumulation
     total = len(data) if config.micro_batches is None else config.micro_batches
     if not len(data) or total % M:
