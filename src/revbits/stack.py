@@ -6,6 +6,8 @@ mode, so weights trained in one mode load into any other.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +64,27 @@ class MesaStack(SequentialStack):
             return super().forward(x, *args, **kwargs)
 
 
+class BDIAMesaStack(BDIAStack):
+    """BDIA (:class:`~revbits.BDIAStack`) with the graph of each block recomputed in backward saving its
+    activations as 8-bit codes (:mod:`revbits.mesa`), through the stack's generic ``recompute_context``.
+
+    The forward, the rebuilt states and their checks are those of BDIA, bit for bit; only the gradients of
+    the block internals see the rounding. ``stack.compressor.report`` describes the last training step's
+    recomputation; a NaN or inf in a recomputed activation raises at the end of the backward (block 0).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], config: MesaConfig | None = None, **options: Any) -> None:
+        super().__init__(blocks, recompute_context=self._saving_in_8_bits, **options)
+        self.compressor = Compressor(config)
+
+    def _saving_in_8_bits(self, k: int) -> contextlib.AbstractContextManager:
+        """Block k's recomputation saves through the compressor, its running ranges keyed by block."""
+        return self.compressor.saving(namespace=f"block{k}", check=k == 0)
+
+    def _reversible_step_starts(self) -> None:
+        self.compressor.report.clear()  # it will describe this step's recomputation
+
+
 def stack(blocks: Sequence[nn.Module], memory: str = "standard", **options: Any) -> nn.Module:
     """Wrap ``blocks`` in the memory mode ``memory``.
 
@@ -78,14 +101,29 @@ def stack(blocks: Sequence[nn.Module], memory: str = "standard", **options: Any)
     """
     if memory not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+    misplaced = sorted(set(options) - option_names(memory))
+    if misplaced:
+        raise TypeError(f"option(s) {', '.join(misplaced)} do not apply to memory={memory!r}")
     mesa_options = {k: v for k, v in options.items() if k in MesaConfig.option_names()}
-    other_options = {k: v for k, v in options.items() if k not in mesa_options}
+    bdia_options = {k: v for k, v in options.items() if k not in mesa_options}
     if memory == "bdia":
-        return BDIAStack(blocks, **options)
+        return BDIAStack(blocks, **bdia_options)
     if memory == "bdia+mesa":
-        return BDIAStack(blocks, recompute_compressor=Compressor(MesaConfig(**mesa_options)), **other_options)
-    if memory == "mesa" and not other_options:
+        return BDIAMesaStack(blocks, MesaConfig(**mesa_options), **bdia_options)
+    if memory == "mesa":
         return MesaStack(blocks, MesaConfig(**mesa_options))
-    if options:
-        raise TypeError(f"option(s) {', '.join(sorted(options))} do not apply to memory={memory!r}")
     return CheckpointStack(blocks) if memory == "checkpoint" else SequentialStack(blocks)
+
+
+def option_names(memory: str) -> frozenset[str]:
+    """The options :func:`stack` takes for ``memory``: MesaConfig's fields for the Mesa modes, BDIAStack's
+    keyword arguments for the BDIA modes (bdia+mesa sets the recompute context itself), none otherwise."""
+    mesa = MesaConfig.option_names()
+    bdia = frozenset(inspect.signature(BDIAStack.__init__).parameters) - {"self", "blocks"}
+    return {
+        "standard": frozenset(),
+        "checkpoint": frozenset(),
+        "mesa": mesa,
+        "bdia": bdia,
+        "bdia+mesa": mesa | (bdia - {"recompute_context", "recompute_compressor"}),
+    }[memory]

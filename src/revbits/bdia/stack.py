@@ -21,7 +21,7 @@ standard residual stack (with or without Q on each block output).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..mesa import Compressor
 from ..rng import RngReplay, capture_rng_state
 from .args import BlockArguments
 from .bits import PackedBits, pack_bits, unpack_bits
@@ -58,7 +57,10 @@ from .step import (
     stream_max,
 )
 
-__all__ = ["BDIAStack", "BlockProtocolError", "ReversibilityError", "StreamRangeError"]
+__all__ = ["BDIAStack", "BlockProtocolError", "RecomputeContext", "ReversibilityError", "StreamRangeError"]
+
+#: ``context(k)`` -> the context manager the backward enters around each recomputation of block k.
+RecomputeContext = Callable[[int], contextlib.AbstractContextManager]
 
 
 class ReversibilityError(RuntimeError):
@@ -84,7 +86,7 @@ class _Plan:
     check: bool
     verify: bool
     preserve_rng: bool
-    compressor: Compressor | None = None  # 8-bit storage inside each recomputed block
+    recompute_context: RecomputeContext | None = None  # entered around each recomputation of a block
     signs: PackedBits | None = None
     split: BatchSplit | None = None  # the batch chunks every block runs on (bdia.chunks)
     planes: list[list[PackedBits] | None] = field(default_factory=list)  # per block, one per chunk
@@ -101,11 +103,11 @@ class _Plan:
             values[slot] = tensor
         return self.args.with_values(values)
 
-    def recompute_saving(self, k: int) -> contextlib.AbstractContextManager:
-        """Where block k's recomputation saves its activations: 8-bit codes with a compressor."""
-        if self.compressor is None:
+    def recomputing(self, k: int) -> contextlib.AbstractContextManager:
+        """The stack's ``recompute_context(k)``, or no context."""
+        if self.recompute_context is None:
             return contextlib.nullcontext()
-        return self.compressor.saving(namespace=f"block{k}", check=False)
+        return self.recompute_context(k)
 
     def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
         """g_k as a per-sample tensor broadcastable against the states."""
@@ -237,7 +239,7 @@ class _BDIAFunction(torch.autograd.Function):
                     RngReplay(rng, x_cur.device, plan.preserve_rng),
                     torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
                 ):
-                    with torch.enable_grad(), plan.recompute_saving(k):
+                    with torch.enable_grad(), plan.recomputing(k):
                         xk = x_cur[rows].detach().requires_grad_()
                         y = recompute_block(plan.blocks[k], k, xk, args)
                     if plan.preserve_rng:
@@ -272,8 +274,6 @@ class _BDIAFunction(torch.autograd.Function):
                 mismatches.append(torch.stack(block0).any())
             g_after, g_next, gamma_after = g_next, g_cur, g
         _raise_on_mismatch(plan, mismatches)
-        if plan.compressor is not None:
-            plan.compressor.raise_if_nonfinite()
         return (None, g_next, *arg_grads, *param_grads)
 
 
@@ -368,10 +368,15 @@ class BDIAStack(nn.Module):
         verify: compare a checksum of every rebuilt state (16 bytes per block) and raise
             ReversibilityError if any differs.
         preserve_rng_state: replay each block's RNG (dropout) in the backward pass.
-        recompute_compressor: a :class:`revbits.mesa.Compressor` that keeps the activations of
-            each block recomputed in backward as 8-bit codes (``memory="bdia+mesa"``). The
-            forward, the rebuilt states and their checks are unchanged; only the gradients of
-            the block internals see the rounding.
+        recompute_context: ``recompute_context(k)`` returns a context manager that the backward pass
+            enters around each recomputation of block k (once per batch chunk), as
+            ``torch.utils.checkpoint``'s ``context_fn`` does for its recomputation. It may change how the
+            recomputed graph saves its tensors (``memory="bdia+mesa"`` of :func:`revbits.stack` keeps them
+            as 8-bit codes this way) but must not change the block's output: the rebuilt states are
+            checked against the forward's.
+        recompute_compressor: deprecated (goes in 0.3), use ``revbits.stack(blocks, memory="bdia+mesa")``:
+            a :class:`revbits.mesa.Compressor` that keeps the activations of each recomputed block as
+            8-bit codes.
         batch_chunks: how many slices of the batch every block runs on in training, one after
             another, in the forward and in the backward's recomputation, which then holds one
             slice's graph instead of the whole batch's (:mod:`revbits.bdia.chunks`). ``"auto"``
@@ -396,7 +401,8 @@ class BDIAStack(nn.Module):
         check: bool = False,
         verify: bool = True,
         preserve_rng_state: bool = True,
-        recompute_compressor: Compressor | None = None,
+        recompute_context: RecomputeContext | None = None,
+        recompute_compressor: Any = None,
         batch_chunks: int | str = AUTO,
     ) -> None:
         super().__init__()
@@ -419,7 +425,13 @@ class BDIAStack(nn.Module):
         self.check = check
         self.verify = verify
         self.preserve_rng_state = preserve_rng_state
+        # The deprecated recompute_compressor (goes in 0.3), kept where revbits.mesa.compressors_in finds it.
         self.compressor = recompute_compressor
+        if recompute_compressor is not None:
+            if recompute_context is not None:
+                raise TypeError("pass recompute_context, or the deprecated recompute_compressor, not both")
+            recompute_context = _compressor_context(recompute_compressor)
+        self.recompute_context = recompute_context
         self.batch_chunks = check_batch_chunks(batch_chunks)
         self.reversible = True
         self.eval_gamma = 0.0  # the fixed g of evaluation; non-zero only for robustness studies
@@ -450,10 +462,15 @@ class BDIAStack(nn.Module):
             )
         x0 = quantize(x, self.bits).contiguous()  # every state gets one memory layout
         if self.reversible and torch.is_grad_enabled():
-            if self.compressor is not None:
-                self.compressor.report.clear()  # it will describe this step's recomputation
+            self._reversible_step_starts()
             return self._forward_reversible(x0, call, signs)
         return self._forward_plain(x0, call, signs)
+
+    def _reversible_step_starts(self) -> None:
+        """Called by every reversible forward with grad before it runs: a hook for subclasses that compose
+        a recompute context with state of its own (revbits.stack's bdia+mesa)."""
+        if self.compressor is not None:  # the deprecated recompute_compressor: its report describes this step
+            self.compressor.report.clear()
 
     # -- the three paths ------------------------------------------------------------------------
 
@@ -536,7 +553,7 @@ class BDIAStack(nn.Module):
             check=self.check,
             verify=self.verify,
             preserve_rng=self.preserve_rng_state,
-            compressor=self.compressor,
+            recompute_context=self.recompute_context,
             signs=pack_bits(signs > 0),
             split=_split(self.batch_chunks, x0, args, self.blocks),
             autocast=(
@@ -573,3 +590,13 @@ def _check_args(args: BlockArguments) -> None:
                 f"block {name} is a {type(arg).__name__} holding a tensor that requires grad; pass such "
                 "tensors as separate top-level arguments so that their gradients can be returned"
             )
+
+
+def _compressor_context(compressor: Any) -> RecomputeContext:
+    """The recompute context of the deprecated ``recompute_compressor=``: each block saves its recomputed graph
+    through ``compressor.saving`` (keyed by block), and the last one, block 0, raises if any held NaN or inf."""
+
+    def context(k: int) -> contextlib.AbstractContextManager:
+        return compressor.saving(namespace=f"block{k}", check=k == 0)
+
+    return context
