@@ -104,3 +104,73 @@ def test_every_mesa_option_reaches_the_command_line(capsys):
     assert options["min_numel"] == 10 and options["stochastic"] is False and options["check_finite"] is True
     with pytest.raises(ConfigError, match="mesa option: min_numel"):
         TrainConfig(model="gpt", memory="mesa", mesa_min_numel=-1)
+
+
+def module_checks():
+    """(TrainConfig options, the same value given to the module that checks it)."""
+    from torch import nn
+
+    from revbits.bdia import BDIAStack
+    from revbits.models.rnn_translator import RNNTranslatorConfig
+    from revbits.petra.config import PetraConfig
+
+    def bdia(**options):
+        return lambda: BDIAStack([nn.Identity(), nn.Identity()], **options)
+
+    return [
+        (dict(memory="bdia", bits=24), bdia(bits=24)),
+        (dict(memory="bdia+mesa", bits=0), bdia(bits=0)),
+        (dict(memory="bdia", gamma=0.3), bdia(gamma=0.3)),
+        (dict(memory="bdia", batch_chunks="0"), bdia(batch_chunks=0)),
+        (dict(model="rnn-translator", d_model=16, attention_slice=17),
+         lambda: RNNTranslatorConfig(1, 1, d_model=16, attention_slice=17)),
+        (dict(model="gpt", attention_slice=-1), lambda: RNNTranslatorConfig(1, 1, d_model=128, attention_slice=-1)),
+        (dict(stages=0), lambda: PetraConfig(stages=0)),
+        (dict(accumulation=0), lambda: PetraConfig(accumulation=0)),
+    ]
+
+
+@pytest.mark.parametrize("options, module", module_checks())
+def test_options_are_checked_by_the_module_they_configure(options, module, capsys):
+    """TrainConfig raises the module's own one-line message (as a ConfigError), and revbits train prints it."""
+    from revbits.train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ValueError) as expected:
+        module()
+    with pytest.raises(ConfigError) as got:
+        TrainConfig(**options)
+    assert str(got.value) == str(expected.value) and "\n" not in str(got.value)
+    name = next(iter(options.keys() - {"memory", "model", "d_model"}))
+    assert name in str(got.value)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    assert main(["train", *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"revbits train: error: {expected.value}"
+
+
+def test_bits_apply_only_under_a_bdia_mode():
+    from revbits.train.config import TrainConfig
+
+    assert TrainConfig(memory="standard", bits=40).memory_options == {}  # not BDIA: not checked, not used
+    assert TrainConfig(memory="bdia", bits=5).memory_options["bits"] == 5
+
+
+def test_no_forget_limit_is_none_in_python_and_0_in_text(tmp_path):
+    """forget_bits None means no limit, as in RevGRU; flags, config files and config.json spell it 0, so
+    `--forget-bits 0` and the config.json of a 0.1 run keep working (and that run resumes)."""
+    from revbits.cli import build_parser
+    from revbits.revrnn import FORGET_BITS
+    from revbits.train.config import TrainConfig, read_config_file
+    from revbits.train.loop import _check_resumable
+
+    assert None in FORGET_BITS and 0 not in FORGET_BITS
+    flag = build_parser().parse_args(["train", "--model", "rnnlm", "--forget-bits", "0"]).forget_bits
+    config = TrainConfig(model="rnnlm", forget_bits=flag)
+    assert config.forget_bits is None and TrainConfig(model="rnnlm", forget_bits=None) == config
+    assert config.to_dict()["forget_bits"] == 0  # what config.json says, as in 0.1
+    file = tmp_path / "run.toml"
+    file.write_text('model = "rnnlm"\nforget_bits = 0\n')
+    assert TrainConfig.from_dict(read_config_file(file)) == config
+    saved = json.loads(json.dumps(config.to_dict()))  # a 0.1 run's config.json
+    assert TrainConfig.from_dict(saved) == config
+    _check_resumable(saved, config)  # raises if any option differs
+    assert TrainConfig(model="rnnlm").forget_bits == 3 and TrainConfig(model="rnnlm").to_dict()["forget_bits"] == 3

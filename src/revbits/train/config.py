@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..bdia_chunks import check_batch_chunks
-from ..bdia_ops import gamma_exponent
+from ..bdia import BDIAStack
 from ..hf.convert import FINE_TUNING_GAMMA
 from ..mesa import MesaConfig
+from ..models import list_models
 from ..models.rnn import CELLS, RNN_MEMORY_MODES
+from ..models.rnn_translator import RNNTranslatorConfig
+from ..petra.config import PetraConfig
+from ..revrnn import FORGET_BITS
 from ..stack import MEMORY_MODES
 
-MODELS = ("gpt", "vit", "revnet", "translator", "rnnlm", "rnn-translator", "hf")
+MODELS = (*list_models(), "hf")  # the registered models, and fine-tuning a Hugging Face model
 RNN_MODELS = ("rnnlm", "rnn-translator")
 PARALLEL = ("none", "petra")
 DEFAULT_DATA = {
@@ -46,6 +50,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    """Every option of ``revbits train``. Each option a module configures is checked by that module
+    (bits, gamma and batch_chunks by :class:`BDIAStack`, the mesa_* options by :class:`MesaConfig`,
+    attention_slice by :class:`RNNTranslatorConfig`, stages and accumulation by :class:`PetraConfig`),
+    and a failed check is a :class:`ConfigError` with the module's one-line message.
+
+    ``forget_bits=None`` is "no limit", as in :class:`revbits.RevGRU`. Text cannot say None (TOML has no
+    null, the flag is an integer), so in flags, config files and a run's config.json it is spelled 0:
+    0 is read as None here, and :meth:`to_dict` writes None as 0 (runs of revbits 0.1 resume as before).
+    """
+
     model: str = "gpt"
     hf: str | None = None  # model "hf": a local Hugging Face model directory (or a packaged model's name)
     data: str | None = None  # None: the model's default data set
@@ -86,7 +100,7 @@ class TrainConfig:
     mesa_check_finite: bool = True  # raise on a non-finite activation
     # recurrent models (rnnlm, rnn-translator; memory = standard or reversible)
     cell: str = "gru"  # gru | lstm
-    forget_bits: int = 3  # 1, 2, 3 or 5 bits lost at most per unit and step; 0 for no limit
+    forget_bits: int | None = 3  # 1, 2, 3 or 5 bits lost at most per unit and step; None (0 in text): no limit
     attention_slice: int = 32  # rnn-translator: units of the top encoder state the attention reads
     # stage parallelism (parallel = petra: one process per stage)
     parallel: str = "none"  # none | petra
@@ -101,6 +115,8 @@ class TrainConfig:
             self.memory = "reversible" if self.model in RNN_MODELS else "standard" if self.model == "revnet" else "bdia"
         if self.gamma is None:
             self.gamma = FINE_TUNING_GAMMA if self.model == "hf" else 0.5
+        if self.forget_bits == 0 and not isinstance(self.forget_bits, bool):
+            self.forget_bits = None  # text's spelling of "no limit"
         self.validate()
 
     def validate(self) -> None:
@@ -112,14 +128,9 @@ class TrainConfig:
             raise ConfigError(
                 f"device must be a torch device such as cpu, cuda or cuda:1, got {self.device!r}"
             ) from None
-        if self.memory in ("bdia", "bdia+mesa"):
-            try:
-                gamma_exponent(self.gamma)
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
-            if not 1 <= self.bits <= 23:
-                raise ConfigError(f"bits must be from 1 to 23, got {self.bits}")
-            self._batch_chunks()  # a bad value raises here
+        if self.memory in ("bdia", "bdia+mesa"):  # BDIAStack checks bits, gamma and batch_chunks
+            options = dict(bits=self.bits, gamma=self.gamma, batch_chunks=self._batch_chunks())
+            _checked_by(BDIAStack, [nn.Identity(), nn.Identity()], **options)
         if self.model not in MODELS:
             raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         modes = memory_modes(self.model)
@@ -127,7 +138,7 @@ class TrainConfig:
             raise ConfigError(f"memory must be one of {', '.join(modes)} for {self.model}, got {self.memory!r}")
         if self.cell not in CELLS:
             raise ConfigError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        if self.forget_bits not in (0, 1, 2, 3, 5):
+        if self.forget_bits not in FORGET_BITS:
             raise ConfigError(f"forget_bits must be 1, 2, 3, 5 or 0 (no limit), got {self.forget_bits}")
         positive = [
             "steps",
@@ -161,12 +172,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ConfigError(f"stop_at must be between 1 and steps={self.steps}, got {self.stop_at}")
-        if self.model == "rnn-translator" and not 0 <= self.attention_slice <= self.d_model:
-            raise ConfigError(f"attention_slice must be from 0 to d_model ({self.d_model}), got {self.attention_slice}")
+        # The RNN translator checks its slice against its width; another model only needs it non-negative.
+        width = self.d_model if self.model == "rnn-translator" else max(self.d_model, self.attention_slice)
+        _checked_by(RNNTranslatorConfig, src_vocab=1, tgt_vocab=1, d_model=width, attention_slice=self.attention_slice)
         if self.parallel not in PARALLEL:
             raise ConfigError(f"parallel must be none or petra, got {self.parallel!r}")
-        if self.stages < 1 or self.accumulation < 1:
-            raise ConfigError(f"stages and accumulation must be at least 1, got {self.stages} and {self.accumulation}")
+        _checked_by(PetraConfig, stages=self.stages, accumulation=self.accumulation)
         if (self.model == "hf") != (self.hf is not None):
             raise ConfigError("--hf PATH and --model hf go together: give the Hugging Face model to fine-tune")
         if self.model == "revnet" and self.d_model % 2:
@@ -212,16 +223,10 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
-        if self.attention_slice < 0:
-            raise ConfigError(f"attention_slice must not be negative, got {self.attention_slice}")
 
     def _batch_chunks(self) -> int | str:
-        """``batch_chunks`` as BDIAStack takes it: "auto" or an integer >= 1."""
-        value: int | str = int(self.batch_chunks) if self.batch_chunks.strip().isdigit() else self.batch_chunks
-        try:
-            return check_batch_chunks(value)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        """``batch_chunks`` as BDIAStack takes it: "auto" or an integer (BDIAStack checks it)."""
+        return int(self.batch_chunks) if self.batch_chunks.strip().isdigit() else self.batch_chunks
 
     def _mesa_options(self) -> dict[str, Any]:
         """The MesaConfig fields: every ``mesa_<name>`` option is MesaConfig's ``<name>``; the seed is the run's."""
@@ -240,7 +245,11 @@ class TrainConfig:
         return options
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options as text holds them (forget_bits None as 0; see the class docstring)."""
+        values = asdict(self)
+        if values["forget_bits"] is None:
+            values["forget_bits"] = 0
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -252,6 +261,14 @@ class TrainConfig:
             return cls(**values)
         except TypeError as error:
             raise ConfigError(f"{source}: {error}") from None
+
+
+def _checked_by(kind: type, *args: Any, **options: Any) -> None:
+    """Build ``kind(*args, **options)`` only for its own checks: its ValueError is a ConfigError, same message."""
+    try:
+        kind(*args, **options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
