@@ -24,6 +24,7 @@ Three parts, each written to its own results file:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -115,9 +116,10 @@ def quality_table(rows: list[dict]) -> list[str]:
 def measured_step(task, config: TrainConfig, batch_size: int) -> dict:
     """LiveBytes of one AdamW step of ``config.memory`` at ``batch_size`` (after one warm-up step)."""
     config = replace(config, batch_size=batch_size)
+    task = copy.copy(task)  # the same tokenised data, drawing batches of this size
     task.config = config
     torch.manual_seed(0)
-    model = task.build_model().train()
+    model = task.build_model(config).train()
     batch = task.train_batch(torch.Generator().manual_seed(0), torch.device("cpu"))
     memory = measure_training_step(model, lambda: task.loss(model, batch), make_optimizer(model, config))
     return memory.as_dict()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from report import write_results
-from revbits.models.rnn import make_rnn
+from revbits.revrnn import make_rnn
 from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
 from revbits.train.tasks import make_task

@@ -48,7 +48,7 @@ def bit_accounting(model, batch) -> dict:
     model.train()
     for rnn in (model.encoder, model.decoder):
         rnn.track_information = True
-    _, loss = model(*batch)
+    loss = model(*batch[:-1], targets=batch[-1]).loss
     src, tgt_in = batch[0], batch[1]
     hidden, layers = model.config.d_model, model.config.n_layer
     encoder_baseline = 32 * src.numel() * hidden * layers
@@ -74,7 +74,7 @@ def bit_accounting(model, batch) -> dict:
 
 def measured(model: torch.nn.Module, batch) -> dict:
     model.train()
-    report = measure_training_step(model, lambda: model(*batch)[1])
+    report = measure_training_step(model, lambda: model(*batch[:-1], targets=batch[-1]).loss)
     return {"activations": report.activations, "held_after_forward": report.held_after_forward}
 
 

@@ -15,8 +15,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, GPT2Config, GPT2LM
 from revbits import hf
 from revbits.cli import main
 from revbits.data import shakespeare
-from revbits.train.hf_task import mask_tokens, resolve_model_path
 from revbits.train.tasks import make_task, read_run_config
+from revbits.train.tasks.hf import mask_tokens, resolve_model_path
 
 MINILM = "all-MiniLM-L6-v2"
 SMALL = ["--data", "shakespeare", "--batch-size", "2", "--block-size", "24", "--eval-batches", "1"]

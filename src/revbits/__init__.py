@@ -1,6 +1,6 @@
 """revbits: train deep networks in a fraction of the activation memory, with exact gradients."""
 
-from . import mesa
+from . import mesa, models
 from .bdia import BDIAStack, BlockProtocolError, ReversibilityError, StreamRangeError
 from .bdia.fixedpoint import quantize
 from .revrnn import RevGRU, RevLSTM, StateRangeError
@@ -17,6 +17,7 @@ __all__ = [
     "RevLSTM",
     "SequentialStack",
     "mesa",
+    "models",
     "StateRangeError",
     "StreamRangeError",
     "quantize",

@@ -1,6 +1,6 @@
 """Standard pre-LN transformer blocks. They know nothing of reversibility.
 
-A block maps x -> x + attn(LN(x)) [+ cross(LN(x), memory)] + mlp(LN(.)), the shape and dtype of
+A block maps x -> x + attn(LN(x)) [+ cross(LN(x), encoded)] + mlp(LN(.)), the shape and dtype of
 x unchanged, which is the block protocol every memory mode of :func:`revbits.stack` expects.
 """
 
@@ -57,10 +57,10 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: x + attn(LN x), then (decoder) + cross(LN x, memory), then + mlp(LN x).
+    """Pre-LN block: x + attn(LN x), then (decoder) + cross(LN x, encoded), then + mlp(LN x).
 
     Call as ``block(x)``, ``block(x, mask)`` or, with ``cross_attention=True``,
-    ``block(x, memory)`` / ``block(x, memory, memory_mask)``.
+    ``block(x, encoded)`` / ``block(x, encoded, encoded_mask)``, ``encoded`` being the encoder output.
     """
 
     def __init__(
@@ -87,9 +87,9 @@ class TransformerBlock(nn.Module):
             x = x + self.attn(self.ln_attn(x), mask=mask)
         else:
             if not args:
-                raise TypeError("a cross-attention block needs the encoder output: block(x, memory)")
-            memory, memory_mask = args[0], args[1] if len(args) > 1 else None
+                raise TypeError("a cross-attention block needs the encoder output: block(x, encoded)")
+            encoded, encoded_mask = args[0], args[1] if len(args) > 1 else None
             x = x + self.attn(self.ln_attn(x))
             assert self.ln_cross is not None
-            x = x + self.cross(self.ln_cross(x), context=memory, mask=memory_mask)
+            x = x + self.cross(self.ln_cross(x), context=encoded, mask=encoded_mask)
         return x + self.mlp(self.ln_mlp(x))

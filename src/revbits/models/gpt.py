@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..stack import stack
+from ..stack import MEMORY_MODES, stack
 from .blocks import TransformerBlock
+from .init import init_weights
+from .output import Output
+from .registry import register
 
 
 @dataclass
@@ -29,6 +32,19 @@ class GPTConfig:
     memory_options: dict[str, Any] = field(default_factory=dict)
 
 
+def lm_example(config: GPTConfig, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Three random token windows (inputs) and the same shifted by one (targets)."""
+    tokens = torch.randint(config.vocab_size, (3, min(config.block_size, 12) + 1), generator=generator)
+    return (tokens[:, :-1],), tokens[:, 1:]
+
+
+@register(
+    "gpt",
+    config=GPTConfig,
+    memory_modes=MEMORY_MODES,
+    tiny=dict(vocab_size=17, block_size=12, n_layer=3, n_head=2, d_model=16),
+    example=lm_example,
+)
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -44,12 +60,10 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.token_embedding.weight
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, vocab] and, with targets, the mean cross-entropy over all positions."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
+        """Logits [B, T, vocab] and, with targets [B, T], the mean cross-entropy over all positions."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -57,8 +71,9 @@ class GPT(nn.Module):
         x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
         logits = self.head(self.ln_f(self.stack(x)))
         if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+            return Output(logits=logits)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return Output(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(
@@ -67,7 +82,7 @@ class GPT(nn.Module):
         """Append ``max_new_tokens`` tokens, each sampled from softmax(logits / temperature) (top-k)."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]
-            logits = self(context)[0][:, -1, :] / max(temperature, 1e-8)
+            logits = self(context).logits[:, -1, :] / max(temperature, 1e-8)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -75,9 +90,4 @@ class GPT(nn.Module):
         return idx
 
 
-def _init_weights(module: nn.Module) -> None:
-    """N(0, 0.02) for linear and embedding weights, zero biases (GPT-2's initialisation)."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+_init_weights = init_weights  # Deprecated: moved to revbits.models.init.init_weights; this alias goes in 0.3

@@ -1,8 +1,8 @@
 """A word-level RNN language model: embedding -> (Rev)GRU or (Rev)LSTM -> linear head.
 
-``memory="standard"`` uses torch's nn.GRU / nn.LSTM; ``memory="reversible"`` uses
-:class:`revbits.RevGRU` / :class:`revbits.RevLSTM`, which store only the final state, the
-information buffers and the inputs.
+``memory`` goes to :func:`revbits.revrnn.make_rnn`: ``"standard"`` builds torch's nn.GRU / nn.LSTM,
+``"reversible"`` :class:`revbits.RevGRU` / :class:`revbits.RevLSTM`, which store only the final state,
+the information buffers and the inputs.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..revrnn import RevGRU, RevLSTM
+from ..revrnn.switch import CELLS, RNN_MEMORY_MODES, make_rnn
+from .output import Output
+from .registry import register
 
-RNN_MEMORY_MODES = ("standard", "reversible")
-CELLS = ("gru", "lstm")
+# CELLS, RNN_MEMORY_MODES, make_rnn: Deprecated here: moved to revbits.revrnn.switch; these aliases go in 0.3
+__all__ = ["CELLS", "RNNLM", "RNNLMConfig", "RNN_MEMORY_MODES", "make_rnn"]
 
 
 @dataclass
@@ -30,19 +32,20 @@ class RNNLMConfig:
     dropout: float = 0.1
 
 
-def make_rnn(cell: str, memory: str, size: int, layers: int, forget_bits: int | None) -> nn.Module:
-    """A batch-first recurrent stack of ``layers`` layers of width ``size``."""
-    if cell not in CELLS:
-        raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
-    if memory not in RNN_MEMORY_MODES:
-        raise ValueError(f"an RNN's memory mode is one of {', '.join(RNN_MEMORY_MODES)}, got {memory!r}")
-    if memory == "reversible":
-        kind = RevGRU if cell == "gru" else RevLSTM
-        return kind(size, size, num_layers=layers, forget_bits=forget_bits, batch_first=True)
-    kind = nn.GRU if cell == "gru" else nn.LSTM
-    return kind(size, size, num_layers=layers, batch_first=True)
+def word_example(config: RNNLMConfig, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Three random token sequences (inputs) and the same shifted by one (targets)."""
+    tokens = torch.randint(config.vocab_size, (3, 9), generator=generator)
+    return (tokens[:, :-1],), tokens[:, 1:]
 
 
+@register(
+    "rnnlm",
+    config=RNNLMConfig,
+    memory_modes=RNN_MEMORY_MODES,
+    tiny=dict(vocab_size=17, d_model=16, n_layer=2),
+    example=word_example,
+    shared_weights=False,
+)
 class RNNLM(nn.Module):
     def __init__(self, config: RNNLMConfig) -> None:
         super().__init__()
@@ -52,11 +55,9 @@ class RNNLM(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.d_model, config.vocab_size)
 
-    def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, vocab] for tokens [B, T], and the mean cross-entropy when targets are given."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
+        """Logits [B, T, vocab] for tokens [B, T] and, with targets [B, T], the mean cross-entropy."""
         hidden, _ = self.rnn(self.dropout(self.embedding(tokens)))
         logits = self.head(self.dropout(hidden))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
+        return Output(loss=loss, logits=logits)

@@ -6,9 +6,11 @@
     a_t = softmax_s(q_t^T W k_s),  c_t = sum_s a_t,s k_s,  o_t = tanh(W_c [c_t; q_t]),
     p(y_t) = softmax(W_o o_t)                          (Luong "general" attention, no input feeding)
 
-With ``memory="reversible"`` the encoder keeps only its buffer, its inputs and the attention
-slice; the decoder computes attention and loss per step inside its reversible loop (a readout),
-so neither keeps its hidden states. ``memory="standard"`` runs the same model on nn.GRU/nn.LSTM.
+``memory`` goes to :func:`revbits.revrnn.make_rnn`. With ``"reversible"`` the encoder keeps only its
+buffer, its inputs and the attention slice; the decoder computes attention and loss per step inside its
+reversible loop (a readout, :func:`revbits.revrnn.run_readout`), so neither keeps its hidden states.
+``"standard"`` runs the same model on nn.GRU/nn.LSTM. Trained with targets, the model never forms the
+[B, T, vocab] logits, so its Output has ``logits=None``; called without targets it returns them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..revrnn.switch import RNN_MEMORY_MODES, make_rnn, run_readout
 from ..rng import derive_seed
-from .rnn import make_rnn
+from .output import Output
+from .registry import register
 from .seq2seq import strip_special
 
 
@@ -90,6 +94,26 @@ class AttentionReadout(nn.Module):
         return F.cross_entropy(self.head(attended), targets[t], ignore_index=self.pad_id, reduction="none")
 
 
+def rnn_translation_example(
+    config: RNNTranslatorConfig, generator: torch.Generator
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Three random source sentences (one padded) and target sentences (one padded): inputs (source,
+    target input), targets the target shifted by one. Token ids from 3 up (0-2 are special)."""
+    src = torch.randint(3, config.src_vocab, (3, 7), generator=generator)
+    src[1, 4:] = config.pad_id
+    tgt = torch.randint(3, config.tgt_vocab, (3, 6), generator=generator)
+    tgt[2, 4:] = config.pad_id
+    return (src, tgt[:, :-1]), tgt[:, 1:]
+
+
+@register(
+    "rnn-translator",
+    config=RNNTranslatorConfig,
+    memory_modes=RNN_MEMORY_MODES,
+    tiny=dict(src_vocab=13, tgt_vocab=11, d_model=16, n_layer=2, attention_slice=4),
+    example=rnn_translation_example,
+    shared_weights=False,
+)
 class RNNTranslator(nn.Module):
     def __init__(self, config: RNNTranslatorConfig) -> None:
         super().__init__()
@@ -114,26 +138,26 @@ class RNNTranslator(nn.Module):
         # a copy: only the slice, not the whole top state, stays alive for the attention
         return src_emb, hidden[..., : self.config.attention_slice].contiguous(), src_mask, final
 
-    def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(per-token losses [B, T], mean loss over non-padding targets); with no ``tgt_out``, the
-        logits [B, T, tgt_vocab] and None."""
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
+        """With ``targets`` (the target sentences shifted by one, [B, T]), the cross-entropy averaged
+        over non-padding targets and no logits; without, the logits [B, T, tgt_vocab] of the next token
+        after each of ``tgt_in`` and no loss."""
+        if targets is None:
+            src_emb, src_slice, src_mask, final = self.encode(src)
+            out, _ = self.decoder(self.dropout(self.tgt_embedding(tgt_in)), final)
+            steps = [self.readout.logits(out[:, t], src_emb, src_slice, src_mask) for t in range(out.shape[1])]
+            return Output(logits=torch.stack(steps, 1))
+        losses = self.token_losses(src, tgt_in, targets)
+        return Output(loss=losses.sum() / (targets != self.config.pad_id).sum())
+
+    def token_losses(self, src: torch.Tensor, tgt_in: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of every target token, [B, T] (0 where the target is padding)."""
         src_emb, src_slice, src_mask, final = self.encode(src)
         tgt_emb = self.dropout(self.tgt_embedding(tgt_in))
-        if tgt_out is None:
-            out, _ = self.decoder(tgt_emb, final)
-            steps = [self.readout.logits(out[:, t], src_emb, src_slice, src_mask) for t in range(out.shape[1])]
-            return torch.stack(steps, 1), None
         seed = torch.randint(2**31, (), dtype=torch.int64)  # the readout's dropout masks, per batch
-        inputs = (src_emb, src_slice, src_mask, tgt_out.t(), seed)
-        real = tgt_out != self.config.pad_id
-        if self.config.memory == "reversible":
-            losses, _ = self.decoder(tgt_emb, final, lengths=real.sum(1), readout=self.readout, readout_inputs=inputs)
-        else:
-            out, _ = self.decoder(tgt_emb, final)
-            losses = torch.stack([self.readout(out[:, t], t, *inputs) for t in range(out.shape[1])], 1)
-        return losses, losses.sum() / real.sum()
+        inputs = (src_emb, src_slice, src_mask, targets.t(), seed)
+        lengths = (targets != self.config.pad_id).sum(1)
+        return run_readout(self.decoder, tgt_emb, final, self.readout, inputs, lengths)
 
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, max_len: int = 64) -> list[list[int]]:

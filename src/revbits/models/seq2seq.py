@@ -1,7 +1,7 @@
 """An encoder-decoder Transformer for translation whose two block stacks take ``memory=``.
 
-source -> embeddings -> K_enc pre-LN blocks (padding masked) -> LayerNorm = memory
-target -> embeddings -> K_dec causal blocks, each cross-attending to memory -> LayerNorm -> logits
+source -> embeddings -> K_enc pre-LN blocks (padding masked) -> LayerNorm = encoded
+target -> embeddings -> K_dec causal blocks, each cross-attending to encoded -> LayerNorm -> logits
 
 The decoder blocks receive the encoder output as a block argument, so under BDIA its gradient
 flows back through the reversible decoder stack into the encoder.
@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..stack import stack
+from ..stack import MEMORY_MODES, stack
 from .blocks import TransformerBlock
-from .gpt import _init_weights
+from .init import init_weights
+from .output import Output
+from .registry import register
 
 
 @dataclass
@@ -38,6 +40,24 @@ class TranslatorConfig:
     memory_options: dict[str, Any] = field(default_factory=dict)
 
 
+def translation_example(
+    config: TranslatorConfig, generator: torch.Generator
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Three random source sentences (one padded) and target sentences: inputs (source, target input),
+    targets the target shifted by one. Token ids from 3 up: 0, 1 and 2 are padding, <bos> and <eos>."""
+    src = torch.randint(3, config.src_vocab, (3, 7), generator=generator)
+    src[0, 5:] = config.pad_id
+    tgt = torch.randint(3, config.tgt_vocab, (3, 6), generator=generator)
+    return (src, tgt[:, :-1]), tgt[:, 1:]
+
+
+@register(
+    "translator",
+    config=TranslatorConfig,
+    memory_modes=MEMORY_MODES,
+    tiny=dict(src_vocab=13, tgt_vocab=11, max_len=16, n_enc_layer=2, n_dec_layer=3, n_head=2, d_model=16),
+    example=translation_example,
+)
 class Translator(nn.Module):
     def __init__(self, config: TranslatorConfig) -> None:
         super().__init__()
@@ -58,7 +78,7 @@ class Translator(nn.Module):
         self.ln_dec = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.tgt_vocab, bias=False)
         self.head.weight = self.tgt_embedding.weight
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def _embed(self, table: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.config.max_len:
@@ -67,34 +87,34 @@ class Translator(nn.Module):
         return self.dropout(table(tokens) + self.position_embedding(positions))
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory [B, S, d] and the key mask [B, 1, 1, S] (True where the source is not padding)."""
+        """The encoder output [B, S, d] and the key mask [B, 1, 1, S] (True where the source is not padding)."""
         mask = (src != self.config.pad_id)[:, None, None, :]
         return self.ln_enc(self.encoder(self._embed(self.src_embedding, src), mask)), mask
 
-    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, tgt_in: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, tgt_vocab] of the next target token at every position."""
-        return self.head(self.ln_dec(self.decoder(self._embed(self.tgt_embedding, tgt_in), memory, mask)))
+        return self.head(self.ln_dec(self.decoder(self._embed(self.tgt_embedding, tgt_in), encoded, mask)))
 
-    def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits and, with ``tgt_out``, the cross-entropy averaged over non-padding targets."""
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
+        """Logits [B, T, tgt_vocab] of the next token after each of ``tgt_in`` given ``src`` and, with
+        ``targets`` (the target sentences shifted by one, [B, T]), the cross-entropy averaged over
+        non-padding targets."""
         logits = self.decode(tgt_in, *self.encode(src))
-        if tgt_out is None:
-            return logits, None
+        if targets is None:
+            return Output(logits=logits)
         loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=self.config.pad_id
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=self.config.pad_id
         )
-        return logits, loss
+        return Output(loss=loss, logits=logits)
 
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, max_len: int = 64) -> list[list[int]]:
         """Greedy decoding: the most probable token at each step, until <eos> or ``max_len``."""
-        memory, mask = self.encode(src)
+        encoded, mask = self.encode(src)
         out = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         for _ in range(min(max_len, self.config.max_len - 1)):
-            token = self.decode(out, memory, mask)[:, -1].argmax(-1)
+            token = self.decode(out, encoded, mask)[:, -1].argmax(-1)
             token = token.masked_fill(done, self.config.pad_id)
             out = torch.cat([out, token[:, None]], dim=1)
             done |= token == self.config.eos_id
@@ -109,13 +129,13 @@ class Translator(nn.Module):
         """Beam search per sentence; hypotheses are ranked by log p / ((5 + len) / 6) ** length_penalty."""
         results = []
         for sentence in src:
-            memory, mask = self.encode(sentence[None])
+            encoded, mask = self.encode(sentence[None])
             beams: list[tuple[float, list[int]]] = [(0.0, [self.config.bos_id])]
             finished: list[tuple[float, list[int]]] = []
             for _ in range(min(max_len, self.config.max_len - 1)):
                 tokens = torch.tensor([b[1] for b in beams], device=src.device)
                 logp = F.log_softmax(
-                    self.decode(tokens, memory.expand(len(beams), -1, -1), mask.expand(len(beams), -1, -1, -1))[:, -1],
+                    self.decode(tokens, encoded.expand(len(beams), -1, -1), mask.expand(len(beams), -1, -1, -1))[:, -1],
                     dim=-1,
                 )
                 scores = torch.tensor([b[0] for b in beams], device=src.device)[:, None] + logp

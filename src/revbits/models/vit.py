@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..stack import stack
+from ..stack import MEMORY_MODES, stack
 from .blocks import TransformerBlock
-from .gpt import _init_weights
+from .init import init_weights
+from .output import Output
+from .registry import register
 
 
 @dataclass
@@ -31,6 +34,19 @@ class ViTConfig:
     memory_options: dict[str, Any] = field(default_factory=dict)
 
 
+def image_example(config: ViTConfig, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Four random images of the configured shape and random class labels."""
+    images = torch.rand(4, config.channels, config.image_size, config.image_size, generator=generator)
+    return (images,), torch.randint(config.num_classes, (4,), generator=generator)
+
+
+@register(
+    "vit",
+    config=ViTConfig,
+    memory_modes=MEMORY_MODES,
+    tiny=dict(image_size=8, patch_size=4, channels=1, num_classes=5, n_layer=3, n_head=2, d_model=16),
+    example=image_example,
+)
 class ViT(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
@@ -48,7 +64,7 @@ class ViT(nn.Module):
         self.stack = stack(blocks, memory=config.memory, **config.memory_options)
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.num_classes)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, (H/p)(W/p), C p p], patches in row-major order."""
@@ -68,7 +84,9 @@ class ViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding
         return self.dropout(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, num_classes] for float images [B, C, H, W]."""
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
+        """Class logits [B, num_classes] for float images [B, C, H, W] and, with integer labels
+        ``targets`` [B], the mean cross-entropy."""
         x = self.stack(self.embed(images))
-        return self.head(self.ln_f(x[:, 0]))
+        logits = self.head(self.ln_f(x[:, 0]))
+        return Output(loss=None if targets is None else F.cross_entropy(logits, targets), logits=logits)

@@ -20,13 +20,13 @@ from ..bdia import ReversibilityError
 from ..data.errors import DataError
 from ..io import IntegrityError, fsync_dir, fsync_tree, read_json
 from ..mesa import compressors_in
-from ..models.rnn import CELLS
+from ..revrnn import CELLS
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ALL_MEMORY_MODES, MODELS, PARALLEL, ConfigError, TrainConfig, memory_modes, read_config_file
 from .loop import DivergenceError, build_model, evaluate, train
 from .petra import train_petra
 from .plot import plot_runs
-from .tasks import make_task, read_run_config
+from .tasks import TranslationTask, make_task, read_run_config
 
 HELP = {
     "model": "gpt (characters), vit or revnet (images), translator (sentence pairs), rnnlm (words, RNN) or "
@@ -149,7 +149,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("the rnn-translator decodes greedily only: use --decode greedy")
     task, model, config = _load_run(args.run_dir, args.quantize_eval)
     metrics: dict[str, Any] = {"run": str(args.run_dir), "split": args.split, **evaluate(task, model, args.split)}
-    if config.model in ("translator", "rnn-translator"):
+    if isinstance(task, TranslationTask):
         from .translation_eval import bleu
 
         metrics.update(bleu(task, model, args.split, args.decode, args.beam_size, args.max_sentences))
@@ -216,11 +216,7 @@ def _memory(args: argparse.Namespace) -> int:
 
 def make_task_model(task: Any, config: TrainConfig) -> torch.nn.Module:
     """The task's model built with another configuration (e.g. another memory mode)."""
-    original, task.config = task.config, config
-    try:
-        return build_model(task)
-    finally:
-        task.config = original
+    return build_model(task, config)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -31,8 +31,8 @@ from ..io import IntegrityError, atomic_write_text, fault_point, read_json
 from ..mesa import compressors_in
 from .checkpoint import clean_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
+from .lr_schedule import lr_factor
 from .metrics import MetricsLog
-from .schedule import lr_factor
 from .tasks import Task, make_task
 
 # Options that may differ between a run and its resumption (everything else must match).
@@ -145,11 +145,12 @@ def start_state(out: Path, resume: bool) -> Path | None:
     return newest if resume else None
 
 
-def build_model(task: Task) -> nn.Module:
-    """The task's model; a model constructor's refusal of the options (a ValueError raised while the
-    model checks its configuration) becomes a ConfigError naming it."""
+def build_model(task: Task, config: TrainConfig | None = None) -> nn.Module:
+    """The task's model under ``config`` (by default the task's own); a model constructor's refusal of
+    the options (a ValueError raised while the model checks its configuration) becomes a ConfigError
+    naming it."""
     try:
-        return task.build_model()
+        return task.build_model(task.config if config is None else config)
     except ValueError as error:
         raise ConfigError(f"the model cannot be built with these options: {error}") from None
 

@@ -46,16 +46,16 @@ from ..io import (
 from ..petra.launch import die_with_parent, launch
 from ..petra.profile import sizes_by_time
 from ..petra.record import load_records
-from ..petra.runtime import PetraConfig, join_process_group, run_stage
 from ..petra.revnet import revnet_pieces
+from ..petra.runtime import PetraConfig, join_process_group, run_stage
 from ..petra.stages import sizes_by_params, split
 from ..petra.vit_pieces import vit_pieces
 from ..rng import derive_seed
 from .checkpoint import clean_run_dir, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .loop import DivergenceError, adamw, evaluate, prepare_out
-from .metrics import MetricsLog
 from .lr_schedule import lr_factor
+from .metrics import MetricsLog
 from .tasks import Task, make_task
 
 # How each model trained by PETRA is cut into pieces that share its modules, from (model, seed).

@@ -1,0 +1,31 @@
+"""What every revbits model returns: ``model(*inputs, targets=None) -> Output``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NoReturn
+
+import torch
+
+
+@dataclass(frozen=True)
+class Output:
+    """A model's result.
+
+    - ``loss``: the mean loss over the targets (a scalar), or None when no targets were given;
+    - ``logits``: the unnormalised scores, e.g. [B, T, vocab] or [B, classes], or None where a model
+      never materialises them with targets given (the RNN translator computes its per-step losses
+      inside the reversible loop; called without targets it returns its logits).
+
+    An Output is not a tuple: ``logits, loss = model(x, y)`` raises instead of silently binding the
+    wrong names (models of revbits 0.1 returned ``(logits, loss)``). Use ``out.logits`` and ``out.loss``.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    def __iter__(self) -> NoReturn:
+        raise TypeError(
+            "a revbits model returns an Output, not a tuple: use out.logits and out.loss "
+            "(models of revbits 0.1 returned (logits, loss))"
+        )
