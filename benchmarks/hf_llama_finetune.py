@@ -33,7 +33,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from report import mean_std, write_results
+from report import CONFIGS, experiment_config, mean_std, write_results
 from revbits.cli import main as revbits_main
 from revbits.measure import measure_training_step
 from revbits.train import TrainConfig
@@ -59,21 +59,10 @@ MODEL = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
 )
-FINETUNE = TrainConfig(
-    model="hf",
-    hf="to be set: the pretrained directory",
-    data="shakespeare",
-    steps=150,
-    batch_size=8,
-    block_size=64,
-    lr=3e-4,
-    min_lr=3e-5,
-    warmup=15,
-    weight_decay=0.01,
-    eval_interval=50,
-    eval_batches=20,
-    log_interval=25,
-)
+#: Fine-tuning options (benchmarks/configs/hf-llama-finetune.toml); main() sets the pretrained directory.
+FINETUNE = experiment_config("hf-llama-finetune")
+#: Pretraining options (benchmarks/configs/hf-llama-pretrain.toml); pretrain() sets the model, steps and out.
+PRETRAIN = CONFIGS / "hf-llama-pretrain.toml"
 
 
 def learn_tokenizer(size: int = 4096) -> PreTrainedTokenizerFast:
@@ -103,12 +92,16 @@ def pretrain(runs: Path, steps: int) -> Path:
     tokenizer.save_pretrained(start)
     run = runs / "pretrain-run"
     shutil.rmtree(run, ignore_errors=True)
-    argv = ["train", "--hf", str(start), "--data", "wiki-extract", "--memory", "standard", "--steps", str(steps)]
-    argv += ["--batch-size", "16", "--block-size", "64", "--lr", "1e-3", "--warmup", "30", "--eval-interval"]
-    argv += [str(max(steps // 4, 1)), "--eval-batches", "20", "--log-interval", "50", "--out", str(run)]
-    if revbits_main(argv) != 0 or revbits_main(["export", str(run), str(exported)]) != 0:
+    if revbits_main(pretrain_argv(start, run, steps)) != 0 or revbits_main(["export", str(run), str(exported)]) != 0:
         raise SystemExit("pretraining failed")
     return exported
+
+
+def pretrain_argv(start: Path, run: Path, steps: int) -> list[str]:
+    """``revbits train`` of PRETRAIN from the random model in ``start`` for ``steps`` steps into ``run``."""
+    every = str(max(steps // 4, 1))
+    return ["train", "--config", str(PRETRAIN), "--hf", str(start), "--steps", str(steps), "--eval-interval", every,
+            "--out", str(run)]
 
 
 def quality_row(config: TrainConfig, arm: str, runs: Path) -> dict:

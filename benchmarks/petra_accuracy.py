@@ -34,31 +34,15 @@ from pathlib import Path
 
 import torch
 
-from report import mean_std
+from report import experiment_config, mean_std
 from revbits.train import TrainConfig
 from revbits.train.checkpoint import load_checkpoint
 from revbits.train.loop import evaluate, train
 from revbits.train.petra import train_petra
 from revbits.train.tasks import make_task
 
-COMMON = {
-    "data": "fashion-mnist",
-    "train_subset": 10_000,
-    "steps": 2000,
-    "batch_size": 64,
-    "lr": 1e-3,
-    "min_lr": 1e-5,
-    "warmup": 100,
-    "eval_interval": 500,
-    "weight_decay": 0.05,
-    "grad_clip": 0.0,
-}
-MODELS = {
-    "vit": TrainConfig(
-        model="vit", memory="bdia", n_layer=4, n_head=4, d_model=64, patch_size=7, dropout=0.1, **COMMON
-    ),
-    "revnet": TrainConfig(model="revnet", memory="standard", n_layer=2, n_head=1, d_model=16, **COMMON),
-}
+#: The "backprop" arm of each model: benchmarks/configs/petra-accuracy-<model>.toml (the seed is set per run).
+MODELS = {name: experiment_config(f"petra-accuracy-{name}") for name in ("vit", "revnet")}
 ARMS = {"backprop": None, "petra J=2 k=8": (2, 8), "petra J=2 k=1": (2, 1)}  # (stages, accumulation)
 DEFAULT_ARMS = ["backprop", "petra J=2 k=8"]
 

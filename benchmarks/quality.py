@@ -11,6 +11,8 @@ or standard and reversible for the RNN experiments):
               1,000 steps; test perplexity. rnnlm-500 and rnnlm-3000: the same for 500 and 3,000 steps.
 - rnn-translator: attention seq2seq on (reversible) GRUs on Bible en-fr; test loss and BLEU (greedy).
 
+The options of each experiment are in benchmarks/configs/quality-<experiment>.toml, which
+``revbits train --config`` also reads.
 Writes <out>/results.json (every run's numbers), <out>/summary.md (mean +- std tables) and
 <out>/<experiment>_curves.png; the run directories (checkpoints, metrics) go to --runs.
 Needs the data sets: revbits data fetch fashion-mnist shakespeare bible-en-fr.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from report import mean_std
+from report import experiment_config, mean_std
 from revbits import BDIAStack
 from revbits.train import TrainConfig, load_checkpoint, train
 from revbits.train.loop import evaluate
@@ -40,95 +42,11 @@ from revbits.train.plot import plot_runs
 from revbits.train.tasks import make_task
 from revbits.train.translation_eval import bleu
 
+#: Each experiment's options: benchmarks/configs/quality-<name>.toml (the memory mode and seed are set per run).
 EXPERIMENTS = {
-    "vit": TrainConfig(
-        model="vit",
-        data="fashion-mnist",
-        train_subset=10_000,
-        steps=2000,
-        batch_size=64,
-        lr=1e-3,
-        min_lr=1e-5,
-        warmup=100,
-        eval_interval=500,
-        n_layer=4,
-        n_head=4,
-        d_model=64,
-        patch_size=7,
-        dropout=0.1,
-        weight_decay=0.05,
-    ),
-    "gpt": TrainConfig(
-        model="gpt",
-        data="shakespeare",
-        train_subset=20_000,
-        steps=2500,
-        batch_size=16,
-        block_size=64,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup=100,
-        eval_interval=250,
-        eval_batches=20,
-        n_layer=4,
-        n_head=4,
-        d_model=128,
-        dropout=0.1,
-    ),
-    "translator": TrainConfig(
-        model="translator",
-        data="bible-en-fr",
-        steps=800,
-        batch_size=32,
-        block_size=64,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup=100,
-        eval_interval=500,
-        eval_batches=20,
-        n_layer=4,
-        n_head=4,
-        d_model=128,
-        dropout=0.1,
-    ),
-    "rnnlm": TrainConfig(
-        model="rnnlm",
-        data="shakespeare",
-        steps=1000,
-        batch_size=32,
-        block_size=35,
-        lr=3e-3,
-        min_lr=3e-4,
-        warmup=50,
-        eval_interval=250,
-        eval_batches=40,
-        n_layer=2,
-        d_model=256,
-        dropout=0.2,
-        cell="gru",
-        forget_bits=3,
-    ),
+    name: experiment_config(f"quality-{name}")
+    for name in ("vit", "gpt", "translator", "rnnlm", "rnnlm-500", "rnnlm-3000", "rnn-translator")
 }
-EXPERIMENTS["rnnlm-500"] = replace(EXPERIMENTS["rnnlm"], steps=500)  # the first, shorter comparison
-EXPERIMENTS["rnnlm-3000"] = replace(EXPERIMENTS["rnnlm"], steps=3000, eval_interval=500)  # does the gap close?
-EXPERIMENTS["rnn-translator"] = TrainConfig(
-    model="rnn-translator",
-    data="bible-en-fr",
-    steps=600,
-    batch_size=32,
-    block_size=64,
-    lr=3e-3,
-    min_lr=3e-4,
-    warmup=50,
-    eval_interval=300,
-    eval_batches=20,
-    n_layer=1,
-    d_model=128,
-    dropout=0.2,
-    cell="gru",
-    forget_bits=3,
-    attention_slice=16,
-)
 MODES = ("standard", "checkpoint", "mesa", "bdia", "bdia+mesa", "reversible")
 TRANSLATORS = ("translator", "rnn-translator")
 GAMMAS = [-0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5]

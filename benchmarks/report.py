@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: writing raw rows beside their table, and a short training run."""
+"""What the benchmark scripts share: their experiments' configuration files, writing raw rows beside their
+table, and a short training run."""
 
 from __future__ import annotations
 
@@ -10,8 +11,18 @@ from typing import Any
 import torch
 
 from revbits.train import TrainConfig
+from revbits.train.config import read_config_file
 from revbits.train.loop import make_optimizer
 from revbits.train.tasks import Task, make_task
+
+#: The experiments as configuration files that ``revbits train --config`` reads (docs/benchmarks.md).
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def experiment_config(name: str) -> TrainConfig:
+    """The options of benchmarks/configs/<name>.toml, read as ``revbits train --config`` reads them."""
+    path = CONFIGS / f"{name}.toml"
+    return TrainConfig.from_dict(read_config_file(path), source=str(path))
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:

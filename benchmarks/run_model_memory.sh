@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results/model_memory
 mkdir -p "$out"
-.venv/bin/revbits memory --model vit --n-layer 6 --d-model 128 --patch-size 4 --batch-size 128 \
-    --json "$out/vit.json" | tee "$out/vit.txt"
-.venv/bin/revbits memory --model gpt --n-layer 6 --d-model 128 --block-size 256 --batch-size 32 \
-    --json "$out/gpt.json" | tee "$out/gpt.txt"
+for model in vit gpt; do  # the options: benchmarks/configs/model-memory-<model>.toml
+    .venv/bin/revbits memory --config "benchmarks/configs/model-memory-$model.toml" \
+        --json "$out/$model.json" | tee "$out/$model.txt"
+done
