@@ -16,10 +16,9 @@ from ..bdia import BDIAStack
 from ..hf.convert import FINE_TUNING_GAMMA
 from ..mesa import MesaConfig
 from ..models import list_models
-from ..models.rnn import CELLS, RNN_MEMORY_MODES
 from ..models.rnn_translator import RNNTranslatorConfig
 from ..petra.config import PetraConfig
-from ..revrnn import FORGET_BITS
+from ..revrnn import CELLS, FORGET_BITS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 
 MODELS = (*list_models(), "hf")  # the registered models, and fine-tuning a Hugging Face model
