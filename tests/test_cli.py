@@ -101,6 +101,7 @@ def test_every_mesa_option_reaches_the_command_line(capsys):
     for name in MesaConfig.option_names() - {"seed"}:
         assert f"--mesa-{name.replace('_', '-')}" in text, name
     options = TrainConfig(model="gpt", memory="mesa", mesa_min_numel=10, mesa_stochastic=False).memory_options
+    assert set(options) == MesaConfig.option_names()  # every field is passed on, none invented
     assert options["min_numel"] == 10 and options["stochastic"] is False and options["check_finite"] is True
     with pytest.raises(ConfigError, match="mesa option: min_numel"):
         TrainConfig(model="gpt", memory="mesa", mesa_min_numel=-1)
