@@ -116,7 +116,8 @@ def quality_table(rows: list[dict]) -> list[str]:
 def measured_step(task, config: TrainConfig, batch_size: int) -> dict:
     """LiveBytes of one AdamW step of ``config.memory`` at ``batch_size`` (after one warm-up step)."""
     config = replace(config, batch_size=batch_size)
-    task = copy.copy(task)  # the same tokenised data, drawing batches of this size
+    _ = task.splits  # tokenised once, on the task every copy shares
+    task = copy.copy(task)  # the same data, drawing batches of this size
     task.config = config
     torch.manual_seed(0)
     model = task.build_model(config).train()

@@ -89,6 +89,10 @@ def test_an_output_is_not_a_tuple():
         logits, loss = model(*inputs, targets=targets)  # the revbits 0.1 idiom fails loudly
     with pytest.raises(AttributeError):
         model(*inputs).loss = None  # frozen
+    out = model(*inputs, targets=targets)
+    leaves, spec = torch.utils._pytree.tree_flatten(out)  # wrappers (FSDP, DDP) find the tensors inside
+    assert leaves[0] is out.loss and leaves[1] is out.logits
+    assert torch.utils._pytree.tree_unflatten(leaves, spec) == out
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -219,3 +223,24 @@ def test_translator_greedy_and_beam_decode():
 def test_vit_rejects_wrong_image_shape():
     with pytest.raises(ValueError, match=r"expected images of shape \[B, 1, 8, 8\]"):
         build("vit", "standard")(torch.rand(2, 3, 8, 8))
+
+
+def test_revnet_petra_pieces_share_the_models_modules_and_names():
+    from revbits.petra import RevNet as OldRevNet
+    from revbits.petra.revnet import revnet_pieces
+
+    model = build("revnet", "standard")
+    pieces = revnet_pieces(model)
+    assert len(pieces) == len(model.pieces)
+    for piece, plain in zip(pieces, model.pieces):
+        names = dict(piece.named_parameters())
+        assert {id(p) for p in names.values()} == {id(p) for p in plain.parameters()}
+        assert set(names) == {n for n, _ in plain.named_parameters()}  # as PETRA stage states of 0.1 name them
+    inputs, targets = example("revnet", model)
+    x = inputs[0]
+    for piece in pieces[:-1]:
+        x = piece(x, 0)
+    assert torch.equal(pieces[-1](x, targets), model(*inputs, targets=targets).loss)
+    torch.manual_seed(0)
+    old = OldRevNet(1, 8, (1, 1), num_classes=5)  # the 0.1 signature, kept until 0.3
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), model.state_dict().values()))

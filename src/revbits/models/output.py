@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
+from torch.utils import _pytree
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,10 @@ class Output:
       never materialises them with targets given (the RNN translator computes its per-step losses
       inside the reversible loop; called without targets it returns its logits).
 
-    An Output is not a tuple: ``logits, loss = model(x, y)`` raises instead of silently binding the
-    wrong names (models of revbits 0.1 returned ``(logits, loss)``). Use ``out.logits`` and ``out.loss``.
+    It is a pytree node (as Hugging Face's ModelOutput is), so wrappers that walk a model's outputs for
+    tensors (FSDP, DDP, torch.compile) find its loss and logits. An Output is not a tuple:
+    ``logits, loss = model(x, y)`` raises instead of silently binding the wrong names (models of
+    revbits 0.1 returned ``(logits, loss)``). Use ``out.logits`` and ``out.loss``.
     """
 
     loss: torch.Tensor | None = None
@@ -29,3 +32,11 @@ class Output:
             "a revbits model returns an Output, not a tuple: use out.logits and out.loss "
             "(models of revbits 0.1 returned (logits, loss))"
         )
+
+
+_pytree.register_pytree_node(
+    Output,
+    lambda out: ([out.loss, out.logits], None),
+    lambda children, _: Output(*children),
+    serialized_type_name="revbits.models.Output",
+)
