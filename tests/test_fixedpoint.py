@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from revbits.bdia.fixedpoint import exact_limit, grid_codes, quantize
-from revbits.bdia.step import forward_step, forward_step_, inverse_step_, residue
+from revbits.bdia.step import Step, forward_step, forward_step_, inverse_step_, residue
 
 
 def test_quantiser_rounds_to_the_grid_with_halves_to_even():
@@ -53,6 +55,28 @@ def test_one_step_is_exactly_invertible(bits, gamma_bits, sign, seed, scale):
     assert torch.equal(x_next, quantize(x_next, bits)), "the new state is on the grid"
     assert torch.equal(forward_step_(x_prev, r.clone(), u.clone(), g, bits), x_next), "in place is identical"
     assert torch.equal(inverse_step_(x_next, r, u.clone(), g, bits), x_prev)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.25, 2.0**-8])
+def test_the_step_of_bdia_and_petra_inverts_bit_for_bit_with_and_without_grad(gamma):
+    """Step.forward then Step.inverse rebuild x_{k-1} exactly from the kept residue bits; the differentiable
+    forward (grad on: the plain path and PETRA's recompute) and the in-place one (grad off) agree bitwise."""
+    bits, generator = 9, torch.Generator().manual_seed(11)
+    x_prev, x_cur, y = (quantize(torch.randn(4, 6, 8, generator=generator) * 30, bits) for _ in range(3))
+    y = y + torch.randn(4, 6, 8, generator=generator) * 1e-3  # a block output is not on the grid
+    g = (torch.randint(0, 2, (4, 1, 1), generator=generator) * 2 - 1) * gamma
+    step = Step(bits, gamma)
+    with torch.no_grad():
+        x_next, kept = step.forward(x_prev, x_cur, y, g)
+    assert kept is not None and kept.width == step.gamma_bits == round(-math.log2(gamma))
+    leaf = x_prev.clone().requires_grad_()
+    differentiable, none = step.forward(leaf, x_cur, y, g, keep=False)
+    assert none is None and differentiable.requires_grad and torch.equal(differentiable, x_next)
+    assert torch.equal(step.inverse(x_next, x_cur, y, g, kept), x_prev)
+    differentiable.sum().backward()
+    assert torch.equal(leaf.grad, g.expand_as(leaf))  # the skip path's gradient is g (r is a constant)
+    with pytest.raises(ValueError, match="gamma must be 2\\*\\*-b"):
+        Step(bits, 0.3)
 
 
 def test_grid_codes_are_the_integers_of_the_grid():

@@ -18,6 +18,8 @@ from helpers import relative_error
 from revbits.bdia.fixedpoint import quantize
 from revbits.models import TransformerBlock
 from revbits.petra import (
+    BDIAEntry,
+    BDIAStep,
     PetraConfig,
     PlainStage,
     RevCouplingBlock,
@@ -338,10 +340,11 @@ def test_bdia_pieces_invert_bit_for_bit_with_dropout():
             states.append(piece(states[-1], 7))
         y = states[-1]
         for k in range(len(pieces) - 1, 0, -1):
-            y = pieces[k].invert(y, 7)
+            y = pieces[k].inverse(y, 7)
             assert torch.equal(y, states[k]), k
-        assert torch.equal(pieces[0].invert(y, 7), quantize(x, 9))
+        assert torch.equal(pieces[0].inverse(y, 7), quantize(x, 9))
     assert all(not piece.in_flight for piece in pieces[1:])  # the residue bits were used up
+    assert BDIAStep.invert is BDIAStep.inverse and BDIAEntry.invert is BDIAEntry.inverse  # the Stage protocol's name
 
 
 @pytest.mark.parametrize(

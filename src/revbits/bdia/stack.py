@@ -44,15 +44,11 @@ from .params import (
 )
 from .step import (
     BlockProtocolError,
+    Step,
     StreamRangeError,
     call_block,
-    combine,
-    forward_step,
-    forward_step_,
     gamma_exponent,
-    inverse_step_,
     raise_if_out_of_range,
-    residue,
     state_checksum,
     stream_max,
 )
@@ -81,8 +77,7 @@ class _Plan:
     compiled: list[bool]  # per block, whether it holds compiled code (bdia.compile)
     num_params: int
     bits: int
-    gamma: float
-    gamma_bits: int
+    step: Step  # one BDIA step k >= 1 and its inverse (bdia.step)
     check: bool
     verify: bool
     preserve_rng: bool
@@ -113,7 +108,7 @@ class _Plan:
         """g_k as a per-sample tensor broadcastable against the states."""
         assert self.signs is not None
         sign = unpack_bits(self.signs, torch.int8)[k - 1].to(like.dtype) * 2 - 1
-        return (sign * self.gamma).view(-1, *([1] * (like.dim() - 1)))
+        return (sign * self.step.gamma).view(-1, *([1] * (like.dim() - 1)))
 
 
 _HIGHER_ORDER = (
@@ -166,11 +161,9 @@ class _BDIAFunction(torch.autograd.Function):
                     x_next[rows] = quantize(y, plan.bits)
                 else:
                     assert x_prev is not None
-                    r = residue(x_prev[rows], plan.bits, plan.gamma_bits)
-                    planes.append(pack_bits(r.to(torch.uint8), plan.gamma_bits))
-                    u = combine(x_cur[rows], y, g[rows], plan.bits)
-                    x_next[rows] = forward_step_(x_prev[rows], r, u, g[rows], plan.bits)
-                    del r, u
+                    x_next[rows], kept = plan.step.forward(x_prev[rows], x_cur[rows], y, g[rows])
+                    assert kept is not None
+                    planes.append(kept)
                 del y
             if g is not None:
                 plan.planes.append(planes)
@@ -189,26 +182,9 @@ class _BDIAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(_HIGHER_ORDER)
-        plan: _Plan | None = ctx.plan
-        if plan is None:
-            raise RuntimeError(
-                "BDIAStack: backward already ran for this forward and its stored bits were used "
-                "up (retain_graph=True is not supported); run the forward pass again"
-            )
-        ctx.plan = None
-        x_cur, x_next = plan.last_states
-        plan.last_states = []
-        if x_next._version != plan.output_version:
-            raise RuntimeError(
-                "the output of BDIAStack was modified in place before backward; the states "
-                "cannot be rebuilt from it (use an out-of-place operation)"
-            )
+        plan, x_cur, x_next = _begin_backward(ctx)
         arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
-        wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad]
-        param_grads: list[torch.Tensor | None] = [None] * plan.num_params
-        arg_grads: list[torch.Tensor | None] = [None] * len(arg_inputs)
+        grads = _Gradients(plan, arg_inputs)
         mismatches: list[torch.Tensor] = []
         device_type, autocast_on, autocast_dtype = plan.autocast
         split = plan.split
@@ -221,9 +197,6 @@ class _BDIAFunction(torch.autograd.Function):
         next_is_output = True
         g_next, g_after, gamma_after = grad_out, None, None
         for k in range(len(plan.blocks) - 1, -1, -1):
-            # the parameters of block k at forward time that still want a gradient, and their slots
-            live = [i for i, p in enumerate(plan.block_params[k]) if p.requires_grad]
-            block_params = [plan.block_params[k][i] for i in live]
             g = plan.gamma_of(k, x_cur) if k else None
             planes = plan.planes[k - 1] if k else None
             if k:
@@ -234,39 +207,28 @@ class _BDIAFunction(torch.autograd.Function):
             block0: list[torch.Tensor] = []
             for c, rows in enumerate(split.slices):
                 leaves = [split.leaf(a, c) for a in arg_inputs]
-                args = split.tree(plan.block_args(leaves), c)
                 with (
                     RngReplay(rng, x_cur.device, plan.preserve_rng),
                     torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
                 ):
-                    with torch.enable_grad(), plan.recomputing(k):
-                        xk = x_cur[rows].detach().requires_grad_()
-                        y = recompute_block(plan.blocks[k], k, xk, args)
+                    xk, y = _recompute(plan, k, x_cur[rows], split.tree(plan.block_args(leaves), c))
                     if plan.preserve_rng:
                         rng = capture_rng_state(x_cur.device)  # where chunk c + 1 starts
                     gn = g_next[rows]
-                    if g is not None:  # rebuild x_{k-1}, then form the gradients that bypass the block
-                        assert planes is not None and x_prev is not None
-                        gc = g[rows]
-                        u = combine(x_cur[rows], y.detach(), gc, plan.bits)
-                        residue_bits = unpack_bits(planes[c], x_cur.dtype)
-                        x_prev[rows] = inverse_step_(x_next[rows], residue_bits, u, gc, plan.bits)
-                        del u, residue_bits
-                        grad_y = (1 + gc) * gn
-                    else:
+                    if g is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
                         _compare_block0(plan, quantize(y.detach(), plan.bits), x_next[rows], block0)
                         grad_y = gn
+                    else:  # rebuild x_{k-1}, then form the gradients that bypass the block
+                        assert planes is not None and x_prev is not None
+                        x_prev[rows] = plan.step.inverse(x_next[rows], x_cur[rows], y, g[rows], planes[c])
+                        grad_y = (1 + g[rows]) * gn
                     _skip_gradient(g_cur[rows], g_after, gamma_after, rows, gn, g)
                     del gn
-                wanted = [leaves[i] for i in wanted_slots]
-                grads = backward_through_block(y, grad_y, [xk, *wanted], block_params)
-                del y, xk, grad_y
-                if grads.inputs[0] is not None:
-                    g_cur[rows].add_(grads.inputs[0])
-                _accumulate(param_grads, [plan.params[k][i] for i in live], grads.params)
-                for slot, grad in zip(wanted_slots, grads.inputs[1:]):
-                    split.add_grad(arg_grads, slot, arg_inputs[slot], grad, c)
-                del grads, leaves, wanted, args
+                grad_x = grads.through_block(k, c, y, grad_y, xk, leaves)
+                del y, xk, grad_y, leaves
+                if grad_x is not None:
+                    g_cur[rows].add_(grad_x)
+                del grad_x
             if x_prev is not None:
                 _compare(plan, k - 1, x_prev, mismatches)
                 x_next, x_cur, next_is_output = x_cur, x_prev, False
@@ -274,7 +236,62 @@ class _BDIAFunction(torch.autograd.Function):
                 mismatches.append(torch.stack(block0).any())
             g_after, g_next, gamma_after = g_next, g_cur, g
         _raise_on_mismatch(plan, mismatches)
-        return (None, g_next, *arg_grads, *param_grads)
+        return (None, g_next, *grads.args, *grads.params)
+
+
+def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
+    """The plan of this forward and its last two states x_{K-1}, x_K, handed over once; raises for a second
+    backward, a higher-order one, or an output modified in place since the forward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_HIGHER_ORDER)
+    plan: _Plan | None = ctx.plan
+    if plan is None:
+        raise RuntimeError(
+            "BDIAStack: backward already ran for this forward and its stored bits were used "
+            "up (retain_graph=True is not supported); run the forward pass again"
+        )
+    ctx.plan = None
+    x_cur, x_next = plan.last_states
+    plan.last_states = []
+    if x_next._version != plan.output_version:
+        raise RuntimeError(
+            "the output of BDIAStack was modified in place before backward; the states "
+            "cannot be rebuilt from it (use an out-of-place operation)"
+        )
+    return plan, x_cur, x_next
+
+
+def _recompute(plan: _Plan, k: int, x: torch.Tensor, args: BlockArguments) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_k, y_k = block_k(x_k)) with a graph from a fresh leaf x_k, inside the stack's recompute context."""
+    with torch.enable_grad(), plan.recomputing(k):
+        xk = x.detach().requires_grad_()
+        return xk, recompute_block(plan.blocks[k], k, xk, args)
+
+
+class _Gradients:
+    """What the backward returns besides dL/dx_0: dL/d(tensor arguments) and dL/d(parameters), summed over
+    blocks and chunks."""
+
+    def __init__(self, plan: _Plan, arg_inputs: list[torch.Tensor]) -> None:
+        self.plan, self.arg_inputs = plan, arg_inputs
+        self.wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad]
+        self.params: list[torch.Tensor | None] = [None] * plan.num_params
+        self.args: list[torch.Tensor | None] = [None] * len(arg_inputs)
+
+    def through_block(
+        self, k: int, c: int, y: torch.Tensor, grad_y: torch.Tensor, xk: torch.Tensor, leaves: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Back-propagate grad_y through chunk c of block k's recomputed y: add the gradients of the block's
+        parameters (those still wanting one) and of the arguments, and return dL/dx_k through the block."""
+        plan = self.plan
+        assert plan.split is not None
+        live = [i for i, p in enumerate(plan.block_params[k]) if p.requires_grad]
+        wanted = [leaves[i] for i in self.wanted_slots]
+        grads = backward_through_block(y, grad_y, [xk, *wanted], [plan.block_params[k][i] for i in live])
+        _accumulate(self.params, [plan.params[k][i] for i in live], grads.params)
+        for slot, grad in zip(self.wanted_slots, grads.inputs[1:]):
+            plan.split.add_grad(self.args, slot, self.arg_inputs[slot], grad, c)
+        return grads.inputs[0]
 
 
 def _skip_gradient(
@@ -506,8 +523,7 @@ class BDIAStack(nn.Module):
             x_prev, x_cur = states[-2], states[-1]
             g = plan.gamma_of(k, x_cur)
             y = run(k, x_cur)
-            r = residue(x_prev.detach(), self.bits, self.gamma_bits)
-            states.append(forward_step(x_prev, r, combine(x_cur, y, g, self.bits), g, self.bits))
+            states.append(plan.step.forward(x_prev, x_cur, y, g, keep=False)[0])
         raise_if_out_of_range([stream_max(x) for x in states], x0.dtype, self.bits)
         return states[-1]
 
@@ -548,8 +564,7 @@ class BDIAStack(nn.Module):
             compiled=[holds_compiled_code(b) for b in self.blocks],
             num_params=len(params),
             bits=self.bits,
-            gamma=self.gamma,
-            gamma_bits=self.gamma_bits,
+            step=Step(self.bits, self.gamma),
             check=self.check,
             verify=self.verify,
             preserve_rng=self.preserve_rng_state,

@@ -1,9 +1,15 @@
-"""The arithmetic of one BDIA step, shared by the reversible and the plain (autograd) paths.
+"""One BDIA step and its exact inverse, shared by BDIAStack (reversible and plain paths) and PETRA.
 
-Every function here returns values on the grid 2**-l, and every operation on grid values
-below the exact limit is exact, so evaluation order and in-place updates cannot change a bit.
-The one rounding that is not exact, inside :func:`combine`, happens in a single custom
-Function used by every path.
+For block k >= 1 with output y_k = block_k(x_k), a per-sample g_k = +-2**-b and the grid 2**-l,
+:class:`Step` computes
+
+    forward   x_{k+1} = g_k (x_{k-1} + r_{k-1} 2**-l) + Q((1 + g_k) y_k - 2 g_k x_k)
+    inverse   x_{k-1} = (x_{k+1} - Q((1 + g_k) y_k - 2 g_k x_k)) / g_k - r_{k-1} 2**-l
+
+with the residue r_{k-1} = (-x_{k-1} 2**l) mod 2**b, of which the forward keeps b bits per element.
+Every function here returns values on the grid 2**-l, and every operation on grid values below the
+exact limit is exact, so evaluation order and in-place updates cannot change a bit. The one rounding
+that is not exact, inside :func:`combine`, happens in a single custom Function used by every path.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 
 from .args import BlockArguments
+from .bits import PackedBits, pack_bits, unpack_bits
 from .fixedpoint import exact_limit
 
 
@@ -90,6 +97,36 @@ def forward_step_(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: tor
 def inverse_step_(x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
     """x_{k-1} = (x_{k+1} - u) / g - r * 2**-l, the exact inverse, computed in ``u``'s buffer."""
     return u.sub_(x_next).div_(-g).sub_(r, alpha=2.0**-bits)
+
+
+class Step:
+    """One BDIA step k >= 1 on the grid 2**-``bits`` with |g| = ``gamma`` = 2**-b, and its exact inverse
+    (the equations of the module docstring). The signs of g and the block call belong to the caller."""
+
+    def __init__(self, bits: int, gamma: float) -> None:
+        self.bits, self.gamma, self.gamma_bits = bits, float(gamma), gamma_exponent(gamma)
+
+    def forward(
+        self, x_prev: torch.Tensor, x_cur: torch.Tensor, y: torch.Tensor, g: torch.Tensor, keep: bool = True
+    ) -> tuple[torch.Tensor, PackedBits | None]:
+        """x_{k+1} from x_{k-1}, x_k and y_k = block_k(x_k), and (with ``keep``) the packed residue bits of
+        x_{k-1} that :meth:`inverse` needs. Differentiable with grad enabled (r is a constant, so the skip
+        path's gradient is g); without grad it works in its own temporaries. Both give the same bits."""
+        r = residue(x_prev.detach(), self.bits, self.gamma_bits)
+        kept = pack_bits(r.to(torch.uint8), self.gamma_bits) if keep else None
+        u = combine(x_cur, y, g, self.bits)
+        if torch.is_grad_enabled():
+            return forward_step(x_prev, r, u, g, self.bits), kept
+        return forward_step_(x_prev, r, u, g, self.bits), kept
+
+    @torch.no_grad()
+    def inverse(
+        self, x_next: torch.Tensor, x_cur: torch.Tensor, y: torch.Tensor, g: torch.Tensor, kept: PackedBits
+    ) -> torch.Tensor:
+        """x_{k-1}, exactly, from x_{k+1}, x_k, the recomputed y_k and the residue bits :meth:`forward` kept.
+        It is the forward's x_{k-1} bit for bit if y_k is bit for bit the forward's."""
+        u = combine(x_cur, y.detach(), g, self.bits)
+        return inverse_step_(x_next, unpack_bits(kept, x_cur.dtype), u, g, self.bits)
 
 
 def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any] | BlockArguments) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """BDIA blocks as PETRA pieces: the activation between stages is the pair of states (x_{k-1}, x_k).
 
 With y_k = block_k(x_k), a per-sample g_k = +-gamma (gamma = 2**-b), the grid quantiser Q and the
-residue r_{k-1} = (-x_{k-1} 2**l) mod 2**b (see :mod:`revbits.bdia`):
+residue r_{k-1} = (-x_{k-1} 2**l) mod 2**b (the step of :mod:`revbits.bdia.step`, which BDIAStack uses too):
 
     entry (block 0):   x            -> (x_0, x_1) = (Q(x), Q(y_0))
     step k >= 1:       (x_{k-1}, x_k) -> (x_k, x_{k+1}),
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bdia.bits import PackedBits, pack_bits, unpack_bits
+from ..bdia.bits import PackedBits
 from ..bdia.fixedpoint import quantize
-from ..bdia.step import call_block, combine, forward_step, gamma_exponent, inverse_step_, residue
+from ..bdia.step import Step, call_block
 from ..models.blocks import TransformerBlock
 from ..rng import derive_seed
 from .stages import LossStage, PlainStage, Stage, seeded, split
@@ -52,8 +52,11 @@ class BDIAEntry(Stage):
         return _pair(x0, quantize(y, self.bits))
 
     @torch.no_grad()
-    def invert(self, y: Tensor, micro_batch: int) -> Tensor:
+    def inverse(self, y: Tensor, micro_batch: int) -> Tensor:
+        """x_0 = Q(x), the first state of the pair."""
         return y[0].clone()
+
+    invert = inverse  # the name of PETRA's Stage protocol
 
 
 class BDIAStep(Stage):
@@ -66,7 +69,8 @@ class BDIAStep(Stage):
         if index < 1:
             raise ValueError("block 0 of a BDIA stack is its entry (BDIAEntry), not a step")
         self.block, self.index, self.bits, self.seed = block, index, bits, seed
-        self.gamma, self.gamma_bits = gamma, gamma_exponent(gamma)
+        self.step = Step(bits, gamma)
+        self.gamma, self.gamma_bits = self.step.gamma, self.step.gamma_bits
         self.in_flight: dict[int, PackedBits] = {}  # micro-batch -> residue bits of x_{k-1}
 
     def gamma_of(self, micro_batch: int, like: Tensor) -> Tensor:
@@ -82,23 +86,29 @@ class BDIAStep(Stage):
     def forward(self, pair: Tensor, micro_batch: int) -> Tensor:
         x_prev, x_cur = pair[0], pair[1]
         g = self.gamma_of(micro_batch, x_cur)
-        r = residue(x_prev.detach(), self.bits, self.gamma_bits)  # a constant: the skip path's gradient is g
-        if torch.is_grad_enabled():  # the backward's recompute: bits not used by an inversion are done with
+        y = self._block(x_cur, micro_batch)
+        # PETRA's forward phase (no grad) keeps the residue bits the product will drop; the backward's
+        # recompute (with grad) needs none, and the bits an inversion did not use are done with.
+        keep = not torch.is_grad_enabled()
+        x_next, kept = self.step.forward(x_prev, x_cur, y, g, keep=keep)
+        if keep:
+            assert kept is not None
+            self.in_flight[micro_batch] = kept
+        else:
             self.in_flight.pop(micro_batch, None)
-        else:  # PETRA's forward phase: keep the bits the product will drop
-            self.in_flight[micro_batch] = pack_bits(r.to(torch.uint8), self.gamma_bits)
-        u = combine(x_cur, self._block(x_cur, micro_batch), g, self.bits)
-        return _pair(x_cur, forward_step(x_prev, r, u, g, self.bits))
+        return _pair(x_cur, x_next)
 
     @torch.no_grad()
-    def invert(self, pair: Tensor, micro_batch: int) -> Tensor:
+    def inverse(self, pair: Tensor, micro_batch: int) -> Tensor:
+        """(x_{k-1}, x_k) from (x_k, x_{k+1}), exactly, with the current weights and the kept residue bits."""
         if micro_batch not in self.in_flight:
             raise KeyError(f"BDIA block {self.index}: no residue bits kept for micro-batch {micro_batch}")
         x_cur, x_next = pair[0], pair[1]
         g = self.gamma_of(micro_batch, x_cur)
-        r = unpack_bits(self.in_flight.pop(micro_batch), x_cur.dtype)
-        u = combine(x_cur, self._block(x_cur, micro_batch), g, self.bits)
-        return _pair(inverse_step_(x_next, r, u, g, self.bits), x_cur)
+        y = self._block(x_cur, micro_batch)
+        return _pair(self.step.inverse(x_next, x_cur, y, g, self.in_flight.pop(micro_batch)), x_cur)
+
+    invert = inverse  # the name of PETRA's Stage protocol
 
 
 class BDIAExit(Stage):
