@@ -5,6 +5,7 @@ The multi-process tests start one process per stage with :func:`launch`; models 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from dataclasses import replace
@@ -16,7 +17,7 @@ from torch import nn
 
 from helpers import relative_error
 from revbits.bdia.fixedpoint import quantize
-from revbits.models import TransformerBlock
+from revbits.models import GPT, GPTConfig, TransformerBlock
 from revbits.petra import (
     BDIAEntry,
     BDIAStep,
@@ -31,6 +32,7 @@ from revbits.petra import (
     bdia_gpt_pipeline,
     bdia_pieces,
     delay,
+    gpt_pieces,
     launch,
     load_records,
     revnet_pipeline,
@@ -345,6 +347,54 @@ def test_bdia_pieces_invert_bit_for_bit_with_dropout():
         assert torch.equal(pieces[0].inverse(y, 7), quantize(x, 9))
     assert all(not piece.in_flight for piece in pieces[1:])  # the residue bits were used up
     assert BDIAStep.invert is BDIAStep.inverse and BDIAEntry.invert is BDIAEntry.inverse  # the Stage protocol's name
+
+
+def tiny_gpt(memory: str = "bdia", dropout: float = 0.0) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=32, block_size=12, n_layer=4, n_head=2, d_model=16, dropout=dropout, memory=memory))
+
+
+def test_gpt_pieces_compute_what_the_gpt_computes():
+    """The PETRA GPT is revbits.models.GPT cut into pieces: the same loss bit for bit (with the pieces' signs of
+    gamma given to the GPT's BDIAStack), the GPT's own modules, and the gradients of the tied GPT once the
+    untied head's gradient is added back to the embedding's."""
+    tokens, targets = token_batches(1)[0]
+    gpt = tiny_gpt()
+    tied = copy.deepcopy(gpt)
+    pieces = gpt_pieces(gpt, seed=5, untie=True)
+    stem, entry, steps, exit_piece, head = pieces[0], pieces[1], pieces[2:-2], pieces[-2], pieces[-1]
+    assert stem.module.token_embedding is gpt.token_embedding and head.ln_f is gpt.ln_f and head.head is gpt.head
+    assert [s.block for s in [entry, *steps]] == list(gpt.stack.blocks)
+    assert gpt.head.weight is not gpt.token_embedding.weight and torch.equal(gpt.head.weight, tied.head.weight)
+
+    x = stem(tokens, 7)
+    for piece in [entry, *steps, exit_piece]:
+        x = piece(x, 7)
+    loss = head(x, targets)
+    signs = torch.stack([(s.gamma_of(7, x) / s.gamma).flatten() for s in steps])
+    forward = tied.stack.forward
+    tied.stack.forward = lambda stream: forward(stream, gammas=signs)
+    want = tied(tokens, targets).loss
+    assert torch.equal(loss, want)
+
+    loss.backward()
+    want.backward()
+    got = dict(gpt.named_parameters(remove_duplicate=False))
+    for name, p in tied.named_parameters():
+        g = got[name].grad
+        if name == "token_embedding.weight":  # the two uses of the tied matrix, one in each end stage
+            g = g + gpt.head.weight.grad
+        assert relative_error(g, p.grad) <= 1e-5, name
+
+
+def test_gpt_pieces_refuse_what_petra_cannot_train():
+    with pytest.raises(ValueError, match="ties its output projection to its token embedding.*untie=True"):
+        gpt_pieces(tiny_gpt())
+    needs_bdia = r"PETRA needs the GPT's blocks in a BDIAStack \(memory='bdia'\), got SequentialStack"
+    with pytest.raises(ValueError, match=needs_bdia):
+        gpt_pieces(tiny_gpt("standard"), untie=True)
+    with pytest.raises(ValueError, match="without its stack's recompute context .*build the GPT with memory='bdia'"):
+        gpt_pieces(tiny_gpt("bdia+mesa"), untie=True)
 
 
 @pytest.mark.parametrize(

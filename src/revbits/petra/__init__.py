@@ -8,7 +8,7 @@ Under torchrun, call ``run_stage(None, None, build_stages, data, config)`` in ev
 """
 
 from .baselines import run_pipeline_baseline
-from .bdia_pieces import BDIAEntry, BDIAExit, BDIAStep, bdia_gpt_pipeline, bdia_pieces
+from .bdia_pieces import BDIAEntry, BDIAExit, BDIAStep, bdia_gpt_pipeline, bdia_pieces, gpt_pieces
 from .comm import DesyncError, PeerError
 from .launch import StageFailure, launch
 from .record import StageRecord, load_records
@@ -24,6 +24,7 @@ __all__ = [
     "BDIAStep",
     "bdia_gpt_pipeline",
     "bdia_pieces",
+    "gpt_pieces",
     "ClassifierHead",
     "DesyncError",
     "LastStage",

@@ -14,6 +14,9 @@ per element it keeps for each micro-batch in flight: that and the pair are the s
 The signs of g_k and any dropout in the block are drawn from (seed, micro-batch), so the
 recompute in the backward sees the forward's function. The entry's inverse returns Q(x), which has
 the gradient of x (Q is straight-through); the exit is not invertible and belongs in the last stage.
+
+:func:`gpt_pieces` cuts a :class:`revbits.models.GPT` into such pieces, sharing its modules, as
+:func:`revbits.petra.vit_pieces.vit_pieces` does for the ViT.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..bdia import BDIAStack
 from ..bdia.bits import PackedBits
 from ..bdia.fixedpoint import quantize
 from ..bdia.step import Step, call_block
-from ..models.blocks import TransformerBlock
+from ..models.gpt import GPT, GPTConfig
 from ..rng import derive_seed
 from .stages import LossStage, PlainStage, Stage, seeded, split
 
@@ -129,26 +133,66 @@ def bdia_pieces(
     return pieces, BDIAExit()
 
 
-class TokenEmbedding(nn.Module):
-    """x = E[tokens] + P[positions]: a GPT's input (not invertible: a PlainStage)."""
+def stack_pieces(model: nn.Module, seed: int = 0) -> tuple[list[Stage], BDIAExit]:
+    """:func:`bdia_pieces` of ``model.stack``, which must be a plain BDIAStack (memory="bdia"): the pieces run
+    its blocks with its ``bits`` and ``gamma``, and know nothing of a recompute context (bdia+mesa)."""
+    kind = type(model).__name__
+    if not isinstance(model.stack, BDIAStack):
+        got = type(model.stack).__name__
+        raise ValueError(f"PETRA needs the {kind}'s blocks in a BDIAStack (memory='bdia'), got {got}")
+    if model.stack.recompute_context is not None:
+        raise ValueError(
+            f"PETRA's BDIA pieces recompute the {kind}'s blocks without its stack's recompute context "
+            f"({type(model.stack).__name__}, e.g. memory='bdia+mesa'); build the {kind} with memory='bdia'"
+        )
+    return bdia_pieces(list(model.stack.blocks), model.stack.bits, model.stack.gamma, seed)
 
-    def __init__(self, vocab: int, d_model: int, max_len: int) -> None:
+
+class GPTStem(nn.Module):
+    """x = dropout(E[tokens] + P[positions]), GPT's input, as a module that owns only the embeddings."""
+
+    def __init__(self, gpt: GPT) -> None:
         super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab, d_model), nn.Embedding(max_len, d_model)
+        self.token_embedding, self.position_embedding = gpt.token_embedding, gpt.position_embedding
+        self.dropout, self.block_size = gpt.dropout, gpt.config.block_size
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.tokens(tokens) + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
+        if tokens.shape[1] > self.block_size:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds block_size {self.block_size}")
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
 
 
-class NextTokenLoss(LossStage):
-    """L = cross_entropy(W LayerNorm(x), targets), averaged over every position."""
+class GPTHead(LossStage):
+    """L = cross_entropy(W LayerNorm(x), targets), averaged over every position: GPT's ln_f and head."""
 
-    def __init__(self, vocab: int, d_model: int) -> None:
+    def __init__(self, gpt: GPT) -> None:
         super().__init__()
-        self.norm, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab)
+        self.ln_f, self.head = gpt.ln_f, gpt.head
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(self.head(self.norm(x)).flatten(0, 1), target.flatten())
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
+
+
+def gpt_pieces(gpt: GPT, seed: int = 0, untie: bool = False) -> list[nn.Module]:
+    """Stem, BDIA entry and steps, exit and head of ``gpt``, whose block stack must be a BDIAStack.
+
+    The pieces share the GPT's modules, so training them trains the GPT itself. GPT ties its output
+    projection to the token embedding; PETRA's first and last stages run in separate processes and cannot
+    add up the two gradients of one matrix, so a tied GPT is refused unless ``untie=True``, which gives
+    ``gpt.head`` its own copy of the matrix (the GPT computes the same function, and from then on trains
+    the two copies apart).
+    """
+    pieces, exit_piece = stack_pieces(gpt, seed)
+    if gpt.head.weight is gpt.token_embedding.weight:
+        if not untie:
+            raise ValueError(
+                "this GPT ties its output projection to its token embedding, which PETRA's first and last "
+                "stages would each train on half of the gradient; pass untie=True to give the head its own copy"
+            )
+        gpt.head.weight = nn.Parameter(gpt.token_embedding.weight.detach().clone())
+    return [PlainStage(GPTStem(gpt), seed), *pieces, exit_piece, GPTHead(gpt)]
 
 
 def bdia_gpt_pieces(
@@ -162,11 +206,18 @@ def bdia_gpt_pieces(
     gamma: float = 0.5,
     seed: int = 0,
 ) -> list[nn.Module]:
-    """A causal character GPT as PETRA pieces: embedding, BDIA entry and steps, exit, and the loss head."""
-    blocks = [TransformerBlock(d_model, n_head, causal=True, dropout=dropout) for _ in range(n_layer)]
-    pieces, exit_piece = bdia_pieces(blocks, bits, gamma, seed)
-    embedding = PlainStage(TokenEmbedding(vocab, d_model, max_len), seed)
-    return [embedding, *pieces, exit_piece, NextTokenLoss(vocab, d_model)]
+    """A causal character GPT (:class:`revbits.models.GPT`, memory="bdia", untied) as PETRA pieces."""
+    config = GPTConfig(
+        vocab_size=vocab,
+        block_size=max_len,
+        n_layer=n_layer,
+        n_head=n_head,
+        d_model=d_model,
+        dropout=dropout,
+        memory="bdia",
+        memory_options={"bits": bits, "gamma": gamma},
+    )
+    return gpt_pieces(GPT(config), seed, untie=True)
 
 
 def bdia_gpt_pipeline(J: int, sizes: Sequence[int] | None = None, **model) -> list[nn.Module]:
@@ -174,4 +225,41 @@ def bdia_gpt_pipeline(J: int, sizes: Sequence[int] | None = None, **model) -> li
     return split(bdia_gpt_pieces(**model), J, sizes)
 
 
-__all__ = ["BDIAEntry", "BDIAExit", "BDIAStep", "NextTokenLoss", "TokenEmbedding", "bdia_gpt_pipeline", "bdia_pieces"]
+class TokenEmbedding(nn.Module):
+    """Deprecated: PETRA's GPT is :class:`revbits.models.GPT` cut by :func:`gpt_pieces` (its stem is
+    :class:`GPTStem`); this class goes in 0.3. x = E[tokens] + P[positions]."""
+
+    def __init__(self, vocab: int, d_model: int, max_len: int) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, d_model), nn.Embedding(max_len, d_model)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.tokens(tokens) + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
+
+
+class NextTokenLoss(LossStage):
+    """Deprecated: PETRA's GPT is :class:`revbits.models.GPT` cut by :func:`gpt_pieces` (its head is
+    :class:`GPTHead`); this class goes in 0.3. L = cross_entropy(W LayerNorm(x) + w, targets)."""
+
+    def __init__(self, vocab: int, d_model: int) -> None:
+        super().__init__()
+        self.norm, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab)
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(self.head(self.norm(x)).flatten(0, 1), target.flatten())
+
+
+__all__ = [
+    "BDIAEntry",
+    "BDIAExit",
+    "BDIAStep",
+    "GPTHead",
+    "GPTStem",
+    "NextTokenLoss",
+    "TokenEmbedding",
+    "bdia_gpt_pieces",
+    "bdia_gpt_pipeline",
+    "bdia_pieces",
+    "gpt_pieces",
+    "stack_pieces",
+]

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bdia import BDIAStack
 from ..models.vit import ViT
-from .bdia_pieces import bdia_pieces
+from .bdia_pieces import stack_pieces
 from .stages import LossStage, PlainStage
 
 
@@ -45,8 +44,5 @@ class ViTHead(LossStage):
 
 def vit_pieces(vit: ViT, seed: int = 0) -> list[nn.Module]:
     """Stem, BDIA entry and steps, exit and head of ``vit``, whose block stack must be a BDIAStack."""
-    if not isinstance(vit.stack, BDIAStack):
-        raise ValueError(f"PETRA needs the ViT's blocks in a BDIAStack (memory='bdia'), got {type(vit.stack).__name__}")
-    stem = PlainStage(ViTStem(vit), seed)
-    pieces, exit_piece = bdia_pieces(list(vit.stack.blocks), vit.stack.bits, vit.stack.gamma, seed)
-    return [stem, *pieces, exit_piece, ViTHead(vit)]
+    pieces, exit_piece = stack_pieces(vit, seed)
+    return [PlainStage(ViTStem(vit), seed), *pieces, exit_piece, ViTHead(vit)]
