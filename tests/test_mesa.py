@@ -11,7 +11,7 @@ import revbits
 from helpers import gpt_blocks
 from revbits.measure import measure_training_step
 from revbits.mesa import Compressor, MesaConfig, NonFiniteActivationError
-from revbits.mesa.quantizer import CODE_MAX, GroupLayout, dequantize, group_range, layout_for, quantize
+from revbits.mesa.quantizer import CODE_MAX, GroupLayout, dequantize, group_range, layout_for, quantize, quantize_codes
 from revbits.models import GPT, ViT
 from revbits.models.gpt import GPTConfig
 from revbits.models.vit import ViTConfig
@@ -36,7 +36,7 @@ def test_values_beyond_the_range_saturate_at_both_ends_and_never_wrap():
     x = torch.tensor([-100.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.004, 3.0, 1e6]).view(1, -1)
     low, high = torch.tensor([[-1.0]]), torch.tensor([[1.0]])
     generator = torch.Generator().manual_seed(0)
-    codes, step = quantize(x, low, high, generator)
+    codes, step = quantize_codes(x, low, high, generator)
     assert codes.dtype == torch.uint8
     assert codes[0, 0] == 0 and codes[0, 1] == 0  # below the range: the low end, not 255
     assert codes[0, -3:].tolist() == [CODE_MAX] * 3  # above: the high end; 1e6 does not wrap to a small code
@@ -62,7 +62,7 @@ def test_running_ranges_clamp_a_batch_that_outgrows_them():
 def test_a_constant_group_is_restored_without_dividing_by_zero():
     x = torch.full((2, 3, 64), 7.25)
     low, high = group_range(x, layout_for(x.shape, False, 64))
-    codes, step = quantize(x, low, high, torch.Generator().manual_seed(0))
+    codes, step = quantize_codes(x, low, high, torch.Generator().manual_seed(0))
     assert torch.equal(dequantize(codes, low, step, torch.float32), x)
 
 
@@ -84,15 +84,15 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
     generator = torch.Generator().manual_seed(0)
     total = torch.zeros_like(x)
     for _ in range(400):
-        codes, step = quantize(x, low, high, generator)
+        codes, step = quantize_codes(x, low, high, generator)
         total += dequantize(codes, low, step, torch.float32)
     bias = (total / 400 - x).abs().max().item()
     assert bias < 0.15 * step.item()  # six standard errors of a 400-draw mean
-    nearest_codes, _ = quantize(x, low, high, None)
+    nearest_codes, _ = quantize_codes(x, low, high, None)
     assert (dequantize(nearest_codes, low, step, torch.float32) - x).abs().max() <= step.item() / 2 + 1e-7
-    a = quantize(x, low, high, torch.Generator().manual_seed(5))[0]
-    b = quantize(x, low, high, torch.Generator().manual_seed(5))[0]
-    c = quantize(x, low, high, torch.Generator().manual_seed(6))[0]
+    a = quantize_codes(x, low, high, torch.Generator().manual_seed(5))[0]
+    b = quantize_codes(x, low, high, torch.Generator().manual_seed(5))[0]
+    c = quantize_codes(x, low, high, torch.Generator().manual_seed(6))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -333,3 +333,9 @@ def test_sparse_tensors_are_kept_as_they_are():
     out.backward()
     assert compressor.report.kept["layout"].count >= 1
     assert torch.allclose(dense.grad, torch.ones(64, 64))
+
+
+def test_mesa_quantiser_has_its_own_name():
+    """revbits.quantize is BDIA's grid Q; Mesa's 8-bit quantiser is quantize_codes (its old name an alias)."""
+    assert quantize is quantize_codes
+    assert revbits.quantize is not quantize_codes and revbits.quantize.__module__ == "revbits.bdia.fixedpoint"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .policy import OpTracker, exact_reason
-from .quantizer import dequantize, group_range, layout_for, quantize
+from .quantizer import dequantize, group_range, layout_for, quantize_codes
 from .report import MesaReport
 
 RANGE_SOURCES = ("batch", "ema")
@@ -192,7 +192,7 @@ class Compressor:
             if self.config.ranges == "ema":
                 low, high = self._update_running(site, low, high)
             generator = self._generator(tensor.device) if self.config.stochastic else None
-            codes, step = quantize(tensor, low, high, generator)
+            codes, step = quantize_codes(tensor, low, high, generator)
         return PackedActivation(codes, low, step, tensor.dtype)
 
     def _update_running(self, site: str, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

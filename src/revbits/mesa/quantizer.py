@@ -118,10 +118,11 @@ def random_bytes(shape: torch.Size, generator: torch.Generator, device: torch.de
     return words.view(torch.uint8)[:n].view(shape)
 
 
-def quantize(
+def quantize_codes(
     x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (uint8, the shape of x) and the fp32 step per group.
+    """Codes (uint8, the shape of x) and the fp32 step per group: Mesa's 8-bit quantiser (not the BDIA grid
+    Q of :func:`revbits.bdia.fixedpoint.quantize`).
 
     The dither u is (k + 1/2) / 256 with k a uniform random byte from ``generator``: unbiased to
     1/512 of a step, at a quarter of the memory of fp32 noise. ``generator=None`` rounds to
@@ -140,6 +141,9 @@ def quantize(
             scaled.add_(random_bytes(part.shape, generator, x.device), alpha=1 / 256)
         codes[rows] = scaled.clamp_(0, CODE_MAX)  # the conversion truncates, which is the floor here
     return codes, step
+
+
+quantize = quantize_codes  # Deprecated: renamed quantize_codes (revbits.quantize is BDIA's grid); goes in 0.3
 
 
 def dequantize(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
