@@ -70,7 +70,7 @@ class BDIAMesaStack(BDIAStack):
 
     The forward, the rebuilt states and their checks are those of BDIA, bit for bit; only the gradients of
     the block internals see the rounding. ``stack.compressor.report`` describes the last training step's
-    recomputation; a NaN or inf in a recomputed activation raises at the end of the backward (block 0).
+    recomputation; a NaN or inf in a recomputed activation raises at the end of the stack's backward.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], config: MesaConfig | None = None, **options: Any) -> None:
@@ -79,10 +79,13 @@ class BDIAMesaStack(BDIAStack):
 
     def _saving_in_8_bits(self, k: int) -> contextlib.AbstractContextManager:
         """Block k's recomputation saves through the compressor, its running ranges keyed by block."""
-        return self.compressor.saving(namespace=f"block{k}", check=k == 0)
+        return self.compressor.saving(namespace=f"block{k}", check=False)
 
     def _reversible_step_starts(self) -> None:
         self.compressor.report.clear()  # it will describe this step's recomputation
+
+    def _reversible_backward_ends(self) -> None:
+        self.compressor.raise_if_nonfinite()  # one host sync for the whole backward
 
 
 def stack(blocks: Sequence[nn.Module], memory: str = "standard", **options: Any) -> nn.Module:

@@ -82,6 +82,7 @@ class _Plan:
     verify: bool
     preserve_rng: bool
     recompute_context: RecomputeContext | None = None  # entered around each recomputation of a block
+    backward_ends: Callable[[], None] | None = None  # called once the backward has rebuilt every state
     signs: PackedBits | None = None
     split: BatchSplit | None = None  # the batch chunks every block runs on (bdia.chunks)
     planes: list[list[PackedBits] | None] = field(default_factory=list)  # per block, one per chunk
@@ -236,6 +237,8 @@ class _BDIAFunction(torch.autograd.Function):
                 mismatches.append(torch.stack(block0).any())
             g_after, g_next, gamma_after = g_next, g_cur, g
         _raise_on_mismatch(plan, mismatches)
+        if plan.backward_ends is not None:
+            plan.backward_ends()
         return (None, g_next, *grads.args, *grads.params)
 
 
@@ -483,11 +486,18 @@ class BDIAStack(nn.Module):
             return self._forward_reversible(x0, call, signs)
         return self._forward_plain(x0, call, signs)
 
+    # Hooks for subclasses whose recompute context keeps state of its own (revbits.stack's bdia+mesa); here
+    # they serve the deprecated recompute_compressor.
+
     def _reversible_step_starts(self) -> None:
-        """Called by every reversible forward with grad before it runs: a hook for subclasses that compose
-        a recompute context with state of its own (revbits.stack's bdia+mesa)."""
-        if self.compressor is not None:  # the deprecated recompute_compressor: its report describes this step
+        """Called by every reversible forward with grad, before it runs."""
+        if self.compressor is not None:  # its report describes this step's recomputation
             self.compressor.report.clear()
+
+    def _reversible_backward_ends(self) -> None:
+        """Called at the end of every reversible backward, once every state is rebuilt and checked."""
+        if self.compressor is not None:
+            self.compressor.raise_if_nonfinite()
 
     # -- the three paths ------------------------------------------------------------------------
 
@@ -569,6 +579,7 @@ class BDIAStack(nn.Module):
             verify=self.verify,
             preserve_rng=self.preserve_rng_state,
             recompute_context=self.recompute_context,
+            backward_ends=self._reversible_backward_ends,
             signs=pack_bits(signs > 0),
             split=_split(self.batch_chunks, x0, args, self.blocks),
             autocast=(
@@ -609,9 +620,9 @@ def _check_args(args: BlockArguments) -> None:
 
 def _compressor_context(compressor: Any) -> RecomputeContext:
     """The recompute context of the deprecated ``recompute_compressor=``: each block saves its recomputed graph
-    through ``compressor.saving`` (keyed by block), and the last one, block 0, raises if any held NaN or inf."""
+    through ``compressor.saving``, keyed by block; :meth:`BDIAStack._reversible_backward_ends` checks for NaN."""
 
     def context(k: int) -> contextlib.AbstractContextManager:
-        return compressor.saving(namespace=f"block{k}", check=k == 0)
+        return compressor.saving(namespace=f"block{k}", check=False)
 
     return context
