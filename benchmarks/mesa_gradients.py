@@ -23,14 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from report import write_results
+from report import experiment_config, write_results
 from revbits.train import TrainConfig
 from revbits.train.tasks import make_task
 
-CONFIGS = {
-    "gpt": TrainConfig(model="gpt", n_layer=6, n_head=4, d_model=128, block_size=128, batch_size=16, dropout=0.1),
-    "vit": TrainConfig(model="vit", n_layer=6, n_head=4, d_model=128, patch_size=4, batch_size=64, dropout=0.1),
-}
+CONFIGS = {name: experiment_config(f"mesa-gradients-{name}") for name in ("gpt", "vit")}  # benchmarks/configs/
 PAIRS = [
     ("standard", "mesa", {}),
     ("standard", "mesa", {"mesa_ranges": "ema"}),

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from report import train_briefly, write_results
+from report import experiment_config, train_briefly, write_results
 from revbits.measure import measure_training_step
 from revbits.revrnn import make_rnn
 from revbits.train import TrainConfig
 
-BASE = TrainConfig(model="rnnlm", memory="reversible", d_model=256, n_layer=2, block_size=35, batch_size=32, lr=3e-3)
+BASE = experiment_config("revrnn-memory")  # benchmarks/configs/revrnn-memory.toml
 
 
 def buffer_accounting(model, batch) -> dict:

@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 
-from report import write_results
+from report import experiment_config, write_results
 from revbits.revrnn import make_rnn
 from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
 from revbits.train.tasks import make_task
 
-RNNLM = TrainConfig(model="rnnlm", d_model=256, n_layer=2, block_size=35, batch_size=32, dropout=0.2)
-TRANSLATOR = TrainConfig(
-    model="rnn-translator", d_model=128, n_layer=1, attention_slice=16, block_size=64, batch_size=32, dropout=0.2
-)
+RNNLM = experiment_config("revrnn-speed-rnnlm")  # benchmarks/configs/revrnn-speed-*.toml
+TRANSLATOR = experiment_config("revrnn-speed-rnn-translator")
 
 
 def median_step_seconds(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], repeats: int) -> float:

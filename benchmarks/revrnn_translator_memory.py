@@ -25,22 +25,11 @@ from pathlib import Path
 
 import torch
 
-from report import train_briefly, write_results
+from report import experiment_config, train_briefly, write_results
 from revbits.measure import measure_training_step
-from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
 
-BASE = TrainConfig(
-    model="rnn-translator",
-    memory="reversible",
-    d_model=256,
-    n_layer=1,
-    attention_slice=20,
-    batch_size=32,
-    block_size=64,
-    lr=3e-3,
-    dropout=0.2,
-)
+BASE = experiment_config("revrnn-translator-memory")  # benchmarks/configs/revrnn-translator-memory.toml
 
 
 def bit_accounting(model, batch) -> dict:

@@ -58,6 +58,22 @@ def old_pretrain_argv(start: Path, run: Path, steps: int) -> list[str]:
     return argv
 
 
+# The measurement scripts: (script, its name for the setting) -> the literal.
+MEASURED = {
+    ("mesa_gradients", "gpt"): dict(model="gpt", n_layer=6, n_head=4, d_model=128, block_size=128, batch_size=16,
+                                    dropout=0.1),
+    ("mesa_gradients", "vit"): dict(model="vit", n_layer=6, n_head=4, d_model=128, patch_size=4, batch_size=64,
+                                    dropout=0.1),
+    ("revrnn_memory", "BASE"): dict(model="rnnlm", memory="reversible", d_model=256, n_layer=2, block_size=35,
+                                    batch_size=32, lr=3e-3),
+    ("revrnn_translator_memory", "BASE"): dict(model="rnn-translator", memory="reversible", d_model=256, n_layer=1,
+                                               attention_slice=20, batch_size=32, block_size=64, lr=3e-3, dropout=0.2),
+    ("revrnn_speed", "RNNLM"): dict(model="rnnlm", d_model=256, n_layer=2, block_size=35, batch_size=32, dropout=0.2),
+    ("revrnn_speed", "TRANSLATOR"): dict(model="rnn-translator", d_model=128, n_layer=1, attention_slice=16,
+                                         block_size=64, batch_size=32, dropout=0.2),
+}
+MEASURED_FILES = ["mesa-gradients-gpt", "mesa-gradients-vit", "revrnn-memory", "revrnn-translator-memory",
+                  "revrnn-speed-rnnlm", "revrnn-speed-rnn-translator"]
 # benchmarks/run_model_memory.sh's flags.
 MODEL_MEMORY = {
     "vit": "--model vit --n-layer 6 --d-model 128 --patch-size 4 --batch-size 128",
@@ -79,6 +95,7 @@ def test_every_config_file_is_read_by_revbits_train_and_used_by_a_script():
     files = sorted(CONFIGS.glob("*.toml"))
     expected = [f"quality-{n}" for n in QUALITY] + [f"petra-accuracy-{n}" for n in PETRA]
     expected += ["hf-llama-finetune", "hf-llama-pretrain"] + [f"model-memory-{n}" for n in MODEL_MEMORY]
+    expected += MEASURED_FILES
     assert sorted(f.stem for f in files) == sorted(expected)
     for path in files:
         config = from_command_line("--config", path)
@@ -99,6 +116,13 @@ def test_petra_accuracy_models_are_the_former_literals(monkeypatch):
     assert list(petra_accuracy.MODELS) == list(PETRA)
     for name, literal in PETRA.items():
         assert petra_accuracy.MODELS[name] == TrainConfig(**literal), name
+
+
+@pytest.mark.parametrize("name, setting", MEASURED)
+def test_measurement_settings_are_the_former_literals(monkeypatch, name, setting):
+    module = script(name, monkeypatch)
+    got = module.CONFIGS[setting] if name == "mesa_gradients" else getattr(module, setting)
+    assert got == TrainConfig(**MEASURED[name, setting])
 
 
 @pytest.mark.parametrize("name, table", [("quality", QUALITY), ("petra_accuracy", PETRA)])
