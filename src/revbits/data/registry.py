@@ -28,6 +28,9 @@ class Dataset:
     - ``verify(folder)``: raises ``DataFormatError`` unless ``folder`` holds good copies of ``files``.
     - ``loader``: the function that reads the cached data set (``load(name, ...)`` calls it).
     - ``needs``: one sentence for the user, saying what fetching requires.
+    - ``format``: the version of what the sources make of the raw data (e.g. of a text filter), or "".
+      The manifest records it; a cached copy made under another one counts as stale: loaders refuse
+      it and ``fetch`` makes it again.
     """
 
     name: str
@@ -37,6 +40,7 @@ class Dataset:
     verify: Callable[[Path], None]
     loader: Callable[..., Any]
     needs: str
+    format: str = ""
 
 
 _REGISTRY: dict[str, Dataset] = {}
@@ -69,6 +73,20 @@ def is_cached(name: str) -> bool:
     return all((folder / rel).is_file() for rel in get(name).files)
 
 
+def stale(dataset: Dataset) -> str | None:
+    """Why the cached copy of ``dataset`` was made under another ``format`` than the current one (None if not)."""
+    manifest = read_manifest(dataset.name)
+    made = (manifest or {}).get("notes", {}).get("format", "")
+    if not dataset.format or manifest is None or made == dataset.format:
+        return None
+    return f"its files were made by format {made or '(none recorded)'}, this revbits makes {dataset.format!r}"
+
+
+def _problems(dataset: Dataset, full: bool = False) -> list[str]:
+    """What is wrong with the cached copy of ``dataset``: a stale format, then each damaged file."""
+    return [reason for reason in [stale(dataset)] if reason] + check_files(dataset.name, dataset.files, full)
+
+
 def fetch_command(name: str) -> str:
     """The shell command that fetches a data set."""
     return f"revbits data fetch {name}"
@@ -85,7 +103,7 @@ def require(name: str) -> Path:
             f"{dataset.needs}\n"
             f"(the cache folder is $REVBITS_DATA, or ~/.cache/revbits when that is not set)"
         )
-    problems = check_files(name, dataset.files)
+    problems = _problems(dataset)
     if problems:
         raise DataFormatError(f"data set {name!r}: {problems[0]}; fetch it again with: {fetch_command(name)} --force")
     return dataset_dir(name)
@@ -100,7 +118,7 @@ def verify(name: str) -> list[str]:
         return [f"not cached (missing {', '.join(missing)})"]
     if not (dataset_dir(name) / MANIFEST).exists():
         return [f"no {MANIFEST}: the files were put there by hand and cannot be checked"]
-    return check_files(name, dataset.files, full=True)
+    return _problems(dataset, full=True)
 
 
 def _install(dataset: Dataset, staging: Path, source: Source, notes: dict[str, str]) -> Path:
@@ -110,6 +128,7 @@ def _install(dataset: Dataset, staging: Path, source: Source, notes: dict[str, s
     (folder / MANIFEST).unlink(missing_ok=True)  # no manifest may describe a half-replaced set
     for rel in dataset.files:
         atomic_move(staging / rel, folder / rel)
+    notes = {**notes, "format": dataset.format} if dataset.format else notes
     write_manifest(dataset.name, source.name, {rel: folder / rel for rel in dataset.files}, notes)
     return folder
 
@@ -124,10 +143,10 @@ def fetch(name: str, force: bool = False, log: Callable[[str], None] | None = No
     dataset = get(name)
     say = log or (lambda message: None)
     if is_cached(name) and not force:
-        problems = check_files(name, dataset.files)
+        problems = _problems(dataset)
         if not problems:
             return dataset_dir(name)
-        say(f"{name}: the cached copy is damaged ({problems[0]}); fetching it again")
+        say(f"{name}: the cached copy is outdated or damaged ({problems[0]}); fetching it again")
     root = data_root()
     root.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -173,7 +192,7 @@ def describe(name: str) -> dict[str, Any]:
     else:
         source = manifest.get("source")
     size = sum((folder / rel).stat().st_size for rel in dataset.files) if cached else 0
-    problems = check_files(name, dataset.files, full=False) if cached else []
+    problems = _problems(dataset) if cached else []
     return {
         "name": name,
         "description": dataset.description,
