@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from report import mean_std, write_results
+from revbits.data import wiki
 from revbits.measure import measure_training_step
 from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
@@ -83,10 +84,16 @@ def quality_row(config: TrainConfig, arm: str, runs: Path, data: str) -> dict:
     return row
 
 
+def setting(config: TrainConfig) -> dict:
+    """What the quality rows are saved under: the run's configuration and the format of the extracted text."""
+    return replace(config, out="").to_dict() | {"data_format": wiki.FORMAT}
+
+
 def same_setting(saved: dict | None, current: dict) -> bool:
     """Whether rows saved under ``saved`` came from the setting ``current`` (options added to
-    TrainConfig since, absent from ``saved``, are at their defaults and do not count)."""
-    return saved is None or all(current.get(k) == v for k, v in saved.items())
+    TrainConfig since, absent from ``saved``, are at their defaults and do not count; a setting
+    without ``data_format`` is from the text of the earlier, hand-written wikitext filter)."""
+    return saved is None or all(current.get(k) == v for k, v in {"data_format": None, **saved}.items())
 
 
 DATA = {"full": None, "small": 20_000, "tiny": 5_000}  # training tokens: the whole split, or the first N
@@ -273,11 +280,11 @@ def main() -> None:
                 for memory in args.modes:
                     row = quality_row(replace(config, seed=seed), memory, args.runs, data)
                     saved = json.loads(results.read_text()) if results.exists() else {"configs": {}, "rows": []}
-                    if not same_setting(saved["configs"].get(data), replace(config, out="").to_dict()):
+                    if not same_setting(saved["configs"].get(data), setting(config)):
                         saved["rows"] = [r for r in saved["rows"] if r["data"] != data]  # another setting's rows
                     key = (data, memory, seed)
                     saved["rows"] = [r for r in saved["rows"] if (r["data"], r["memory"], r["seed"]) != key] + [row]
-                    saved["configs"][data] = replace(config, out="").to_dict()
+                    saved["configs"][data] = setting(config)
                     write_results(results.with_suffix(""), saved, quality_table(saved["rows"]))
     if "memory" in args.parts:
         result = memory_part(args)
