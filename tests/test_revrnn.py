@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import relative_error
-from revbits.revrnn import RevGRU, RevLSTM, StateRangeError
+from revbits.revrnn import RevGRU, RevLSTM, StateRangeError, make_rnn, run_readout
 from revbits.revrnn.cells import to_float
 from revbits.revrnn.layers import _Run
 
@@ -197,3 +197,45 @@ def test_a_state_beyond_the_fixed_point_range_is_an_error():
                 linear.bias.fill_(50.0)  # forget gates open, input gates open: c grows by 1 per step
     with pytest.raises(StateRangeError, match="fixed-point range"):
         rnn(torch.randn(300, 1, 4), (torch.zeros(1, 1, 8), torch.full((1, 1, 8), 200.0)))
+
+
+class Unwrapped(torch.nn.Module):
+    """The same RNN seen as any other RNN, so run_readout takes its generic path."""
+
+    def __init__(self, rnn: torch.nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, state):
+        return self.rnn(x, state)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_the_rnn_switch_runs_a_readout_inside_the_loop_or_after_with_the_same_result(cell):
+    rnn = make_rnn(cell, "reversible", 12, 2, 3)
+    torch.manual_seed(5)
+    readout = ContextLoss(12, 4, 7)
+    x = torch.randn(3, 9, 12, requires_grad=True)
+    context = torch.randn(3, 5, 4)
+    targets = torch.randint(7, (9, 3))
+    full = torch.tensor([9, 9, 9])  # every step real: torch's RNNs run them all
+    results = []
+    for runner in (rnn, Unwrapped(rnn)):  # inside the reversible loop, then after the whole sequence
+        for t in (x, *rnn.parameters(), *readout.parameters()):
+            t.grad = None
+        losses = run_readout(runner, x, None, readout, (context, targets), full)
+        assert losses.shape == (3, 9)
+        losses.sum().backward()
+        grads = [x.grad, *(p.grad for p in (*rnn.parameters(), *readout.parameters()))]
+        results.append((losses.detach(), [g.clone() for g in grads]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert max(relative_error(a, b) for a, b in zip(grads_a, grads_b)) <= 1e-5
+    assert isinstance(make_rnn(cell, "standard", 12, 2, 3), torch.nn.GRU if cell == "gru" else torch.nn.LSTM)
+
+
+def test_the_rnn_switch_names_a_bad_cell_or_memory_mode():
+    with pytest.raises(ValueError, match="cell must be one of gru, lstm, got 'rnn'"):
+        make_rnn("rnn", "standard", 8, 1, 3)
+    with pytest.raises(ValueError, match="an RNN's memory mode is one of standard, reversible, got 'bdia'"):
+        make_rnn("gru", "bdia", 8, 1, 3)
