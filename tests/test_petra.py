@@ -26,6 +26,7 @@ from revbits.petra import (
     RevCouplingBlock,
     RevNetStage,
     SequentialStage,
+    Stage,
     StageFailure,
     backprop_reference,
     balanced_sizes,
@@ -117,11 +118,31 @@ def test_sequential_stage_reversible_iff_all_pieces_are():
     rev = SequentialStage([RevNetStage(8, blocks=2), RevNetStage(8)])
     assert rev.reversible
     x = torch.randn(2, 8, 5, 5)
-    assert relative_error(rev.invert(rev(x, 0), 0), x) <= 1e-6
+    assert relative_error(rev.inverse(rev(x, 0), 0), x) <= 1e-6
+    assert torch.equal(rev.invert(rev(x, 0), 0), rev.inverse(rev(x, 0), 0))  # the deprecated name
     mixed = SequentialStage([RevNetStage(8), PlainStage(nn.Identity())])
     assert not mixed.reversible
     with pytest.raises(NotImplementedError, match="PlainStage"):
-        mixed.invert(x, 0)
+        mixed.inverse(x, 0)
+    with pytest.raises(NotImplementedError, match="PlainStage is not reversible"):
+        PlainStage(nn.Identity()).inverse(x, 0)
+
+
+def test_a_stage_written_for_0_1_with_invert_still_inverts():
+    """0.1's Stage protocol named the inverse ``invert``; PETRA now calls ``inverse``, which falls back to it."""
+
+    class Halve(Stage):
+        reversible = True
+
+        def forward(self, x, micro_batch):
+            return x * 0.5
+
+        def invert(self, y, micro_batch):
+            return y * 2.0
+
+    x = torch.randn(3)
+    assert torch.equal(Halve().inverse(Halve()(x, 0), 0), x)
+    assert torch.equal(SequentialStage([Halve(), Halve()]).inverse(x * 0.25, 0), x)
 
 
 def test_plain_stage_replays_dropout_from_micro_batch():
@@ -235,7 +256,7 @@ def simulate_petra(stages: list[nn.Module], data: list, config: PetraConfig) -> 
                 grads = torch.autograd.grad(loss, [x, *params[j]])
             elif 0 <= (m := t - 2 * (J - 1) + j) < M:
                 y, delta = down[j].pop(m)
-                x = stage.invert(y, m) if stage.reversible else fifos[j].pop(m)
+                x = stage.inverse(y, m) if stage.reversible else fifos[j].pop(m)
                 x = x.detach().requires_grad_()
                 grads = torch.autograd.grad(stage(x, m), [x, *params[j]], delta)
             else:
@@ -346,7 +367,7 @@ def test_bdia_pieces_invert_bit_for_bit_with_dropout():
             assert torch.equal(y, states[k]), k
         assert torch.equal(pieces[0].inverse(y, 7), quantize(x, 9))
     assert all(not piece.in_flight for piece in pieces[1:])  # the residue bits were used up
-    assert BDIAStep.invert is BDIAStep.inverse and BDIAEntry.invert is BDIAEntry.inverse  # the Stage protocol's name
+    assert BDIAStep.invert is BDIAEntry.invert is Stage.invert  # the deprecated name calls inverse
 
 
 def tiny_gpt(memory: str = "bdia", dropout: float = 0.0) -> GPT:

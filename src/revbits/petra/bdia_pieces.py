@@ -60,8 +60,6 @@ class BDIAEntry(Stage):
         """x_0 = Q(x), the first state of the pair."""
         return y[0].clone()
 
-    invert = inverse  # the name of PETRA's Stage protocol
-
 
 class BDIAStep(Stage):
     """(x_{k-1}, x_k) -> (x_k, x_{k+1}) for block k >= 1; exact inverse from the kept residue bits."""
@@ -111,8 +109,6 @@ class BDIAStep(Stage):
         g = self.gamma_of(micro_batch, x_cur)
         y = self._block(x_cur, micro_batch)
         return _pair(self.step.inverse(x_next, x_cur, y, g, self.in_flight.pop(micro_batch)), x_cur)
-
-    invert = inverse  # the name of PETRA's Stage protocol
 
 
 class BDIAExit(Stage):

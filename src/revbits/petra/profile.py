@@ -66,7 +66,7 @@ def profile_piece(piece: nn.Module, x: Tensor, target: Tensor, head: bool, repea
     for _ in range(repeats + 1):
         if reversible:  # BDIA keeps its residue bits in the forward without graph, and uses them here
             y = forward_no_graph()
-            inversions.append(timed(lambda y=y: piece.invert(y, 0))[1])
+            inversions.append(timed(lambda y=y: piece.inverse(y, 0))[1])
         out = graph()
         backwards.append(timed(lambda out=out: out.backward(None if head else torch.ones_like(out)))[1])
         piece.zero_grad(set_to_none=True)

@@ -44,7 +44,7 @@ class RevNetStage(Stage):
     def forward(self, x: Tensor, micro_batch: int) -> Tensor:
         return self._forward(x)
 
-    def invert(self, y: Tensor, micro_batch: int) -> Tensor:
+    def inverse(self, y: Tensor, micro_batch: int) -> Tensor:
         return self._invert(y)
 
 

@@ -195,7 +195,7 @@ class StageWorker:
         g = self.first + m
         if self.stage.reversible:
             with torch.no_grad():
-                x = self.stage.invert(y, g)
+                x = self.stage.inverse(y, g)
         else:
             queued, x = self.fifo.popleft()
             if queued != m:

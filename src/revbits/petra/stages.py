@@ -24,8 +24,10 @@ class Stage(nn.Module):
 
     ``forward(x, micro_batch)`` computes F_j. Any randomness in it must be a function of ``micro_batch``
     (see :func:`seeded`), so that the recompute in the backward sees the same F_j as the forward.
-    Reversible stages also implement ``invert(y, micro_batch)``: x = F_j^{-1}(y) with the *current*
+    Reversible stages also implement ``inverse(y, micro_batch)``: x = F_j^{-1}(y) with the *current*
     weights, under no_grad. PETRA keeps no input for them; other stages keep their input in a FIFO.
+    ``invert`` is the deprecated name of ``inverse`` (until 0.3); a stage that still defines ``invert``
+    keeps working.
     """
 
     reversible: bool = False
@@ -33,8 +35,14 @@ class Stage(nn.Module):
     def forward(self, x: Tensor, micro_batch: int) -> Tensor:
         raise NotImplementedError
 
-    def invert(self, y: Tensor, micro_batch: int) -> Tensor:
+    def inverse(self, y: Tensor, micro_batch: int) -> Tensor:
+        if type(self).invert is not Stage.invert:  # a stage written for 0.1, which named it invert
+            return self.invert(y, micro_batch)
         raise NotImplementedError(f"{type(self).__name__} is not reversible")
+
+    def invert(self, y: Tensor, micro_batch: int) -> Tensor:
+        """Deprecated name of :meth:`inverse`; it goes in 0.3."""
+        return self.inverse(y, micro_batch)
 
 
 class LossStage(nn.Module):
@@ -87,12 +95,12 @@ class SequentialStage(Stage):
         return x
 
     @torch.no_grad()
-    def invert(self, y: Tensor, micro_batch: int) -> Tensor:
+    def inverse(self, y: Tensor, micro_batch: int) -> Tensor:
         if not self.reversible:
             kinds = ", ".join(type(p).__name__ for p in self.pieces if not p.reversible)
             raise NotImplementedError(f"this stage is not reversible: it contains {kinds}")
         for piece in reversed(self.pieces):
-            y = piece.invert(y, micro_batch)
+            y = piece.inverse(y, micro_batch)
         return y
 
 

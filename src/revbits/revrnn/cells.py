@@ -142,7 +142,7 @@ class RevGRUCell(nn.Module):
         return [h1, h2], [f1, f2]
 
     @torch.no_grad()
-    def reverse(self, buffer, x, state, active):
+    def inverse(self, buffer, x, state, active):
         """The state before :meth:`step`, from the state after it (int64, bit for bit)."""
         h1, h2 = state
         _, n, add = self.half_terms(1, x, to_float(h1, x.dtype))
@@ -150,6 +150,8 @@ class RevGRUCell(nn.Module):
         _, n, add = self.half_terms(0, x, to_float(h2, x.dtype))
         h1 = exact_reverse(buffer, h1, n, add, active)
         return [h1, h2]
+
+    reverse = inverse  # Deprecated name (one name for the inverse across revbits); goes in 0.3
 
 
 class RevLSTMCell(nn.Module):
@@ -195,8 +197,11 @@ class RevLSTMCell(nn.Module):
         return h, c
 
     @torch.no_grad()
-    def reverse(self, buffer, x, state, active):
+    def inverse(self, buffer, x, state, active):
+        """The state before :meth:`step`, from the state after it (int64, bit for bit)."""
         h1, h2, c1, c2 = state
         h2, c2 = self._reverse_half(1, buffer, x, to_float(h1, x.dtype), h2, c2, active)
         h1, c1 = self._reverse_half(0, buffer, x, to_float(h2, x.dtype), h1, c1, active)
         return [h1, h2, c1, c2]
+
+    reverse = inverse  # Deprecated name (one name for the inverse across revbits); goes in 0.3

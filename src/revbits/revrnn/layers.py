@@ -155,7 +155,7 @@ class _ReversibleRNN(torch.autograd.Function):
                 else:
                     inputs = torch.cat([to_float(s, x.dtype) for s in run.states[layer - 1][:2]], -1)
                 after = run.states[layer]
-                before = cell.reverse(run.buffers[layer], inputs, after, active)
+                before = cell.inverse(run.buffers[layer], inputs, after, active)
                 with torch.enable_grad():
                     leaves = [to_float(s, x.dtype).requires_grad_() for s in before]
                     inputs = inputs.detach().requires_grad_()
