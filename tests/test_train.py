@@ -398,3 +398,29 @@ def test_the_timed_petra_split_is_measured_once_and_reused(tiny_data):
     assert len(list((tiny_data / "petra-splits").glob("*.json"))) == 2
     stored[0].write_text("{not json")  # a damaged record is measured again, not trusted
     assert sum(stage_sizes(config, data)) == 5
+
+
+@pytest.mark.parametrize("model", ["gpt", "vit", "revnet", "translator", "rnnlm", "rnn-translator"])
+def test_every_task_builds_its_registered_model_for_any_configuration_without_changing_itself(model):
+    from dataclasses import replace
+
+    from revbits.models import memory_modes
+    from revbits.train.config import TrainConfig
+    from revbits.train.tasks import TASKS
+
+    assert TASKS[model].name == model
+    config = TrainConfig(model=model, n_layer=2, n_head=2, d_model=16, block_size=16, patch_size=7, attention_slice=4)
+    task = make_task(config)
+    for memory in memory_modes(model):
+        other = replace(config, memory=memory)
+        torch.manual_seed(0)
+        built = task.build_model(other)
+        assert task.config is config  # nothing swapped
+        assert getattr(built.config, "memory", "standard") == memory
+        batch = task.train_batch(torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert torch.isfinite(task.loss(built.train(), batch))
+    torch.manual_seed(0)
+    default = task.build_model().state_dict()
+    torch.manual_seed(0)
+    given = task.build_model(config).state_dict()
+    assert all(torch.equal(default[k], given[k]) for k in default)
