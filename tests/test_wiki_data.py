@@ -114,6 +114,15 @@ def test_the_parser_keeps_articles_and_strips_the_markup():
         assert gone not in anarchy.text  # table, category, interlanguage link, picture, templates, reference
 
 
+@needs_gensim
+def test_iter_pages_gives_each_page_with_its_namespace_and_redirect_flag():
+    pages = list(wiki.iter_pages(io.BytesIO(dump_xml(PAGES))))
+    assert [(title, ns, redirect) for title, ns, redirect, _ in pages] == [
+        (title, ns, redirect) for title, ns, redirect, _ in PAGES
+    ]
+    assert pages[3][3] == PAGES[3][3]  # the wikitext, unescaped
+
+
 SECTIONS = """Lead paragraph, written
 over two lines.
 

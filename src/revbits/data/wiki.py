@@ -55,6 +55,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import BinaryIO, NamedTuple
@@ -210,26 +211,34 @@ def wikitext_to_text(wikitext: str) -> str:
 # --- the XML dump ----------------------------------------------------------------------------
 
 
-def _is_article(element: ElementTree.Element, namespace: str, text: str | None, **_: object) -> bool:
-    """gensim's ``filter_articles`` hook: a page that is not a redirect (namespace 0 is filtered apart)."""
-    return element.find(f"./{{{namespace}}}redirect") is None and (text or "").lstrip()[:9].upper() != "#REDIRECT"
+def iter_pages(stream: BinaryIO) -> Iterator[tuple[str, str, bool, str]]:
+    """``(title, namespace, is_redirect, wikitext)`` of each page of a MediaWiki XML dump, read by gensim's
+    ``extract_pages`` (a redirect has a ``<redirect>`` element or wikitext that starts ``#REDIRECT``)."""
+    page: dict[str, object] = {}
+
+    def look(element: ElementTree.Element, namespace: str, **_: object) -> bool:  # extract_pages' filter hook
+        page["ns"] = (element.findtext(f"./{{{namespace}}}ns") or "").strip()
+        page["redirect"] = element.find(f"./{{{namespace}}}redirect") is not None
+        return True
+
+    for title, wikitext, _ in _wikicorpus().extract_pages(stream, False, look):
+        redirect = bool(page["redirect"]) or wikitext.lstrip()[:9].upper() == "#REDIRECT"
+        yield (title or "").strip(), str(page["ns"]), redirect, wikitext
 
 
 def articles_from_dump(stream: BinaryIO, name: str = "dump") -> list[Article]:
-    """The non-empty articles (namespace 0, not redirects) of a bzip2-compressed XML dump, as plain text.
-
-    The pages come from gensim's ``extract_pages``.
-    """
-    wikicorpus = _wikicorpus()
+    """The non-empty articles (namespace 0, not redirects) of a bzip2-compressed XML dump, as plain text."""
+    _wikicorpus()  # gensim's absence is named as such, not as an unreadable dump
     articles = []
     try:
         with bz2.open(stream, "rb") as xml:
-            for title, wikitext, _ in wikicorpus.extract_pages(xml, ("0",), _is_article):
-                text = wikitext_to_text(wikitext) if wikitext else ""
-                if text:
-                    articles.append(Article(title, text))
+            pages = [(title, text) for title, ns, redirect, text in iter_pages(xml) if ns == "0" and not redirect]
     except (OSError, EOFError, ElementTree.ParseError, ValueError) as exc:  # bz2: OSError; gensim: ValueError
         raise SourceError(f"{name}: not a readable bzip2-compressed XML dump ({exc})") from exc
+    for title, wikitext in pages:
+        text = wikitext_to_text(wikitext)
+        if text:
+            articles.append(Article(title, text))
     if not articles:
         raise SourceError(f"{name}: holds no articles (namespace 0 pages that are not redirects)")
     return articles
