@@ -11,15 +11,17 @@
 from .bits import PackedBits, pack_bits, unpack_bits
 from .fixedpoint import exact_limit, quantize
 from .params import RecomputationError
-from .stack import BDIAStack, ReversibilityError
-from .step import BlockProtocolError, StreamRangeError
+from .stack import BDIAStack, RecomputeContext, ReversibilityError
+from .step import BlockProtocolError, Step, StreamRangeError
 
 __all__ = [
     "BDIAStack",
     "BlockProtocolError",
     "PackedBits",
     "RecomputationError",
+    "RecomputeContext",
     "ReversibilityError",
+    "Step",
     "StreamRangeError",
     "exact_limit",
     "pack_bits",
