@@ -57,13 +57,17 @@ class RevCouplingBlock(nn.Module):
         a, b = x.chunk(2, dim=1)
         return torch.cat([b + self.f(a), a], dim=1)
 
-    def invert(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor) -> Tensor:
         u, v = y.chunk(2, dim=1)
         return torch.cat([v, u - self.f(v)], dim=1)
 
+    def invert(self, y: Tensor) -> Tensor:
+        """Deprecated name of :meth:`inverse` (revbits 0.1); it goes in 0.3."""
+        return self.inverse(y)
+
 
 class CouplingStage(nn.Module):
-    """y = B_n(...B_1(x)) for coupling blocks B_i; ``invert``: x = B_1^{-1}(...B_n^{-1}(y))."""
+    """y = B_n(...B_1(x)) for coupling blocks B_i; ``inverse``: x = B_1^{-1}(...B_n^{-1}(y))."""
 
     def __init__(self, channels: int, blocks: int = 1) -> None:
         super().__init__()
@@ -75,9 +79,9 @@ class CouplingStage(nn.Module):
         return x
 
     @torch.no_grad()
-    def invert(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor) -> Tensor:
         for block in reversed(self.blocks):
-            y = block.invert(y)
+            y = block.inverse(y)
         return y
 
 

@@ -39,13 +39,13 @@ class RevNetStage(Stage):
         super().__init__()
         plain = channels if isinstance(channels, CouplingStage) else CouplingStage(channels, blocks)
         self.blocks = plain.blocks
-        self._forward, self._invert = plain.forward, plain.invert  # bound methods over the same blocks
+        self._forward, self._inverse = plain.forward, plain.inverse  # bound methods over the same blocks
 
     def forward(self, x: Tensor, micro_batch: int) -> Tensor:
         return self._forward(x)
 
     def inverse(self, y: Tensor, micro_batch: int) -> Tensor:
-        return self._invert(y)
+        return self._inverse(y)
 
 
 class ClassifierHead(LossStage):
