@@ -76,7 +76,8 @@ def untimed(record: dict) -> dict:
 def fingerprint_run(run_dir: Path) -> dict[str, str]:
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     tensors = load_file(str(run_dir / "checkpoints" / latest / "model.safetensors"))
-    weights = b"".join(k.encode() + tensors[k].contiguous().view(torch.uint8).numpy().tobytes() for k in sorted(tensors))
+    weights = b"".join(k.encode() + tensors[k].contiguous().view(torch.uint8).numpy().tobytes()
+                       for k in sorted(tensors))
     metrics = [untimed(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = json.loads(cli(["eval", str(run_dir), "--split", "valid"]))
     evaluated.pop("run")
