@@ -185,6 +185,10 @@ class TrainConfig:
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"train_subset must be at least 1, got {self.train_subset}")
 
+    def logs_at(self, step: int) -> bool:
+        """Whether the training loss of ``step`` is logged: every ``log_interval`` steps and the last."""
+        return step % self.log_interval == 0 or step == self.steps
+
     def stage_sizes(self) -> list[int] | None:
         """The pieces per PETRA stage that ``stage_split`` gives, or None for "time" and "params"."""
         if self.stage_split in ("time", "params"):

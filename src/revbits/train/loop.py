@@ -242,7 +242,7 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
             check_finite(step + 1, loss, grad_norm, model)
             step += 1
             window_items += task.items(batch)
-            if step % config.log_interval == 0 or step == config.steps:
+            if config.logs_at(step):
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,

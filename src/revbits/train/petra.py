@@ -331,8 +331,8 @@ def write_segment(
         raise DivergenceError(f"PETRA steps {begin + 1}-{end}: {cause}; lower --lr or check the data")
     metrics = MetricsLog(out / "metrics.jsonl")
     metrics.truncate_after(begin)
-    for step in range(begin + 1, end + 1):  # as the training loop logs: every log_interval steps and the last
-        if step % config.log_interval == 0 or step == config.steps:
+    for step in range(begin + 1, end + 1):  # as the training loop logs (TrainConfig.logs_at)
+        if config.logs_at(step):
             window = losses[(max(begin, step - config.log_interval) - begin) * k : (step - begin) * k]
             metrics.write({"step": step, "split": "train", "loss": sum(window) / len(window)})
     result: dict[str, Any] = {"step": end}
