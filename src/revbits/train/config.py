@@ -16,13 +16,13 @@ from ..bdia import BDIAStack
 from ..hf.convert import FINE_TUNING_GAMMA
 from ..mesa import MesaConfig
 from ..models import list_models
+from ..models import memory_modes as model_memory_modes
 from ..models.rnn_translator import RNNTranslatorConfig
 from ..petra.config import PetraConfig
 from ..revrnn import CELLS, FORGET_BITS, RNN_MEMORY_MODES
 from ..stack import MEMORY_MODES
 
 MODELS = (*list_models(), "hf")  # the registered models, and fine-tuning a Hugging Face model
-RNN_MODELS = ("rnnlm", "rnn-translator")
 PARALLEL = ("none", "petra")
 DEFAULT_DATA = {
     "gpt": "shakespeare",
@@ -34,13 +34,20 @@ DEFAULT_DATA = {
     "rnn-translator": "bible-en-fr",
 }
 ALL_MEMORY_MODES = (*MEMORY_MODES, *RNN_MEMORY_MODES[1:])
-# A RevNet is trained by plain backprop on one process; --parallel petra inverts its coupling stages.
-REVNET_MEMORY_MODES = ("standard",)
 
 
 def memory_modes(model: str) -> tuple[str, ...]:
-    """The memory modes ``model`` can be trained under."""
-    return RNN_MEMORY_MODES if model in RNN_MODELS else REVNET_MEMORY_MODES if model == "revnet" else MEMORY_MODES
+    """The memory modes ``model`` can be trained under: the model registry's (a RevNet trains by plain
+    backprop on one process, as --parallel petra inverts its coupling stages itself); a Hugging Face
+    model takes every mode of ``revbits.stack``."""
+    return model_memory_modes(model) if model in MODELS and model != "hf" else MEMORY_MODES
+
+
+def default_memory(model: str) -> str:
+    """The memory mode used when none is given: the model's reversible one (bdia, or reversible for the
+    RNN models), else its first."""
+    modes = memory_modes(model)
+    return next((mode for mode in ("bdia", "reversible") if mode in modes), modes[0])
 
 
 class ConfigError(ValueError):
@@ -111,7 +118,7 @@ class TrainConfig:
         if self.data is None:
             self.data = DEFAULT_DATA.get(self.model)
         if self.memory is None:
-            self.memory = "reversible" if self.model in RNN_MODELS else "standard" if self.model == "revnet" else "bdia"
+            self.memory = default_memory(self.model)
         if self.gamma is None:
             self.gamma = FINE_TUNING_GAMMA if self.model == "hf" else 0.5
         if self.forget_bits == 0 and not isinstance(self.forget_bits, bool):
