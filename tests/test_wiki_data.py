@@ -17,6 +17,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 
+from revbits.cli import main
 from revbits.data import FetchError, MissingDataError, Source, SourceError, cache, load_wiki_extract, registry, wiki
 from revbits.data.errors import DataFormatError
 
@@ -324,7 +325,7 @@ def test_a_corrupted_copy_is_rejected_by_its_sha256(tmp_path, monkeypatch):
         registry.fetch(wiki.NAME)
 
 
-def test_a_cache_made_by_another_filter_is_refused_by_loaders_and_made_again_by_fetch(monkeypatch, cache_dir):
+def test_a_cache_made_by_another_filter_is_refused_by_loaders_and_made_again_by_fetch(monkeypatch, cache_dir, capsys):
     made = []
 
     def source(staging: Path) -> dict[str, str]:  # stands for the dump: MIN_ARTICLES articles
@@ -348,6 +349,9 @@ def test_a_cache_made_by_another_filter_is_refused_by_loaders_and_made_again_by_
     )
     assert registry.verify(wiki.NAME)[0].startswith("its files were made by format (none recorded)")
     assert registry.describe(wiki.NAME)["damaged"].startswith("its files were made by format")
+    capsys.readouterr()
+    assert main(["data", "list"]) == 0
+    assert "  cached   OUT OF DATE: its files were made by format (none recorded)" in capsys.readouterr().out
 
     heard: list[str] = []
     registry.fetch(wiki.NAME, log=heard.append)  # no --force needed: an outdated copy is made again

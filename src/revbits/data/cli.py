@@ -42,7 +42,8 @@ def _list(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"\n{row['name']}: {row['description']}")
         if row["cached"] and row["damaged"]:
-            print(f"  cached   DAMAGED: {row['damaged']}")
+            label = "OUT OF DATE" if registry.stale(registry.get(row["name"])) else "DAMAGED"
+            print(f"  cached   {label}: {row['damaged']}")
             print(f"           get it again with: {registry.fetch_command(row['name'])} --force")
         elif row["cached"]:
             print(f"  cached   yes, {_size(row['size'])}, in {row['path']}")
