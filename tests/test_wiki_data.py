@@ -349,6 +349,7 @@ def test_a_cache_made_by_another_filter_is_refused_by_loaders_and_made_again_by_
     )
     assert registry.verify(wiki.NAME)[0].startswith("its files were made by format (none recorded)")
     assert registry.describe(wiki.NAME)["damaged"].startswith("its files were made by format")
+    assert registry.describe(wiki.NAME)["out_of_date"] is True
     capsys.readouterr()
     assert main(["data", "list"]) == 0
     assert "  cached   OUT OF DATE: its files were made by format (none recorded)" in capsys.readouterr().out
@@ -359,7 +360,7 @@ def test_a_cache_made_by_another_filter_is_refused_by_loaders_and_made_again_by_
     assert cache.read_manifest(wiki.NAME)["notes"]["format"] == wiki.FORMAT
     assert load_wiki_extract("all")[0] == "New text 0." != old[0].text
     registry.fetch(wiki.NAME)  # now current: nothing is fetched
-    assert len(made) == 1 and registry.verify(wiki.NAME) == []
+    assert len(made) == 1 and registry.verify(wiki.NAME) == [] and registry.describe(wiki.NAME)["out_of_date"] is False
 
 
 def test_the_real_fetch_from_the_installed_gensim(cache_dir):

@@ -42,7 +42,7 @@ def _list(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"\n{row['name']}: {row['description']}")
         if row["cached"] and row["damaged"]:
-            label = "OUT OF DATE" if registry.stale(registry.get(row["name"])) else "DAMAGED"
+            label = "OUT OF DATE" if row["out_of_date"] else "DAMAGED"
             print(f"  cached   {label}: {row['damaged']}")
             print(f"           get it again with: {registry.fetch_command(row['name'])} --force")
         elif row["cached"]:

@@ -198,6 +198,7 @@ def describe(name: str) -> dict[str, Any]:
         "description": dataset.description,
         "cached": cached,
         "damaged": problems[0] if problems else None,
+        "out_of_date": cached and stale(dataset) is not None,
         "path": str(folder),
         "source": source,
         "fetched_at": manifest.get("fetched_at") if manifest else None,
