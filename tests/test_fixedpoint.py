@@ -85,28 +85,26 @@ def test_grid_codes_are_the_integers_of_the_grid():
 
 
 @pytest.mark.parametrize(
-    "old, new",
+    "old",
     [
-        ("revbits.fixedpoint", "revbits.bdia.fixedpoint"),
-        ("revbits.bits", "revbits.bdia.bits"),
-        ("revbits.bdia_ops", "revbits.bdia.step"),
-        ("revbits.bdia_params", "revbits.bdia.params"),
-        ("revbits.bdia_args", "revbits.bdia.args"),
-        ("revbits.bdia_compile", "revbits.bdia.compile"),
-        ("revbits.bdia_chunks", "revbits.bdia.chunks"),
-        ("revbits.info_buffer", "revbits.revrnn.info_buffer"),
-        ("revbits.petra.vit", "revbits.petra.vit_pieces"),
+        "revbits.fixedpoint",
+        "revbits.bits",
+        "revbits.bdia_ops",
+        "revbits.bdia_params",
+        "revbits.bdia_args",
+        "revbits.bdia_compile",
+        "revbits.bdia_chunks",
+        "revbits.info_buffer",
+        "revbits.memory",
+        "revbits.petra.vit",
+        "revbits.train.hf_task",
+        "revbits.train.task_base",
+        "revbits.train.schedule",
     ],
 )
-def test_the_old_module_paths_still_give_the_same_objects(old, new):
-    """0.2 moved these modules; the old paths re-export the very same objects until 0.3."""
+def test_the_0_1_module_paths_are_gone(old):
+    """0.3 removed the aliases 0.2 kept for the 0.1 paths (CHANGELOG lists each with its new path)."""
     import importlib
 
-    old_module, new_module = importlib.import_module(old), importlib.import_module(new)
-    assert old_module.__doc__.startswith(f"Deprecated: moved to :mod:`{new}`")
-    assert old_module.__all__
-    for name in old_module.__all__:
-        if old == "revbits.bits" and name == "InfoBuffer":  # it went to revrnn, with the RNNs that use it
-            assert old_module.InfoBuffer is importlib.import_module("revbits.revrnn.info_buffer").InfoBuffer
-            continue
-        assert getattr(old_module, name) is getattr(new_module, name), name
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)

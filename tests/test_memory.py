@@ -101,16 +101,3 @@ def test_views_of_tensors_made_outside_are_not_counted():
         batch = outside[:8].view(8, 4)  # a view: no allocation
         out = batch * 2  # 128 bytes
     assert tracker.current["activations"] == out.nbytes
-
-
-def test_old_module_path_is_the_same_objects():
-    """``revbits.memory`` (deprecated in 0.2, goes in 0.3) re-exports ``revbits.measure`` without a warning."""
-    import warnings
-
-    import revbits.measure as measure
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        import revbits.memory as memory
-    assert all(getattr(memory, name) is getattr(measure, name) for name in memory.__all__)
-    assert {"LiveBytes", "measure_training_step", "tracking"} <= set(memory.__all__)

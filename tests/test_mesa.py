@@ -11,7 +11,7 @@ import revbits
 from helpers import gpt_blocks
 from revbits.measure import measure_training_step
 from revbits.mesa import Compressor, MesaConfig, NonFiniteActivationError
-from revbits.mesa.quantizer import CODE_MAX, GroupLayout, dequantize, group_range, layout_for, quantize, quantize_codes
+from revbits.mesa.quantizer import CODE_MAX, GroupLayout, dequantize, group_range, layout_for, quantize_codes
 from revbits.models import GPT, ViT
 from revbits.models.gpt import GPTConfig
 from revbits.models.vit import ViTConfig
@@ -336,6 +336,6 @@ def test_sparse_tensors_are_kept_as_they_are():
 
 
 def test_mesa_quantiser_has_its_own_name():
-    """revbits.quantize is BDIA's grid Q; Mesa's 8-bit quantiser is quantize_codes (its old name an alias)."""
-    assert quantize is quantize_codes
+    """revbits.quantize is BDIA's grid Q; Mesa's 8-bit quantiser is quantize_codes."""
+    assert not hasattr(revbits.mesa.quantizer, "quantize")  # the 0.2 alias is gone
     assert revbits.quantize is not quantize_codes and revbits.quantize.__module__ == "revbits.bdia.fixedpoint"

@@ -226,7 +226,6 @@ def test_vit_rejects_wrong_image_shape():
 
 
 def test_revnet_petra_pieces_share_the_models_modules_and_names():
-    from revbits.petra import RevNet as OldRevNet
     from revbits.petra.revnet import revnet_pieces
 
     model = build("revnet", "standard")
@@ -241,6 +240,3 @@ def test_revnet_petra_pieces_share_the_models_modules_and_names():
     for piece in pieces[:-1]:
         x = piece(x, 0)
     assert torch.equal(pieces[-1](x, targets), model(*inputs, targets=targets).loss)
-    torch.manual_seed(0)
-    old = OldRevNet(1, 8, (1, 1), num_classes=5)  # the 0.1 signature, kept until 0.3
-    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), model.state_dict().values()))

@@ -19,14 +19,11 @@ from helpers import relative_error
 from revbits.bdia.fixedpoint import quantize
 from revbits.models import GPT, GPTConfig, TransformerBlock
 from revbits.petra import (
-    BDIAEntry,
-    BDIAStep,
     PetraConfig,
     PlainStage,
     RevCouplingBlock,
     RevNetStage,
     SequentialStage,
-    Stage,
     StageFailure,
     backprop_reference,
     balanced_sizes,
@@ -107,7 +104,7 @@ def test_coupling_block_inverts_and_passes_half_through_bitwise():
     y = block(x)
     assert torch.equal(y[:, 4:], x[:, :4])  # the swap: pass-through half
     with torch.no_grad():
-        x_back = block.invert(y)
+        x_back = block.inverse(y)
     assert torch.equal(x_back[:, :4], x[:, :4])
     assert relative_error(x_back, x) <= 1e-6
     assert not torch.equal(y[:, :4], x[:, 4:])  # F is not trivially zero
@@ -119,30 +116,12 @@ def test_sequential_stage_reversible_iff_all_pieces_are():
     assert rev.reversible
     x = torch.randn(2, 8, 5, 5)
     assert relative_error(rev.inverse(rev(x, 0), 0), x) <= 1e-6
-    assert torch.equal(rev.invert(rev(x, 0), 0), rev.inverse(rev(x, 0), 0))  # the deprecated name
     mixed = SequentialStage([RevNetStage(8), PlainStage(nn.Identity())])
     assert not mixed.reversible
     with pytest.raises(NotImplementedError, match="PlainStage"):
         mixed.inverse(x, 0)
     with pytest.raises(NotImplementedError, match="PlainStage is not reversible"):
         PlainStage(nn.Identity()).inverse(x, 0)
-
-
-def test_a_stage_written_for_0_1_with_invert_still_inverts():
-    """0.1's Stage protocol named the inverse ``invert``; PETRA now calls ``inverse``, which falls back to it."""
-
-    class Halve(Stage):
-        reversible = True
-
-        def forward(self, x, micro_batch):
-            return x * 0.5
-
-        def invert(self, y, micro_batch):
-            return y * 2.0
-
-    x = torch.randn(3)
-    assert torch.equal(Halve().inverse(Halve()(x, 0), 0), x)
-    assert torch.equal(SequentialStage([Halve(), Halve()]).inverse(x * 0.25, 0), x)
 
 
 def test_plain_stage_replays_dropout_from_micro_batch():
@@ -367,7 +346,6 @@ def test_bdia_pieces_invert_bit_for_bit_with_dropout():
             assert torch.equal(y, states[k]), k
         assert torch.equal(pieces[0].inverse(y, 7), quantize(x, 9))
     assert all(not piece.in_flight for piece in pieces[1:])  # the residue bits were used up
-    assert BDIAStep.invert is BDIAEntry.invert is Stage.invert  # the deprecated name calls inverse
 
 
 def tiny_gpt(memory: str = "bdia", dropout: float = 0.0) -> GPT:

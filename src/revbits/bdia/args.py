@@ -76,6 +76,6 @@ register_pytree_node(
     BlockArguments,
     _flatten,
     _unflatten,
-    serialized_type_name="revbits.bdia_args.BlockArguments",
+    serialized_type_name="revbits.bdia.args.BlockArguments",
     flatten_with_keys_fn=_flatten_with_keys,
 )

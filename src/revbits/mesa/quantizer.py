@@ -143,7 +143,6 @@ def quantize_codes(
     return codes, step
 
 
-quantize = quantize_codes  # Deprecated: renamed quantize_codes (revbits.quantize is BDIA's grid); goes in 0.3
 
 
 def dequantize(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

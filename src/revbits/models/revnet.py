@@ -61,10 +61,6 @@ class RevCouplingBlock(nn.Module):
         u, v = y.chunk(2, dim=1)
         return torch.cat([v, u - self.f(v)], dim=1)
 
-    def invert(self, y: Tensor) -> Tensor:
-        """Deprecated name of :meth:`inverse` (revbits 0.1); it goes in 0.3."""
-        return self.inverse(y)
-
 
 class CouplingStage(nn.Module):
     """y = B_n(...B_1(x)) for coupling blocks B_i; ``inverse``: x = B_1^{-1}(...B_n^{-1}(y))."""

@@ -13,7 +13,7 @@ from .comm import DesyncError, PeerError
 from .launch import StageFailure, launch
 from .record import StageRecord, load_records
 from .reference import backprop_reference
-from .revnet import ClassifierHead, RevCouplingBlock, RevNet, RevNetStage, revnet_pipeline, small_revnet
+from .revnet import ClassifierHead, RevCouplingBlock, RevNetStage, revnet_pipeline, small_revnet
 from .runtime import PetraConfig, StageSummary, run_stage
 from .schedule import delay
 from .stages import LastStage, LossStage, PlainStage, SequentialStage, Stage, balanced_sizes, split
@@ -33,7 +33,6 @@ __all__ = [
     "PetraConfig",
     "PlainStage",
     "RevCouplingBlock",
-    "RevNet",
     "RevNetStage",
     "SequentialStage",
     "Stage",

@@ -221,38 +221,12 @@ def bdia_gpt_pipeline(J: int, sizes: Sequence[int] | None = None, **model) -> li
     return split(bdia_gpt_pieces(**model), J, sizes)
 
 
-class TokenEmbedding(nn.Module):
-    """Deprecated: PETRA's GPT is :class:`revbits.models.GPT` cut by :func:`gpt_pieces` (its stem is
-    :class:`GPTStem`); this class goes in 0.3. x = E[tokens] + P[positions]."""
-
-    def __init__(self, vocab: int, d_model: int, max_len: int) -> None:
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab, d_model), nn.Embedding(max_len, d_model)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.tokens(tokens) + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
-
-
-class NextTokenLoss(LossStage):
-    """Deprecated: PETRA's GPT is :class:`revbits.models.GPT` cut by :func:`gpt_pieces` (its head is
-    :class:`GPTHead`); this class goes in 0.3. L = cross_entropy(W LayerNorm(x) + w, targets)."""
-
-    def __init__(self, vocab: int, d_model: int) -> None:
-        super().__init__()
-        self.norm, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab)
-
-    def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(self.head(self.norm(x)).flatten(0, 1), target.flatten())
-
-
 __all__ = [
     "BDIAEntry",
     "BDIAExit",
     "BDIAStep",
     "GPTHead",
     "GPTStem",
-    "NextTokenLoss",
-    "TokenEmbedding",
     "bdia_gpt_pieces",
     "bdia_gpt_pipeline",
     "bdia_pieces",

@@ -12,14 +12,12 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.revnet import ConvStage, CouplingStage, PoolHead, RevCouplingBlock, RevNetConfig, norm
-from ..models.revnet import RevNet as _RevNet
+from ..models.revnet import ConvStage, CouplingStage, PoolHead, RevCouplingBlock, RevNet, RevNetConfig, norm
 from .stages import LossStage, PlainStage, Stage, split
 
 __all__ = [
     "ClassifierHead",
     "RevCouplingBlock",
-    "RevNet",
     "RevNetStage",
     "conv_stage",
     "norm",
@@ -67,7 +65,7 @@ def conv_stage(c_in: int, c_out: int, stride: int) -> PlainStage:
     return PlainStage(ConvStage(c_in, c_out, stride).module)
 
 
-def revnet_pieces(model: _RevNet, seed: int = 0) -> list[nn.Module]:
+def revnet_pieces(model: RevNet, seed: int = 0) -> list[nn.Module]:
     """The PETRA pieces of ``model``: its conv stages as :class:`PlainStage`, its coupling stages as
     :class:`RevNetStage` and its head as :class:`ClassifierHead`, all sharing the model's modules."""
     pieces: list[nn.Module] = []
@@ -94,24 +92,7 @@ def small_revnet(
     to ``channels``, then for each level that many :class:`RevNetStage` (each of ``blocks_per_stage``
     coupling blocks), with a stride-2 conv doubling the channels between levels, and a
     :class:`ClassifierHead`. Feed the list to :func:`split`."""
-    return revnet_pieces(_RevNet(RevNetConfig(in_channels, channels, tuple(levels), blocks_per_stage, num_classes)))
-
-
-class RevNet(_RevNet):
-    """Deprecated: moved to revbits.models.RevNet (which takes a RevNetConfig); this alias goes in 0.3.
-
-    ``RevNet(in_channels, channels, levels, blocks_per_stage, num_classes)`` as in revbits 0.1.
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        channels: int = 16,
-        levels: Sequence[int] = (2, 2),
-        blocks_per_stage: int = 1,
-        num_classes: int = 10,
-    ) -> None:
-        super().__init__(RevNetConfig(in_channels, channels, tuple(levels), blocks_per_stage, num_classes))
+    return revnet_pieces(RevNet(RevNetConfig(in_channels, channels, tuple(levels), blocks_per_stage, num_classes)))
 
 
 def revnet_pipeline(J: int, sizes: Sequence[int] | None = None, **model: int | Sequence[int]) -> list[nn.Module]:

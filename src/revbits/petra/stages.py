@@ -26,8 +26,6 @@ class Stage(nn.Module):
     (see :func:`seeded`), so that the recompute in the backward sees the same F_j as the forward.
     Reversible stages also implement ``inverse(y, micro_batch)``: x = F_j^{-1}(y) with the *current*
     weights, under no_grad. PETRA keeps no input for them; other stages keep their input in a FIFO.
-    ``invert`` is the deprecated name of ``inverse`` (until 0.3); a stage that still defines ``invert``
-    keeps working.
     """
 
     reversible: bool = False
@@ -36,13 +34,7 @@ class Stage(nn.Module):
         raise NotImplementedError
 
     def inverse(self, y: Tensor, micro_batch: int) -> Tensor:
-        if type(self).invert is not Stage.invert:  # a stage written for 0.1, which named it invert
-            return self.invert(y, micro_batch)
         raise NotImplementedError(f"{type(self).__name__} is not reversible")
-
-    def invert(self, y: Tensor, micro_batch: int) -> Tensor:
-        """Deprecated name of :meth:`inverse`; it goes in 0.3."""
-        return self.inverse(y, micro_batch)
 
 
 class LossStage(nn.Module):
