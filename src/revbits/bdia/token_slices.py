@@ -1,0 +1,223 @@
+"""Token slices: BDIA runs the token-wise parts of a block on slices of the sequence.
+
+A module f is token-wise if its output at a position depends only on its input at that
+position (an MLP, a norm, a projection). With x viewed as N positions of width d (every dimension
+but the last flattened, [B, T, d] -> [B T, d]), for slices s_1 .. s_n of the N positions:
+
+    f(x) = cat_j f(x[s_j])
+
+BDIA's backward recomputes one block with a graph at a time, and batch chunks
+(:mod:`revbits.bdia.chunks`) cut that graph only while there is a batch to slice: at batch 1 it
+holds a whole layer's activations over the whole context, and for an LLM the MLP's (a SwiGLU's
+gate, up, activation and product, each wider than the stream) are most of them. An installed
+token-wise module runs slice by slice in the stack's training passes, and in the backward's
+recomputation each slice runs under non-reentrant ``torch.utils.checkpoint``: the recomputed
+graph keeps the slices' inputs (views of the module's input, which the block holds anyway), and
+autograd rebuilds and frees one slice's graph at a time as it back-propagates. Attention, which
+mixes positions, runs whole.
+
+Exact, because the slicing is the same in every pass that must agree bit for bit: the reversible
+forward (no graph), the recomputation (graph, checkpointed slices) and the plain-autograd
+reference ``reversible = False`` (graph, slices kept) all run the same slices, so each matmul sees
+the same rows (a matmul on fewer rows may round differently). The evaluation path of the stack,
+and anything outside a stack's training passes, never slices: there the module is the plain one.
+
+Slices: n = ceil(N / L) contiguous slices of the N positions of the module's input (batch times
+tokens of a batch chunk), sizes differing by at most one, for the stack option ``token_slice`` = L
+(``"auto"``: L = 512; None: off); N <= L runs whole. Each slice is passed as a tensor of x's rank,
+[1, L_j, d] for [B, T, d].
+
+Which modules: :func:`install` declares one (revbits.hf does it for a decoder layer's ``mlp``); a
+:class:`~revbits.BDIAStack` installs every submodule of its blocks whose class sets
+``token_wise = True`` (revbits' own :class:`~revbits.models.blocks.MLP`). Installing swaps the
+instance's ``forward`` and nothing else: the module tree, the parameter names and the state dict
+stay those of the plain model, and the module is plain outside a stack's training passes.
+Declaring a module that mixes positions would make training compute another function than
+evaluation: declare only modules that are token-wise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "AUTO",
+    "AUTO_SLICE_TOKENS",
+    "TokenSliced",
+    "check_token_slice",
+    "declared_token_wise",
+    "install",
+    "install_declared",
+    "is_installed",
+    "slice_bounds",
+    "slicing",
+    "training_pass",
+    "uninstall",
+]
+
+AUTO = "auto"
+AUTO_SLICE_TOKENS = 512
+
+Option = int | str | None
+
+
+def check_token_slice(value: Option) -> Option:
+    """The option ``token_slice`` if valid: ``"auto"``, None (off) or a slice length >= 1 in tokens."""
+    if value is None or value == AUTO:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"token_slice must be 'auto', None (no token slices) or a slice length >= 1 in tokens, got {value!r}"
+        )
+    return value
+
+
+def slice_length(option: Option) -> int | None:
+    """The slice length L of a valid option, or None for no slicing."""
+    return AUTO_SLICE_TOKENS if option == AUTO else option  # type: ignore[return-value]
+
+
+def slice_bounds(tokens: int, length: int) -> list[slice]:
+    """ceil(tokens / length) contiguous slices of ``range(tokens)``, sizes differing by at most one."""
+    pieces = max(1, -(-tokens // length))
+    size, extra = divmod(tokens, pieces)
+    bounds, start = [], 0
+    for j in range(pieces):
+        stop = start + size + (1 if j < extra else 0)
+        bounds.append(slice(start, stop))
+        start = stop
+    return bounds
+
+
+@dataclass(frozen=True)
+class _Slicing:
+    length: int
+    checkpoint: bool  # checkpoint each slice when grad is enabled (the backward's recomputation)
+
+
+_ACTIVE: ContextVar[_Slicing | None] = ContextVar("revbits_token_slicing", default=None)
+
+
+@contextlib.contextmanager
+def slicing(option: Option, *, checkpoint: bool) -> Iterator[None]:
+    """Inside, installed modules run in slices of ``slice_length(option)`` tokens (none for None);
+    with ``checkpoint``, each slice under non-reentrant checkpoint wherever grad is enabled."""
+    length = slice_length(option)
+    token = _ACTIVE.set(None if length is None else _Slicing(length, checkpoint))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def training_pass(method: Method) -> Method:
+    """Decorates a forward path of a stack with a ``token_slice`` attribute: the path runs inside
+    ``slicing(self.token_slice, checkpoint=False)`` (a forward pass keeps its slices' graphs, as plain
+    autograd would). Under dynamo the path runs as it is: installed modules run whole while compiling."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return method(self, *args, **kwargs)
+        with slicing(getattr(self, "token_slice", None), checkpoint=False):
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+class TokenSliced:
+    """The ``forward`` of an installed module: ``inner(x)`` (the module's own forward), run on slices
+    of the positions of x (all dimensions but the last, viewed as one of x's rank, so that every slice
+    is contiguous) inside :func:`slicing`, and whole everywhere else. Only a call with one tensor
+    argument of rank >= 2 is sliced; any other call runs whole."""
+
+    __slots__ = ("inner", "previous")
+
+    def __init__(self, inner: Callable[..., Any], previous: Any) -> None:
+        self.inner = inner  # the forward it wraps
+        self.previous = previous  # what the instance's __dict__ held under "forward" before (None: nothing)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        active = None if torch.compiler.is_compiling() else _ACTIVE.get()
+        if active is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+            return self.inner(*args, **kwargs)
+        x = args[0]
+        positions = x.shape[:-1].numel()
+        bounds = slice_bounds(positions, active.length)
+        if len(bounds) == 1:
+            return self.inner(x)
+        # all positions in one row of x's rank, so every slice is contiguous whatever the batch
+        flat = x.reshape(*([1] * (x.dim() - 2)), positions, x.shape[-1])
+        keep_inputs_only = active.checkpoint and torch.is_grad_enabled()
+        outputs = []
+        for rows in bounds:
+            part = flat[..., rows, :]
+            if keep_inputs_only:
+                out = checkpoint(self.inner, part, use_reentrant=False)
+            else:
+                out = self.inner(part)
+            _check_token_wise_output(self.inner, part, out)
+            outputs.append(out)
+        out = torch.cat(outputs, dim=-2)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _check_token_wise_output(inner: Any, part: torch.Tensor, out: Any) -> None:
+    if isinstance(out, torch.Tensor) and out.dim() == part.dim() and out.shape[:-1] == part.shape[:-1]:
+        return
+    owner = type(getattr(inner, "__self__", inner)).__name__
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    raise TypeError(
+        f"revbits token slices: {owner}, installed as token-wise, maps a slice {tuple(part.shape)} to {shape}; "
+        "a token-wise module returns one tensor with the input's dimensions except the last "
+        "(uninstall it with revbits.bdia.token_slices.uninstall, or pass token_slice=None)"
+    )
+
+
+def is_installed(module: nn.Module) -> bool:
+    """Whether ``module`` runs through :class:`TokenSliced`."""
+    return isinstance(module.__dict__.get("forward"), TokenSliced)
+
+
+def install(module: nn.Module) -> nn.Module:
+    """Declare ``module`` token-wise: inside a BDIA stack's training passes it runs in token slices.
+    Idempotent; only the instance's ``forward`` attribute changes. Returns ``module``."""
+    if not is_installed(module):
+        module.__dict__["forward"] = TokenSliced(module.forward, module.__dict__.get("forward"))
+    return module
+
+
+def uninstall(module: nn.Module) -> nn.Module:
+    """Undo :func:`install` (nothing if not installed). Returns ``module``."""
+    wrapper = module.__dict__.get("forward")
+    if isinstance(wrapper, TokenSliced):
+        if wrapper.previous is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = wrapper.previous
+    return module
+
+
+def declared_token_wise(module: nn.Module) -> bool:
+    """Whether the class of ``module`` declares it token-wise (a class attribute ``token_wise = True``)."""
+    return getattr(type(module), "token_wise", False) is True
+
+
+def install_declared(blocks: Iterable[nn.Module]) -> None:
+    """:func:`install` every submodule of ``blocks`` whose class declares it token-wise."""
+    for block in blocks:
+        for module in block.modules():
+            if declared_token_wise(module):
+                install(module)
