@@ -3,6 +3,9 @@ slice's graph at a time in the backward, and whole at evaluation."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ from revbits.bdia import token_slices
 from revbits.bdia.token_slices import slice_bounds, slicing
 from revbits.measure import measure_training_step
 from revbits.models import TransformerBlock
+from revbits.models.blocks import MLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,8 +171,16 @@ def test_installing_keeps_module_tree_and_state_dict_and_uninstall_restores_the_
     assert [n for b in stack.blocks for n, _ in b.named_modules()] == names
     assert [k for b in stack.blocks for k in b.state_dict()] == keys
     token_slices.install(mlp)  # idempotent
+    assert type(mlp).__mro__[1] is MLP
+    for twin in (copy.deepcopy(stack), pickle.loads(pickle.dumps(stack))):
+        twin_mlp = twin.blocks[0].mlp
+        assert token_slices.is_installed(twin_mlp)
+        assert all(a is not b for a, b in zip(twin_mlp.parameters(), mlp.parameters()))
+        x = torch.randn(1, 9, 32)
+        with slicing(4, checkpoint=False):
+            assert torch.equal(twin_mlp(x), mlp(x))
     token_slices.uninstall(mlp)
-    assert not token_slices.is_installed(mlp) and "forward" not in mlp.__dict__
+    assert not token_slices.is_installed(mlp) and type(mlp) is MLP
 
 
 def test_a_module_that_is_not_token_wise_is_refused_and_other_calls_run_whole():

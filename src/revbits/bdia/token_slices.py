@@ -30,8 +30,9 @@ tokens of a batch chunk), sizes differing by at most one, for the stack option `
 Which modules: :func:`install` declares one (revbits.hf does it for a decoder layer's ``mlp``); a
 :class:`~revbits.BDIAStack` installs every submodule of its blocks whose class sets
 ``token_wise = True`` (revbits' own :class:`~revbits.models.blocks.MLP`). Installing swaps the
-instance's ``forward`` and nothing else: the module tree, the parameter names and the state dict
-stay those of the plain model, and the module is plain outside a stack's training passes.
+instance's class for a subclass of the same name whose ``forward`` slices (as :mod:`revbits.hf` swaps
+a layer's): the module tree, the parameter names and the state dict stay those of the plain model, a
+pickled or deep-copied module stays installed, and the module is plain outside a stack's training passes.
 Declaring a module that mixes positions would make training compute another function than
 evaluation: declare only modules that are token-wise.
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -52,13 +54,14 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "AUTO",
     "AUTO_SLICE_TOKENS",
-    "TokenSliced",
     "check_token_slice",
     "declared_token_wise",
     "install",
     "install_declared",
     "is_installed",
+    "run_in_slices",
     "slice_bounds",
+    "sliced_class",
     "slicing",
     "training_pass",
     "uninstall",
@@ -137,47 +140,34 @@ def training_pass(method: Method) -> Method:
     return run  # type: ignore[return-value]
 
 
-class TokenSliced:
-    """The ``forward`` of an installed module: ``inner(x)`` (the module's own forward), run on slices
-    of the positions of x (all dimensions but the last, viewed as one of x's rank, so that every slice
-    is contiguous) inside :func:`slicing`, and whole everywhere else. Only a call with one tensor
-    argument of rank >= 2 is sliced; any other call runs whole."""
-
-    __slots__ = ("inner", "previous")
-
-    def __init__(self, inner: Callable[..., Any], previous: Any) -> None:
-        self.inner = inner  # the forward it wraps
-        self.previous = previous  # what the instance's __dict__ held under "forward" before (None: nothing)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        active = None if torch.compiler.is_compiling() else _ACTIVE.get()
-        if active is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
-            return self.inner(*args, **kwargs)
-        x = args[0]
-        positions = x.shape[:-1].numel()
-        bounds = slice_bounds(positions, active.length)
-        if len(bounds) == 1:
-            return self.inner(x)
-        # all positions in one row of x's rank, so every slice is contiguous whatever the batch
-        flat = x.reshape(*([1] * (x.dim() - 2)), positions, x.shape[-1])
-        keep_inputs_only = active.checkpoint and torch.is_grad_enabled()
-        outputs = []
-        for rows in bounds:
-            part = flat[..., rows, :]
-            if keep_inputs_only:
-                out = checkpoint(self.inner, part, use_reentrant=False)
-            else:
-                out = self.inner(part)
-            _check_token_wise_output(self.inner, part, out)
-            outputs.append(out)
-        out = torch.cat(outputs, dim=-2)
-        return out.view(*x.shape[:-1], out.shape[-1])
+def run_in_slices(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``forward(x)`` (an installed module's own forward) on slices of the positions of x (all dimensions
+    but the last, viewed as one of x's rank, so that every slice is contiguous) inside :func:`slicing`, and
+    whole everywhere else. Only a call with one tensor argument of rank >= 2 is sliced; any other runs whole."""
+    active = None if torch.compiler.is_compiling() else _ACTIVE.get()
+    if active is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+        return forward(*args, **kwargs)
+    x = args[0]
+    positions = x.shape[:-1].numel()
+    bounds = slice_bounds(positions, active.length)
+    if len(bounds) == 1:
+        return forward(x)
+    flat = x.reshape(*([1] * (x.dim() - 2)), positions, x.shape[-1])  # all positions in one row of x's rank
+    keep_inputs_only = active.checkpoint and torch.is_grad_enabled()
+    outputs = []
+    for rows in bounds:
+        part = flat[..., rows, :]
+        out = checkpoint(forward, part, use_reentrant=False) if keep_inputs_only else forward(part)
+        _check_token_wise_output(forward, part, out)
+        outputs.append(out)
+    out = torch.cat(outputs, dim=-2)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _check_token_wise_output(inner: Any, part: torch.Tensor, out: Any) -> None:
+def _check_token_wise_output(forward: Any, part: torch.Tensor, out: Any) -> None:
     if isinstance(out, torch.Tensor) and out.dim() == part.dim() and out.shape[:-1] == part.shape[:-1]:
         return
-    owner = type(getattr(inner, "__self__", inner)).__name__
+    owner = type(getattr(forward, "__self__", forward)).__name__
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     raise TypeError(
         f"revbits token slices: {owner}, installed as token-wise, maps a slice {tuple(part.shape)} to {shape}; "
@@ -186,27 +176,79 @@ def _check_token_wise_output(inner: Any, part: torch.Tensor, out: Any) -> None:
     )
 
 
+# -- installing: the instance's class is swapped for a subclass whose forward runs in slices -----
+
+_SLICED_CLASSES: dict[type, type] = {}
+
+
+def _sliced_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return run_in_slices(types.MethodType(_plain_class(type(self)).forward, self), *args, **kwargs)
+
+
+def _rebuild(plain: type) -> nn.Module:
+    """Unpickling (and deepcopy) of an installed module: a bare instance of its installed class."""
+    module = plain.__new__(plain)
+    module.__class__ = sliced_class(plain)
+    return module
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> Any:
+    # pickled as the plain class (which pickle finds by name) and installed again when loaded
+    return _rebuild, (_plain_class(type(self)),), self.__getstate__()
+
+
+def _plain_class(cls: type) -> type:
+    for klass in cls.__mro__:
+        plain = klass.__dict__.get("_revbits_plain_class")
+        if plain is not None:
+            return plain
+    return cls
+
+
+def sliced_class(cls: type) -> type:
+    """The subclass of the module class ``cls`` that :func:`install` gives a module: its ``forward`` is
+    :func:`run_in_slices` of ``cls.forward``. It keeps the name, so ``isinstance`` checks and class-name
+    lookups still find it, and pickles as ``cls``."""
+    if cls not in _SLICED_CLASSES:
+        namespace = {
+            "forward": _sliced_forward,
+            "__reduce_ex__": _reduce_ex,
+            "_revbits_plain_class": cls,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        _SLICED_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    return _SLICED_CLASSES[cls]
+
+
 def is_installed(module: nn.Module) -> bool:
-    """Whether ``module`` runs through :class:`TokenSliced`."""
-    return isinstance(module.__dict__.get("forward"), TokenSliced)
+    """Whether ``module`` runs in token slices inside a stack's training passes."""
+    return _plain_class(type(module)) is not type(module)
 
 
 def install(module: nn.Module) -> nn.Module:
     """Declare ``module`` token-wise: inside a BDIA stack's training passes it runs in token slices.
-    Idempotent; only the instance's ``forward`` attribute changes. Returns ``module``."""
+    Idempotent; only the instance's class changes, to :func:`sliced_class` of it. Returns ``module``."""
     if not is_installed(module):
-        module.__dict__["forward"] = TokenSliced(module.forward, module.__dict__.get("forward"))
+        module.__class__ = sliced_class(type(module))
     return module
 
 
 def uninstall(module: nn.Module) -> nn.Module:
-    """Undo :func:`install` (nothing if not installed). Returns ``module``."""
-    wrapper = module.__dict__.get("forward")
-    if isinstance(wrapper, TokenSliced):
-        if wrapper.previous is None:
-            del module.__dict__["forward"]
-        else:
-            module.__dict__["forward"] = wrapper.previous
+    """Undo :func:`install` (nothing if not installed). Returns ``module``.
+
+    Raises:
+        RuntimeError: the module's class was changed again after :func:`install` (e.g. by FSDP's
+            ``fully_shard``), so the plain class cannot be put back without undoing that change too.
+    """
+    if not is_installed(module):
+        return module
+    if type(module).__dict__.get("_revbits_plain_class") is None:
+        raise RuntimeError(
+            f"revbits token slices: the class of {type(module).__name__} was changed after it was installed "
+            "(FSDP's fully_shard does that); undo that change before uninstalling"
+        )
+    module.__class__ = _plain_class(type(module))
     return module
 
 
