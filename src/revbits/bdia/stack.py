@@ -52,6 +52,7 @@ from .step import (
     state_checksum,
     stream_max,
 )
+from .token_slices import check_token_slice, install_declared, slicing, training_pass
 
 __all__ = ["BDIAStack", "BlockProtocolError", "RecomputeContext", "ReversibilityError", "StreamRangeError"]
 
@@ -85,6 +86,7 @@ class _Plan:
     backward_ends: Callable[[], None] | None = None  # called once the backward has rebuilt every state
     signs: PackedBits | None = None
     split: BatchSplit | None = None  # the batch chunks every block runs on (bdia.chunks)
+    token_slice: int | str | None = None  # the token slices of token-wise modules (bdia.token_slices)
     planes: list[list[PackedBits] | None] = field(default_factory=list)  # per block, one per chunk
     rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     checksums: list[torch.Tensor] = field(default_factory=list)
@@ -266,7 +268,7 @@ def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
 
 def _recompute(plan: _Plan, k: int, x: torch.Tensor, args: BlockArguments) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_k, y_k = block_k(x_k)) with a graph from a fresh leaf x_k, inside the stack's recompute context."""
-    with torch.enable_grad(), plan.recomputing(k):
+    with torch.enable_grad(), plan.recomputing(k), slicing(plan.token_slice, checkpoint=True):
         xk = x.detach().requires_grad_()
         return xk, recompute_block(plan.blocks[k], k, xk, args)
 
@@ -402,6 +404,10 @@ class BDIAStack(nn.Module):
             slice's graph instead of the whole batch's (:mod:`revbits.bdia.chunks`). ``"auto"``
             (default): min(B, 8, numel(x) // 2**15), at least 1; an integer n: min(n, B); 1: the
             whole batch at once. Block arguments follow the rule of :mod:`revbits.bdia.chunks`.
+        token_slice: in training, token-wise submodules of the blocks (those :mod:`revbits.bdia.token_slices`
+            installs: classes with ``token_wise = True``, a transformers decoder layer's ``mlp``) run on
+            slices of this many positions (of a batch chunk), in the forward and in the backward's recomputation,
+            which then holds one slice's graph of them at a time. ``"auto"`` (default): 512; None: off.
 
     ``stack(x, *args, gammas=signs, **kwargs)`` calls every block as ``block(x, *args, **kwargs)``; tensor
     arguments, positional or keyword, get their gradients. ``gammas`` are explicit signs, a [K-1, batch]
@@ -424,6 +430,7 @@ class BDIAStack(nn.Module):
         recompute_context: RecomputeContext | None = None,
         recompute_compressor: Any = None,
         batch_chunks: int | str = AUTO,
+        token_slice: int | str | None = AUTO,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -453,6 +460,8 @@ class BDIAStack(nn.Module):
             recompute_context = _compressor_context(recompute_compressor)
         self.recompute_context = recompute_context
         self.batch_chunks = check_batch_chunks(batch_chunks)
+        self.token_slice = check_token_slice(token_slice)
+        install_declared(self.blocks)
         self.reversible = True
         self.eval_gamma = 0.0  # the fixed g of evaluation; non-zero only for robustness studies
 
@@ -518,6 +527,7 @@ class BDIAStack(nn.Module):
                 x_prev, x = x, g * x_prev + round_((1 + g) * y - (2 * g) * x)
         return x
 
+    @training_pass
     def _forward_plain(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> torch.Tensor:
         """The same quantised BDIA forward under ordinary autograd (the reference)."""
         plan = self._plan(x0, args, signs)
@@ -538,6 +548,7 @@ class BDIAStack(nn.Module):
         return states[-1]
 
     @torch.compiler.disable  # the recomputation runs outside dynamo, so the forward must too (bdia.compile)
+    @training_pass
     def _forward_reversible(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> torch.Tensor:
         plan = self._plan(x0, args, signs)
         values = args.values()
@@ -582,6 +593,7 @@ class BDIAStack(nn.Module):
             backward_ends=self._reversible_backward_ends,
             signs=pack_bits(signs > 0),
             split=_split(self.batch_chunks, x0, args, self.blocks),
+            token_slice=self.token_slice,
             autocast=(
                 device_type,
                 torch.is_autocast_enabled(device_type),

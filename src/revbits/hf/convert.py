@@ -43,7 +43,8 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
             PEFT model wrapping one.
         memory: one of :data:`revbits.MEMORY_MODES`.
         **options: passed to the stack (e.g. ``bits``, ``gamma``, ``quantize_eval``, ``check`` for
-            BDIA, where ``gamma`` defaults to :data:`FINE_TUNING_GAMMA` = 1/8;
+            BDIA, where ``gamma`` defaults to :data:`FINE_TUNING_GAMMA` = 1/8, and ``token_slice``, the
+            slices of positions the layers' MLPs run in during BDIA training (:mod:`revbits.bdia.token_slices`);
             :class:`revbits.mesa.MesaConfig` fields for mesa).
 
     Returns:
@@ -87,6 +88,8 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
     if memory in _BDIA_MODES:
         options.setdefault("gamma", FINE_TUNING_GAMMA)
     conversion = convert_layer_list(layers, memory, **options)
+    if memory in _BDIA_MODES:
+        conversion.slice_tokens(family.token_wise)  # the MLPs run in token slices in training
     base = transformers_base(model)
     base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)
     return model

@@ -22,23 +22,28 @@ class Family:
         model_types: the ``config.model_type`` values it covers.
         layer_paths: dotted attribute paths of the layer list below ``model.base_model``, tried in
             order (the first that exists is used; transformers versions differ).
+        token_wise: attribute names of a layer's token-wise submodules (output at a position from the
+            input at that position only), which a BDIA stack runs in token slices in training
+            (:mod:`revbits.bdia.token_slices`).
     """
 
     name: str
     model_types: tuple[str, ...]
     layer_paths: tuple[str, ...]
+    token_wise: tuple[str, ...] = ()
 
 
 DECODER_FAMILY = Family(
     "Llama-style decoders",
     ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "starcoder2"),
     ("layers",),
+    token_wise=("mlp",),
 )
 
 FAMILIES: tuple[Family, ...] = (
     Family("BERT-style encoders", ("bert", "roberta", "xlm-roberta", "camembert", "electra"), ("encoder.layer",)),
     Family("DistilBERT", ("distilbert",), ("transformer.layer",)),
-    Family("GPT-2", ("gpt2",), ("h",)),
+    Family("GPT-2", ("gpt2",), ("h",), token_wise=("mlp",)),
     Family("ViT", ("vit", "deit"), ("layers", "encoder.layer")),
     DECODER_FAMILY,
 )

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bdia import token_slices
 from ..stack import stack as make_stack
 
 CHECKPOINTING_HINT = "model.activation_checkpointing_disable(); gradient_checkpointing_disable() in older transformers"
@@ -222,6 +223,7 @@ class Conversion:
         self.positional_names = [p.name for p in params if p.kind in positional]
         self.hidden_states: torch.Tensor | None = None
         self.calls: list[tuple[list[Any], dict[str, Any]]] = []
+        self.token_wise: list[nn.Module] = []  # submodules run in token slices (bdia.token_slices)
 
     def set_training(self, mode: bool) -> None:
         """Put the stack and its adapters (not the layers, which follow the model) in ``mode``."""
@@ -238,6 +240,18 @@ class Conversion:
         for k, layer in enumerate(self.layers):
             layer.__class__ = self.original_classes[k]
             del layer.__dict__["_revbits_conversion"], layer.__dict__["_revbits_index"]
+        for module in self.token_wise:
+            token_slices.uninstall(module)
+        self.token_wise = []
+
+    def slice_tokens(self, names: Sequence[str]) -> None:
+        """Declare each layer's submodules ``names`` (those it has) token-wise: a BDIA stack runs them in
+        token slices in training (:mod:`revbits.bdia.token_slices`); :meth:`detach` undoes it."""
+        for layer in self.layers:
+            for name in names:
+                module = getattr(layer, name, None)
+                if isinstance(module, nn.Module) and not token_slices.is_installed(module):
+                    self.token_wise.append(token_slices.install(module))
 
     # -- one forward pass -----------------------------------------------------------------------
 

@@ -46,6 +46,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """W_2 GELU(W_1 x), hidden width ratio * d_model, then dropout."""
 
+    token_wise = True  # its output at a position depends only on its input there (revbits.bdia.token_slices)
+
     def __init__(self, d_model: int, ratio: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, ratio * d_model)

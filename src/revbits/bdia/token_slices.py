@@ -1,0 +1,265 @@
+"""Token slices: BDIA runs the token-wise parts of a block on slices of the sequence.
+
+A module f is token-wise if its output at a position depends only on its input at that
+position (an MLP, a norm, a projection). With x viewed as N positions of width d (every dimension
+but the last flattened, [B, T, d] -> [B T, d]), for slices s_1 .. s_n of the N positions:
+
+    f(x) = cat_j f(x[s_j])
+
+BDIA's backward recomputes one block with a graph at a time, and batch chunks
+(:mod:`revbits.bdia.chunks`) cut that graph only while there is a batch to slice: at batch 1 it
+holds a whole layer's activations over the whole context, and for an LLM the MLP's (a SwiGLU's
+gate, up, activation and product, each wider than the stream) are most of them. An installed
+token-wise module runs slice by slice in the stack's training passes, and in the backward's
+recomputation each slice runs under non-reentrant ``torch.utils.checkpoint``: the recomputed
+graph keeps the slices' inputs (views of the module's input, which the block holds anyway), and
+autograd rebuilds and frees one slice's graph at a time as it back-propagates. Attention, which
+mixes positions, runs whole.
+
+Exact, because the slicing is the same in every pass that must agree bit for bit: the reversible
+forward (no graph), the recomputation (graph, checkpointed slices) and the plain-autograd
+reference ``reversible = False`` (graph, slices kept) all run the same slices, so each matmul sees
+the same rows (a matmul on fewer rows may round differently). The evaluation path of the stack,
+and anything outside a stack's training passes, never slices: there the module is the plain one.
+
+Slices: n = ceil(N / L) contiguous slices of the N positions of the module's input (batch times
+tokens of a batch chunk), sizes differing by at most one, for the stack option ``token_slice`` = L
+(``"auto"``: L = 512; None: off); N <= L runs whole. Each slice is passed as a tensor of x's rank,
+[1, L_j, d] for [B, T, d].
+
+Which modules: :func:`install` declares one (revbits.hf does it for a decoder layer's ``mlp``); a
+:class:`~revbits.BDIAStack` installs every submodule of its blocks whose class sets
+``token_wise = True`` (revbits' own :class:`~revbits.models.blocks.MLP`). Installing swaps the
+instance's class for a subclass of the same name whose ``forward`` slices (as :mod:`revbits.hf` swaps
+a layer's): the module tree, the parameter names and the state dict stay those of the plain model, a
+pickled or deep-copied module stays installed, and the module is plain outside a stack's training passes.
+Declaring a module that mixes positions would make training compute another function than
+evaluation: declare only modules that are token-wise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "AUTO",
+    "AUTO_SLICE_TOKENS",
+    "check_token_slice",
+    "declared_token_wise",
+    "install",
+    "install_declared",
+    "is_installed",
+    "run_in_slices",
+    "slice_bounds",
+    "sliced_class",
+    "slicing",
+    "training_pass",
+    "uninstall",
+]
+
+AUTO = "auto"
+AUTO_SLICE_TOKENS = 512
+
+Option = int | str | None
+
+
+def check_token_slice(value: Option) -> Option:
+    """The option ``token_slice`` if valid: ``"auto"``, None (off) or a slice length >= 1 in tokens."""
+    if value is None or value == AUTO:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"token_slice must be 'auto', None (no token slices) or a slice length >= 1 in tokens, got {value!r}"
+        )
+    return value
+
+
+def slice_length(option: Option) -> int | None:
+    """The slice length L of a valid option, or None for no slicing."""
+    return AUTO_SLICE_TOKENS if option == AUTO else option  # type: ignore[return-value]
+
+
+def slice_bounds(tokens: int, length: int) -> list[slice]:
+    """ceil(tokens / length) contiguous slices of ``range(tokens)``, sizes differing by at most one."""
+    pieces = max(1, -(-tokens // length))
+    size, extra = divmod(tokens, pieces)
+    bounds, start = [], 0
+    for j in range(pieces):
+        stop = start + size + (1 if j < extra else 0)
+        bounds.append(slice(start, stop))
+        start = stop
+    return bounds
+
+
+@dataclass(frozen=True)
+class _Slicing:
+    length: int
+    checkpoint: bool  # checkpoint each slice when grad is enabled (the backward's recomputation)
+
+
+_ACTIVE: ContextVar[_Slicing | None] = ContextVar("revbits_token_slicing", default=None)
+
+
+@contextlib.contextmanager
+def slicing(option: Option, *, checkpoint: bool) -> Iterator[None]:
+    """Inside, installed modules run in slices of ``slice_length(option)`` tokens (none for None);
+    with ``checkpoint``, each slice under non-reentrant checkpoint wherever grad is enabled."""
+    length = slice_length(option)
+    token = _ACTIVE.set(None if length is None else _Slicing(length, checkpoint))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def training_pass(method: Method) -> Method:
+    """Decorates a forward path of a stack with a ``token_slice`` attribute: the path runs inside
+    ``slicing(self.token_slice, checkpoint=False)`` (a forward pass keeps its slices' graphs, as plain
+    autograd would). Under dynamo the path runs as it is: installed modules run whole while compiling."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return method(self, *args, **kwargs)
+        with slicing(getattr(self, "token_slice", None), checkpoint=False):
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+def run_in_slices(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``forward(x)`` (an installed module's own forward) on slices of the positions of x (all dimensions
+    but the last, viewed as one of x's rank, so that every slice is contiguous) inside :func:`slicing`, and
+    whole everywhere else. Only a call with one tensor argument of rank >= 2 is sliced; any other runs whole."""
+    active = None if torch.compiler.is_compiling() else _ACTIVE.get()
+    if active is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+        return forward(*args, **kwargs)
+    x = args[0]
+    positions = x.shape[:-1].numel()
+    bounds = slice_bounds(positions, active.length)
+    if len(bounds) == 1:
+        return forward(x)
+    flat = x.reshape(*([1] * (x.dim() - 2)), positions, x.shape[-1])  # all positions in one row of x's rank
+    keep_inputs_only = active.checkpoint and torch.is_grad_enabled()
+    outputs = []
+    for rows in bounds:
+        part = flat[..., rows, :]
+        out = checkpoint(forward, part, use_reentrant=False) if keep_inputs_only else forward(part)
+        _check_token_wise_output(forward, part, out)
+        outputs.append(out)
+    out = torch.cat(outputs, dim=-2)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _check_token_wise_output(forward: Any, part: torch.Tensor, out: Any) -> None:
+    if isinstance(out, torch.Tensor) and out.dim() == part.dim() and out.shape[:-1] == part.shape[:-1]:
+        return
+    owner = type(getattr(forward, "__self__", forward)).__name__
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    raise TypeError(
+        f"revbits token slices: {owner}, installed as token-wise, maps a slice {tuple(part.shape)} to {shape}; "
+        "a token-wise module returns one tensor with the input's dimensions except the last "
+        "(uninstall it with revbits.bdia.token_slices.uninstall, or pass token_slice=None)"
+    )
+
+
+# -- installing: the instance's class is swapped for a subclass whose forward runs in slices -----
+
+_SLICED_CLASSES: dict[type, type] = {}
+
+
+def _sliced_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return run_in_slices(types.MethodType(_plain_class(type(self)).forward, self), *args, **kwargs)
+
+
+def _rebuild(plain: type) -> nn.Module:
+    """Unpickling (and deepcopy) of an installed module: a bare instance of its installed class."""
+    module = plain.__new__(plain)
+    module.__class__ = sliced_class(plain)
+    return module
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> Any:
+    # pickled as the plain class (which pickle finds by name) and installed again when loaded
+    return _rebuild, (_plain_class(type(self)),), self.__getstate__()
+
+
+def _plain_class(cls: type) -> type:
+    for klass in cls.__mro__:
+        plain = klass.__dict__.get("_revbits_plain_class")
+        if plain is not None:
+            return plain
+    return cls
+
+
+def sliced_class(cls: type) -> type:
+    """The subclass of the module class ``cls`` that :func:`install` gives a module: its ``forward`` is
+    :func:`run_in_slices` of ``cls.forward``. It keeps the name, so ``isinstance`` checks and class-name
+    lookups still find it, and pickles as ``cls``."""
+    if cls not in _SLICED_CLASSES:
+        namespace = {
+            "forward": _sliced_forward,
+            "__reduce_ex__": _reduce_ex,
+            "_revbits_plain_class": cls,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        _SLICED_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    return _SLICED_CLASSES[cls]
+
+
+def is_installed(module: nn.Module) -> bool:
+    """Whether ``module`` runs in token slices inside a stack's training passes."""
+    return _plain_class(type(module)) is not type(module)
+
+
+def install(module: nn.Module) -> nn.Module:
+    """Declare ``module`` token-wise: inside a BDIA stack's training passes it runs in token slices.
+    Idempotent; only the instance's class changes, to :func:`sliced_class` of it. Returns ``module``."""
+    if not is_installed(module):
+        module.__class__ = sliced_class(type(module))
+    return module
+
+
+def uninstall(module: nn.Module) -> nn.Module:
+    """Undo :func:`install` (nothing if not installed). Returns ``module``.
+
+    Raises:
+        RuntimeError: the module's class was changed again after :func:`install` (e.g. by FSDP's
+            ``fully_shard``), so the plain class cannot be put back without undoing that change too.
+    """
+    if not is_installed(module):
+        return module
+    if type(module).__dict__.get("_revbits_plain_class") is None:
+        raise RuntimeError(
+            f"revbits token slices: the class of {type(module).__name__} was changed after it was installed "
+            "(FSDP's fully_shard does that); undo that change before uninstalling"
+        )
+    module.__class__ = _plain_class(type(module))
+    return module
+
+
+def declared_token_wise(module: nn.Module) -> bool:
+    """Whether the class of ``module`` declares it token-wise (a class attribute ``token_wise = True``)."""
+    return getattr(type(module), "token_wise", False) is True
+
+
+def install_declared(blocks: Iterable[nn.Module]) -> None:
+    """:func:`install` every submodule of ``blocks`` whose class declares it token-wise."""
+    for block in blocks:
+        for module in block.modules():
+            if declared_token_wise(module):
+                install(module)
