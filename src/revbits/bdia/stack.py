@@ -36,8 +36,11 @@ from .chunks import AUTO, BatchSplit, check_batch_chunks, plan_split
 from .compile import forward_block, holds_compiled_code
 from .fixedpoint import exact_limit, quantize
 from .params import (
+    EngineRequest,
     backward_through_block,
     block_parameters,
+    check_parameters_unchanged,
+    detached_held_tensors,
     recompute_block,
     sharded_block,
     trainable_parameters,
@@ -185,7 +188,7 @@ class _BDIAFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         plan, x_cur, x_next = _begin_backward(ctx)
         arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
-        grads = _Gradients(plan, arg_inputs)
+        grads = _Gradients(plan, arg_inputs, EngineRequest(getattr(ctx, "next_functions", None)))
         mismatches: list[torch.Tensor] = []
         device_type, autocast_on, autocast_dtype = plan.autocast
         split = plan.split
@@ -205,6 +208,7 @@ class _BDIAFunction(torch.autograd.Function):
             x_prev = (torch.empty_like(x_cur) if next_is_output else x_next) if k else None
             g_cur = torch.empty_like(x_cur) if g_after is None or g_after is grad_out else g_after
             rng = plan.rng_states[k] if plan.preserve_rng else None
+            check_parameters_unchanged(plan.blocks[k], k, plan.block_params[k])
             block0: list[torch.Tensor] = []
             for c, rows in enumerate(split.slices):
                 leaves = [split.leaf(a, c) for a in arg_inputs]
@@ -212,7 +216,7 @@ class _BDIAFunction(torch.autograd.Function):
                     RngReplay(rng, x_cur.device, plan.preserve_rng),
                     torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
                 ):
-                    xk, y = _recompute(plan, k, x_cur[rows], split.tree(plan.block_args(leaves), c))
+                    xk, y, held = _recompute(plan, k, x_cur[rows], split.tree(plan.block_args(leaves), c))
                     if plan.preserve_rng:
                         rng = capture_rng_state(x_cur.device)  # where chunk c + 1 starts
                     gn = g_next[rows]
@@ -225,8 +229,8 @@ class _BDIAFunction(torch.autograd.Function):
                         grad_y = (1 + g[rows]) * gn
                     _skip_gradient(g_cur[rows], g_after, gamma_after, rows, gn, g)
                     del gn
-                grad_x = grads.through_block(k, c, y, grad_y, xk, leaves)
-                del y, xk, grad_y, leaves
+                grad_x = grads.through_block(k, c, y, grad_y, xk, leaves, held)
+                del y, xk, grad_y, leaves, held
                 if grad_x is not None:
                     g_cur[rows].add_(grad_x)
                 del grad_x
@@ -239,7 +243,7 @@ class _BDIAFunction(torch.autograd.Function):
         _raise_on_mismatch(plan, mismatches)
         if plan.backward_ends is not None:
             plan.backward_ends()
-        return (None, g_next, *grads.args, *grads.params)
+        return (None, g_next, *grads.args, *grads.params, None)  # None: the probe of EngineRequest
 
 
 def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
@@ -264,34 +268,62 @@ def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
     return plan, x_cur, x_next
 
 
-def _recompute(plan: _Plan, k: int, x: torch.Tensor, args: BlockArguments) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_k, y_k = block_k(x_k)) with a graph from a fresh leaf x_k, inside the stack's recompute context."""
-    with torch.enable_grad(), plan.recomputing(k):
+def _recompute(
+    plan: _Plan, k: int, x: torch.Tensor, args: BlockArguments
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """(x_k, y_k = block_k(x_k), leaves) with a graph from a fresh leaf x_k, inside the stack's recompute
+    context; ``leaves`` maps each held non-leaf tensor of the block to the leaf that stood in for it."""
+    with torch.enable_grad(), plan.recomputing(k), detached_held_tensors(plan.blocks[k], plan.block_params[k]) as held:
         xk = x.detach().requires_grad_()
-        return xk, recompute_block(plan.blocks[k], k, xk, args)
+        return xk, recompute_block(plan.blocks[k], k, xk, args), held
 
 
 class _Gradients:
     """What the backward returns besides dL/dx_0: dL/d(tensor arguments) and dL/d(parameters), summed over
     blocks and chunks."""
 
-    def __init__(self, plan: _Plan, arg_inputs: list[torch.Tensor]) -> None:
-        self.plan, self.arg_inputs = plan, arg_inputs
-        self.wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad]
+    def __init__(self, plan: _Plan, arg_inputs: list[torch.Tensor], request: EngineRequest) -> None:
+        self.plan, self.arg_inputs, self.request = plan, arg_inputs, request
+        # the Function's tensor inputs are x_0, the tensor arguments, the parameters and the probe
+        self.wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad and request.wants(1 + i)]
+        self.first_param = 1 + len(arg_inputs)
         self.params: list[torch.Tensor | None] = [None] * plan.num_params
         self.args: list[torch.Tensor | None] = [None] * len(arg_inputs)
 
     def through_block(
-        self, k: int, c: int, y: torch.Tensor, grad_y: torch.Tensor, xk: torch.Tensor, leaves: list[torch.Tensor]
+        self,
+        k: int,
+        c: int,
+        y: torch.Tensor,
+        grad_y: torch.Tensor,
+        xk: torch.Tensor,
+        leaves: list[torch.Tensor],
+        held: dict[int, torch.Tensor],
     ) -> torch.Tensor | None:
         """Back-propagate grad_y through chunk c of block k's recomputed y: add the gradients of the block's
-        parameters (those still wanting one) and of the arguments, and return dL/dx_k through the block."""
+        parameters (those the running backward uses) and of the arguments, and return dL/dx_k through the
+        block. ``held`` maps held non-leaf tensors to the leaves that stood in for them."""
         plan = self.plan
         assert plan.split is not None
-        live = [i for i, p in enumerate(plan.block_params[k]) if p.requires_grad]
+        tensors = plan.block_params[k]
+        live = [
+            i
+            for i, p in enumerate(tensors)
+            if p.requires_grad and self.request.wants(self.first_param + plan.params[k][i])
+        ]
+        stand_ins = [i for i in live if id(tensors[i]) in held]
+        direct = [i for i in live if id(tensors[i]) not in held]
         wanted = [leaves[i] for i in self.wanted_slots]
-        grads = backward_through_block(y, grad_y, [xk, *wanted], [plan.block_params[k][i] for i in live])
-        _accumulate(self.params, [plan.params[k][i] for i in live], grads.params)
+        grads = backward_through_block(
+            y,
+            grad_y,
+            [xk, *wanted, *(held[id(tensors[i])] for i in stand_ins)],
+            [tensors[i] for i in direct],
+            self.request,
+            f"block {k} ({type(plan.blocks[k]).__name__})",
+        )
+        _accumulate(self.params, [plan.params[k][i] for i in direct], grads.params)
+        _accumulate(self.params, [plan.params[k][i] for i in stand_ins], grads.inputs[1 + len(wanted) :])
         for slot, grad in zip(self.wanted_slots, grads.inputs[1:]):
             plan.split.add_grad(self.args, slot, self.arg_inputs[slot], grad, c)
         return grads.inputs[0]
@@ -543,7 +575,7 @@ class BDIAStack(nn.Module):
         values = args.values()
         arg_tensors = [values[i] for i in plan.tensor_slots]
         params = trainable_parameters(self.blocks)
-        return _BDIAFunction.apply(plan, x0, *arg_tensors, *params)
+        return _BDIAFunction.apply(plan, x0, *arg_tensors, *params, EngineRequest.probe(x0))
 
     # -- helpers --------------------------------------------------------------------------------
 
