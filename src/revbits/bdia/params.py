@@ -43,6 +43,7 @@ __all__ = [
     "block_parameters",
     "check_parameters_unchanged",
     "detached_held_tensors",
+    "distinct",
     "held_tensors",
     "reached_leaves",
     "recompute_block",
@@ -70,35 +71,52 @@ def _returnable(p: nn.Parameter) -> bool:
     return p.requires_grad and not getattr(p, "_is_flat_param", False)
 
 
+#: The attributes every nn.Module instance has (hooks, the parameter and buffer dicts, ...): never a tensor.
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
+
+
+def _held_in(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    attributes = module.__dict__
+    for name in sorted(attributes.keys() - _MODULE_ATTRIBUTES):  # the few attributes a module class adds
+        value = attributes[name]
+        if isinstance(value, torch.Tensor) and value.requires_grad and not _flat_param_or_view(value):
+            yield name, value
+
+
 def held_tensors(block: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """(module, attribute, tensor) for every tensor requiring grad that ``block`` or one of its submodules
     holds as a plain attribute (not a parameter or buffer): a table shared with another module, or a
     tensor the model computed and assigned to its blocks. FSDP1's views of its flat parameter are not
     counted: they are that wrapper's business (:func:`sharded_block`)."""
-    found = []
-    for module in block.modules():
-        for name, value in vars(module).items():
-            if isinstance(value, torch.Tensor) and value.requires_grad and not _flat_param_or_view(value):
-                found.append((module, name, value))
-    return found
+    return [(module, name, value) for module in block.modules() for name, value in _held_in(module)]
 
 
 def block_parameters(block: nn.Module) -> list[torch.Tensor]:
     """The tensors of one block whose gradients the reversible Function returns: its returnable trainable
-    parameters in ``block.parameters()`` order, then its :func:`held_tensors`, each once."""
-    tensors: dict[int, torch.Tensor] = {id(p): p for p in block.parameters() if _returnable(p)}
-    for _, _, t in held_tensors(block):
-        tensors.setdefault(id(t), t)
+    parameters and its :func:`held_tensors`, each once, module by module in ``block.modules()`` order
+    (the parameters in ``block.parameters()`` order). One pass over the modules."""
+    tensors: dict[int, torch.Tensor] = {}
+    for module in block.modules():
+        for p in module._parameters.values():
+            if p is not None and _returnable(p):
+                tensors.setdefault(id(p), p)
+        for _, value in _held_in(module):
+            tensors.setdefault(id(value), value)
     return list(tensors.values())
+
+
+def distinct(per_block: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """The tensors of all blocks' lists, each once even when blocks share it, in first-seen order."""
+    seen: dict[int, torch.Tensor] = {}
+    for tensors in per_block:
+        for t in tensors:
+            seen.setdefault(id(t), t)
+    return list(seen.values())
 
 
 def trainable_parameters(blocks: Sequence[nn.Module]) -> list[torch.Tensor]:
     """The :func:`block_parameters` of all blocks, each once even when blocks share it."""
-    seen: dict[int, torch.Tensor] = {}
-    for block in blocks:
-        for t in block_parameters(block):
-            seen.setdefault(id(t), t)
-    return list(seen.values())
+    return distinct([block_parameters(block) for block in blocks])
 
 
 @contextlib.contextmanager
@@ -113,6 +131,9 @@ def detached_held_tensors(block: nn.Module, tensors: Sequence[torch.Tensor]) -> 
     can count a gradient twice.
     """
     wanted = {id(t) for t in tensors if t.grad_fn is not None}
+    if not wanted:  # no held non-leaf (parameters and held leaves need no stand-in)
+        yield {}
+        return
     leaves: dict[int, torch.Tensor] = {}
     swapped: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
     try:
@@ -140,12 +161,14 @@ def check_parameters_unchanged(block: nn.Module, index: int, forward: Sequence[t
     on purpose (sharded and unsharded), so blocks that hold an FSDP unit, and DTensor parameters, are
     left to FSDP, whose parameters :func:`backward_through_block` follows.
     """
-    if any(_fsdp_unit(m) for m in block.modules()):
-        return
     now = dict(block.named_parameters(remove_duplicate=False))
-    present = {id(p) for p in now.values()} | {id(t) for _, _, t in held_tensors(block)}
-    for p in forward:
-        if not isinstance(p, nn.Parameter) or id(p) in present or type(p).__name__ == "DTensor":
+    registered = {id(p) for p in now.values()}
+    missing = [p for p in forward if isinstance(p, nn.Parameter) and id(p) not in registered]
+    if not missing or any(_fsdp_unit(m) for m in block.modules()):
+        return
+    held = {id(t) for _, _, t in held_tensors(block)}  # a parameter may be held as an attribute instead
+    for p in missing:
+        if id(p) in held or type(p).__name__ == "DTensor":
             continue
         candidates = [n for n, q in now.items() if q.shape == p.shape and id(q) not in {id(f) for f in forward}]
         what = f"parameter {candidates[0]!r}" if len(candidates) == 1 else f"a parameter of shape {list(p.shape)}"

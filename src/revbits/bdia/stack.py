@@ -41,9 +41,9 @@ from .params import (
     block_parameters,
     check_parameters_unchanged,
     detached_held_tensors,
+    distinct,
     recompute_block,
     sharded_block,
-    trainable_parameters,
 )
 from .step import (
     BlockProtocolError,
@@ -76,7 +76,7 @@ class _Plan:
     args: BlockArguments  # the extra block arguments, tensors replaced by None
     tensor_slots: list[int]  # where the tensor arguments go in args.values()
     params: list[list[int]]  # per block, indices into the parameter list
-    block_params: list[list[nn.Parameter]]  # per block, its trainable parameters at forward time
+    block_params: list[list[torch.Tensor]]  # per block, its parameters and held tensors at forward time (bdia.params)
     compiled: list[bool]  # per block, whether it holds compiled code (bdia.compile)
     num_params: int
     bits: int
@@ -574,7 +574,7 @@ class BDIAStack(nn.Module):
         plan = self._plan(x0, args, signs)
         values = args.values()
         arg_tensors = [values[i] for i in plan.tensor_slots]
-        params = trainable_parameters(self.blocks)
+        params = distinct(plan.block_params)
         return _BDIAFunction.apply(plan, x0, *arg_tensors, *params, EngineRequest.probe(x0))
 
     # -- helpers --------------------------------------------------------------------------------
@@ -594,15 +594,16 @@ class BDIAStack(nn.Module):
 
     def _plan(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> _Plan:
         slots = args.tensor_slots()
-        params = trainable_parameters(self.blocks)
+        block_params = [block_parameters(b) for b in self.blocks]  # one pass over each block's modules
+        params = distinct(block_params)
         index = {id(p): i for i, p in enumerate(params)}
         device_type = x0.device.type
         return _Plan(
             blocks=list(self.blocks),
             args=args.with_values([None if i in slots else a for i, a in enumerate(args.values())]),
             tensor_slots=slots,
-            params=[[index[id(p)] for p in block_parameters(b)] for b in self.blocks],
-            block_params=[block_parameters(b) for b in self.blocks],
+            params=[[index[id(p)] for p in tensors] for tensors in block_params],
+            block_params=block_params,
             compiled=[holds_compiled_code(b) for b in self.blocks],
             num_params=len(params),
             bits=self.bits,
