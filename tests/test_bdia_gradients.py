@@ -237,6 +237,26 @@ def test_gradient_of_a_held_tensor_by_autograd_grad_and_backward_inputs():
     assert relative_error(by_grad, ref_grad) <= 1e-9 and relative_error(by_inputs, ref_inputs) <= 1e-9
 
 
+def test_autograd_grad_of_parameters_and_backward_inputs_of_some_parameters():
+    results = []
+    for reversible in (True, False):
+        model, tensors = held_table_model(in_list=True)
+        model.stack.reversible = reversible
+        x = torch.randn(4, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+        signs = random_signs(4, 4, torch.Generator().manual_seed(9))
+        block = dict(model.stack.blocks[1].named_parameters())
+        wanted = [block["body.attn.query.weight"], block["body.mlp.fc.bias"], model.embed.weight]
+        by_grad = torch.autograd.grad(model.loss(model.embed(x), signs), wanted)
+        touched_by_grad = sorted(n for n, t in tensors.items() if t.grad is not None)
+        model.loss(model.embed(x), signs).backward(inputs=wanted[:2])
+        touched = sorted(n for n, t in tensors.items() if t.grad is not None)
+        results.append((by_grad, [t.grad for t in wanted[:2]], touched_by_grad, touched))
+    (by_grad, by_inputs, none, touched), (ref_grad, ref_inputs, ref_none, ref_touched) = results
+    assert none == ref_none == []
+    assert touched == ref_touched == ["stack.blocks.1.body.attn.query.weight", "stack.blocks.1.body.mlp.fc.bias"]
+    assert max(relative_error(a, b) for a, b in zip([*by_grad, *by_inputs], [*ref_grad, *ref_inputs])) <= 1e-9
+
+
 def test_a_non_leaf_tensor_shared_by_blocks_gets_its_gradient_once():
     """A tensor computed with a graph and held by two blocks (in 2 batch chunks each): its graph is walked
     once, by the engine, with the summed gradient, as under plain autograd."""
