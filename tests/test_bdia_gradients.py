@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -154,19 +155,24 @@ def test_parameters_frozen_between_forward_and_backward_keep_their_slots():
 
 
 class HeldTableBlock(torch.nn.Module):
-    """A block that uses a tensor it holds by reference, not as a parameter: as an attribute, or in a list
-    (where the stack cannot see it and the backward's engine rules apply)."""
+    """A block that uses a tensor it holds by reference, not as a parameter: as an attribute, in a list, or
+    in a closure (which the stack cannot see, so the engine rules of the backward apply to it)."""
 
-    def __init__(self, table: torch.Tensor, in_list: bool) -> None:
+    def __init__(self, table: torch.Tensor, holder: str) -> None:
         super().__init__()
         self.body = TransformerBlock(16, 2)
-        if in_list:
+        if holder == "attribute":
+            self.table = table
+        elif holder == "list":
             self.tables = [table]
         else:
-            self.table = table
+            self.get_table = lambda: table
 
     def forward(self, x):
-        table = self.tables[0] if hasattr(self, "tables") else self.table
+        if hasattr(self, "get_table"):
+            table = self.get_table()
+        else:
+            table = self.tables[0] if hasattr(self, "tables") else self.table
         return self.body(x) + 0.25 * torch.tanh(x) * table
 
 
@@ -181,10 +187,10 @@ class Model(torch.nn.Module):
         return self.head(self.stack(emb, gammas=signs)).square().mean()
 
 
-def held_table_model(in_list: bool):
+def held_table_model(holder: str):
     torch.manual_seed(10)
     table = torch.randn(16, dtype=torch.float64, requires_grad=True)
-    model = Model([HeldTableBlock(table, in_list) for _ in range(4)]).double()
+    model = Model([HeldTableBlock(table, holder) for _ in range(4)]).double()
     return model, {**dict(model.named_parameters()), "table": table}
 
 
@@ -207,11 +213,12 @@ def fgsm_step(model, tensors, how: str):
 
 
 @pytest.mark.parametrize("how", ["grad", "inputs"])
-@pytest.mark.parametrize("in_list", [False, True], ids=["attribute", "list"])
-def test_fgsm_touches_what_plain_autograd_touches(how, in_list):
+@pytest.mark.parametrize("holder", ["attribute", "list", "closure"])
+@pytest.mark.filterwarnings("ignore:block 3 \\(HeldTableBlock\\) uses a tensor")
+def test_fgsm_touches_what_plain_autograd_touches(how, holder):
     results = []
     for reversible in (True, False):
-        model, tensors = held_table_model(in_list)
+        model, tensors = held_table_model(holder)
         model.stack.reversible = reversible
         results.append(fgsm_step(model, tensors, how))
     (touched, grads), (touched_ref, grads_ref) = results
@@ -224,7 +231,7 @@ def test_gradient_of_a_held_tensor_by_autograd_grad_and_backward_inputs():
     """A tensor a block holds as an attribute is an input of the reversible Function like a parameter."""
     results = []
     for reversible in (True, False):
-        model, tensors = held_table_model(in_list=False)
+        model, tensors = held_table_model("attribute")
         model.stack.reversible = reversible
         x = torch.randn(4, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
         signs = random_signs(4, 4, torch.Generator().manual_seed(5))
@@ -240,7 +247,7 @@ def test_gradient_of_a_held_tensor_by_autograd_grad_and_backward_inputs():
 def test_autograd_grad_of_parameters_and_backward_inputs_of_some_parameters():
     results = []
     for reversible in (True, False):
-        model, tensors = held_table_model(in_list=True)
+        model, tensors = held_table_model("list")
         model.stack.reversible = reversible
         x = torch.randn(4, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
         signs = random_signs(4, 4, torch.Generator().manual_seed(9))
@@ -257,12 +264,53 @@ def test_autograd_grad_of_parameters_and_backward_inputs_of_some_parameters():
     assert max(relative_error(a, b) for a, b in zip([*by_grad, *by_inputs], [*ref_grad, *ref_inputs])) <= 1e-9
 
 
+def test_a_tensor_in_a_closure_gets_its_gradient_from_backward_with_a_warning():
+    results = []
+    for reversible in (True, False):
+        model, tensors = held_table_model("closure")
+        model.stack.reversible = reversible
+        x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+        loss = model.loss(model.embed(x), random_signs(4, 2, torch.Generator().manual_seed(13)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss.backward()
+        results.append((tensors["table"].grad, [str(w.message) for w in caught if "HeldTableBlock" in str(w.message)]))
+    (grad, messages), (ref, ref_messages) = results
+    assert relative_error(grad, ref) <= 1e-9
+    assert ref_messages == [] and len(messages) == 1
+    assert messages[0].startswith("block 3 (HeldTableBlock) uses a tensor of shape [16] requiring grad")
+
+
+def test_autograd_grad_of_a_tensor_in_a_closure_and_used_outside_raises():
+    """The engine will not say whether autograd.grad wants a leaf's gradient that the stack cannot return;
+    the backward raises instead of leaving out the blocks' share."""
+    model, tensors = held_table_model("closure")
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    emb = model.embed(x)
+    loss = model.loss(emb, random_signs(4, 2)) + tensors["table"].sum()
+    with pytest.raises(RecomputationError, match=r"autograd.grad asks for .* shape \[16\] that block 3"):
+        torch.autograd.grad(loss, [emb, tensors["table"]])
+
+
+@pytest.mark.filterwarnings("ignore:block 2 \\(HeldTableBlock\\) uses a tensor")
+def test_a_non_leaf_tensor_in_closures_of_two_blocks_is_named():
+    model, tensors = held_table_model("attribute")
+    model.stack.batch_chunks = 1  # with chunks, the second chunk of block 2 would be the second walk
+    shared = tensors["table"] * 2
+    for k in (1, 2):
+        del model.stack.blocks[k].table
+        model.stack.blocks[k].get_table = lambda: shared
+    loss = model.loss(model.embed(torch.randn(2, 5, 8, dtype=torch.float64)), random_signs(4, 2))
+    with pytest.raises(RecomputationError, match=r"block 1 \(HeldTableBlock\) and blocks 2 use a tensor computed"):
+        loss.backward()
+
+
 def test_a_non_leaf_tensor_shared_by_blocks_gets_its_gradient_once():
     """A tensor computed with a graph and held by two blocks (in 2 batch chunks each): its graph is walked
     once, by the engine, with the summed gradient, as under plain autograd."""
     results = []
     for reversible in (True, False):
-        model, tensors = held_table_model(in_list=False)
+        model, tensors = held_table_model("attribute")
         base = tensors.pop("table")
         shared = base * 2  # not a leaf
         for block in model.stack.blocks[1:3]:
@@ -282,7 +330,7 @@ def test_a_non_leaf_tensor_shared_by_blocks_gets_its_gradient_once():
 
 
 def test_a_parameter_replaced_between_forward_and_backward_is_named():
-    model, _ = held_table_model(in_list=False)
+    model, _ = held_table_model("attribute")
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     loss = model.loss(model.embed(x), random_signs(4, 2))
     linear = model.stack.blocks[2].body.mlp.fc

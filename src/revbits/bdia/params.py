@@ -49,6 +49,7 @@ __all__ = [
     "recompute_block",
     "sharded_block",
     "trainable_parameters",
+    "unmanaged_leaves",
 ]
 
 
@@ -75,19 +76,31 @@ def _returnable(p: nn.Parameter) -> bool:
 _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
 
 
-def _held_in(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def _wants_grad(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad and not _flat_param_or_view(value)
+
+
+def _held_in(module: nn.Module) -> Iterator[tuple[str | None, torch.Tensor]]:
+    """(attribute, tensor) for the tensors ``module`` holds as plain attributes, and (None, leaf) for the
+    leaves in list, tuple or dict attributes (one level deep; they need no stand-in, being leaves)."""
     attributes = module.__dict__
     for name in sorted(attributes.keys() - _MODULE_ATTRIBUTES):  # the few attributes a module class adds
         value = attributes[name]
-        if isinstance(value, torch.Tensor) and value.requires_grad and not _flat_param_or_view(value):
+        if _wants_grad(value):
             yield name, value
+        elif isinstance(value, (list, tuple, dict)) and value:
+            for item in value.values() if isinstance(value, dict) else value:
+                if _wants_grad(item) and item.grad_fn is None:
+                    yield None, item
 
 
-def held_tensors(block: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+def held_tensors(block: nn.Module) -> list[tuple[nn.Module, str | None, torch.Tensor]]:
     """(module, attribute, tensor) for every tensor requiring grad that ``block`` or one of its submodules
     holds as a plain attribute (not a parameter or buffer): a table shared with another module, or a
-    tensor the model computed and assigned to its blocks. FSDP1's views of its flat parameter are not
-    counted: they are that wrapper's business (:func:`sharded_block`)."""
+    tensor the model computed and assigned to its blocks; and (module, None, leaf) for the leaves in a list,
+    tuple or dict attribute. FSDP1's views of its flat parameter are not counted: they are that wrapper's
+    business (:func:`sharded_block`). Tensors reached otherwise (a closure, a module held outside the
+    block's module tree) are not found: the engine rules of :class:`EngineRequest` apply to them."""
     return [(module, name, value) for module in block.modules() for name, value in _held_in(module)]
 
 
@@ -135,10 +148,10 @@ def detached_held_tensors(block: nn.Module, tensors: Sequence[torch.Tensor]) -> 
         yield {}
         return
     leaves: dict[int, torch.Tensor] = {}
-    swapped: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+    swapped: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []  # module, attribute, tensor, leaf
     try:
         for module, name, t in held_tensors(block):
-            if id(t) in wanted:
+            if id(t) in wanted and name is not None:
                 leaf = leaves.setdefault(id(t), t.detach().requires_grad_())
                 module.__dict__[name] = leaf
                 swapped.append((module, name, t, leaf))
@@ -151,6 +164,14 @@ def detached_held_tensors(block: nn.Module, tensors: Sequence[torch.Tensor]) -> 
 
 def _fsdp_unit(module: nn.Module) -> bool:
     return bool({c.__name__ for c in type(module).__mro__} & {"FSDPModule", "FullyShardedDataParallel"})
+
+
+def unmanaged_leaves(block: nn.Module, foreign: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaves among ``foreign`` (reached by the block's recomputation, unknown to the forward) that no
+    wrapper accounts for: neither FSDP1's flat parameter nor the parameters of an FSDP unit in the block."""
+    if not foreign or any(_fsdp_unit(m) for m in block.modules()):
+        return []
+    return [t for t in foreign if not _flat_param_or_view(t)]
 
 
 def check_parameters_unchanged(block: nn.Module, index: int, forward: Sequence[torch.Tensor]) -> None:
@@ -265,12 +286,18 @@ def reached_leaves(y: torch.Tensor) -> list[torch.Tensor]:
 
 class BlockGradients:
     """The gradients of one recomputed block: ``inputs[i]`` for each input, ``params[j]`` for each
-    forward-time parameter (None where it was not reached or was handled by the engine)."""
+    forward-time parameter (None where it was not reached or was handled by the engine), and the
+    ``foreign`` leaves the engine accumulated into."""
 
-    __slots__ = ("inputs", "params")
+    __slots__ = ("foreign", "inputs", "params")
 
-    def __init__(self, inputs: list[torch.Tensor | None], params: list[torch.Tensor | None]) -> None:
-        self.inputs, self.params = inputs, params
+    def __init__(
+        self,
+        inputs: list[torch.Tensor | None],
+        params: list[torch.Tensor | None],
+        foreign: Sequence[torch.Tensor] = (),
+    ) -> None:
+        self.inputs, self.params, self.foreign = inputs, params, list(foreign)
 
 
 def backward_through_block(
@@ -309,7 +336,7 @@ def backward_through_block(
     input_grads = [t.grad for t in inputs]
     for t in inputs:
         t.grad = None
-    return BlockGradients(input_grads, param_grads)
+    return BlockGradients(input_grads, param_grads, foreign)
 
 
 # -- wrappers and recomputation -------------------------------------------------------------------

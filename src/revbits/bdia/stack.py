@@ -35,16 +35,8 @@ from .bits import PackedBits, pack_bits, unpack_bits
 from .chunks import AUTO, BatchSplit, check_batch_chunks, plan_split
 from .compile import forward_block, holds_compiled_code
 from .fixedpoint import exact_limit, quantize
-from .params import (
-    EngineRequest,
-    backward_through_block,
-    block_parameters,
-    check_parameters_unchanged,
-    detached_held_tensors,
-    distinct,
-    recompute_block,
-    sharded_block,
-)
+from .gradients import Gradients, recompute, skip_gradient
+from .params import EngineRequest, block_parameters, check_parameters_unchanged, distinct, sharded_block
 from .step import (
     BlockProtocolError,
     Step,
@@ -188,7 +180,7 @@ class _BDIAFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         plan, x_cur, x_next = _begin_backward(ctx)
         arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
-        grads = _Gradients(plan, arg_inputs, EngineRequest(getattr(ctx, "next_functions", None)))
+        grads = Gradients(plan, arg_inputs, EngineRequest(getattr(ctx, "next_functions", None)))
         mismatches: list[torch.Tensor] = []
         device_type, autocast_on, autocast_dtype = plan.autocast
         split = plan.split
@@ -216,7 +208,7 @@ class _BDIAFunction(torch.autograd.Function):
                     RngReplay(rng, x_cur.device, plan.preserve_rng),
                     torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
                 ):
-                    xk, y, held = _recompute(plan, k, x_cur[rows], split.tree(plan.block_args(leaves), c))
+                    xk, y, held = recompute(plan, k, x_cur[rows], split.tree(plan.block_args(leaves), c))
                     if plan.preserve_rng:
                         rng = capture_rng_state(x_cur.device)  # where chunk c + 1 starts
                     gn = g_next[rows]
@@ -227,7 +219,7 @@ class _BDIAFunction(torch.autograd.Function):
                         assert planes is not None and x_prev is not None
                         x_prev[rows] = plan.step.inverse(x_next[rows], x_cur[rows], y, g[rows], planes[c])
                         grad_y = (1 + g[rows]) * gn
-                    _skip_gradient(g_cur[rows], g_after, gamma_after, rows, gn, g)
+                    skip_gradient(g_cur[rows], g_after, gamma_after, rows, gn, g)
                     del gn
                 grad_x = grads.through_block(k, c, y, grad_y, xk, leaves, held)
                 del y, xk, grad_y, leaves, held
@@ -266,97 +258,6 @@ def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
             "cannot be rebuilt from it (use an out-of-place operation)"
         )
     return plan, x_cur, x_next
-
-
-def _recompute(
-    plan: _Plan, k: int, x: torch.Tensor, args: BlockArguments
-) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-    """(x_k, y_k = block_k(x_k), leaves) with a graph from a fresh leaf x_k, inside the stack's recompute
-    context; ``leaves`` maps each held non-leaf tensor of the block to the leaf that stood in for it."""
-    with torch.enable_grad(), plan.recomputing(k), detached_held_tensors(plan.blocks[k], plan.block_params[k]) as held:
-        xk = x.detach().requires_grad_()
-        return xk, recompute_block(plan.blocks[k], k, xk, args), held
-
-
-class _Gradients:
-    """What the backward returns besides dL/dx_0: dL/d(tensor arguments) and dL/d(parameters), summed over
-    blocks and chunks."""
-
-    def __init__(self, plan: _Plan, arg_inputs: list[torch.Tensor], request: EngineRequest) -> None:
-        self.plan, self.arg_inputs, self.request = plan, arg_inputs, request
-        # the Function's tensor inputs are x_0, the tensor arguments, the parameters and the probe
-        self.wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad and request.wants(1 + i)]
-        self.first_param = 1 + len(arg_inputs)
-        self.params: list[torch.Tensor | None] = [None] * plan.num_params
-        self.args: list[torch.Tensor | None] = [None] * len(arg_inputs)
-
-    def through_block(
-        self,
-        k: int,
-        c: int,
-        y: torch.Tensor,
-        grad_y: torch.Tensor,
-        xk: torch.Tensor,
-        leaves: list[torch.Tensor],
-        held: dict[int, torch.Tensor],
-    ) -> torch.Tensor | None:
-        """Back-propagate grad_y through chunk c of block k's recomputed y: add the gradients of the block's
-        parameters (those the running backward uses) and of the arguments, and return dL/dx_k through the
-        block. ``held`` maps held non-leaf tensors to the leaves that stood in for them."""
-        plan = self.plan
-        assert plan.split is not None
-        tensors = plan.block_params[k]
-        live = [
-            i
-            for i, p in enumerate(tensors)
-            if p.requires_grad and self.request.wants(self.first_param + plan.params[k][i])
-        ]
-        stand_ins = [i for i in live if id(tensors[i]) in held]
-        direct = [i for i in live if id(tensors[i]) not in held]
-        wanted = [leaves[i] for i in self.wanted_slots]
-        grads = backward_through_block(
-            y,
-            grad_y,
-            [xk, *wanted, *(held[id(tensors[i])] for i in stand_ins)],
-            [tensors[i] for i in direct],
-            self.request,
-            f"block {k} ({type(plan.blocks[k]).__name__})",
-        )
-        _accumulate(self.params, [plan.params[k][i] for i in direct], grads.params)
-        _accumulate(self.params, [plan.params[k][i] for i in stand_ins], grads.inputs[1 + len(wanted) :])
-        for slot, grad in zip(self.wanted_slots, grads.inputs[1:]):
-            plan.split.add_grad(self.args, slot, self.arg_inputs[slot], grad, c)
-        return grads.inputs[0]
-
-
-def _skip_gradient(
-    out: torch.Tensor,
-    g_after: torch.Tensor | None,
-    gamma_after: torch.Tensor | None,
-    rows: slice,
-    g_next: torch.Tensor,
-    gamma: torch.Tensor | None,
-) -> None:
-    """The part of dL/dx_k that bypasses block k, for one chunk, written into ``out``:
-
-        g_{k+1} dL/dx_{k+2} - 2 g_k dL/dx_{k+1}     (the first term is absent for k = K-1, the second for k = 0)
-
-    ``out`` may be the chunk of ``g_after`` itself: it is read before it is written.
-    """
-    if g_after is None:
-        assert gamma is not None
-        torch.mul(g_next, -2 * gamma[rows], out=out)
-        return
-    assert gamma_after is not None
-    torch.mul(g_after[rows], gamma_after[rows], out=out)
-    if gamma is not None:
-        out.addcmul_(g_next, gamma[rows], value=-2)
-
-
-def _accumulate(store: list[torch.Tensor | None], slots: Sequence[int], grads: Sequence[torch.Tensor | None]) -> None:
-    for slot, grad in zip(slots, grads):
-        if grad is not None:
-            store[slot] = grad if store[slot] is None else store[slot] + grad
 
 
 def _compare(plan: _Plan, index: int, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
