@@ -8,20 +8,22 @@ into the leaves in S, and ``torch.autograd.grad(loss, S)`` into none (it returns
 The reversible backward keeps that rule exactly, whatever the parameters are by then:
 
 - the tensors the forward pass handed to the reversible Function -- the blocks' trainable
-  parameters and the tensors requiring grad that a block holds as plain attributes
-  (:func:`held_tensors`) -- get their gradients returned by the Function, so the engine treats
-  them as any autograd input: hooks, DDP, ``autograd.grad`` and ``backward(inputs=)`` all work.
+  parameters and the tensors requiring grad that a block holds as plain attributes, or as leaves
+  in list, tuple and dict attributes (:func:`held_tensors`) -- get their gradients returned by the
+  Function, so the engine treats them as any autograd input: hooks, DDP, ``autograd.grad`` and
+  ``backward(inputs=)`` all work.
   A held tensor computed with a graph (not a leaf) is replaced by a detached leaf while its block
   is recomputed, so its graph is walked once, by the engine, as under plain autograd;
 - a leaf the forward never saw -- a wrapper swapped the parameters in between, as FSDP's unshard
-  does, FSDP1's flat parameter stands behind views, or a block keeps the tensor in a container --
+  does, FSDP1's flat parameter stands behind views, or a block reaches it through a closure --
   gets its gradient accumulated into ``.grad`` by the autograd engine inside the backward, with the
   wrapper's own hooks (FSDP's reduce-scatter) firing on the way, but only when the running backward
   accumulates into it (:class:`EngineRequest`);
 - a parameter the recomputation does not reach, or whose gradient the running backward does not
   use, gets none, as under plain autograd.
 
-Nothing is matched by name or shape; the graph of the recomputation decides.
+Nothing is matched by name or shape; the graph of the recomputation decides. A parameter replaced by
+another object between forward and backward raises (:func:`check_parameters_unchanged`).
 """
 
 from __future__ import annotations
@@ -182,11 +184,11 @@ def check_parameters_unchanged(block: nn.Module, index: int, forward: Sequence[t
     on purpose (sharded and unsharded), so blocks that hold an FSDP unit, and DTensor parameters, are
     left to FSDP, whose parameters :func:`backward_through_block` follows.
     """
-    now = dict(block.named_parameters(remove_duplicate=False))
-    registered = {id(p) for p in now.values()}
+    registered = {id(p) for p in block.parameters()}
     missing = [p for p in forward if isinstance(p, nn.Parameter) and id(p) not in registered]
     if not missing or any(_fsdp_unit(m) for m in block.modules()):
         return
+    now = dict(block.named_parameters(remove_duplicate=False))
     held = {id(t) for _, _, t in held_tensors(block)}  # a parameter may be held as an attribute instead
     for p in missing:
         if id(p) in held or type(p).__name__ == "DTensor":
