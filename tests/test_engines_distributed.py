@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from typing import Any
 
 import pytest
 import torch
@@ -45,13 +46,17 @@ class Model(nn.Module):
         self.stack = BDIAStack([Block() for _ in range(3)], batch_chunks=batch_chunks)
         self.head = nn.Linear(D_MODEL, 1)
 
-    def forward(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stack(self.embed(x), gammas=signs)).square().mean()
+    def forward(self, x: torch.Tensor, signs: torch.Tensor, delta: torch.Tensor | None = None) -> Any:
+        """The loss; with ``delta`` (FGSM), (the loss of the embeddings + delta, the embeddings)."""
+        if delta is None:
+            return self.head(self.stack(self.embed(x), gammas=signs)).square().mean()
+        emb = self.embed(x)
+        return self.head(self.stack(emb + delta, gammas=signs)).square().mean(), emb
 
 
-def data() -> tuple[torch.Tensor, torch.Tensor]:
+def data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, 5, 8, generator=g)
+    x = torch.randn(BATCH, 5, 8, generator=g).to(dtype)
     signs = torch.randint(0, 2, (2, BATCH), generator=g) * 2 - 1
     return x, signs
 
@@ -73,8 +78,8 @@ def reference() -> dict[str, torch.Tensor | None]:
 # -- the scenarios, run in each of the 2 processes ----------------------------------------------------------
 
 
-def _local(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, signs = data()
+def _local(rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    x, signs = data(dtype)
     rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     return x[rows], signs[:, rows]
 
@@ -134,6 +139,68 @@ def _ddp(rank: int, reversible: bool) -> dict:
     return {n: p.grad for n, p in m.named_parameters()}
 
 
+FGSM_EPS = 0.05
+
+
+def fgsm(m: nn.Module, x: torch.Tensor, signs: torch.Tensor, how: str) -> list[str]:
+    """An adversarial step on the embeddings, their gradient by ``autograd.grad`` or ``backward(inputs=)``,
+    then the training backward; returns the parameters the first backward gave a ``.grad`` (plain autograd:
+    none)."""
+    loss, emb = m(x, signs, torch.zeros(()))
+    if how == "grad":
+        (grad,) = torch.autograd.grad(loss, emb)
+    else:
+        loss.backward(inputs=[emb])
+        grad = emb.grad
+    touched = [n for n, p in m.named_parameters() if p.grad is not None]
+    m(x, signs, FGSM_EPS * grad.sign())[0].backward()
+    return touched
+
+
+def fgsm_reference() -> dict[str, torch.Tensor | None]:
+    """FGSM and training in one process on the whole batch in float64, plain autograd."""
+    m = model().double()
+    m.stack.reversible = False
+    assert fgsm(m, *data(torch.float64), "grad") == []
+    return {n: p.grad for n, p in m.named_parameters()}
+
+
+def _fgsm_fsdp(rank: int, fsdp: str, how: str) -> dict:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    m = model().double()
+    if fsdp == "fsdp2":
+        for block in m.stack.blocks:
+            fully_shard(block)
+        fully_shard(m)
+    else:
+        m = FSDP(m, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"))
+    touched = fgsm(m, *_local(rank, torch.float64), how)
+    if fsdp == "fsdp2":
+        grads = {n: None if p.grad is None else p.grad.full_tensor() for n, p in m.named_parameters()}
+    else:
+        with FSDP.summon_full_params(m, with_grads=True):
+            grads = {_strip(n): None if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
+    return {"touched": touched, "grads": grads}
+
+
+def _fsdp2_bf16(rank: int, recipe: bool) -> dict:
+    """FSDP2 with bfloat16 parameters: as usually written (one policy everywhere), or with the recipe of
+    the error message (float32 block outputs, no cast of the root's parameters)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    usual = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    float32_out = MixedPrecisionPolicy(param_dtype=torch.bfloat16, output_dtype=torch.float32)
+    m = model()
+    for block in m.stack.blocks:
+        fully_shard(block, mp_policy=float32_out if recipe else usual)
+    fully_shard(m, mp_policy=MixedPrecisionPolicy() if recipe else usual)
+    m(*_local(rank)).backward()
+    return {n: None if p.grad is None else p.grad.full_tensor() for n, p in m.named_parameters()}
+
+
 SCENARIOS = {
     "fsdp2 on each block": lambda rank: _fsdp2(rank, "blocks", 1),
     "fsdp2 on each block, 2 batch chunks": lambda rank: _fsdp2(rank, "blocks", 2),
@@ -146,6 +213,12 @@ SCENARIOS = {
     "fsdp1 root only": lambda rank: _fsdp1(rank, True, per_block=False),
     "ddp no_sync": lambda rank: _ddp(rank, True),
     "ddp no_sync, plain autograd": lambda rank: _ddp(rank, False),
+    "fgsm by autograd.grad, fsdp2 on each block": lambda rank: _fgsm_fsdp(rank, "fsdp2", "grad"),
+    "fgsm by backward(inputs=), fsdp2 on each block": lambda rank: _fgsm_fsdp(rank, "fsdp2", "inputs"),
+    "fgsm by autograd.grad, fsdp1 on each block": lambda rank: _fgsm_fsdp(rank, "fsdp1", "grad"),
+    "fgsm by backward(inputs=), fsdp1 on each block": lambda rank: _fgsm_fsdp(rank, "fsdp1", "inputs"),
+    "fsdp2 bf16 parameters as usually written": lambda rank: _fsdp2_bf16(rank, recipe=False),
+    "fsdp2 bf16 parameters, the recipe": lambda rank: _fsdp2_bf16(rank, recipe=True),
 }
 
 
@@ -193,8 +266,9 @@ def _assert_equal_to_reference(grads: dict | str, expected: dict) -> None:
         assert err <= 1e-5, f"{name}: relative error {err:.3g}"
 
 
-NOT_COMPARED_HERE = ("each block, 2", "=False", "root only", "plain")  # an error, flat parameters, an error
+NOT_COMPARED_HERE = ("each block, 2", "=False", "root only", "plain", "bf16")  # errors, flat parameters, bf16
 FSDP_EXACT = [n for n in SCENARIOS if n.startswith("fsdp") and not any(k in n for k in NOT_COMPARED_HERE)]
+FGSM = [n for n in SCENARIOS if n.startswith("fgsm")]
 
 
 def test_fsdp_per_block_refuses_batch_chunks(distributed):
@@ -256,3 +330,34 @@ def test_ddp_unused_parameters_as_under_plain_autograd(distributed):
     unused = [n for n in plain if ".unused." in n]
     assert unused and all(plain[n] is None for n in unused)
     assert all(bdia[n] is None for n in unused)
+
+
+@pytest.mark.parametrize("name", FGSM)
+def test_fgsm_under_fsdp_per_block_equals_plain_autograd(distributed, name):
+    """The embeddings' gradient alone leaves every .grad None, and the training step after the adversarial
+    one has plain autograd's gradients to 1e-9 in float64."""
+    result = distributed[name]
+    assert isinstance(result, dict), result
+    assert result["touched"] == [], f"the embeddings' gradient wrote .grad of {result['touched']}"
+    expected = {n: g for n, g in fgsm_reference().items() if g is not None}
+    grads = {n: result["grads"][n] for n in expected}
+    assert all(g is not None for g in grads.values())
+    worst = {n: (grads[n] - want).abs().max().item() / want.abs().max().item() for n, want in expected.items()}
+    assert max(worst.values()) <= 1e-9, worst
+
+
+def test_fsdp2_bf16_parameters_get_the_fix_in_the_error(distributed):
+    message = distributed["fsdp2 bf16 parameters as usually written"]
+    assert isinstance(message, str) and "TypeError: the residual stream must be float32" in message
+    assert "output_dtype=torch.float32" in message and "cast_forward_inputs=False" in message
+
+
+def test_fsdp2_bf16_recipe_of_the_error_message_trains(distributed):
+    """The recipe runs, and every used parameter gets a finite gradient close to float32 plain autograd's."""
+    grads = distributed["fsdp2 bf16 parameters, the recipe"]
+    assert isinstance(grads, dict), grads
+    expected = {n: g for n, g in reference().items() if g is not None}
+    for name, want in expected.items():
+        assert grads[name] is not None and torch.isfinite(grads[name]).all(), name
+        err = (grads[name].float() - want).abs().max().item() / want.abs().max().item()
+        assert err <= 0.1, f"{name}: relative error {err:.3g}"

@@ -6,6 +6,7 @@
 - :mod:`~revbits.bdia.fixedpoint`: the grid Q and its exact range; :mod:`~revbits.bdia.bits`: packed bit planes;
 - :mod:`~revbits.bdia.args`, :mod:`~revbits.bdia.chunks`, :mod:`~revbits.bdia.params`, :mod:`~revbits.bdia.compile`:
   the block arguments, batch chunks, gradient routing and torch.compile rules of the reversible backward;
+  :mod:`~revbits.bdia.gradients`: the backward's per-block recomputation and the gradients it sums;
 - :mod:`~revbits.bdia.token_slices`: token-wise submodules (MLPs) run in slices of the sequence in training.
 """
 

@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import torch
 
+#: How to run the blocks in low precision with a float32 stream (torch.autocast, FSDP2's MixedPrecisionPolicy).
+LOW_PRECISION_ADVICE = (
+    "keep the stream in float32 and let the blocks compute in low precision: under torch.autocast, or under "
+    "FSDP2 with MixedPrecisionPolicy(param_dtype=torch.bfloat16, output_dtype=torch.float32) on each block "
+    "(or cast_forward_inputs=False with the blocks under torch.autocast), and a float32 input to the stack "
+    "(a MixedPrecisionPolicy with a low-precision param_dtype on the module that computes it, such as the "
+    "root's, makes it low precision: cast it with .float())"
+)
+
 #: Number of significand bits (including the implicit one) of each supported stream dtype.
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
 
@@ -43,10 +52,7 @@ def exact_limit(dtype: torch.dtype, bits: int) -> float:
     with |x| < L, and sums and differences of them that also stay below L, are exact.
     """
     if dtype not in SIGNIFICAND_BITS:
-        raise TypeError(
-            f"the residual stream must be float32 or float64, got {dtype}; run the block "
-            "internals in low precision with torch.autocast and keep the stream in float32"
-        )
+        raise TypeError(f"the residual stream must be float32 or float64, got {dtype}; {LOW_PRECISION_ADVICE}")
     return float(2 ** (SIGNIFICAND_BITS[dtype] - bits))
 
 

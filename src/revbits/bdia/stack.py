@@ -35,13 +35,8 @@ from .bits import PackedBits, pack_bits, unpack_bits
 from .chunks import AUTO, BatchSplit, check_batch_chunks, plan_split
 from .compile import forward_block, holds_compiled_code
 from .fixedpoint import exact_limit, quantize
-from .params import (
-    backward_through_block,
-    block_parameters,
-    recompute_block,
-    sharded_block,
-    trainable_parameters,
-)
+from .gradients import Gradients, recompute, skip_gradient
+from .params import EngineRequest, block_parameters, check_parameters_unchanged, distinct, sharded_block
 from .step import (
     BlockProtocolError,
     Step,
@@ -52,7 +47,7 @@ from .step import (
     state_checksum,
     stream_max,
 )
-from .token_slices import check_token_slice, install_declared, slicing, training_pass
+from .token_slices import check_token_slice, install_declared, training_pass
 
 __all__ = ["BDIAStack", "BlockProtocolError", "RecomputeContext", "ReversibilityError", "StreamRangeError"]
 
@@ -74,7 +69,7 @@ class _Plan:
     args: BlockArguments  # the extra block arguments, tensors replaced by None
     tensor_slots: list[int]  # where the tensor arguments go in args.values()
     params: list[list[int]]  # per block, indices into the parameter list
-    block_params: list[list[nn.Parameter]]  # per block, its trainable parameters at forward time
+    block_params: list[list[torch.Tensor]]  # per block, its parameters and held tensors at forward time (bdia.params)
     compiled: list[bool]  # per block, whether it holds compiled code (bdia.compile)
     num_params: int
     bits: int
@@ -187,7 +182,7 @@ class _BDIAFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         plan, x_cur, x_next = _begin_backward(ctx)
         arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
-        grads = _Gradients(plan, arg_inputs)
+        grads = Gradients(plan, arg_inputs, EngineRequest(getattr(ctx, "next_functions", None)))
         mismatches: list[torch.Tensor] = []
         device_type, autocast_on, autocast_dtype = plan.autocast
         split = plan.split
@@ -207,6 +202,7 @@ class _BDIAFunction(torch.autograd.Function):
             x_prev = (torch.empty_like(x_cur) if next_is_output else x_next) if k else None
             g_cur = torch.empty_like(x_cur) if g_after is None or g_after is grad_out else g_after
             rng = plan.rng_states[k] if plan.preserve_rng else None
+            check_parameters_unchanged(plan.blocks[k], k, plan.block_params[k])
             block0: list[torch.Tensor] = []
             for c, rows in enumerate(split.slices):
                 leaves = [split.leaf(a, c) for a in arg_inputs]
@@ -214,7 +210,7 @@ class _BDIAFunction(torch.autograd.Function):
                     RngReplay(rng, x_cur.device, plan.preserve_rng),
                     torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
                 ):
-                    xk, y = _recompute(plan, k, x_cur[rows], split.tree(plan.block_args(leaves), c))
+                    xk, y, held = recompute(plan, k, x_cur[rows], split.tree(plan.block_args(leaves), c))
                     if plan.preserve_rng:
                         rng = capture_rng_state(x_cur.device)  # where chunk c + 1 starts
                     gn = g_next[rows]
@@ -225,10 +221,10 @@ class _BDIAFunction(torch.autograd.Function):
                         assert planes is not None and x_prev is not None
                         x_prev[rows] = plan.step.inverse(x_next[rows], x_cur[rows], y, g[rows], planes[c])
                         grad_y = (1 + g[rows]) * gn
-                    _skip_gradient(g_cur[rows], g_after, gamma_after, rows, gn, g)
+                    skip_gradient(g_cur[rows], g_after, gamma_after, rows, gn, g)
                     del gn
-                grad_x = grads.through_block(k, c, y, grad_y, xk, leaves)
-                del y, xk, grad_y, leaves
+                grad_x = grads.through_block(k, c, y, grad_y, xk, leaves, held)
+                del y, xk, grad_y, leaves, held
                 if grad_x is not None:
                     g_cur[rows].add_(grad_x)
                 del grad_x
@@ -241,7 +237,7 @@ class _BDIAFunction(torch.autograd.Function):
         _raise_on_mismatch(plan, mismatches)
         if plan.backward_ends is not None:
             plan.backward_ends()
-        return (None, g_next, *grads.args, *grads.params)
+        return (None, g_next, *grads.args, *grads.params, None)  # None: the probe of EngineRequest
 
 
 def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
@@ -264,69 +260,6 @@ def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
             "cannot be rebuilt from it (use an out-of-place operation)"
         )
     return plan, x_cur, x_next
-
-
-def _recompute(plan: _Plan, k: int, x: torch.Tensor, args: BlockArguments) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_k, y_k = block_k(x_k)) with a graph from a fresh leaf x_k, inside the stack's recompute context."""
-    with torch.enable_grad(), plan.recomputing(k), slicing(plan.token_slice, checkpoint=True):
-        xk = x.detach().requires_grad_()
-        return xk, recompute_block(plan.blocks[k], k, xk, args)
-
-
-class _Gradients:
-    """What the backward returns besides dL/dx_0: dL/d(tensor arguments) and dL/d(parameters), summed over
-    blocks and chunks."""
-
-    def __init__(self, plan: _Plan, arg_inputs: list[torch.Tensor]) -> None:
-        self.plan, self.arg_inputs = plan, arg_inputs
-        self.wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad]
-        self.params: list[torch.Tensor | None] = [None] * plan.num_params
-        self.args: list[torch.Tensor | None] = [None] * len(arg_inputs)
-
-    def through_block(
-        self, k: int, c: int, y: torch.Tensor, grad_y: torch.Tensor, xk: torch.Tensor, leaves: list[torch.Tensor]
-    ) -> torch.Tensor | None:
-        """Back-propagate grad_y through chunk c of block k's recomputed y: add the gradients of the block's
-        parameters (those still wanting one) and of the arguments, and return dL/dx_k through the block."""
-        plan = self.plan
-        assert plan.split is not None
-        live = [i for i, p in enumerate(plan.block_params[k]) if p.requires_grad]
-        wanted = [leaves[i] for i in self.wanted_slots]
-        grads = backward_through_block(y, grad_y, [xk, *wanted], [plan.block_params[k][i] for i in live])
-        _accumulate(self.params, [plan.params[k][i] for i in live], grads.params)
-        for slot, grad in zip(self.wanted_slots, grads.inputs[1:]):
-            plan.split.add_grad(self.args, slot, self.arg_inputs[slot], grad, c)
-        return grads.inputs[0]
-
-
-def _skip_gradient(
-    out: torch.Tensor,
-    g_after: torch.Tensor | None,
-    gamma_after: torch.Tensor | None,
-    rows: slice,
-    g_next: torch.Tensor,
-    gamma: torch.Tensor | None,
-) -> None:
-    """The part of dL/dx_k that bypasses block k, for one chunk, written into ``out``:
-
-        g_{k+1} dL/dx_{k+2} - 2 g_k dL/dx_{k+1}     (the first term is absent for k = K-1, the second for k = 0)
-
-    ``out`` may be the chunk of ``g_after`` itself: it is read before it is written.
-    """
-    if g_after is None:
-        assert gamma is not None
-        torch.mul(g_next, -2 * gamma[rows], out=out)
-        return
-    assert gamma_after is not None
-    torch.mul(g_after[rows], gamma_after[rows], out=out)
-    if gamma is not None:
-        out.addcmul_(g_next, gamma[rows], value=-2)
-
-
-def _accumulate(store: list[torch.Tensor | None], slots: Sequence[int], grads: Sequence[torch.Tensor | None]) -> None:
-    for slot, grad in zip(slots, grads):
-        if grad is not None:
-            store[slot] = grad if store[slot] is None else store[slot] + grad
 
 
 def _compare(plan: _Plan, index: int, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
@@ -553,8 +486,8 @@ class BDIAStack(nn.Module):
         plan = self._plan(x0, args, signs)
         values = args.values()
         arg_tensors = [values[i] for i in plan.tensor_slots]
-        params = trainable_parameters(self.blocks)
-        return _BDIAFunction.apply(plan, x0, *arg_tensors, *params)
+        params = distinct(plan.block_params)
+        return _BDIAFunction.apply(plan, x0, *arg_tensors, *params, EngineRequest.probe(x0))
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -573,15 +506,16 @@ class BDIAStack(nn.Module):
 
     def _plan(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> _Plan:
         slots = args.tensor_slots()
-        params = trainable_parameters(self.blocks)
+        block_params = [block_parameters(b) for b in self.blocks]  # one pass over each block's modules
+        params = distinct(block_params)
         index = {id(p): i for i, p in enumerate(params)}
         device_type = x0.device.type
         return _Plan(
             blocks=list(self.blocks),
             args=args.with_values([None if i in slots else a for i, a in enumerate(args.values())]),
             tensor_slots=slots,
-            params=[[index[id(p)] for p in block_parameters(b)] for b in self.blocks],
-            block_params=[block_parameters(b) for b in self.blocks],
+            params=[[index[id(p)] for p in tensors] for tensors in block_params],
+            block_params=block_params,
             compiled=[holds_compiled_code(b) for b in self.blocks],
             num_params=len(params),
             bits=self.bits,

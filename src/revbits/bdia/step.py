@@ -23,7 +23,7 @@ from torch import nn
 
 from .args import BlockArguments
 from .bits import PackedBits, pack_bits, unpack_bits
-from .fixedpoint import exact_limit
+from .fixedpoint import LOW_PRECISION_ADVICE, exact_limit
 
 
 class BlockProtocolError(ValueError):
@@ -144,16 +144,22 @@ def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any
             "a block must return one tensor of the shape and dtype of its input"
         )
     if y.shape != x.shape or y.dtype != x.dtype:
+        advice = "add the residual in the input dtype under autocast"
+        if y.shape == x.shape and "FSDPModule" in {c.__name__ for c in type(block).__mro__}:
+            advice = "FSDP2's MixedPrecisionPolicy casts the block's input and parameters: " + LOW_PRECISION_ADVICE
         raise BlockProtocolError(
             f"block {index} ({type(block).__name__}) maps {tuple(x.shape)} {x.dtype} to "
             f"{tuple(y.shape)} {y.dtype}; a reversible stack needs blocks that keep the shape "
-            "and dtype of the residual stream (add the residual in the input dtype under autocast)"
+            f"and dtype of the residual stream ({advice})"
         )
     return y
 
 
 def stream_max(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a float64 scalar tensor (NaN if x holds a NaN), without a host sync or a copy."""
+    """max |x| as a float64 scalar tensor (NaN if x holds a NaN, 0 if x is empty, as a batch of 0 samples is),
+    without a host sync or a copy."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
     low, high = torch.aminmax(x.detach())
     return torch.maximum(-low, high).to(torch.float64)
 
@@ -170,10 +176,11 @@ def raise_if_out_of_range(maxima: Sequence[torch.Tensor], dtype: torch.dtype, bi
         source = "the input of the stack" if index == 0 else f"the output of block {index - 1}"
         if not math.isfinite(value):
             raise StreamRangeError(f"{source} (state x_{index}) contains NaN or Inf")
+        wider = ", or use float64" if dtype != torch.float64 else ""
         raise StreamRangeError(
             f"{source} (state x_{index}) reaches |x| = {value:.6g}, at or beyond "
             f"2**{int(math.log2(limit))} = {limit:g}, where a 2**-{bits} grid stops being exact "
-            f"in {dtype}; normalise the stream, lower `bits`, or use float64"
+            f"in {dtype}; normalise the stream or lower `bits`{wider}"
         )
 
 
