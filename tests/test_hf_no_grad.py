@@ -244,3 +244,32 @@ def test_restore_removes_the_guard_hook_through_its_handle():
     assert len(twin.model._forward_pre_hooks) == 2
     hf.restore(twin)
     assert len(twin.model._forward_pre_hooks) == 1
+
+
+def test_fresh_cache_copies_share_nothing_a_run_changes():
+    """Each run of a layer gets a copy of the (empty) cache: its writes reach neither the model's cache nor
+    another run's copy, for a growing cache with sliding-window slots, a preallocated (static) cache written
+    in place, and an encoder-decoder cache; a run copies only the slot it uses."""
+    from transformers import EncoderDecoderCache, StaticCache
+
+    from revbits.hf.caches import FreshCache
+
+    config = transformers.Gemma3TextConfig(num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=2)
+    ones, zeros = torch.ones(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)
+    where = {"cache_position": torch.arange(3)}
+    caches = [
+        DynamicCache(config=config),
+        StaticCache(config=config, max_cache_len=8),
+        EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config)),
+    ]
+    for cache in caches:
+        fresh = FreshCache(cache)
+        first, second = fresh.new(), fresh.new()
+        target = first.self_attention_cache if isinstance(first, EncoderDecoderCache) else first
+        keys, _ = target.update(ones, ones, 1, where)
+        assert keys[..., :3, :].sum().item() == ones.sum().item()
+        other = second.self_attention_cache if isinstance(second, EncoderDecoderCache) else second
+        keys, _ = other.update(zeros, zeros, 1, where)
+        assert keys.sum().item() == 0, type(cache).__name__
+        assert cache.get_seq_length() == 0 and fresh.template.get_seq_length() == 0
+        assert sum(target.layers.copied) == 1, "only the slot the run used was copied"

@@ -27,7 +27,6 @@ is refused with an error that names it.
 
 from __future__ import annotations
 
-import copy
 import enum
 import inspect
 from collections.abc import Sequence
@@ -39,46 +38,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..stack import stack as make_stack
+from .caches import FreshCache, is_cache, past_length
 from .checkpointing import CHECKPOINTING_FLAG, FLAG, give_back_request, log_request, take_request
 
 #: Memory modes whose stack runs every layer exactly once per forward, on the whole batch, as the model's loop does.
 _ONE_RUN_MODES = ("standard", "mesa")
 _CONSTANT_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum, slice)
-
-
-def is_cache(value: Any) -> bool:
-    """Whether ``value`` is a transformers key/value cache (any ``transformers.cache_utils.Cache``)."""
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - revbits.hf needs transformers
-        return False
-    return isinstance(value, Cache)
-
-
-def _past_length(cache: Any) -> int:
-    """The number of tokens a transformers cache already holds (0 where it cannot say)."""
-    try:
-        return int(cache.get_seq_length())
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return 0
-
-
-class FreshCache:
-    """Stands for a transformers cache in a recorded layer call: every run of the layer gets its own
-    copy of the cache as the model passed it (empty), so each run (forward, batch chunk, recomputation
-    in backward) computes as the plain model's single run does, on its own keys, and the model's cache
-    takes none of them."""
-
-    __slots__ = ("template",)
-
-    def __init__(self, cache: Any) -> None:
-        self.template = copy.deepcopy(cache)
-
-    def new(self) -> Any:
-        return copy.deepcopy(self.template)
-
-    def __repr__(self) -> str:
-        return f"FreshCache({type(self.template).__name__})"
 
 
 @dataclass(frozen=True)
@@ -303,9 +268,10 @@ class Conversion:
         repeated = layer.training and torch.is_grad_enabled() and self.memory not in _ONE_RUN_MODES
         tensors: list[torch.Tensor] = []
         specs = []
+        fresh: dict[int, FreshCache] = {}  # one per cache object, shared by the layers it is passed to
         for k, (call_args, call_kwargs) in enumerate(calls):
             if repeated:
-                call_args, call_kwargs = self._safe_to_repeat(k, call_args, call_kwargs)
+                call_args, call_kwargs = self._safe_to_repeat(k, call_args, call_kwargs, fresh)
             specs.append(CallSpec.pack(call_args, call_kwargs, tensors))
         self.set_training(layer.training)
         out = self.stack(hidden, LayerCalls(specs), *tensors)
@@ -336,13 +302,15 @@ class Conversion:
         names = self.positional_names
         return names[position + 1] if position + 1 < len(names) else f"positional argument {position + 1}"
 
-    def _safe_to_repeat(self, k: int, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        """Layer k's call with an empty cache replaced by a :class:`FreshCache`; a cache holding past
-        tokens, and any other object a layer could mutate, is refused."""
+    def _safe_to_repeat(
+        self, k: int, args: list[Any], kwargs: dict[str, Any], fresh: dict[int, FreshCache]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Layer k's call with an empty cache replaced by a :class:`FreshCache` (kept in ``fresh`` by the
+        cache's id); a cache holding past tokens, and any other object a layer could mutate, is refused."""
 
         def clean(name: str, value: Any) -> Any:
             if is_cache(value):
-                past = _past_length(value)
+                past = past_length(value)
                 if past:
                     raise ValueError(
                         f"revbits.hf: layer {k} was called with a cache (`{name}`) that already holds {past} tokens "
@@ -350,7 +318,9 @@ class Conversion:
                         "BDIA once per batch chunk), so it cannot extend that cache. Run this forward under "
                         "torch.no_grad() or in eval mode, without the cache, or convert with memory='standard'."
                     )
-                return FreshCache(value)
+                if id(value) not in fresh:
+                    fresh[id(value)] = FreshCache(value)
+                return fresh[id(value)]
             if isinstance(value, (torch.Tensor, *_CONSTANT_TYPES)):
                 return value
             if isinstance(value, (tuple, list, dict)):
