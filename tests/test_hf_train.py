@@ -15,6 +15,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, GPT2Config, GPT2LM
 from revbits import hf
 from revbits.cli import main
 from revbits.data import shakespeare
+from revbits.train.config import TrainConfig
 from revbits.train.tasks import make_task, read_run_config
 from revbits.train.tasks.hf import mask_tokens, resolve_model_path
 
@@ -120,6 +121,8 @@ def test_gpt2_directory_fine_tunes_as_a_causal_lm(tmp_path, shakespeare_cache):
     assert run("train", "--hf", model_dir, *SMALL, "--steps", "4", "--memory", "bdia", "--out", out) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "valid"] == [2, 4]
+    # evaluated as exported: a pretrained model without the grid rounding (a model from scratch keeps it)
+    assert read_run_config(out).quantize_eval is False and TrainConfig(model="gpt").quantize_eval is True
     assert run("export", out, tmp_path / "exported") == 0
     assert type(GPT2LMHeadModel.from_pretrained(tmp_path / "exported")).__name__ == "GPT2LMHeadModel"
 

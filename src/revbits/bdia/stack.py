@@ -413,7 +413,9 @@ class BDIAStack(nn.Module):
         call = BlockArguments(args, kwargs)
         if x.dim() < 1:
             raise ValueError("the stack input needs a batch dimension first")
-        signs = self._signs(x, gammas)
+        # Without autograd recording (no_grad, inference_mode, generate, scoring) the stack is the plain
+        # function g = 0 in either mode, as at evaluation; explicit gammas still select the training function.
+        signs = self._signs(x, gammas) if gammas is not None or torch.is_grad_enabled() else None
         if signs is None:
             return self._forward_eval(x, call)
         _check_args(call)

@@ -131,9 +131,9 @@ class Step:
 
 def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any] | BlockArguments) -> torch.Tensor:
     """y = block(x, *args) (or block(x, *args, **kwargs) for a BlockArguments), checked against the block protocol."""
-    version = x._version
+    version = None if x.is_inference() else x._version  # inference tensors (inference_mode) keep no version
     y = args.call(block, x) if isinstance(args, BlockArguments) else block(x, *args)
-    if x._version != version:
+    if version is not None and x._version != version:
         raise BlockProtocolError(
             f"block {index} ({type(block).__name__}) modified its input in place; a reversible stack keeps "
             "the states it is given, so write `x = x + f(x)` instead of `x += f(x)`"

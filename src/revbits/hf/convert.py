@@ -8,7 +8,7 @@ from torch import nn
 
 from ..bdia.fixedpoint import SIGNIFICAND_BITS
 from .families import family_of, locate_layers, transformers_base
-from .layers import CHECKPOINTING_HINT, Conversion, conversion_of, convert_layer_list
+from .layers import Conversion, conversion_of, convert_layer_list
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -35,16 +35,24 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
     The stack computes, from the hidden states x_0 that enter the first layer, the x_K that
     leaves the last one under the memory mode ``memory``
     (see :func:`revbits.stack`): for ``"standard"``, ``"checkpoint"`` and ``"mesa"`` the layers
-    in sequence; for ``"bdia"`` the BDIA recurrence in training and, at evaluation, the layers in
-    sequence (each output rounded to the 2**-bits grid unless ``quantize_eval=False``).
+    in sequence; for ``"bdia"`` the BDIA recurrence in a training forward with gradients and, at
+    evaluation or without gradients (``no_grad``, ``generate``), the layers in sequence: the plain
+    model bit for bit, since ``quantize_eval`` defaults to False here (a pretrained model is
+    evaluated, and deployed, as itself; ``quantize_eval=True`` rounds each output to the 2**-bits grid).
+
+    transformers' own activation checkpointing (``gradient_checkpointing_enable()``, the Trainer's and
+    TRL's ``gradient_checkpointing=True``), on before or after converting, is left to the stack, which
+    already decides what is kept for backward: one info line on the ``revbits.hf`` logger says so, and
+    :func:`restore` hands the request back to the plain layers.
 
     Args:
         model: a transformers model of a supported family (:func:`supported_model_types`), or a
             PEFT model wrapping one.
         memory: one of :data:`revbits.MEMORY_MODES`.
         **options: passed to the stack (e.g. ``bits``, ``gamma``, ``quantize_eval``, ``check`` for
-            BDIA, where ``gamma`` defaults to :data:`FINE_TUNING_GAMMA` = 1/8, and ``token_slice``, the
-            slices of positions the layers' MLPs run in during BDIA training (:mod:`revbits.bdia.token_slices`);
+            BDIA, where ``gamma`` defaults to :data:`FINE_TUNING_GAMMA` = 1/8 and ``quantize_eval`` to False, and
+            ``token_slice``, the slices of positions the layers' MLPs run in during BDIA training
+            (:mod:`revbits.bdia.token_slices`);
             :class:`revbits.mesa.MesaConfig` fields for mesa).
 
     Returns:
@@ -52,8 +60,8 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
 
     Raises:
         ValueError: the model type is not supported, the model is already converted, BDIA is asked
-            for a model with fewer than 2 layers or with weights that are not float32/float64, or
-            the layers use transformers' own activation checkpointing. Errors of ``memory`` and of
+            for a model with fewer than 2 layers or with weights that are not float32/float64. Errors
+            of ``memory`` and of
             the stack's options (e.g. ``bits``) are raised as :func:`revbits.stack` raises them
             (ValueError, TypeError). The model is left unchanged on any error.
     """
@@ -80,18 +88,14 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
             "weights, and the residual stream of a BDIA stack must be float32 or float64 to be exactly reversible. "
             "Keep the model in float32 and train under torch.autocast for low-precision layer internals."
         )
-    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-        raise ValueError(
-            f"{name} has transformers' own activation checkpointing enabled; disable it first "
-            f"({CHECKPOINTING_HINT}); revbits.hf.convert(model, 'checkpoint') does the same job inside the stack"
-        )
     if memory in _BDIA_MODES:
         options.setdefault("gamma", FINE_TUNING_GAMMA)
+        options.setdefault("quantize_eval", False)
     conversion = convert_layer_list(layers, memory, **options)
     if memory in _BDIA_MODES:
         conversion.slice_tokens(family.token_wise)  # the MLPs run in token slices in training
     base = transformers_base(model)
-    base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)
+    conversion.guard = base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)
     return model
 
 
@@ -114,15 +118,9 @@ def restore(model: ModelT) -> ModelT:
     if list(current) != conversion.layers or any(a is not b for a, b in zip(current, conversion.layers)):
         raise RuntimeError("revbits.hf.restore: the model's layer list was replaced after convert(); cannot restore it")
     conversion.detach()
-    base = transformers_base(model)
-    guards = [
-        k
-        for k, h in base._forward_pre_hooks.items()
-        if isinstance(h, _PerLayerOutputGuard) and h.conversion is conversion
-    ]
-    for key in guards:
-        base._forward_pre_hooks.pop(key)
-        base._forward_pre_hooks_with_kwargs.pop(key, None)
+    if conversion.guard is not None:
+        conversion.guard.remove()
+        conversion.guard = None
     return model
 
 

@@ -17,10 +17,12 @@ parameter names and module names are those of the plain model.
 
 Every tensor in the recorded calls (also inside tuples, lists and dicts, such as the rotary
 ``position_embeddings = (cos, sin)``) becomes a top-level argument of the stack, once however
-many layers share it, so its gradient flows. In training with gradients on, a stack may run a
-layer more than once (BDIA's rebuild, checkpointing), so nothing a layer could mutate may reach
-it: transformers' cache objects are replaced by None and ``use_cache`` by False, and any other
-object that is not a plain constant is refused with an error that names it.
+many layers share it, so its gradient flows. In training with gradients on, a BDIA or checkpoint
+stack runs a layer more than once (BDIA's rebuild, checkpointing) and BDIA runs it once per batch
+chunk, so nothing a layer could mutate may reach it: each run of a layer gets its own fresh copy
+of the (empty) transformers cache the model passed, so it computes exactly what the plain model
+computes while the model's cache is left alone, and any other object that is not a plain constant
+is refused with an error that names it.
 """
 
 from __future__ import annotations
@@ -33,21 +35,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..bdia import token_slices
 from ..stack import stack as make_stack
+from .caches import FreshCache, is_cache, past_length
+from .checkpointing import CHECKPOINTING_FLAG, FLAG, give_back_request, log_request, take_request
 
-CHECKPOINTING_HINT = "model.activation_checkpointing_disable(); gradient_checkpointing_disable() in older transformers"
+#: Memory modes whose stack runs every layer exactly once per forward, on the whole batch, as the model's loop does.
+_ONE_RUN_MODES = ("standard", "mesa")
 _CONSTANT_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum, slice)
-
-
-def is_cache(value: Any) -> bool:
-    """Whether ``value`` is a transformers key/value cache (any ``transformers.cache_utils.Cache``)."""
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - revbits.hf needs transformers
-        return False
-    return isinstance(value, Cache)
 
 
 @dataclass(frozen=True)
@@ -89,6 +86,8 @@ class CallSpec:
         def put(value: Any) -> Any:
             if isinstance(value, _TensorSlot):
                 return tensors[value.index]
+            if isinstance(value, FreshCache):
+                return value.new()
             return _map_containers(value, put)
 
         return [put(a) for a in self.args], {k: put(v) for k, v in self.kwargs.items()}
@@ -224,6 +223,14 @@ class Conversion:
         self.hidden_states: torch.Tensor | None = None
         self.calls: list[tuple[list[Any], dict[str, Any]]] = []
         self.token_wise: list[nn.Module] = []  # submodules run in token slices (bdia.token_slices)
+        self.checkpointing_noted = False
+        self.guard: RemovableHandle | None = None  # revbits.hf.convert's forward pre-hook on the base model
+
+    def note_checkpointing_request(self) -> None:
+        """transformers' checkpointing was asked for: the stack already does that job; say so once."""
+        if not self.checkpointing_noted:
+            self.checkpointing_noted = True
+            log_request(self.memory)
 
     def set_training(self, mode: bool) -> None:
         """Put the stack and its adapters (not the layers, which follow the model) in ``mode``."""
@@ -231,14 +238,20 @@ class Conversion:
             module.training = mode
 
     def attach(self) -> None:
+        requested = False
         for k, layer in enumerate(self.layers):
             layer.__dict__["_revbits_conversion"] = self
             layer.__dict__["_revbits_index"] = k
+            if hasattr(self.original_classes[k], FLAG):
+                requested |= take_request(layer)
             layer.__class__ = converted_class(self.original_classes[k])
+        if requested:
+            self.note_checkpointing_request()
 
     def detach(self) -> None:
         for k, layer in enumerate(self.layers):
             layer.__class__ = self.original_classes[k]
+            give_back_request(layer)
             del layer.__dict__["_revbits_conversion"], layer.__dict__["_revbits_index"]
         for module in self.token_wise:
             token_slices.uninstall(module)
@@ -264,14 +277,15 @@ class Conversion:
         hidden, calls = self.hidden_states, self.calls
         self.hidden_states, self.calls = None, []
         assert hidden is not None
-        training = layer.training and torch.is_grad_enabled()
-        if training:
-            self._refuse_layer_checkpointing()
+        # In training with gradients a BDIA or checkpoint stack runs a layer more than once; without gradients
+        # (no_grad, generate) and at evaluation every stack runs each layer once on the whole batch.
+        repeated = layer.training and torch.is_grad_enabled() and self.memory not in _ONE_RUN_MODES
         tensors: list[torch.Tensor] = []
         specs = []
+        fresh: dict[int, FreshCache] = {}  # one per cache object, shared by the layers it is passed to
         for k, (call_args, call_kwargs) in enumerate(calls):
-            if training:
-                call_args, call_kwargs = self._safe_to_repeat(k, call_args, call_kwargs)
+            if repeated:
+                call_args, call_kwargs = self._safe_to_repeat(k, call_args, call_kwargs, fresh)
             specs.append(CallSpec.pack(call_args, call_kwargs, tensors))
         self.set_training(layer.training)
         out = self.stack(hidden, LayerCalls(specs), *tensors)
@@ -302,15 +316,25 @@ class Conversion:
         names = self.positional_names
         return names[position + 1] if position + 1 < len(names) else f"positional argument {position + 1}"
 
-    def _safe_to_repeat(self, k: int, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        """Layer k's call with caches replaced by None and ``use_cache`` by False; any other object a
-        layer could mutate is refused."""
+    def _safe_to_repeat(
+        self, k: int, args: list[Any], kwargs: dict[str, Any], fresh: dict[int, FreshCache]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Layer k's call with an empty cache replaced by a :class:`FreshCache` (kept in ``fresh`` by the
+        cache's id); a cache holding past tokens, and any other object a layer could mutate, is refused."""
 
         def clean(name: str, value: Any) -> Any:
-            if name == "use_cache" and value is not None:
-                return False
             if is_cache(value):
-                return None
+                past = past_length(value)
+                if past:
+                    raise ValueError(
+                        f"revbits.hf: layer {k} was called with a cache (`{name}`) that already holds {past} tokens "
+                        f"while training with gradients; a memory={self.memory!r} stack runs each layer again (and "
+                        "BDIA once per batch chunk), so it cannot extend that cache. Run this forward under "
+                        "torch.no_grad() or in eval mode, without the cache, or convert with memory='standard'."
+                    )
+                if id(value) not in fresh:
+                    fresh[id(value)] = FreshCache(value)
+                return fresh[id(value)]
             if isinstance(value, (torch.Tensor, *_CONSTANT_TYPES)):
                 return value
             if isinstance(value, (tuple, list, dict)):
@@ -322,14 +346,6 @@ class Conversion:
             )
 
         return [clean(self._name_of(i), a) for i, a in enumerate(args)], {n: clean(n, v) for n, v in kwargs.items()}
-
-    def _refuse_layer_checkpointing(self) -> None:
-        if any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers):
-            raise ValueError(
-                "revbits.hf: transformers' own activation checkpointing was enabled on the layers of a converted "
-                f"model; disable it ({CHECKPOINTING_HINT}): the revbits stack already decides what is kept "
-                "for backward, and convert(model, 'checkpoint') checkpoints every layer"
-            )
 
 
 def conversion_of(layer: nn.Module) -> Conversion | None:
@@ -350,6 +366,8 @@ def converted_class(cls: type) -> type:
     recording, FSDP wrapping policies) still find the layer."""
     if cls not in _CONVERTED_CLASSES:
         namespace = {"__call__": _converted_call, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        if hasattr(cls, FLAG):  # transformers' checkpointing flag: recorded, never acted on inside the stack
+            namespace[FLAG] = CHECKPOINTING_FLAG
         _CONVERTED_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
     return _CONVERTED_CLASSES[cls]
 

@@ -44,6 +44,8 @@ HELP = {
     "params (by parameter count) or sizes, e.g. 2,3",
     "gamma": "bdia: |g| = 2**-b, storing b bits per element per block (default 0.5; 0.125 with --hf, "
     "where fine-tuning a pretrained model at 0.5 trails standard training)",
+    "quantize_eval": "bdia: round block outputs to the grid at evaluation (default on; off with --hf, so "
+    "evaluation measures the plain model that export writes)",
     "batch_chunks": "bdia: slices of the batch each block runs in, in forward, recomputation and backward alike: "
     "auto (default: up to 8, none for small or unsliceable steps) or a number; fewer slices trade memory for speed",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
@@ -59,7 +61,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="JSON or TOML file of options")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
             continue
         kinds = {"int": int, "float": finite_float, "int | None": int, "float | None": finite_float}

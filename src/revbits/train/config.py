@@ -95,7 +95,7 @@ class TrainConfig:
     # bdia options
     bits: int = 9
     gamma: float | None = None  # None: 0.5, or hf.FINE_TUNING_GAMMA when fine-tuning a pretrained --hf model
-    quantize_eval: bool = True
+    quantize_eval: bool | None = None  # None: True, or False with --hf (evaluate the plain model that export writes)
     batch_chunks: str = "auto"  # bdia: slices of the batch per block in training, "auto" or an integer (1: whole)
     # mesa options (memory = mesa or bdia+mesa)
     mesa_ranges: str = "batch"  # batch | ema
@@ -121,6 +121,8 @@ class TrainConfig:
             self.memory = default_memory(self.model)
         if self.gamma is None:
             self.gamma = FINE_TUNING_GAMMA if self.model == "hf" else 0.5
+        if self.quantize_eval is None:  # a model from scratch is evaluated as trained, a pretrained one as exported
+            self.quantize_eval = self.model != "hf"
         if self.forget_bits == 0 and not isinstance(self.forget_bits, bool):
             self.forget_bits = None  # text's spelling of "no limit"
         self.validate()
