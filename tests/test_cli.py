@@ -68,7 +68,7 @@ def test_bench_flags_build_the_config_in_one_place():
 
     from revbits import bench
     from revbits.cli import build_parser
-    from revbits.stack import MEMORY_MODES
+    from revbits.modes import MEMORY_MODES
 
     cli = bench.BenchConfig.from_args(build_parser().parse_args(["bench"]))
     assert cli == bench.BenchConfig(depths=(6, 12, 24), modes=MEMORY_MODES, d_model=256, n_heads=4, seq_len=256,

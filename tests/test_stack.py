@@ -13,7 +13,7 @@ import revbits
 from helpers import gpt_blocks, random_signs, relative_error
 from revbits.bdia import BDIAStack
 from revbits.mesa import Compressor, MesaConfig, NonFiniteActivationError, compressors_in
-from revbits.stack import MEMORY_MODES, BDIAMesaStack, CheckpointStack, MesaStack, SequentialStack
+from revbits.modes import MEMORY_MODES, BDIAMesaStack, CheckpointStack, MesaStack, SequentialStack
 
 DEPTH, BATCH, T, D = 4, 3, 5, 16
 KINDS = {

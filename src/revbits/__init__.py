@@ -3,8 +3,8 @@
 from . import mesa, models
 from .bdia import BDIAStack, BlockProtocolError, ReversibilityError, StreamRangeError
 from .bdia.fixedpoint import quantize
+from .modes import MEMORY_MODES, CheckpointStack, MesaStack, SequentialStack, stack
 from .revrnn import RevGRU, RevLSTM, StateRangeError
-from .stack import MEMORY_MODES, CheckpointStack, MesaStack, SequentialStack, stack
 
 __all__ = [
     "BDIAStack",

@@ -18,7 +18,7 @@ from torch import nn
 
 from .measure import measure_training_step
 from .models import TransformerBlock
-from .stack import MEMORY_MODES, stack
+from .modes import MEMORY_MODES, stack
 
 RNG_STATE_BYTES = torch.get_rng_state().numel()
 #: Benchmark modes that are a memory mode with options: BDIA with the whole batch at once (revbits 0.1).

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..bdia import token_slices
-from ..stack import stack as make_stack
+from ..modes import stack as make_stack
 from .caches import FreshCache, is_cache, past_length
 from .checkpointing import CHECKPOINTING_FLAG, FLAG, give_back_request, log_request, take_request
 

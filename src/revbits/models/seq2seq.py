@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..stack import MEMORY_MODES, stack
+from ..modes import MEMORY_MODES, stack
 from .blocks import TransformerBlock
 from .init import init_weights
 from .output import Output

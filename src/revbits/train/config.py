@@ -18,9 +18,9 @@ from ..mesa import MesaConfig
 from ..models import list_models
 from ..models import memory_modes as model_memory_modes
 from ..models.rnn_translator import RNNTranslatorConfig
+from ..modes import MEMORY_MODES
 from ..petra.config import PetraConfig
 from ..revrnn import CELLS, FORGET_BITS, RNN_MEMORY_MODES
-from ..stack import MEMORY_MODES
 
 MODELS = (*list_models(), "hf")  # the registered models, and fine-tuning a Hugging Face model
 PARALLEL = ("none", "petra")

@@ -1,4 +1,4 @@
-"""One switch for every model: run a list of residual blocks under a memory mode.
+"""One switch for every model: run a list of residual blocks under a memory mode (``revbits.stack``).
 
 ``stack(blocks, memory=...)`` returns a module whose state dict is ``blocks.<i>.*`` in every
 mode, so weights trained in one mode load into any other.
