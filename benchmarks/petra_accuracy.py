@@ -3,7 +3,7 @@
 Two models, each trained by both methods with the same configuration (steps, batch, optimiser, schedule):
 
 - vit:    the revbits ViT with its blocks in a BDIAStack (memory bdia); PETRA stages are the stem, the BDIA
-          entry, steps and exit, and the head (revbits.petra.vit);
+          entry, steps and exit, and the head (revbits.petra.pieces.vit);
 - revnet: the small RevNet of revbits.petra (additive coupling stages, stride-2 convs between levels).
 
 Arms, all with 64 examples per update and the same number of updates (so equal epochs):

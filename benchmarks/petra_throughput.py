@@ -17,8 +17,8 @@ once at its first step and so escape the tracker; max RSS is a (coarse) cross-ch
 
 PETRA's held state: at the start of every time step (after the sends of step t - 2 completed) the bytes a
 stage keeps between a micro-batch's forward and its backward: its input FIFO (plain stages) and the BDIA
-residue bits in flight (reversible stages), besides the messages still being sent. A J = 3 run puts only
-reversible pieces in stage 1 to show that a reversible stage keeps ~nothing (RevNet: 0; BDIA: the bits).
+residue bits in flight (invertible stages), besides the messages still being sent. A J = 3 run puts only
+invertible pieces in stage 1 to show that an invertible stage keeps ~nothing (RevNet: 0; BDIA: the bits).
 
 The cost MODEL (not a measurement) takes per-piece times measured in one process (f: forward without graph,
 r: inversion, g: forward with graph, b: backward from the graph) and the one-way gloo time t_A of one
@@ -27,7 +27,7 @@ boundaries carry an activation of the same size and communication does not overl
 
     backprop:    B / sum(g + b)
     GPipe/1F1B:  B M / [(M + J - 1) (sum(g + b) / J + 2 t_A)]          bubble (J - 1) / (M + J - 1)
-    PETRA:       B / [(sum_{not head} f + sum_{reversible} r + sum(g + b)) / J + 3 t_A]    no bubble
+    PETRA:       B / [(sum_{not head} f + sum_{invertible} r + sum(g + b)) / J + 3 t_A]    no bubble
 
 (PETRA's backward re-runs the forward with a graph, then back-propagates; it receives one activation and
 the pair (x~, delta) per step.) At J = 2 it also predicts from the actual split, beside the measurement.
@@ -58,8 +58,8 @@ from report import write_results
 from revbits.measure import LiveBytes, tracking
 from revbits.petra import PetraConfig, balanced_sizes, launch, small_revnet, split
 from revbits.petra.baselines import run_pipeline_baseline
-from revbits.petra.bdia_pieces import BDIAStep, bdia_gpt_pieces
 from revbits.petra.optim import make_optimizer
+from revbits.petra.pieces import BDIAStep, bdia_gpt_pieces
 from revbits.petra.profile import profile_pieces
 from revbits.petra.runtime import StageWorker, build_all_stages, join_process_group
 from revbits.petra.schedule import delay
@@ -209,7 +209,7 @@ def petra_stage(rank: int, world_size: int, build, data: list, config: PetraConf
     stamps = worker.stamps + [end]  # stamps[i] starts step t = rank + i
     both = range(d, M) if d < M else range(len(worker.stamps))  # steps with a forward and a backward
     steps = [stamps[i + 1] - stamps[i] for i in both]
-    out = {"stage": rank, "wall": end - start, "step": statistics.median(steps), "reversible": stage.reversible}
+    out = {"stage": rank, "wall": end - start, "step": statistics.median(steps), "invertible": stage.invertible}
     if tracker is not None:
         out["memory"] = dict(tracker.peak, peak=tracker.peak_total, recv_buffers=0)
         out["memory"]["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -223,15 +223,15 @@ def petra_stage(rank: int, world_size: int, build, data: list, config: PetraConf
 def cost_model(profile: list[dict], sizes: tuple[int, ...], t_a: float, B: int, M: int, Js: list[int]) -> list[dict]:
     """Predicted samples/s (see the module docstring): J = 2 from the actual split, then even splits."""
     gb = [p["g"] + p["b"] for p in profile]
-    petra_extra = [p["f"] + (p["r"] if p["reversible"] else 0.0) for p in profile]
+    petra_extra = [p["f"] + (p["r"] if p["invertible"] else 0.0) for p in profile]
     rows = []
     ends = [sum(sizes[: j + 1]) for j in range(len(sizes))]
     groups = [range(e - s, e) for s, e in zip(sizes, ends)]
     pipe = max(sum(gb[i] for i in g) for g in groups)
     petra = []
     for j, g in enumerate(groups):
-        reversible = all(profile[i]["reversible"] for i in g)
-        extra = 0.0 if j == len(groups) - 1 else sum(profile[i]["f"] + profile[i]["r"] * reversible for i in g)
+        invertible = all(profile[i]["invertible"] for i in g)
+        extra = 0.0 if j == len(groups) - 1 else sum(profile[i]["f"] + profile[i]["r"] * invertible for i in g)
         petra.append(sum(gb[i] for i in g) + extra)
     rows.append(model_row(len(sizes), "actual split", sum(gb), pipe, max(petra), t_a, B, M))
     for J in Js:
@@ -261,8 +261,8 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
     profile = profile_pieces(pieces_fn(), *data[0], args.repeats)
     times = [int(1e6 * (p["g"] + p["b"])) for p in profile]
     sizes = tuple(args.sizes) if args.sizes else tuple(balanced_sizes(times, 2))
-    rev = [p["reversible"] for p in profile]
-    run = (next(i for i in range(1, len(rev)) if not rev[i]) - 1) if rev[1] else 0  # reversible pieces after 0
+    rev = [p["invertible"] for p in profile]
+    run = (next(i for i in range(1, len(rev)) if not rev[i]) - 1) if rev[1] else 0  # invertible pieces after 0
     sizes3 = (1, run, len(rev) - 1 - run) if run else None
     build = partial(build_split, pieces_fn, sizes)
     total = (args.warmup + args.steps) * M
@@ -288,14 +288,14 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
         "steady": B / max(s["step"] for s in timed),
         "end_to_end": B * total / max(s["wall"] for s in timed),
         "memory": [s["memory"] for s in measured],
-        "held": [dict(s["held"], reversible=s["reversible"]) for s in measured],
+        "held": [dict(s["held"], invertible=s["invertible"]) for s in measured],
     }
     print(f"[{name}] petra: {results['petra']['steady']:.1f} samples/s", flush=True)
     held3 = None
     if sizes3 is not None:
         cfg3 = replace(mem_config, stages=3)
         out3 = launch(3, petra_stage, (partial(build_split, pieces_fn, sizes3), data, cfg3, True), timeout=args.timeout)
-        held3 = {"sizes": sizes3, "stages": [dict(s["held"], reversible=s["reversible"]) for s in out3]}
+        held3 = {"sizes": sizes3, "stages": [dict(s["held"], invertible=s["invertible"]) for s in out3]}
     model = cost_model(profile, sizes, t_a, B, M, args.model_J)
     return {
         "B": B,
@@ -330,7 +330,7 @@ def table(name: str, r: dict) -> list[str]:
         "PETRA state held between a micro-batch's forward and backward (largest at a steady step's start):",
         "",
     ]
-    lines += ["| run | stage | reversible | FIFO KiB | residue bits KiB | messages being sent KiB | all live KiB |"]
+    lines += ["| run | stage | invertible | FIFO KiB | residue bits KiB | messages being sent KiB | all live KiB |"]
     lines += ["|---|---|---|---|---|---|---|"]
     runs = [("J = 2", r["results"]["petra"]["held"])]
     if r["held_J3"]:
@@ -338,7 +338,7 @@ def table(name: str, r: dict) -> list[str]:
     for run, stages in runs:
         for j, h in enumerate(stages):
             kib = [f"{h[k] / 1024:.1f}" for k in ("fifo", "residue", "messages", "live_activations")]
-            lines.append(f"| {run} | {j} | {h['reversible']} | " + " | ".join(kib) + " |")
+            lines.append(f"| {run} | {j} | {h['invertible']} | " + " | ".join(kib) + " |")
     lines += ["", f"Cost MODEL (predicted samples/s, not measured; t_A = {r['t_a'] * 1e3:.3f} ms):", ""]
     lines += [
         "| J | split | backprop | GPipe/1F1B | bubble | PETRA | PETRA / pipeline |",

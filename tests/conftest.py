@@ -22,3 +22,12 @@ devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=devices)
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def petra_record(monkeypatch):
+    """PETRA and pipeline stages keep full records (every update's gradients, inputs, reconstructions):
+    the test-only switch of revbits.petra.testing, which the stage processes inherit."""
+    from revbits.petra.testing import RECORD_ENV
+
+    monkeypatch.setenv(RECORD_ENV, "1")

@@ -1,5 +1,6 @@
 """No import cycles in revbits, lazy (function-level) imports included, between modules and between
-the top-level units (subpackages and top-level modules) of DESIGN.md's layering.
+the top-level units (subpackages and top-level modules) of DESIGN.md's layering; and the arrows DESIGN
+forbids: PETRA's stage runtime imports no model, and the models import neither PETRA nor training.
 
 The same check from the command line: ``python -m pytest tests/test_imports.py -q``."""
 
@@ -98,6 +99,41 @@ def test_the_top_level_units_form_layers_without_cycles():
             units.setdefault(unit(module), set()).update(outside)
     assert cycles(units) == []
     assert "revbits.train" not in units["revbits.petra"], "petra is the stage runtime; the training command is in train"
+
+
+def within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def forbidden_imports(graph: dict[str, set[str]], importers: list[str], forbidden: tuple[str, ...]) -> dict[str, list]:
+    """{module: the modules within ``forbidden`` it imports}, for each of ``importers`` that imports any."""
+    found = {}
+    for module in importers:
+        bad = sorted(m for m in graph[module] if within(m, forbidden))
+        if bad:
+            found[module] = bad
+    return found
+
+
+def test_petra_runtime_imports_no_model_and_models_import_neither_petra_nor_train():
+    """DESIGN: petra/ is the stage runtime; the code that cuts a model into pieces is revbits.petra.pieces, the one
+    part of petra that may import revbits.models. The runtime does not import the pieces either (the package's
+    __init__ re-exports them, as the public API). revbits.models knows nothing of PETRA or of training."""
+    graph = module_graph()
+    pieces = ("revbits.petra.pieces",)
+    petra = [m for m in graph if within(m, ("revbits.petra",)) and not within(m, pieces)]
+    runtime = [m for m in petra if m != "revbits.petra"]
+    models = [m for m in graph if within(m, ("revbits.models",))]
+    assert "revbits.petra.runtime" in runtime and "revbits.models.gpt" in models
+    assert "revbits.models.gpt" in graph["revbits.petra.pieces.gpt"], "the scan sees the pieces' imports"
+    assert forbidden_imports(graph, petra, ("revbits.models", "revbits.train", "revbits.hf")) == {}
+    assert forbidden_imports(graph, runtime, pieces) == {}
+    assert forbidden_imports(graph, models, ("revbits.petra", "revbits.train")) == {}
+
+
+def test_the_layering_check_finds_a_forbidden_arrow():
+    graph = {"p.run": {"p.stages"}, "p.stages": {"t", "m.x", "p.run"}, "p.pieces.a": {"m.x"}}
+    assert forbidden_imports(graph, ["p.run", "p.stages"], ("m", "t")) == {"p.stages": ["m.x", "t"]}
 
 
 def test_the_checker_finds_a_cycle():

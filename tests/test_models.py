@@ -226,7 +226,7 @@ def test_vit_rejects_wrong_image_shape():
 
 
 def test_revnet_petra_pieces_share_the_models_modules_and_names():
-    from revbits.petra.revnet import revnet_pieces
+    from revbits.petra.pieces.revnet import revnet_pieces
 
     model = build("revnet", "standard")
     pieces = revnet_pieces(model)

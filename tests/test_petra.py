@@ -5,7 +5,6 @@ The multi-process tests start one process per stage with :func:`launch`; models 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from dataclasses import replace
@@ -17,7 +16,6 @@ from torch import nn
 
 from helpers import relative_error
 from revbits.bdia.fixedpoint import quantize
-from revbits.models import GPT, GPTConfig, TransformerBlock
 from revbits.petra import (
     PetraConfig,
     PlainStage,
@@ -28,9 +26,7 @@ from revbits.petra import (
     backprop_reference,
     balanced_sizes,
     bdia_gpt_pipeline,
-    bdia_pieces,
     delay,
-    gpt_pieces,
     launch,
     load_records,
     revnet_pipeline,
@@ -41,6 +37,7 @@ from revbits.petra import (
 from revbits.petra.comm import decode_header, encode_header
 from revbits.petra.optim import accumulate_, make_optimizer
 from revbits.petra.schedule import backward_micro_batch, forward_micro_batch, steps
+from revbits.petra.testing import FAIL_ENV, RECORD_ENV, InjectedFailure, PlannedFailure, planned_failure, recording
 
 MODEL = dict(channels=8, levels=(3, 1))  # pieces: stem, rev, rev, rev, down, rev, head
 LAUNCH_TIMEOUT = 120.0
@@ -62,9 +59,9 @@ def run_petra(build: partial, data: list, config: PetraConfig) -> list:
     return launch(config.stages, run_stage, (build, data, config), timeout=LAUNCH_TIMEOUT)
 
 
-def petra_and_backprop(build: partial, data: list, config: PetraConfig, reversible: list[bool]) -> tuple[list, list]:
+def petra_and_backprop(build: partial, data: list, config: PetraConfig, invertible: list[bool]) -> tuple[list, list]:
     """The stage records of a PETRA run over ``data`` and of single-process backprop on the same stages."""
-    assert [s.reversible for s in build()[:-1]] == reversible
+    assert [s.invertible for s in build()[:-1]] == invertible
     run_petra(build, data, config)
     petra = load_records(config.out_dir, config.stages)
     torch.manual_seed(config.seed)
@@ -110,17 +107,17 @@ def test_coupling_block_inverts_and_passes_half_through_bitwise():
     assert not torch.equal(y[:, :4], x[:, 4:])  # F is not trivially zero
 
 
-def test_sequential_stage_reversible_iff_all_pieces_are():
+def test_sequential_stage_invertible_iff_all_pieces_are():
     torch.manual_seed(0)
     rev = SequentialStage([RevNetStage(8, blocks=2), RevNetStage(8)])
-    assert rev.reversible
+    assert rev.invertible
     x = torch.randn(2, 8, 5, 5)
     assert relative_error(rev.inverse(rev(x, 0), 0), x) <= 1e-6
     mixed = SequentialStage([RevNetStage(8), PlainStage(nn.Identity())])
-    assert not mixed.reversible
+    assert not mixed.invertible
     with pytest.raises(NotImplementedError, match="PlainStage"):
         mixed.inverse(x, 0)
-    with pytest.raises(NotImplementedError, match="PlainStage is not reversible"):
+    with pytest.raises(NotImplementedError, match="PlainStage is not invertible"):
         PlainStage(nn.Identity()).inverse(x, 0)
 
 
@@ -133,7 +130,7 @@ def test_plain_stage_replays_dropout_from_micro_batch():
 
 def test_split_groups_and_balances():
     stages = split(small_revnet(**MODEL), 3, sizes=(2, 2, 3))
-    assert [s.reversible for s in stages] == [False, True, False]  # stem+rev is plain; the last has the loss
+    assert [s.invertible for s in stages] == [False, True, False]  # stem+rev is plain; the last has the loss
     assert [len(s.pieces) for s in stages[:-1]] == [2, 2] and len(stages[-1].body) == 2
     with pytest.raises(ValueError, match="sizes"):
         split(small_revnet(**MODEL), 3, sizes=(2, 2, 2))
@@ -155,18 +152,18 @@ def test_split_groups_and_balances():
 
 
 @pytest.mark.parametrize(
-    "J, sizes, reversible",
+    "J, sizes, invertible",
     [
         (2, (1, 6), [False]),  # stem | revnets, downsampling, head
         (3, (2, 2, 3), [False, True]),  # stem+rev (plain FIFO) | 2 rev blocks (inverted) | down, rev, head
-        (4, (1, 1, 2, 3), [False, True, True]),  # two reversible stages: stage 1 inverts a reconstruction
+        (4, (1, 1, 2, 3), [False, True, True]),  # two invertible stages: stage 1 inverts a reconstruction
     ],
 )
-def test_lr0_gradients_and_reconstructions_equal_backprop(tmp_path, J, sizes, reversible):
+def test_lr0_gradients_and_reconstructions_equal_backprop(tmp_path, petra_record, J, sizes, invertible):
     data = images(5)  # 5 micro-batches, k = 2: two full windows and a final partial one
-    config = PetraConfig(stages=J, accumulation=2, lr=0.0, out_dir=str(tmp_path), record=True)
+    config = PetraConfig(stages=J, accumulation=2, lr=0.0, out_dir=str(tmp_path))
     build = pipeline(J, sizes)
-    petra, reference = petra_and_backprop(build, data, config, reversible)
+    petra, reference = petra_and_backprop(build, data, config, invertible)
     for j, (got, want) in enumerate(zip(petra, reference)):
         assert len(got.grads) == len(want.grads) == 3
         for g_got, g_want in zip(got.grads, want.grads):
@@ -176,18 +173,18 @@ def test_lr0_gradients_and_reconstructions_equal_backprop(tmp_path, J, sizes, re
         assert sorted(got.inputs) == list(range(5))
         for m, x in want.inputs.items():
             assert relative_error(got.inputs[m], x) <= 1e-5
-            if j < J - 1:  # the input the backward used: inverted (reversible) or from the FIFO
+            if j < J - 1:  # the input the backward used: inverted (invertible) or from the FIFO
                 assert relative_error(got.reconstructed[m], x) <= 1e-5, (j, m)
     assert petra[-1].losses == pytest.approx(reference[-1].losses, rel=1e-5)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_lr0_gradients_of_stages_on_cuda_equal_cpu_backprop(tmp_path, monkeypatch):
+def test_lr0_gradients_of_stages_on_cuda_equal_cpu_backprop(tmp_path, petra_record, monkeypatch):
     """Stages on GPUs (messages over gloo through host memory) give backprop's gradients."""
     monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # the stage processes inherit it: fp32 convolutions
     data = images(5)
-    config = PetraConfig(stages=2, accumulation=2, lr=0.0, out_dir=str(tmp_path), record=True, device="cuda")
+    config = PetraConfig(stages=2, accumulation=2, lr=0.0, out_dir=str(tmp_path), device="cuda")
     petra, reference = petra_and_backprop(pipeline(2, (1, 6)), data, config, [False])
     for got, want in zip(petra, reference):
         for g_got, g_want in zip(got.grads, want.grads):
@@ -196,9 +193,9 @@ def test_lr0_gradients_of_stages_on_cuda_equal_cpu_backprop(tmp_path, monkeypatc
     assert petra[-1].losses == pytest.approx(reference[-1].losses, rel=1e-4)
 
 
-def test_one_stage_equals_plain_training(tmp_path):
+def test_one_stage_equals_plain_training(tmp_path, petra_record):
     data = images(5)
-    config = PetraConfig(stages=1, accumulation=2, lr=0.1, out_dir=str(tmp_path), record=True)
+    config = PetraConfig(stages=1, accumulation=2, lr=0.1, out_dir=str(tmp_path))
     build = pipeline(1, (7,))
     (summary,) = run_petra(build, data, config)
     assert summary.updates == 3
@@ -235,7 +232,7 @@ def simulate_petra(stages: list[nn.Module], data: list, config: PetraConfig) -> 
                 grads = torch.autograd.grad(loss, [x, *params[j]])
             elif 0 <= (m := t - 2 * (J - 1) + j) < M:
                 y, delta = down[j].pop(m)
-                x = stage.inverse(y, m) if stage.reversible else fifos[j].pop(m)
+                x = stage.inverse(y, m) if stage.invertible else fifos[j].pop(m)
                 x = x.detach().requires_grad_()
                 grads = torch.autograd.grad(stage(x, m), [x, *params[j]], delta)
             else:
@@ -268,7 +265,7 @@ def test_stale_updates_match_a_single_process_simulation(tmp_path):
     for j in range(J):
         for name, p in simulated[j].named_parameters():
             assert relative_error(petra[j].params[name], p.detach()) <= 1e-5, (j, name)
-    # and it is not backprop: the reversible middle stage saw stale weights
+    # and it is not backprop: the invertible middle stage saw stale weights
     assert max(relative_error(petra[1].params[n], p) for n, p in backprop[1].params.items()) > 1e-4
 
 
@@ -300,9 +297,35 @@ def test_two_stages_learn_a_toy_problem():
 # ---------------------------------------------------------------- faults
 
 
+def test_test_only_switches_live_in_the_environment_not_in_the_config(monkeypatch):
+    """PetraConfig has production options only; failures and full records are switched on by variables that
+    the stage processes inherit, and a value that does not parse names its variable."""
+    for hook in ("record", "fail_at", "fail_mode"):
+        with pytest.raises(TypeError, match=hook):
+            PetraConfig(**{hook: None})
+    monkeypatch.delenv(FAIL_ENV, raising=False)
+    monkeypatch.delenv(RECORD_ENV, raising=False)
+    assert planned_failure() is None and not recording()
+    monkeypatch.setenv(FAIL_ENV, "2@5")
+    monkeypatch.setenv(RECORD_ENV, "1")
+    assert planned_failure() == PlannedFailure(2, 5, "raise") and recording()
+    for bad in ("2", "2@x", "2@5:explode"):
+        monkeypatch.setenv(FAIL_ENV, bad)
+        with pytest.raises(ValueError, match=FAIL_ENV):
+            planned_failure()
+    monkeypatch.setenv(RECORD_ENV, "yes")
+    with pytest.raises(ValueError, match=RECORD_ENV):
+        recording()
+    PlannedFailure(2, 5).strike(2, 4)  # not its step: nothing happens
+    with pytest.raises(InjectedFailure, match="stage 2: injected failure at step 5"):
+        PlannedFailure(2, 5).strike(2, 5)
+
+
+
 @pytest.mark.parametrize("mode, stage, expect", [("raise", 1, "injected failure"), ("exit", 2, "exited with code 17")])
-def test_failed_stage_ends_the_run_and_is_named(mode, stage, expect):
-    config = PetraConfig(stages=3, lr=0.0, fail_at=(stage, 3), fail_mode=mode, timeout=30.0)
+def test_failed_stage_ends_the_run_and_is_named(monkeypatch, mode, stage, expect):
+    monkeypatch.setenv(FAIL_ENV, f"{stage}@3:{mode}")
+    config = PetraConfig(stages=3, lr=0.0, timeout=30.0)
     start = time.monotonic()
     with pytest.raises(StageFailure, match=expect) as info:
         run_petra(pipeline(3, (1, 3, 3)), images(6), config)
@@ -311,8 +334,9 @@ def test_failed_stage_ends_the_run_and_is_named(mode, stage, expect):
     assert str(info.value).startswith(f"PETRA stage {stage} of 3 failed")
 
 
-def test_stalled_stage_times_out_its_neighbours():
-    config = PetraConfig(stages=3, lr=0.0, fail_at=(1, 2), fail_mode="stall", timeout=5.0)
+def test_stalled_stage_times_out_its_neighbours(monkeypatch):
+    monkeypatch.setenv(FAIL_ENV, "1@2:stall")
+    config = PetraConfig(stages=3, lr=0.0, timeout=5.0)
     start = time.monotonic()
     with pytest.raises(StageFailure, match="gave up on stage 1") as info:
         run_petra(pipeline(3, (1, 3, 3)), images(6), config)
@@ -332,82 +356,20 @@ def token_batches(n: int, batch: int = 3, length: int = 12, vocab: int = 32) -> 
 BDIA_MODEL = dict(vocab=32, d_model=16, n_head=2, n_layer=4, max_len=12, dropout=0.1)
 
 
-def test_bdia_pieces_invert_bit_for_bit_with_dropout():
-    torch.manual_seed(0)
-    pieces, _ = bdia_pieces([TransformerBlock(16, 2, causal=True, dropout=0.1) for _ in range(4)])
-    x = torch.randn(3, 12, 16)
-    states = [x]
-    with torch.no_grad():
-        for piece in pieces:
-            states.append(piece(states[-1], 7))
-        y = states[-1]
-        for k in range(len(pieces) - 1, 0, -1):
-            y = pieces[k].inverse(y, 7)
-            assert torch.equal(y, states[k]), k
-        assert torch.equal(pieces[0].inverse(y, 7), quantize(x, 9))
-    assert all(not piece.in_flight for piece in pieces[1:])  # the residue bits were used up
-
-
-def tiny_gpt(memory: str = "bdia", dropout: float = 0.0) -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=32, block_size=12, n_layer=4, n_head=2, d_model=16, dropout=dropout, memory=memory))
-
-
-def test_gpt_pieces_compute_what_the_gpt_computes():
-    """The PETRA GPT is revbits.models.GPT cut into pieces: the same loss bit for bit (with the pieces' signs of
-    gamma given to the GPT's BDIAStack), the GPT's own modules, and the gradients of the tied GPT once the
-    untied head's gradient is added back to the embedding's."""
-    tokens, targets = token_batches(1)[0]
-    gpt = tiny_gpt()
-    tied = copy.deepcopy(gpt)
-    pieces = gpt_pieces(gpt, seed=5, untie=True)
-    stem, entry, steps, exit_piece, head = pieces[0], pieces[1], pieces[2:-2], pieces[-2], pieces[-1]
-    assert stem.module.token_embedding is gpt.token_embedding and head.ln_f is gpt.ln_f and head.head is gpt.head
-    assert [s.block for s in [entry, *steps]] == list(gpt.stack.blocks)
-    assert gpt.head.weight is not gpt.token_embedding.weight and torch.equal(gpt.head.weight, tied.head.weight)
-
-    x = stem(tokens, 7)
-    for piece in [entry, *steps, exit_piece]:
-        x = piece(x, 7)
-    loss = head(x, targets)
-    signs = torch.stack([(s.gamma_of(7, x) / s.gamma).flatten() for s in steps])
-    forward = tied.stack.forward
-    tied.stack.forward = lambda stream: forward(stream, gammas=signs)
-    want = tied(tokens, targets).loss
-    assert torch.equal(loss, want)
-
-    loss.backward()
-    want.backward()
-    got = dict(gpt.named_parameters(remove_duplicate=False))
-    for name, p in tied.named_parameters():
-        g = got[name].grad
-        if name == "token_embedding.weight":  # the two uses of the tied matrix, one in each end stage
-            g = g + gpt.head.weight.grad
-        assert relative_error(g, p.grad) <= 1e-5, name
-
-
-def test_gpt_pieces_refuse_what_petra_cannot_train():
-    with pytest.raises(ValueError, match="ties its output projection to its token embedding.*untie=True"):
-        gpt_pieces(tiny_gpt())
-    needs_bdia = r"PETRA needs the GPT's blocks in a BDIAStack \(memory='bdia'\), got SequentialStack"
-    with pytest.raises(ValueError, match=needs_bdia):
-        gpt_pieces(tiny_gpt("standard"), untie=True)
-    with pytest.raises(ValueError, match="without its stack's recompute context .*build the GPT with memory='bdia'"):
-        gpt_pieces(tiny_gpt("bdia+mesa"), untie=True)
-
-
 @pytest.mark.parametrize(
-    "J, sizes, reversible",
+    "J, sizes, invertible",
     [
         (3, (1, 3, 3), [False, True]),  # embedding | entry, steps 1-2 (inverted) | step 3, exit, head
         (4, (2, 2, 1, 2), [False, True, True]),  # stage 1 inverts what stage 2 rebuilt by inversion
     ],
 )
-def test_lr0_bdia_gradients_equal_backprop_and_inputs_are_rebuilt_exactly(tmp_path, J, sizes, reversible):
+def test_lr0_bdia_gradients_equal_backprop_and_inputs_are_rebuilt_exactly(
+    tmp_path, petra_record, J, sizes, invertible
+):
     data = token_batches(5)
-    config = PetraConfig(stages=J, accumulation=2, lr=0.0, out_dir=str(tmp_path), record=True)
+    config = PetraConfig(stages=J, accumulation=2, lr=0.0, out_dir=str(tmp_path))
     build = partial(bdia_gpt_pipeline, J, sizes=sizes, **BDIA_MODEL)
-    petra, reference = petra_and_backprop(build, data, config, reversible)
+    petra, reference = petra_and_backprop(build, data, config, invertible)
     for j, (got, want) in enumerate(zip(petra, reference)):
         for g_got, g_want in zip(got.grads, want.grads, strict=True):
             for name, g in g_want.items():

@@ -62,13 +62,17 @@ class GPT(nn.Module):
         self.head.weight = self.token_embedding.weight
         self.apply(init_weights)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
-        """Logits [B, T, vocab] and, with targets [B, T], the mean cross-entropy over all positions."""
-        B, T = idx.shape
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """x = dropout(E[idx] + P[0..T-1]) for tokens ``idx`` [B, T], the input of the block stack."""
+        T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         positions = torch.arange(T, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        return self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
+        """Logits [B, T, vocab] and, with targets [B, T], the mean cross-entropy over all positions."""
+        x = self.embed(idx)
         logits = self.head(self.ln_f(self.stack(x)))
         if targets is None:
             return Output(logits=logits)

@@ -4,7 +4,7 @@ images -> stride-2 conv stem to ``channels`` -> for each level, that many coupli
 doubling the channels between levels) -> global average pool -> linear classifier.
 
 Trained on one process it is plain backprop (memory "standard"); :mod:`revbits.petra` trains the same
-modules stage-parallel, inverting the coupling stages (:func:`revbits.petra.revnet.revnet_pieces`). Sized
+modules stage-parallel, inverting the coupling stages (:func:`revbits.petra.pieces.revnet.revnet_pieces`). Sized
 for 1x28x28 images (Fashion-MNIST); any image size works since the head pools globally.
 """
 

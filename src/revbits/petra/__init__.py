@@ -5,15 +5,31 @@ process per stage over torch.distributed.
     launch(J, run_stage, (partial(revnet_pipeline, J), data, PetraConfig(stages=J, ...)))
 
 Under torchrun, call ``run_stage(None, None, build_stages, data, config)`` in every process.
+
+The modules here are the stage runtime and import no model; :mod:`revbits.petra.pieces` cuts the models
+of :mod:`revbits.models` into pieces, and its public names are re-exported here.
 """
 
 from .baselines import run_pipeline_baseline
-from .bdia_pieces import BDIAEntry, BDIAExit, BDIAStep, bdia_gpt_pipeline, bdia_pieces, gpt_pieces
 from .comm import DesyncError, PeerError
 from .launch import StageFailure, launch
+from .pieces import (
+    BDIAEntry,
+    BDIAExit,
+    BDIAStep,
+    ClassifierHead,
+    RevCouplingBlock,
+    RevNetStage,
+    bdia_gpt_pipeline,
+    bdia_pieces,
+    gpt_pieces,
+    revnet_pieces,
+    revnet_pipeline,
+    small_revnet,
+    vit_pieces,
+)
 from .record import StageRecord, load_records
 from .reference import backprop_reference
-from .revnet import ClassifierHead, RevCouplingBlock, RevNetStage, revnet_pipeline, small_revnet
 from .runtime import PetraConfig, StageSummary, run_stage
 from .schedule import delay
 from .stages import LastStage, LossStage, PlainStage, SequentialStage, Stage, balanced_sizes, split
@@ -44,9 +60,11 @@ __all__ = [
     "delay",
     "launch",
     "load_records",
+    "revnet_pieces",
     "revnet_pipeline",
     "run_pipeline_baseline",
     "run_stage",
     "small_revnet",
     "split",
+    "vit_pieces",
 ]

@@ -55,6 +55,7 @@ from .optim import make_optimizer, make_scheduler
 from .record import StageRecord, record_path
 from .runtime import PetraConfig, build_all_stages, join_process_group
 from .stages import LastStage
+from .testing import recording
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -179,9 +180,10 @@ def run_pipeline_baseline(
     """Train stage ``rank`` of a J-stage GPipe or 1F1B pipeline in this process, like :func:`run_stage`:
     every process seeds with ``config.seed``, builds all stages and keeps its own; M = ``config.accumulation``
     micro-batches per mini-batch, ``config.micro_batches`` (None: ``len(data)``) in all, a multiple of M.
-    With ``config.out_dir`` the :class:`StageRecord` (gradients and inputs if ``config.record``, losses,
-    final parameters) is saved there. ``measure_memory`` runs the last mini-batch under :class:`LiveBytes`
-    (not timed; needs at least two mini-batches so that the optimizer state exists)."""
+    With ``config.out_dir`` the :class:`StageRecord` (losses, final parameters; gradients and inputs too
+    under the test-only switch of :mod:`revbits.petra.testing`) is saved there. ``measure_memory`` runs the
+    last mini-batch under :class:`LiveBytes` (not timed; needs at least two mini-batches so that the optimizer
+    state exists)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {SCHEDULES}")
     if not gloo_pipelining_supported():
@@ -207,7 +209,8 @@ def run_pipeline_baseline(
     scheduler = make_scheduler(optimizer, config)  # lr * lr_schedule(n) after n updates, as in PETRA
     pipe = make_schedule(stage, rank, world_size, M, example, schedule)
     record = StageRecord(stage=rank)
-    stage.inputs = {} if config.record else None
+    keeps_all = recording()
+    stage.inputs = {} if keeps_all else None
     summary = PipelineSummary(rank, schedule, steps, 0)
     dist.barrier()
     for w in range(steps):
@@ -217,10 +220,10 @@ def run_pipeline_baseline(
         start = time.perf_counter()
         if measure:
             with tracking(params, optimizer) as tracker:
-                losses = mini_batch_step(pipe, stage, rank, world_size, batch, optimizer, record, config.record)
+                losses = mini_batch_step(pipe, stage, rank, world_size, batch, optimizer, record, keeps_all)
             summary.memory = dict(tracker.peak, peak=tracker.peak_total)
         else:
-            losses = mini_batch_step(pipe, stage, rank, world_size, batch, optimizer, record, config.record)
+            losses = mini_batch_step(pipe, stage, rank, world_size, batch, optimizer, record, keeps_all)
             summary.step_seconds.append(time.perf_counter() - start)
         if stage.next_micro_batch != (w + 1) * M:
             raise RuntimeError(f"stage {rank} ran {stage.next_micro_batch - w * M} forwards for {M} micro-batches")

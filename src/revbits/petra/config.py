@@ -18,9 +18,8 @@ class PetraConfig:
     "adamw", or a picklable callable ``(params, config) -> Optimizer``. timeout: seconds any single wait
     for a neighbour may take; init_timeout: for the start-up rendezvous. seed: every process seeds with
     it before ``build_stages()``, so all build the same initial weights. out_dir: where each stage saves
-    its :class:`StageRecord`; record: also keep gradients, inputs and reconstructions (tests, debugging).
-    fail_at / fail_mode: test hook, stage ``fail_at[0]`` fails at its step ``fail_at[1]`` by raising
-    ("raise"), dying without a word ("exit"), or hanging ("stall"). lr_schedule: the learning rate is
+    its :class:`StageRecord` (losses, final parameters; gradients, inputs and reconstructions too under
+    the test-only switch of :mod:`revbits.petra.testing`). lr_schedule: the learning rate is
     ``lr * lr_schedule(n)`` after n updates of a stage (every stage counts its own updates alike).
     device: "cpu" or "cuda"; the data may stay on the CPU, each stage moves what it reads.
     """
@@ -37,9 +36,6 @@ class PetraConfig:
     init_timeout: float = 300.0
     seed: int = 0
     out_dir: str | None = None
-    record: bool = False
-    fail_at: tuple[int, int] | None = None
-    fail_mode: str = "raise"
     lr_schedule: Callable[[int], float] | None = None  # lr factor after n updates (picklable); None: constant
     first_micro_batch: int = 0  # the global id of this segment's micro-batch 0 (data index, random seeds)
     resume_from: str | None = None  # a previous segment's out_dir: start from its stage states
@@ -55,5 +51,3 @@ class PetraConfig:
             raise ValueError("PetraConfig.timeout and init_timeout must be positive: every wait has a deadline")
         if torch.device(self.device).type not in ("cpu", "cuda"):
             raise ValueError(f"PetraConfig.device must be cpu or cuda, got {self.device!r}")
-        if self.fail_mode not in ("raise", "exit", "stall"):
-            raise ValueError(f"PetraConfig.fail_mode must be 'raise', 'exit' or 'stall', got {self.fail_mode!r}")

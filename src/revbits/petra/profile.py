@@ -3,7 +3,7 @@
 Per micro-batch, one piece costs (median seconds over a few repeats, after a warm-up call):
 
     f: forward without a graph (0 for the loss head, whose forward runs only with a graph)
-    r: inversion (reversible pieces only)
+    r: inversion (invertible pieces only)
     g: forward with a graph
     b: backward from that graph
 
@@ -46,7 +46,7 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def profile_piece(piece: nn.Module, x: Tensor, target: Tensor, head: bool, repeats: int) -> tuple[dict, Tensor]:
-    """The row {piece, reversible, f, r, g, b, out_bytes} of one piece fed ``x``, and its output."""
+    """The row {piece, invertible, f, r, g, b, out_bytes} of one piece fed ``x``, and its output."""
 
     def run(inp: Tensor) -> Tensor:
         return piece(inp, target) if head else piece(inp, 0)
@@ -58,19 +58,19 @@ def profile_piece(piece: nn.Module, x: Tensor, target: Tensor, head: bool, repea
         with torch.no_grad():
             return run(x)
 
-    reversible = bool(getattr(piece, "reversible", False))
-    row: dict = {"piece": type(piece).__name__, "reversible": reversible}
+    invertible = bool(getattr(piece, "invertible", False))
+    row: dict = {"piece": type(piece).__name__, "invertible": invertible}
     row["f"] = 0.0 if head else median_time(forward_no_graph, repeats)
     row["g"] = median_time(graph, repeats)
     inversions, backwards = [], []
     for _ in range(repeats + 1):
-        if reversible:  # BDIA keeps its residue bits in the forward without graph, and uses them here
+        if invertible:  # BDIA keeps its residue bits in the forward without graph, and uses them here
             y = forward_no_graph()
             inversions.append(timed(lambda y=y: piece.inverse(y, 0))[1])
         out = graph()
         backwards.append(timed(lambda out=out: out.backward(None if head else torch.ones_like(out)))[1])
         piece.zero_grad(set_to_none=True)
-    row["r"] = statistics.median(inversions[1:]) if reversible else 0.0
+    row["r"] = statistics.median(inversions[1:]) if invertible else 0.0
     row["b"] = statistics.median(backwards[1:])
     y = graph().detach()
     row["out_bytes"] = y.numel() * y.element_size()

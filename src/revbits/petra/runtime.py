@@ -5,7 +5,7 @@ At every step t (see :mod:`.schedule`) stage j of J (0-based) does
   (a) forward of the newest micro-batch m: x from the data (j = 0) or from stage j - 1; a plain stage
       pushes x into its FIFO; y = F_j(x) under no_grad; y goes to stage j + 1;
   (b) backward of micro-batch m - delay(j), delay(j) = 2 (J - 1 - j): (y~, delta) comes from stage j + 1;
-      x~ = F_j^{-1}(y~) with the current weights (reversible) or x~ = FIFO.pop() (plain); then
+      x~ = F_j^{-1}(y~) with the current weights (invertible) or x~ = FIFO.pop() (plain); then
           delta_in = (dF_j/dx (x~))^T delta,   Delta_j <- Delta_j + (1/k) (dF_j/dtheta_j (x~))^T delta,
       and (x~, delta_in) goes to stage j - 1 (stage 0 needs no delta_in);
   (c) after every k-th backward, its own optimizer steps theta_j with Delta_j, and Delta_j <- 0.
@@ -17,7 +17,7 @@ until every micro-batch is back-propagated (drain); a final partial window of fe
 applied too (its gradient keeps the 1/k factor, so that step is proportionally smaller), so that no
 computed gradient is dropped.
 
-Choices: a reversible backward reconstructs x~ under no_grad and then re-runs F_j(x~) with autograd, one
+Choices: an invertible stage's backward reconstructs x~ under no_grad and then re-runs F_j(x~) with autograd, one
 more F_j evaluation than the fused reconstruct-and-differentiate of a coupling block (as in the paper's
 code). A plain stage 0 keeps its input in the FIFO like any plain stage, although it could re-read it.
 """
@@ -25,7 +25,6 @@ code). A plain stage 0 keeps its input in the FIFO like any plain stage, althoug
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from .config import PetraConfig
 from .optim import accumulate_, make_optimizer, make_scheduler
 from .record import StageRecord, record_path
 from .resume import load_stage_state, save_stage_state
+from .testing import planned_failure, recording
 
 
 @dataclass
@@ -66,10 +66,6 @@ STOP_REQUEST_KEY = "revbits/petra/stop-request"  # another stage got SIGINT or S
 def _store() -> dist.Store:
     """The key-value store of the default process group (its rendezvous)."""
     return dist.distributed_c10d._get_default_store()
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the ``fail_at`` test hook."""
 
 
 def vjp(
@@ -117,6 +113,8 @@ class StageWorker:
         self.backwards = 0
         self.updates = 0
         self.record = StageRecord(stage=j)
+        self.keeps_all = recording()  # test-only switches (revbits.petra.testing)
+        self.failure = planned_failure()
         self.stop: Any = None
         self.stopped = False
 
@@ -180,9 +178,9 @@ class StageWorker:
     def forward(self, m: int, t: int) -> None:
         """y = F_j(x) under no_grad, sent to stage j + 1; a plain stage keeps x in its FIFO."""
         x = self.input(m)
-        if self.config.record:
+        if self.keeps_all:
             self.record.inputs[m] = x.clone()
-        if not self.stage.reversible:
+        if not self.stage.invertible:
             self.fifo.append((m, x))
         with torch.no_grad():
             y = self.stage(x, self.first + m)  # the global id: data index and random draws
@@ -193,14 +191,14 @@ class StageWorker:
         recomputing F_j(x~) with the current weights; (x~, delta_in) sent to stage j - 1."""
         y, delta = self.channel.recv(self.j + 1, m, "backward pair (output, gradient)")
         g = self.first + m
-        if self.stage.reversible:
+        if self.stage.invertible:
             with torch.no_grad():
                 x = self.stage.inverse(y, g)
         else:
             queued, x = self.fifo.popleft()
             if queued != m:
                 raise DesyncError(f"stage {self.j}: FIFO holds micro-batch {queued}, backward wants {m}")
-        if self.config.record:
+        if self.keeps_all:
             self.record.reconstructed[m] = x.clone()
         _, gx, grads = vjp(lambda x: self.stage(x, g), x, self.params, delta, input_grad=self.j > 0)
         self.accumulate(grads)
@@ -212,7 +210,7 @@ class StageWorker:
         x = self.input(m)
         g = self.first + m
         target = self.data[g % len(self.data)][1].to(self.device)
-        if self.config.record:
+        if self.keeps_all:
             self.record.inputs[m] = x.clone()
         loss, gx, grads = vjp(lambda x: self.stage(x, target, g), x, self.params, None, input_grad=self.j > 0)
         self.record.losses.append(loss.item())
@@ -229,7 +227,7 @@ class StageWorker:
 
     def update(self) -> None:
         """theta_j <- Optimizer(theta_j, Delta_j); Delta_j <- 0."""
-        if self.config.record:
+        if self.keeps_all:
             self.record.add_grads(self.stage)
         if self.optimizer is not None:
             self.optimizer.step()
@@ -239,14 +237,9 @@ class StageWorker:
         self.updates += 1
 
     def maybe_fail(self, t: int) -> None:
-        """The ``fail_at`` test hook."""
-        if self.config.fail_at != (self.j, t):
-            return
-        if self.config.fail_mode == "exit":
-            os._exit(17)
-        if self.config.fail_mode == "stall":
-            threading.Event().wait()  # never set: hang until killed
-        raise InjectedFailure(f"stage {self.j}: injected failure at step {t} (PetraConfig.fail_at)")
+        """The test-only failure of ``REVBITS_PETRA_FAIL`` (:mod:`revbits.petra.testing`), if it is planned here."""
+        if self.failure is not None:
+            self.failure.strike(self.j, t)
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -24,17 +24,18 @@ class Stage(nn.Module):
 
     ``forward(x, micro_batch)`` computes F_j. Any randomness in it must be a function of ``micro_batch``
     (see :func:`seeded`), so that the recompute in the backward sees the same F_j as the forward.
-    Reversible stages also implement ``inverse(y, micro_batch)``: x = F_j^{-1}(y) with the *current*
-    weights, under no_grad. PETRA keeps no input for them; other stages keep their input in a FIFO.
+    Invertible stages (``invertible = True``, a fact of the class) also implement ``inverse(y, micro_batch)``:
+    x = F_j^{-1}(y) with the *current* weights, under no_grad. PETRA keeps no input for them; other stages
+    keep their input in a FIFO.
     """
 
-    reversible: bool = False
+    invertible: bool = False
 
     def forward(self, x: Tensor, micro_batch: int) -> Tensor:
         raise NotImplementedError
 
     def inverse(self, y: Tensor, micro_batch: int) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} is not reversible")
+        raise NotImplementedError(f"{type(self).__name__} is not invertible")
 
 
 class LossStage(nn.Module):
@@ -46,32 +47,33 @@ class LossStage(nn.Module):
 
 
 @contextlib.contextmanager
-def seeded(seed: int, micro_batch: int, device: torch.device) -> Iterator[None]:
-    """Run the body with the global RNG seeded from (seed, micro_batch), then restore it, so that
-    dropout and the like draw the same numbers in the forward and in the backward's recompute."""
-    with seeded_rng(derive_seed(seed, micro_batch), device):
+def seeded(seed: int, micro_batch: int, device: torch.device, *stream: int) -> Iterator[None]:
+    """Run the body with the global RNG seeded with derive_seed(seed, micro_batch, *stream), then restore
+    it, so that dropout and the like draw the same numbers in the forward and in the backward's recompute.
+    ``stream`` tells apart the pieces that draw for the same micro-batch (:mod:`revbits.petra.pieces.streams`)."""
+    with seeded_rng(derive_seed(seed, micro_batch, *stream), device):
         yield
 
 
 class PlainStage(Stage):
     """y = module(x) for any module: not invertible, so PETRA keeps its input in a FIFO and recomputes
     the forward in the backward (activation checkpointing with the current weights). The module runs
-    under :func:`seeded`, so dropout is replayed exactly."""
+    under :func:`seeded` (``seed``, the micro-batch and ``stream``), so dropout is replayed exactly."""
 
-    reversible = False
+    invertible = False
 
-    def __init__(self, module: nn.Module, seed: int = 0) -> None:
+    def __init__(self, module: nn.Module, seed: int = 0, stream: Sequence[int] = ()) -> None:
         super().__init__()
         self.module = module
-        self.seed = seed
+        self.seed, self.stream = seed, tuple(stream)
 
     def forward(self, x: Tensor, micro_batch: int) -> Tensor:
-        with seeded(self.seed, micro_batch, x.device):
+        with seeded(self.seed, micro_batch, x.device, *self.stream):
             return self.module(x)
 
 
 class SequentialStage(Stage):
-    """y = F_n(...F_1(x)): pieces composed in order. Reversible iff every piece is; then
+    """y = F_n(...F_1(x)): pieces composed in order. Invertible iff every piece is; then
     x = F_1^{-1}(...F_n^{-1}(y)), the pieces inverted in reverse order."""
 
     def __init__(self, pieces: Sequence[Stage]) -> None:
@@ -79,7 +81,7 @@ class SequentialStage(Stage):
         if not pieces:
             raise ValueError("a SequentialStage needs at least one piece")
         self.pieces = nn.ModuleList(pieces)
-        self.reversible = all(p.reversible for p in pieces)
+        self.invertible = all(p.invertible for p in pieces)
 
     def forward(self, x: Tensor, micro_batch: int) -> Tensor:
         for piece in self.pieces:
@@ -88,9 +90,9 @@ class SequentialStage(Stage):
 
     @torch.no_grad()
     def inverse(self, y: Tensor, micro_batch: int) -> Tensor:
-        if not self.reversible:
-            kinds = ", ".join(type(p).__name__ for p in self.pieces if not p.reversible)
-            raise NotImplementedError(f"this stage is not reversible: it contains {kinds}")
+        if not self.invertible:
+            kinds = ", ".join(type(p).__name__ for p in self.pieces if not p.invertible)
+            raise NotImplementedError(f"this stage is not invertible: it contains {kinds}")
         for piece in reversed(self.pieces):
             y = piece.inverse(y, micro_batch)
         return y
@@ -100,7 +102,7 @@ class LastStage(nn.Module):
     """L = head(F_n(...F_1(x)), target): the last pipeline stage, whose pieces (maybe none) end in the
     loss head. PETRA runs its forward and backward in the same step, so it never inverts."""
 
-    reversible = False
+    invertible = False
 
     def __init__(self, body: Sequence[Stage], head: LossStage) -> None:
         super().__init__()
@@ -149,7 +151,7 @@ def split(pieces: Sequence[nn.Module], J: int, sizes: Sequence[int] | None = Non
     ``sizes`` gives the number of pieces per stage; by default the groups are balanced by parameter
     count (:func:`balanced_sizes`); :func:`revbits.petra.profile.sizes_by_time` balances by measured
     time. A group is a
-    reversible stage only if all its pieces are reversible; otherwise it is a plain (FIFO) stage.
+    invertible stage only if all its pieces are invertible; otherwise it is a plain (FIFO) stage.
     Returns J - 1 :class:`SequentialStage` and a final :class:`LastStage`.
     """
     pieces = list(pieces)

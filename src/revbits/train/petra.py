@@ -44,12 +44,12 @@ from ..io import (
     write_manifest,
 )
 from ..petra.launch import die_with_parent, launch
+from ..petra.pieces.revnet import revnet_pieces
+from ..petra.pieces.vit import vit_pieces
 from ..petra.profile import sizes_by_time
 from ..petra.record import load_records
-from ..petra.revnet import revnet_pieces
 from ..petra.runtime import PetraConfig, join_process_group, run_stage
 from ..petra.stages import sizes_by_params, split
-from ..petra.vit_pieces import vit_pieces
 from ..rng import derive_seed
 from .checkpoint import clean_run_dir, save_checkpoint
 from .config import ConfigError, TrainConfig

@@ -1,4 +1,4 @@
-"""The RevNet of :mod:`revbits.models.revnet` as PETRA pieces that share its modules: stem, reversible
+"""The RevNet of :mod:`revbits.models.revnet` as PETRA pieces that share its modules: stem, invertible
 coupling stages, downsampling, loss head.
 
 Training the pieces trains the model itself, so the weights load into the plain model unchanged; the
@@ -12,26 +12,19 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.revnet import ConvStage, CouplingStage, PoolHead, RevCouplingBlock, RevNet, RevNetConfig, norm
-from .stages import LossStage, PlainStage, Stage, split
+from ...models.revnet import ConvStage, CouplingStage, PoolHead, RevCouplingBlock, RevNet, RevNetConfig
+from ..stages import LossStage, PlainStage, Stage, split
+from . import streams
 
-__all__ = [
-    "ClassifierHead",
-    "RevCouplingBlock",
-    "RevNetStage",
-    "conv_stage",
-    "norm",
-    "revnet_pieces",
-    "revnet_pipeline",
-    "small_revnet",
-]
+# RevCouplingBlock: the RevNet's block, also reachable as revbits.petra.RevCouplingBlock
+__all__ = ["ClassifierHead", "RevCouplingBlock", "RevNetStage", "revnet_pieces", "revnet_pipeline", "small_revnet"]
 
 
 class RevNetStage(Stage):
     """A :class:`~revbits.models.revnet.CouplingStage` (given, or a new one of ``channels`` and ``blocks``)
-    as a reversible PETRA stage: y = B_n(...B_1(x)); x = B_1^{-1}(...B_n^{-1}(y)) with the current weights."""
+    as an invertible PETRA stage: y = B_n(...B_1(x)); x = B_1^{-1}(...B_n^{-1}(y)) with the current weights."""
 
-    reversible = True
+    invertible = True
 
     def __init__(self, channels: int | CouplingStage, blocks: int = 1) -> None:
         super().__init__()
@@ -60,22 +53,18 @@ class ClassifierHead(LossStage):
         return F.cross_entropy(self.logits(x), target)
 
 
-def conv_stage(c_in: int, c_out: int, stride: int) -> PlainStage:
-    """x -> ReLU(norm(conv3x3_stride(x))) as a plain (not invertible) PETRA stage."""
-    return PlainStage(ConvStage(c_in, c_out, stride).module)
-
-
 def revnet_pieces(model: RevNet, seed: int = 0) -> list[nn.Module]:
     """The PETRA pieces of ``model``: its conv stages as :class:`PlainStage`, its coupling stages as
-    :class:`RevNetStage` and its head as :class:`ClassifierHead`, all sharing the model's modules."""
+    :class:`RevNetStage` and its head as :class:`ClassifierHead`, all sharing the model's modules. (The
+    RevNet draws no random numbers; a conv stage's stream is that of plain piece i all the same.)"""
     pieces: list[nn.Module] = []
-    for piece in model.pieces:
+    for i, piece in enumerate(model.pieces):
         if isinstance(piece, CouplingStage):
             pieces.append(RevNetStage(piece))
         elif isinstance(piece, PoolHead):
             pieces.append(ClassifierHead(piece))
         elif isinstance(piece, ConvStage):
-            pieces.append(PlainStage(piece.module, seed))
+            pieces.append(PlainStage(piece.module, seed, streams.plain(i)))
         else:
             raise TypeError(f"a RevNet piece is a ConvStage, CouplingStage or PoolHead, not {type(piece).__name__}")
     return pieces

@@ -1,7 +1,7 @@
 """A revbits ViT (memory="bdia") as PETRA pieces that share its modules:
 
     stem:   images -> [cls; W_p patches] + P, dropout            (plain: kept in a FIFO)
-    BDIA:   entry (block 0), steps 1..K-1                         (reversible: residue bits in flight)
+    BDIA:   entry (block 0), steps 1..K-1                         (invertible: residue bits in flight)
     exit:   (x_{K-1}, x_K) -> x_K                                 (last stage)
     head:   L = cross_entropy(W LayerNorm(x_K[:, 0]), label)      (last stage)
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.vit import ViT
-from .bdia_pieces import stack_pieces
-from .stages import LossStage, PlainStage
+from ...models.vit import ViT
+from ..stages import LossStage, PlainStage
+from . import streams
+from .bdia import stack_pieces
 
 
 class ViTStem(nn.Module):
@@ -45,4 +46,7 @@ class ViTHead(LossStage):
 def vit_pieces(vit: ViT, seed: int = 0) -> list[nn.Module]:
     """Stem, BDIA entry and steps, exit and head of ``vit``, whose block stack must be a BDIAStack."""
     pieces, exit_piece = stack_pieces(vit, seed)
-    return [PlainStage(ViTStem(vit), seed), *pieces, exit_piece, ViTHead(vit)]
+    return [PlainStage(ViTStem(vit), seed, streams.plain(0)), *pieces, exit_piece, ViTHead(vit)]
+
+
+__all__ = ["ViTHead", "ViTStem", "vit_pieces"]
