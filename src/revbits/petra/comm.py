@@ -27,9 +27,10 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
 
 
 class PeerError(RuntimeError):
-    """A neighbouring stage did not deliver (or take) a message in time, or its connection broke."""
+    """A neighbouring stage did not deliver (or take) a message in time, or its connection broke.
+    ``peer``: that stage (None when a collective of every stage failed and no one stage is known)."""
 
-    def __init__(self, message: str, peer: int, micro_batch: int) -> None:
+    def __init__(self, message: str, peer: int | None, micro_batch: int) -> None:
         super().__init__(message)
         self.peer = peer
         self.micro_batch = micro_batch
