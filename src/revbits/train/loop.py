@@ -33,7 +33,7 @@ from .checkpoint import load_checkpoint_weights, read_checkpoint_state, save_che
 from .config import ConfigError, TrainConfig
 from .lr_schedule import lr_factor
 from .metrics import MetricsLog
-from .rundir import hold_run, noted_write_error, start_state
+from .rundir import RunLock, hold_run, noted_write_error, start_state
 from .tasks import Task, make_task
 
 # Options that may differ between a run and its resumption (everything else must match).
@@ -154,9 +154,9 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for, but torch sees no CUDA device")
-    with hold_run(out, quiet):
+    with hold_run(out) as lock:
         try:
-            return Trainer.start(config, device, resume, quiet).run()
+            return Trainer.start(config, device, resume, quiet, lock).run()
         except WriteError as error:
             raise noted_write_error(error, out) from None
 
@@ -165,11 +165,12 @@ class Trainer:
     """A run under way: its task, model, optimiser, schedule, sampler, metrics and step."""
 
     @classmethod
-    def start(cls, config: TrainConfig, device: torch.device, resume: bool, quiet: bool) -> Trainer:
-        """Set up the run in ``config.out`` (locked by the caller): from the newest checkpoint when
+    def start(cls, config: TrainConfig, device: torch.device, resume: bool, quiet: bool, lock: RunLock) -> Trainer:
+        """Set up the run in ``config.out`` (``lock``: held by the caller): from the newest checkpoint when
         ``resume``, after checking the options against the ones it was trained with."""
         out = Path(config.out)
         start = start_state(out, resume)
+        lock.proceed(quiet)
         if resume and (out / "config.json").exists():
             saved = read_json(out / "config.json", "run configuration")
             if not isinstance(saved, dict):

@@ -211,7 +211,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
     out = Path(config.out)
     rank = torchrun_rank(config.stages)
     writer = rank is None or rank == config.stages - 1  # the last stage has the losses; it writes the run
-    with hold_run(out, quiet) if writer else contextlib.nullcontext() as lock:
+    with hold_run(out) if writer else contextlib.nullcontext() as lock:
         try:
             return _train_petra(config, resume, quiet, rank, lock)
         except WriteError as error:
@@ -248,6 +248,7 @@ def _train_petra(
     if end <= begin:
         raise ConfigError(f"the run is already at step {begin}; raise --steps to continue it")
     if lock is not None:
+        lock.proceed(quiet)
         for old in out.iterdir():  # a segment that was killed before progress.json named it
             if STAGES_DIR.fullmatch(old.name) and (resume_from is None or old.name != resume_from.name):
                 remove_tree(old)

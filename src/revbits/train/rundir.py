@@ -89,6 +89,7 @@ class RunLock:
     def __init__(self, out: Path, fd: int, previous: dict[str, Any]) -> None:
         self.out, self.fd, self.previous = out, fd, previous
         self.holder: dict[str, Any] = {}
+        self.proceeded = False
 
     @classmethod
     def acquire(cls, out: Path, command: str = "train") -> RunLock:
@@ -119,7 +120,10 @@ class RunLock:
     def note(self, **facts: Any) -> None:
         """Record ``facts`` about the holder in the lock file (in place: the lock stays on this file)."""
         self.holder.update(facts)
-        data = (json.dumps(self.holder, sort_keys=True) + "\n").encode()
+        self._write(self.holder)
+
+    def _write(self, holder: dict[str, Any]) -> None:
+        data = (json.dumps(holder, sort_keys=True) + "\n").encode() if holder else b""
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, data, 0)
@@ -127,14 +131,30 @@ class RunLock:
             raise (write_error(error, self.out / LOCK_NAME) or error) from None
 
     def release(self) -> None:
-        """Mark the lock released and drop it (what a run does when it ends, well or not)."""
+        """Mark the lock released and drop it (what a run does when it ends, well or not). A run that
+        never went ahead (refused by its checks) leaves the file as it found it."""
         if self.fd < 0:
             return
         with contextlib.suppress(OSError):
-            self.note(state="released", ended=_now())
+            if self.proceeded:
+                self.note(state="released", ended=_now())
+            else:
+                self._write(self.previous)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = -1
+
+    def proceed(self, quiet: bool = False) -> None:
+        """The run goes ahead (its checks passed): say so if it takes over from a killed run, and remove
+        the leftovers of interrupted writes (only now: the directory is a run, and is ours)."""
+        self.proceeded = True
+        if self.taken_over and not quiet:
+            print(
+                f"revbits {self.holder['command']}: taking over {self.out} from {describe_holder(self.previous)}, "
+                "which ended without releasing it",
+                file=sys.stderr,
+            )
+        clean_run_dir(self.out)
 
     def inheritable(self) -> InheritedLock:
         """A handle to give to a spawned process (in its arguments): that process then holds the same
@@ -183,21 +203,14 @@ def describe_holder(holder: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def hold_run(out: Path, quiet: bool = False, command: str = "train") -> Iterator[RunLock]:
-    """Check that ``out`` may hold a run (:func:`check_out`), create it, lock it for the block, and
-    remove the leftovers of interrupted writes (only then: the directory is a run and is ours)."""
+def hold_run(out: Path, command: str = "train") -> Iterator[RunLock]:
+    """Check that ``out`` may hold a run (:func:`check_out`), create it and lock it for the block.
+    Once the run is sure to go ahead, it calls :meth:`RunLock.proceed`."""
     out = Path(out)
     check_out(out)
     _create(out)
     lock = RunLock.acquire(out, command)
     try:
-        if lock.taken_over and not quiet:
-            print(
-                f"revbits {command}: taking over {out} from {describe_holder(lock.previous)}, "
-                "which ended without releasing it",
-                file=sys.stderr,
-            )
-        clean_run_dir(out)
         yield lock
     finally:
         lock.release()
@@ -216,8 +229,10 @@ def start_state(out: Path, resume: bool) -> Path | None:
 
 def saved_options(out: Path) -> dict[str, Any] | None:
     """The options a run was trained with: its ``config.json``, or, when that is missing, the options
-    its newest checkpoint records (verified first); None when it has neither."""
+    its newest checkpoint records (verified first); None when it has neither, or is not a run."""
     path = Path(out) / "config.json"
+    if not is_revbits_run(Path(out)):  # a user's own config.json is never read as a run's
+        return None
     if path.exists():
         values = read_json(path, "run configuration")
         if not isinstance(values, dict):

@@ -99,6 +99,6 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     values = saved_options(Path(run_dir))
     if values is None:
-        raise FileNotFoundError(f"{run_dir} has no config.json and no checkpoint: is it a revbits run directory?")
+        raise FileNotFoundError(f"{run_dir} is not a revbits run directory (no config.json, no checkpoint)")
     source = str(path) if path.exists() else f"the options recorded in the newest checkpoint of {run_dir}"
     return TrainConfig.from_dict(values, source=source)
