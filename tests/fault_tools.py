@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import resource
+import signal
 import sys
 import time
 import traceback
@@ -27,6 +29,9 @@ from test_train import TINY, run
 GPT = ["train", "--model", "gpt", "--memory", "standard", *TINY, "--eval-interval", "2"]  # checkpoints at 2, 4, 6
 
 
+FILE_SIZE_LIMIT = "REVBITS_TEST_FILE_SIZE_LIMIT"  # env of start(): the child's RLIMIT_FSIZE, in bytes
+
+
 def _child(argv: list[str], env: dict[str, str], log: str, session: bool) -> None:
     stream = open(log, "w", buffering=1)  # noqa: SIM115 (the process ends with os._exit)
     os.dup2(stream.fileno(), 1)
@@ -35,6 +40,10 @@ def _child(argv: list[str], env: dict[str, str], log: str, session: bool) -> Non
     if session:
         os.setsid()
     os.environ.update(env)
+    if FILE_SIZE_LIMIT in env:  # a real write error from the kernel: EFBIG past this size
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = int(env[FILE_SIZE_LIMIT])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     try:
         code = main(argv)
     except SystemExit as exit:
@@ -103,3 +112,10 @@ def one_line(log: str, command: str = "train") -> str:
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every entry under ``folder`` with its bytes (None for a directory), to show nothing changed."""
     return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Flip the lowest bit of one byte of a file (its size stays: only a sha256 can tell)."""
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import math
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 
-from fault_tools import GPT, assert_same_weights, cli, leftovers, newest_weights, straight_run  # noqa: F401
+from fault_tools import GPT, assert_same_weights, cli, flip_byte, leftovers, newest_weights, straight_run  # noqa: F401
 from revbits.data import cache, shakespeare
 from revbits.io import MANIFEST
 from revbits.train.checkpoint import checkpoint_dirs, verify_checkpoint
@@ -78,12 +77,6 @@ def test_sigint_and_sigterm_save_the_current_step_and_resume_bit_for_bit(tmp_pat
     assert [(r["step"], r["split"], r["loss"]) for r in records] == [
         (r["step"], r["split"], r["loss"]) for r in expected
     ]
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset % len(data)] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def test_a_flipped_byte_in_each_checkpoint_file_is_refused_by_name(tmp_path, capsys):

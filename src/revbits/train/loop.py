@@ -259,54 +259,59 @@ class Trainer:
         return loss, batch
 
     def run(self) -> dict[str, Any]:
-        """Train up to ``stop_at`` (or ``steps``), logging, evaluating and saving as configured."""
-        config, task, out = self.config, self.task, self.out
+        """Train up to ``stop_at`` (or ``steps``), logging, evaluating and saving as configured; returns
+        the last evaluation."""
+        config = self.config
         last_step = config.stop_at or config.steps
         self.model.train()
-        result: dict[str, Any] = {"step": self.step}
-        progress = tqdm(
+        self.result: dict[str, Any] = {"step": self.step}
+        self.progress = tqdm(
             total=last_step, initial=self.step, disable=self.quiet, desc=f"{config.model}/{config.memory}", unit="step"
         )
-        window_start, window_items = time.perf_counter(), 0
-        with StopFlag() as stop:
-            while self.step < last_step:
-                loss, batch = self.train_step()
-                step = self.step
-                window_items += task.items(batch)
-                if config.logs_at(step):
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "step": step,
-                        "split": "train",
-                        "loss": loss.item(),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        f"{task.item_name}_per_s": window_items / elapsed,
-                        "peak_mib": peak_memory_mib(self.device),
-                    }
-                    self.metrics.write(record)
-                    progress.set_postfix(
-                        loss=f"{record['loss']:.3f}",
-                        mem=f"{record['peak_mib']:.0f}MiB",
-                        **{f"{task.item_name}/s": f"{window_items / elapsed:.0f}"},
-                    )
-                    window_start, window_items = time.perf_counter(), 0
-                progress.update(1)
-                if step % config.eval_interval == 0 or step == config.steps:
-                    result = {"step": step, "split": "valid", **evaluate(task, self.model, "valid")}
-                    self.metrics.write(result)
-                    progress.write(
-                        f"step {step}: "
-                        + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
-                    )
-                fault_point("train.step")
-                if step % config.eval_interval == 0 or step == last_step or stop.signum:
-                    saved = self.save(step)
-                if stop.signum and step < last_step:
-                    progress.close()
-                    raise Interrupted(
-                        stop.signum,
-                        f"{stop.name} at step {step}: saved {saved}; continue with "
-                        f"revbits train --out {out} --resume",
-                    )
-        progress.close()
-        return result
+        self.window = (time.perf_counter(), 0)
+        try:
+            with StopFlag() as stop:
+                while self.step < last_step:
+                    loss, batch = self.train_step()
+                    self.record(loss, batch)
+                    fault_point("train.step")
+                    step = self.step
+                    if step % config.eval_interval == 0 or step == last_step or stop.signum:
+                        saved = self.save(step)
+                    if stop.signum and step < last_step:
+                        raise Interrupted(
+                            stop.signum,
+                            f"{stop.name} at step {step}: saved {saved}; continue with "
+                            f"revbits train --out {self.out} --resume",
+                        )
+        finally:  # the bar's line ends before any message
+            self.progress.close()
+        return self.result
+
+    def record(self, loss: torch.Tensor, batch: Any) -> None:
+        """The metrics of the step just taken: the training loss every ``log_interval`` steps (with the
+        learning rate, throughput and peak memory), an evaluation every ``eval_interval``."""
+        config, task, step, progress = self.config, self.task, self.step, self.progress
+        started, items = self.window
+        items += task.items(batch)
+        self.window = (started, items)
+        if config.logs_at(step):
+            per_s = items / (time.perf_counter() - started)
+            record = {
+                "step": step,
+                "split": "train",
+                "loss": loss.item(),
+                "lr": self.scheduler.get_last_lr()[0],
+                f"{task.item_name}_per_s": per_s,
+                "peak_mib": peak_memory_mib(self.device),
+            }
+            self.metrics.write(record)
+            memory = f"{record['peak_mib']:.0f}MiB"
+            progress.set_postfix(loss=f"{record['loss']:.3f}", mem=memory, **{f"{task.item_name}/s": f"{per_s:.0f}"})
+            self.window = (time.perf_counter(), 0)
+        progress.update(1)
+        if step % config.eval_interval == 0 or step == config.steps:
+            self.result = {"step": step, "split": "valid", **evaluate(task, self.model, "valid")}
+            self.metrics.write(self.result)
+            values = ", ".join(f"{k} {v:.4g}" for k, v in self.result.items() if isinstance(v, float))
+            progress.write(f"step {step}: {values}")
