@@ -55,7 +55,8 @@ def test_a_failed_write_is_one_line_and_the_resumed_run_is_bit_for_bit(tmp_path,
     assert f"{name}: {os.strerror(getattr(errno, code))} ({code})" in line
     assert ".revbits-tmp-" not in line  # the file as it is called, not its temporary name
     assert f"the latest good checkpoint is {out / 'checkpoints' / f'step_{newest:08d}'}" in line
-    assert f"revbits train --out {out} --resume" in line
+    assert f"then continue with revbits train --out {out} --resume" in line
+    assert ("free space" in line) == (code in ("ENOSPC", "EDQUOT"))
     assert checkpoint_dirs(out)[-1].name == f"step_{newest:08d}"
     for path in checkpoint_dirs(out):
         verify_checkpoint(path)

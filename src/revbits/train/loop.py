@@ -137,6 +137,8 @@ def build_model(task: Task, config: TrainConfig | None = None) -> nn.Module:
     naming it."""
     try:
         return task.build_model(task.config if config is None else config)
+    except ConfigError:  # already names its cause
+        raise
     except ValueError as error:
         raise ConfigError(f"the model cannot be built with these options: {error}") from None
 
@@ -170,7 +172,6 @@ class Trainer:
         ``resume``, after checking the options against the ones it was trained with."""
         out = Path(config.out)
         start = start_state(out, resume)
-        lock.proceed(quiet)
         if resume and (out / "config.json").exists():
             saved = read_json(out / "config.json", "run configuration")
             if not isinstance(saved, dict):
@@ -180,8 +181,9 @@ class Trainer:
         if start is not None:
             state = read_checkpoint_state(start)
             check_resumable(state.get("config", {}), config, f"checkpoint {start.name}")
-            if not (out / "config.json").exists() and not quiet:
-                print(f"revbits train: {out / 'config.json'} was missing; rebuilt from {start.name}", file=sys.stderr)
+        lock.proceed(quiet)  # the checks passed: from here on the run writes
+        if state is not None and not (out / "config.json").exists() and not quiet:
+            print(f"revbits train: {out / 'config.json'} was missing; rebuilt from {start.name}", file=sys.stderr)
         trainer = cls(config, device, quiet)
         if state is not None:
             trainer.restore(start, state)

@@ -215,7 +215,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
         try:
             return _train_petra(config, resume, quiet, rank, lock)
         except WriteError as error:
-            raise (error if error.note else error.noted(petra_standing(out))) from None
+            raise (error if error.note else error.noted(petra_standing(out, error.errno))) from None
 
 
 def _train_petra(
@@ -283,14 +283,14 @@ def _train_petra(
     return result
 
 
-def petra_standing(out: Path) -> str:
+def petra_standing(out: Path, error_number: int | None) -> str:
     """Where a PETRA run stands after a failed write: the step it resumes from, and how."""
     try:
         progress = read_progress(out)
     except IntegrityError:
         progress = None
-    saved = f"the run resumes from step {progress['step']} ({out / 'progress.json'})" if progress else None
-    return latest_good(out, saved or "no segment was saved yet")
+    saved = f"the run resumes from step {progress['step']} ({out / 'progress.json'})" if progress else ""
+    return latest_good(out, error_number, saved)
 
 
 def petra_process(
@@ -311,7 +311,8 @@ def petra_process(
     try:
         return _segments(rank, J, config, begin, end, resume_from, sizes)
     except WriteError as error:
-        raise StageError(str(error if error.note else error.noted(petra_standing(Path(config.out))))) from None
+        standing = petra_standing(Path(config.out), error.errno)
+        raise StageError(str(error if error.note else error.noted(standing))) from None
     except (ConfigError, DataError) as error:
         raise StageError(str(error)) from None
 

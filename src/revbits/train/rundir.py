@@ -19,6 +19,7 @@ names start with ``.revbits-tmp-`` (:data:`revbits.io.TEMP_PREFIX`), and nothing
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -247,16 +248,18 @@ def saved_options(out: Path) -> dict[str, Any] | None:
     return dict(values)
 
 
-def latest_good(out: Path, saved: str | None = None) -> str:
-    """Where a run stands after a failed write (``saved``; by default its newest checkpoint), and how
-    to continue."""
+def latest_good(out: Path, error_number: int | None = None, saved: str | None = None) -> str:
+    """Where a run stands after a failed write (``saved``: by default its newest checkpoint; "" for
+    nothing saved yet), and how to go on once the cause (``error_number``) is fixed."""
+    fix = "free space" if error_number in (errno.ENOSPC, errno.EDQUOT) else "once the disk can be written again"
     if saved is None:
         newest = checkpoint_dirs(out)[-1:] if out.is_dir() else []
-        saved = f"the latest good checkpoint is {newest[0]}" if newest else "no checkpoint was saved yet"
-    way_on = f"free space, then continue with revbits train --out {out} --resume"
-    return f"{saved} and nothing saved before was changed; {way_on}"
+        saved = f"the latest good checkpoint is {newest[0]}" if newest else ""
+    if not saved:
+        return f"no checkpoint was saved yet; {fix}, then run the command again"
+    return f"{saved} and nothing saved before was changed; {fix}, then continue with revbits train --out {out} --resume"
 
 
 def noted_write_error(error: WriteError, out: Path) -> WriteError:
     """``error`` with where the run stands (:func:`latest_good`) added to its line."""
-    return error if error.note else error.noted(latest_good(out))
+    return error if error.note else error.noted(latest_good(out, error.errno))
