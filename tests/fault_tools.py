@@ -103,8 +103,9 @@ def records(run_dir: Path) -> list[tuple]:
 
 
 def one_line(log: str, command: str = "train") -> str:
-    """The one line a failed command printed (asserting there is exactly one, and no traceback)."""
-    lines = [line for line in log.splitlines() if line.startswith(f"revbits {command}:")]
+    """The one line a failed command printed (asserting there is exactly one, and no traceback; a
+    note, such as taking over a killed run's lock, is not a failure)."""
+    lines = [line for line in log.splitlines() if line.startswith(f"revbits {command}:") and ": note: " not in line]
     assert len(lines) == 1 and "Traceback" not in log, log
     return lines[0]
 

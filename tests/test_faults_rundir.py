@@ -81,7 +81,7 @@ def test_a_killed_runs_lock_is_taken_over_and_the_resume_is_bit_for_bit(tmp_path
     assert code == 2 and "already holds a run" in one_line(text) and leftovers(out)
     code, text = cli(tmp_path, *GPT, "--out", out, "--resume")
     assert code == 0, text
-    assert f"taking over {out} from revbits train, PID {holder['pid']}" in text
+    assert f"note: taking over {out} from revbits train, PID {holder['pid']}" in text
     assert leftovers(out) == []
     assert_same_weights(out, straight)
     assert records(out) == records(straight)

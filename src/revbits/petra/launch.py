@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..data.errors import DataError
@@ -117,7 +118,8 @@ def _child(
     try:
         conn.send(("ok", fn(rank, world_size, *args)))
     except BaseException as e:
-        kind = "echo" if hasattr(e, "peer") else "own" if isinstance(e, USER_ERRORS) else "bug"
+        echo = hasattr(e, "peer") or isinstance(e, dist.DistError)  # the process group broke: another stage's doing
+        kind = "echo" if echo else "own" if isinstance(e, USER_ERRORS) else "bug"
         text = f"{type(e).__name__}: {e}" if kind == "bug" else " ".join(str(e).split())
         if kind == "bug":
             traceback.print_exc()
@@ -207,6 +209,27 @@ def _drain(open_conns: dict[int, Connection], reports: dict[int, tuple]) -> None
             del open_conns[r]
 
 
+class _Stalls:
+    """When each stage was first seen stopped (SIGSTOP, a debugger), so that one stopped for ``limit``
+    seconds is named by the launcher itself, wherever its neighbours wait for it."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit, self.since = limit, {}
+
+    def check(self, procs: list) -> StageFailure | None:
+        if self.limit is None:
+            return None
+        now = time.monotonic()
+        for r, p in enumerate(procs):
+            if p.exitcode is None and _state(p.pid) in ("T", "t"):
+                if now - self.since.setdefault(r, now) >= self.limit:
+                    how = _blame(procs, r, len(procs), f"it has not run for {self.limit:g} s")
+                    return StageFailure(how, r)
+            else:
+                self.since.pop(r, None)
+        return None
+
+
 def launch(
     world_size: int,
     fn: Callable[..., Any],
@@ -214,6 +237,7 @@ def launch(
     timeout: float | None = None,
     threads: int = 1,
     on_start: Callable[[list[int]], None] | None = None,
+    stall_timeout: float | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes, with MASTER_ADDR,
     MASTER_PORT, RANK and WORLD_SIZE set as torchrun would (e.g. ``launch(J, run_stage, (build, data,
@@ -224,11 +248,11 @@ def launch(
     :class:`StageFailure` naming the failed stage. Each process gets OMP_NUM_THREADS = ``threads``.
     SIGINT and SIGTERM received while waiting are sent on to the processes. ``on_start(pids)`` is
     called once every process has started (the training command records them in its run's lock).
+    ``stall_timeout``: a process stopped (SIGSTOP, a debugger) for that many seconds fails the run too.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
     procs, conns = [], []
-    deadline = None if timeout is None else time.monotonic() + timeout
     previous = {}
 
     def pass_on(signum: int, frame: object) -> None:
@@ -240,7 +264,9 @@ def launch(
     try:
         if threading.current_thread() is threading.main_thread():
             previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
-        with environ(OMP_NUM_THREADS=str(threads)):
+        # torch's C++ warnings (a broken connection's stack) would add lines to a failure's one line
+        quiet_cpp = {} if "TORCH_CPP_LOG_LEVEL" in os.environ else {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+        with environ(OMP_NUM_THREADS=str(threads), **quiet_cpp):
             for rank in range(world_size):
                 reader, writer = ctx.Pipe(duplex=False)
                 p = ctx.Process(
@@ -255,27 +281,7 @@ def launch(
                 conns.append(reader)
         if on_start is not None:
             on_start([p.pid for p in procs])
-        reports: dict[int, tuple] = {}
-        open_conns = dict(enumerate(conns))
-        while True:
-            _drain(open_conns, reports)
-            ended = [p.exitcode is not None for p in procs]
-            bad = any(p.exitcode not in (None, 0) for p in procs)
-            bad |= any(rep[0] == "error" for rep in reports.values())
-            bad |= any(e and r not in reports and r not in open_conns for r, e in enumerate(ended))
-            if bad:
-                _settle(procs, GRACE_S)
-                _drain(open_conns, reports)  # the reports sent just before their processes exited
-                raise _failure(procs, reports, False, timeout)
-            if all(ended) and not open_conns:
-                return [reports[r][1] for r in range(world_size)]
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise _failure(procs, reports, True, timeout)
-            # Wait on the snapshot `ended`: a process that exits from now on still wakes us up.
-            ready = wait([p.sentinel for p, e in zip(procs, ended) if not e] + list(open_conns.values()), remaining)
-            if any(p.sentinel in ready and p.exitcode is None for p in procs):
-                time.sleep(0.01)  # its files are closed but it is not reapable yet: do not spin
+        return _supervise(procs, conns, timeout, _Stalls(stall_timeout))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -286,3 +292,34 @@ def launch(
             p.join(timeout=10)
         for conn in conns:
             conn.close()
+
+
+def _supervise(procs: list, conns: list[Connection], timeout: float | None, stalls: _Stalls) -> list[Any]:
+    """Wait for the processes' reports; their values by rank, or the StageFailure that ends the run."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reports: dict[int, tuple] = {}
+    open_conns = dict(enumerate(conns))
+    while True:
+        _drain(open_conns, reports)
+        ended = [p.exitcode is not None for p in procs]
+        bad = any(p.exitcode not in (None, 0) for p in procs)
+        bad |= any(rep[0] == "error" for rep in reports.values())
+        bad |= any(e and r not in reports and r not in open_conns for r, e in enumerate(ended))
+        if bad:
+            _settle(procs, GRACE_S)
+            _drain(open_conns, reports)  # the reports sent just before their processes exited
+            raise _failure(procs, reports, False, timeout)
+        if all(ended) and not open_conns:
+            return [reports[r][1] for r in range(len(procs))]
+        stalled = stalls.check(procs)
+        if stalled is not None:
+            raise stalled
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise _failure(procs, reports, True, timeout)
+        if stalls.limit is not None:
+            remaining = min(1.0, remaining if remaining is not None else 1.0)
+        # Wait on the snapshot `ended`: a process that exits from now on still wakes us up.
+        ready = wait([p.sentinel for p, e in zip(procs, ended) if not e] + list(open_conns.values()), remaining)
+        if any(p.sentinel in ready and p.exitcode is None for p in procs):
+            time.sleep(0.01)  # its files are closed but it is not reapable yet: do not spin

@@ -42,13 +42,12 @@ from ..io import (
     atomic_write_json,
     atomic_write_text,
     fault_point,
-    first_line,
     read_json,
     remove_tree,
     verify_manifest,
     write_manifest,
 )
-from ..petra.comm import PeerError
+from ..petra.comm import PeerError, transport_reason
 from ..petra.launch import StageError, die_with_parent, launch
 from ..petra.profile import sizes_by_time
 from ..petra.record import load_records
@@ -260,7 +259,7 @@ def _train_petra(
         sizes = sizes or stage_sizes(config, data)
         fault_point("petra.launch")
         stage_args = (*args, sizes, lock.inheritable())
-        result = launch(J, petra_process, stage_args, on_start=lambda pids: lock.note(stages=pids))[-1]
+        result = launch(J, petra_process, stage_args, on_start=lock.note_stages, stall_timeout=config.petra_timeout)[-1]
     else:
         die_with_parent(os.getppid())
         join_process_group(rank, J, PetraConfig(stages=J))
@@ -323,7 +322,8 @@ def _collective(rank: int, what: str, call: Callable[..., Any], *args: Any, **kw
     try:
         call(*args, **kwargs)
     except RuntimeError as error:
-        raise PeerError(f"stage {rank} lost the other stages at {what}: {first_line(error)}", None, -1) from error
+        message = f"stage {rank} lost the other stages at {what} ({transport_reason(error)})"
+        raise PeerError(message, None, -1) from error
 
 
 def _segments(
@@ -341,6 +341,7 @@ def _segments(
         device=config.device,
         timeout=config.petra_timeout,
     )
+    task_of(config)  # the data first: a stage that cannot load it fails before any other waits on it
     own_group = join_process_group(rank, J, base)
     data = TaskBatches(config, config.steps * k)
     build = partial(stage_builder, config, J, sizes)

@@ -123,6 +123,10 @@ class RunLock:
         self.holder.update(facts)
         self._write(self.holder)
 
+    def note_stages(self, pids: list[int]) -> None:
+        """Record the PIDs of the run's PETRA stages, which hold the lock with this process."""
+        self.note(stages=pids)
+
     def _write(self, holder: dict[str, Any]) -> None:
         data = (json.dumps(holder, sort_keys=True) + "\n").encode() if holder else b""
         try:
@@ -150,9 +154,10 @@ class RunLock:
         the leftovers of interrupted writes (only now: the directory is a run, and is ours)."""
         self.proceeded = True
         if self.taken_over and not quiet:
+            previous = describe_holder(self.previous)
             print(
-                f"revbits {self.holder['command']}: taking over {self.out} from {describe_holder(self.previous)}, "
-                "which ended without releasing it",
+                f"revbits {self.holder['command']}: note: taking over {self.out} from {previous}, which ended "
+                "without releasing it",
                 file=sys.stderr,
             )
         clean_run_dir(self.out)
