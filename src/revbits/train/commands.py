@@ -18,7 +18,7 @@ import torch
 
 from ..bdia import ReversibilityError
 from ..data.errors import DataError
-from ..io import IntegrityError, fsync_dir, fsync_tree
+from ..io import TEMP_PREFIX, IntegrityError, fsync_dir, fsync_tree
 from ..mesa import compressors_in
 from ..revrnn import CELLS
 from .checkpoint import CheckpointError, load_checkpoint
@@ -237,7 +237,7 @@ def _export(args: argparse.Namespace) -> int:
     if is_converted(model):
         restore(model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}export-{args.out.name}-", dir=args.out.parent))
     try:
         model.save_pretrained(staging)
         task.tokenizer.save_pretrained(staging)
