@@ -145,7 +145,8 @@ class RunLock:
                 self.note(state="released", ended=_now())
             else:
                 self._write(self.previous)
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        # Closing (not LOCK_UN, which would unlock every holder of this open file) drops this process's
+        # hold; the lock is free once no process holds it (a stage that still lives keeps it).
         os.close(self.fd)
         self.fd = -1
 
