@@ -161,7 +161,7 @@ def test_no_forget_limit_is_none_in_python_and_0_in_text(tmp_path):
     from revbits.cli import build_parser
     from revbits.revrnn import FORGET_BITS
     from revbits.train.config import TrainConfig, read_config_file
-    from revbits.train.loop import _check_resumable
+    from revbits.train.loop import check_resumable
 
     assert None in FORGET_BITS and 0 not in FORGET_BITS
     flag = build_parser().parse_args(["train", "--model", "rnnlm", "--forget-bits", "0"]).forget_bits
@@ -173,5 +173,5 @@ def test_no_forget_limit_is_none_in_python_and_0_in_text(tmp_path):
     assert TrainConfig.from_dict(read_config_file(file)) == config
     saved = json.loads(json.dumps(config.to_dict()))  # a 0.1 run's config.json
     assert TrainConfig.from_dict(saved) == config
-    _check_resumable(saved, config)  # raises if any option differs
+    check_resumable(saved, config)  # raises if any option differs
     assert TrainConfig(model="rnnlm").forget_bits == 3 and TrainConfig(model="rnnlm").to_dict()["forget_bits"] == 3

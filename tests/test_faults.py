@@ -1,96 +1,29 @@
 """Fault injection: real processes stopped by real signals at each write point, damaged files of every
-kind, divergence, bad options, and killed PETRA launchers and stages. Each test asserts that nothing
-saved is lost (a resumed run ends bit for bit where the straight one does) and that the message names
-the cause.
-
-Training processes are forked from the test process (so they skip the import of torch), or for PETRA
-also spawn their stage processes as the command does. ``REVBITS_FAULT=point@n[:SIGNAL]`` makes a
-process send itself the signal (default SIGKILL) the n-th time it reaches a named point of a write.
+kind, divergence and bad options. Each test asserts that nothing saved is lost (a resumed run ends bit
+for bit where the straight one does) and that the message names the cause. (The run directory's lock
+and the user's files: test_faults_rundir.py; failed writes and incomplete manifests:
+test_faults_writes.py; resuming against the checkpoint's options and untrusted model directories:
+test_faults_resume.py; PETRA: test_faults_petra.py.)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import signal
-import sys
-import time
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from revbits.cli import main
+from fault_tools import GPT, assert_same_weights, cli, flip_byte, leftovers, newest_weights, straight_run  # noqa: F401
 from revbits.data import cache, shakespeare
-from revbits.io import MANIFEST, verify_manifest
+from revbits.io import MANIFEST
 from revbits.train.checkpoint import checkpoint_dirs, verify_checkpoint
 from revbits.train.loop import DivergenceError, check_finite
 from revbits.train.metrics import perplexity
-from test_train import TINY, run, tiny_data  # noqa: F401 (tiny_data: the cache fixture, autouse)
+from test_train import run, tiny_data  # noqa: F401 (tiny_data: the cache fixture, autouse)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-GPT = ["train", "--model", "gpt", "--memory", "standard", *TINY, "--eval-interval", "2"]  # checkpoints at 2, 4, 6
-
-
-def _child(argv: list[str], env: dict[str, str], log: str, session: bool) -> None:
-    stream = open(log, "w", buffering=1)  # noqa: SIM115 (the process ends with os._exit)
-    os.dup2(stream.fileno(), 1)
-    os.dup2(stream.fileno(), 2)
-    sys.stdout = sys.stderr = stream  # the test's capture replaced them
-    if session:
-        os.setsid()
-    os.environ.update(env)
-    try:
-        code = main(argv)
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 2
-    except BaseException:
-        traceback.print_exc()
-        code = 99
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def start(tmp_path: Path, *argv: object, env: dict[str, str] | None = None, session: bool = False):
-    """Start ``revbits argv`` in a forked process; returns (process, path of its output)."""
-    log = tmp_path / f"log-{time.monotonic_ns()}.txt"
-    ctx = multiprocessing.get_context("fork")
-    process = ctx.Process(target=_child, args=([str(a) for a in argv], env or {}, str(log), session))
-    process.start()
-    return process, log
-
-
-def cli(tmp_path: Path, *argv: object, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
-    """(exit code, negative for a signal; output) of ``revbits argv`` run in a forked process."""
-    process, log = start(tmp_path, *argv, env=env)
-    process.join(timeout)
-    assert process.exitcode is not None, f"revbits {argv} still running after {timeout} s"
-    return process.exitcode, log.read_text()
-
-
-def newest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint_dirs(run_dir)[-1] / "model.safetensors"))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = newest_weights(a), newest_weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def leftovers(run_dir: Path) -> list[str]:
-    return [p.name for d in (run_dir, run_dir / "checkpoints") if d.is_dir() for p in d.iterdir() if ".tmp-" in p.name]
-
-
-@pytest.fixture
-def straight(tmp_path) -> Path:
-    out = tmp_path / "straight"
-    assert run(*GPT, "--out", out) == 0
-    return out
 
 
 # (point, visit, the newest complete checkpoint after the kill, whether a temporary is left behind)
@@ -144,12 +77,6 @@ def test_sigint_and_sigterm_save_the_current_step_and_resume_bit_for_bit(tmp_pat
     assert [(r["step"], r["split"], r["loss"]) for r in records] == [
         (r["step"], r["split"], r["loss"]) for r in expected
     ]
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset % len(data)] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def test_a_flipped_byte_in_each_checkpoint_file_is_refused_by_name(tmp_path, capsys):
@@ -261,114 +188,6 @@ def test_an_unusable_out_gets_one_line(tmp_path, capsys):
     assert "cannot write there" in err and err.count("\n") == 1
 
 
-# --- PETRA ---------------------------------------------------------------------------------------------
-
-PETRA = ["train", "--model", "revnet", *TINY, "--d-model", "8", "--n-layer", "1", "--steps", "400"]
-PETRA += ["--eval-interval", "4", "--parallel", "petra", "--stages", "2", "--stage-split", "2,3"]
-
-
-def progress_step(out: Path) -> int:
-    try:
-        return json.loads((out / "progress.json").read_text())["step"]
-    except (OSError, ValueError):
-        return -1
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def stage_pids(launcher: int) -> dict[int, int]:
-    """{stage: pid} of the PETRA stage processes whose parent is ``launcher`` (named by prctl)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == launcher and comm.startswith("petra-stage-"):
-            found[int(comm.rsplit("-", 1)[1])] = int(entry.name)
-    return found
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie counts: nothing may reap an orphan in a container)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
-def check_saved(out: Path, at_least: int) -> int:
-    """The saved PETRA state is whole and not older than ``at_least``; returns its step."""
-    progress = json.loads((out / "progress.json").read_text())
-    assert progress["step"] >= at_least
-    verify_manifest(out / progress["stages_dir"])
-    verify_checkpoint(checkpoint_dirs(out)[-1])
-    # the gathered weights are saved just before progress.json, so a kill between the two leaves a newer one
-    assert int(checkpoint_dirs(out)[-1].name[5:]) >= progress["step"]
-    return progress["step"]
-
-
-def test_petra_stops_on_sigint_dies_with_its_launcher_names_a_killed_stage_and_resumes(tmp_path):
-    """One run through every way a PETRA run ends early: Ctrl-C (SIGINT to the process group), the
-    launcher killed, a stage killed; each time what was saved is whole, and the run resumes."""
-    out = tmp_path / "petra"
-    launcher, log = start(tmp_path, *PETRA, "--out", out, session=True)
-    wait_for(lambda: progress_step(out) >= 4, 240, "the first PETRA segment")
-    os.killpg(launcher.pid, signal.SIGINT)
-    launcher.join(120)
-    text = log.read_text()
-    assert launcher.exitcode == 130, text
-    assert "SIGINT: every PETRA stage stopped and saved at step" in text and "Traceback" not in text
-    saved = check_saved(out, 4)
-    assert f"at step {saved} " in text
-
-    launcher, log = start(tmp_path, *PETRA, "--out", out, "--resume", session=True)
-    wait_for(lambda: progress_step(out) > saved and len(stage_pids(launcher.pid)) == 2, 240, "a resumed segment")
-    stages = stage_pids(launcher.pid)
-    os.kill(launcher.pid, signal.SIGKILL)
-    launcher.join(10)
-    wait_for(lambda: all(gone(pid) for pid in stages.values()), 30, "the stages to exit after their launcher")
-    saved = check_saved(out, saved + 1)
-
-    launcher, log = start(tmp_path, *PETRA, "--out", out, "--resume", session=True)
-    wait_for(lambda: progress_step(out) > saved and len(stage_pids(launcher.pid)) == 2, 240, "a resumed segment")
-    stages = stage_pids(launcher.pid)
-    os.kill(stages[1], signal.SIGKILL)
-    launcher.join(60)
-    text = log.read_text()
-    assert launcher.exitcode == 1, text
-    message = [line for line in text.splitlines() if line.startswith("revbits train:")]
-    assert len(message) == 1 and "PETRA stage 1 of 2 failed" in message[0] and "SIGKILL" in message[0]
-    wait_for(lambda: gone(stages[0]), 10, "stage 0 to be stopped")
-    saved = check_saved(out, saved + 1)
-
-    code, text = cli(tmp_path, *PETRA, "--out", out, "--resume", "--stop-at", str(saved + 2))
-    assert code == 0, text
-    assert check_saved(out, saved + 2) == saved + 2
-    assert len(list(out.glob("stages-*"))) == 1
-
-    # damaged PETRA files are refused by name before any stage starts
-    stages_dir = next(out.glob("stages-*"))
-    for name in ("stage0.state.pt", "stage1.safetensors"):
-        original = (stages_dir / name).read_bytes()
-        flip_byte(stages_dir / name, -3)
-        code, text = cli(tmp_path, *PETRA, "--out", out, "--resume", "--stop-at", str(saved + 4))
-        assert code == 2 and f"{name} is damaged" in text and "Traceback" not in text, text
-        (stages_dir / name).write_bytes(original)
-    progress = (out / "progress.json").read_bytes()
-    (out / "progress.json").write_bytes(progress[:10])
-    code, text = cli(tmp_path, *PETRA, "--out", out, "--resume", "--stop-at", str(saved + 4))
-    assert code == 2 and "progress.json is damaged" in text, text
-
-
 def test_each_divergence_cause_is_named_with_its_step():
     model = torch.nn.Linear(2, 2)
     finite, nan = torch.tensor(1.0), torch.tensor(float("nan"))
@@ -383,25 +202,3 @@ def test_each_divergence_cause_is_named_with_its_step():
         model.bias[1] = float("inf")
     with pytest.raises(DivergenceError, match="step 7: weight bias holds non-finite values"):
         check_finite(7, finite, finite, model)
-
-
-def test_a_petra_run_interrupted_mid_segment_stops_where_stop_at_would(tmp_path):
-    """SIGINT reaching stage 0 at its second micro-batch (the end of the first accumulation window)
-    stops every stage after update 1, drained: the saved weights and stage states are the ones
-    --stop-at 1 gives, bit for bit."""
-    flags = ["train", "--model", "revnet", *TINY, "--d-model", "8", "--n-layer", "1", "--accumulation", "2"]
-    flags += ["--parallel", "petra", "--stages", "2", "--stage-split", "2,3"]
-    code, text = cli(tmp_path, *flags, "--out", tmp_path / "signal", env={"REVBITS_FAULT": "petra.stage0.input@2:INT"})
-    assert code == 130 and "SIGINT: every PETRA stage stopped and saved at step 1 " in text, text
-    assert run(*flags, "--stop-at", "1", "--out", tmp_path / "stop-at") == 0
-    assert_same_weights(tmp_path / "signal", tmp_path / "stop-at")
-    for name in ("stage0.safetensors", "stage1.safetensors", "stage0.state.pt", "stage1.state.pt"):
-        a, b = (next((tmp_path / run_dir).glob("stages-*")) / name for run_dir in ("signal", "stop-at"))
-        if name.endswith(".safetensors"):  # (the header's metadata order differs from process to process)
-            ta, tb = load_file(str(a)), load_file(str(b))
-            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
-        else:
-            sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-            assert sa["scheduler"] == sb["scheduler"]
-            for key, state in sa["optimizer"]["state"].items():
-                assert all(torch.equal(state[k], sb["optimizer"]["state"][key][k]) for k in state)

@@ -355,6 +355,10 @@ def test_a_run_directory_with_metrics_but_no_checkpoint_is_not_reused(tmp_path, 
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 3.0}\n')
     assert run("train", "--model", "gpt", *TINY, "--out", out) == 2
+    assert "not a revbits run directory" in capsys.readouterr().err  # without a config.json it is not a run
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1
+    (out / "config.json").write_text(json.dumps({"model": "gpt"}))  # a run killed before its first checkpoint
+    assert run("train", "--model", "gpt", *TINY, "--out", out) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text().count("\n") == 1
 
@@ -368,13 +372,13 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path, capsys):
 
 def test_a_run_saved_before_an_option_existed_resumes_with_its_default():
     from revbits.train.config import TrainConfig
-    from revbits.train.loop import _check_resumable
+    from revbits.train.loop import check_resumable
 
     config = TrainConfig(model="vit", steps=10)
     older = {k: v for k, v in config.to_dict().items() if k != "stage_split"}  # written before the option
-    _check_resumable(older, config)  # the missing option counts as its default: no error
+    check_resumable(older, config)  # the missing option counts as its default: no error
     with pytest.raises(ValueError, match="stage_split"):
-        _check_resumable(older, TrainConfig(model="vit", steps=10, stage_split="params"))
+        check_resumable(older, TrainConfig(model="vit", steps=10, stage_split="params"))
 
 
 def test_the_timed_petra_split_is_measured_once_and_reused(tiny_data):

@@ -3,7 +3,8 @@
 Every file revbits keeps (checkpoints, PETRA stage states, metrics rewrites, the data cache, run
 configurations) is written here, one way:
 
-1. the bytes go to a temporary name beside the target (``.<name>.tmp-<pid>-<random>``);
+1. the bytes go to a temporary name beside the target (``.revbits-tmp-<pid>-<random>-<name>``: only
+   names with this prefix are ever removed as leftovers, so a user's own files are never touched);
 2. the file is flushed and ``fsync``'d;
 3. it is renamed over the target (``os.replace``, atomic on POSIX);
 4. the directory is ``fsync``'d, so that the rename itself survives a power loss.
@@ -13,50 +14,116 @@ set) gets a manifest, ``manifest.json``, written last: ``{"files": {name: {"size
 "sha256": hex}}, ...}``. A directory with a manifest whose files match it is complete; anything
 else is refused, naming the file that differs (:func:`verify_manifest`).
 
+A write that fails (disk full, quota exceeded, read-only file system, I/O error) raises
+:class:`WriteError`, one line naming the file and the error, whichever writer failed (Python's,
+torch's or safetensors'); the temporary file is removed and the target keeps its old content.
+
 Fault points: ``fault_point(name)`` does nothing unless the environment variable
-``REVBITS_FAULT`` is ``name@n`` or ``name@n:SIGNAL`` (default SIGKILL); then the n-th time the
-point is reached the process sends itself that signal. The fault-injection tests use it to stop a
-process at each step of a write with a real signal.
+``REVBITS_FAULT`` is ``name@n`` or ``name@n:ACTION``; then the n-th time the point is reached the
+process sends itself the signal ACTION (``KILL`` by default, ``INT``, ``STOP``...) or, for an errno
+name (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EIO``...), the point raises that OSError. Every atomic
+write passes the point ``write:<file name>`` after its bytes are written and before they are
+made durable, and every metrics record ``write:metrics.jsonl``. The fault-injection tests use
+them to stop a process at each step of a write with a real signal, and to fail a write as a full
+disk does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MANIFEST = "manifest.json"
 FAULT_ENV = "REVBITS_FAULT"
-TEMP_MARK = ".tmp-"
+TEMP_PREFIX = ".revbits-tmp-"  # every temporary name revbits writes starts so; nothing else is removed
 AFFORDABLE_SHA_BYTES = 256 * 2**20  # data files up to this size are hashed on every load
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class IntegrityError(RuntimeError):
     """A file that is missing, of the wrong size, or whose bytes differ from its manifest's record."""
 
 
+class WriteError(OSError):
+    """A file revbits could not write (disk full, quota exceeded, read-only file system, I/O error):
+    one line naming the file and the error; ``note`` says what is still safe and how to go on."""
+
+    def __init__(self, path: Path | str, error_number: int, note: str = "") -> None:
+        super().__init__(error_number, os.strerror(error_number), str(path))
+        self.note = note
+
+    def __str__(self) -> str:
+        code = errno.errorcode.get(self.errno, str(self.errno))
+        text = f"cannot write {self.filename}: {self.strerror} ({code})"
+        return f"{text}; {self.note}" if self.note else text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return WriteError, (self.filename, self.errno, self.note)
+
+    def noted(self, note: str) -> WriteError:
+        """The same error with ``note`` (what was saved last, how to continue) added to its line."""
+        return WriteError(self.filename, self.errno, note)
+
+
+def write_error(error: BaseException, path: Path) -> WriteError | None:
+    """The :class:`WriteError` for ``path`` that ``error`` (raised while writing it) stands for: an
+    OSError, or a library's error that carries the OS error in its text (safetensors: ``os error
+    28``); None if it is neither (a bug, which keeps its traceback)."""
+    if isinstance(error, WriteError):
+        return error
+    if isinstance(error, OSError) and error.errno is not None:
+        return WriteError(path, error.errno)
+    found = re.search(r"os error (\d+)", str(error))
+    return WriteError(path, int(found.group(1))) if found else None
+
+
+def unsafe_pickle(error: BaseException) -> str | None:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words (the code the pickle asked
+    to import or call), or None if ``error`` is not such a refusal."""
+    text = str(error)
+    if "Weights only load failed" not in text and "weights_only" not in text.lower():
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f" ({found.group(1)})" if found else ""
+    return f"it is a pickle that asks to run code{what}, which loading with weights_only=True refuses"
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (its type's name if it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 _fault_counts: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    """Send this process the signal ``REVBITS_FAULT`` names when it asks for this point's n-th visit."""
+    """At this point's n-th visit, send this process the signal ``REVBITS_FAULT`` names, or raise the
+    OSError it names (see the module's docstring)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     point, _, rest = spec.partition("@")
     if point != name:
         return
-    count, _, sig = rest.partition(":")
+    count, _, action = rest.partition(":")
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] == int(count or 1):
-        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+    if _fault_counts[name] != int(count or 1):
+        return
+    if action.startswith("E") and hasattr(errno, action):
+        code = getattr(errno, action)
+        raise OSError(code, os.strerror(code))
+    os.kill(os.getpid(), getattr(signal, f"SIG{action or 'KILL'}"))
 
 
 def fsync_dir(folder: Path) -> None:
@@ -67,20 +134,30 @@ def fsync_dir(folder: Path) -> None:
 
 def temp_name(path: Path) -> Path:
     """A fresh temporary name beside ``path``, recognisable by :func:`remove_leftovers`."""
-    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
 
 
 @contextlib.contextmanager
 def _staged(path: Path) -> Iterator[Path]:
     """A temporary path for ``path``'s new content; renamed over ``path`` when the block ends well,
-    removed when it raises."""
+    removed when it raises. A failed write is a :class:`WriteError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(error, path.parent) from None
     tmp = temp_name(path)
     try:
         yield tmp
+        fault_point(f"write:{path.name}")
         _fsync_file(tmp)
         os.replace(tmp, path)
+    except Exception as error:
+        about_another_file = isinstance(error, OSError) and error.filename not in (None, str(tmp), str(path))
+        failed = None if about_another_file else write_error(error, path)
+        if failed is None or failed is error:
+            raise
+        raise failed from None
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -112,9 +189,21 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
 
 
+def atomic_write_stream(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """``write(f)`` writes the new content to an open binary file, which then replaces ``path``
+    atomically and durably (for writers that take a file, such as ``torch.save``: its OSError,
+    which torch passes on from a file object but not from a path, then names the cause)."""
+
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_write(path, to_file)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``, atomically and durably."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write_stream(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -135,11 +224,16 @@ def atomic_move(src: Path, dst: Path) -> None:
     try:
         os.replace(src, dst)
     except OSError:  # another file system: copy, then rename
-        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+        atomic_write_stream(dst, lambda f: _copy_into(src, f))
         src.unlink()
     else:
         _fsync_file(dst)
     fsync_dir(dst.parent)
+
+
+def _copy_into(src: Path, f: IO[bytes]) -> None:
+    with open(src, "rb") as source:
+        shutil.copyfileobj(source, f, 1 << 20)
 
 
 def remove_tree(folder: Path) -> None:
@@ -156,13 +250,15 @@ def remove_tree(folder: Path) -> None:
 
 
 def remove_leftovers(folder: Path) -> list[Path]:
-    """Remove the temporary files and directories an interrupted write left in ``folder`` (hidden
-    names with ``.tmp`` in them: :func:`temp_name`'s, and those of revbits before it); returns them."""
+    """Remove the temporary files and directories an interrupted write left in ``folder``: only names
+    that start with :data:`TEMP_PREFIX` (:func:`temp_name`'s), never another file; returns them.
+    Call it only on a folder that belongs to revbits and that no other process is writing (a run
+    directory under its lock)."""
     removed = []
     if not Path(folder).is_dir():
         return removed
     for entry in Path(folder).iterdir():
-        if entry.name.startswith(".") and ".tmp" in entry.name:
+        if entry.name.startswith(TEMP_PREFIX):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -204,12 +300,31 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise IntegrityError(f"{path} is damaged: not a JSON {what} ({error})") from None
 
 
+def entry_problem(entry: Any) -> str | None:
+    """What a manifest's record of one file lacks (None if it has an integer size and a sha256)."""
+    if not isinstance(entry, dict):
+        return "is not a record of a size and a sha256"
+    size, sha = entry.get("size"), entry.get("sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return "has no size" if "size" not in entry else f"has no valid size ({size!r})"
+    if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
+        return "has no sha256" if "sha256" not in entry else "has no valid sha256"
+    return None
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """``folder``'s manifest; :class:`IntegrityError` naming it if it is missing or damaged."""
-    manifest = read_json(Path(folder) / MANIFEST, "manifest")
+    """``folder``'s manifest; :class:`IntegrityError` naming it if it is missing, damaged or
+    incomplete (every entry must have its size and its sha256: an entry without one cannot vouch
+    for its file, so the whole directory is refused)."""
+    path = Path(folder) / MANIFEST
+    manifest = read_json(path, "manifest")
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(v, dict) and "size" in v for v in files.values()):
-        raise IntegrityError(f"{Path(folder) / MANIFEST} is damaged: it lists no files with their sizes")
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{path} is damaged: it lists no files with their sizes and sha256")
+    for name, entry in files.items():
+        problem = entry_problem(entry)
+        if problem:
+            raise IntegrityError(f"{path} is incomplete: its entry for {name} {problem} (was it edited?)")
     return manifest
 
 
@@ -222,7 +337,7 @@ def check_file(path: Path, entry: dict[str, Any], sha: bool = True) -> str | Non
     size = path.stat().st_size
     if size != entry["size"]:
         return f"{path} is {size:,} bytes, its manifest records {entry['size']:,} (damaged or cut short)"
-    if sha and "sha256" in entry and sha256_file(path) != entry["sha256"]:
+    if sha and sha256_file(path) != entry["sha256"]:
         return f"{path} is damaged: its sha256 differs from the one its manifest records"
     return None
 

@@ -31,6 +31,7 @@ from ..io import (  # noqa: F401 (the loaders' names)
     atomic_write_bytes,
     atomic_write_text,
     check_file,
+    entry_problem,
     file_entry,
     sha256_file,
 )
@@ -109,9 +110,13 @@ def check_files(name: str, files: tuple[str, ...], full: bool = False) -> list[s
     recorded = manifest.get("files", {})
     problems = []
     for rel in files:
-        entry = recorded.get(rel)
-        if not isinstance(entry, dict) or "size" not in entry:
+        entry = recorded.get(rel) if isinstance(recorded, dict) else None
+        if entry is None:
             problems.append(f"{folder / rel} is not listed in {folder / MANIFEST}")
+            continue
+        incomplete = entry_problem(entry)
+        if incomplete:  # an entry that cannot vouch for its file refuses the data set
+            problems.append(f"{folder / MANIFEST} is incomplete: its entry for {rel} {incomplete} (was it edited?)")
             continue
         sha = full or entry["size"] <= AFFORDABLE_SHA_BYTES
         problem = check_file(folder / rel, entry, sha)

@@ -8,12 +8,14 @@ is not cached raises ``MissingDataError`` with the command that gets it.
 
 from __future__ import annotations
 
+import errno
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io import TEMP_PREFIX, WriteError
 from .cache import MANIFEST, atomic_move, check_files, data_root, dataset_dir, read_manifest, write_manifest
 from .errors import DataFormatError, FetchError, MissingDataError, SourceError, UnknownDatasetError
 from .sources import Source
@@ -98,10 +100,8 @@ def require(name: str) -> Path:
     dataset = get(name)
     if not is_cached(name):
         raise MissingDataError(
-            f"data set {name!r} is not in the cache folder {dataset_dir(name)}.\n"
-            f"Get it with:  {fetch_command(name)}\n"
-            f"{dataset.needs}\n"
-            f"(the cache folder is $REVBITS_DATA, or ~/.cache/revbits when that is not set)"
+            f"data set {name!r} is not in the cache folder {dataset_dir(name)} ($REVBITS_DATA, or ~/.cache/revbits "
+            f"when that is not set); get it with: {fetch_command(name)} ({' '.join(dataset.needs.split())})"
         )
     problems = _problems(dataset)
     if problems:
@@ -133,12 +133,28 @@ def _install(dataset: Dataset, staging: Path, source: Source, notes: dict[str, s
     return folder
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # no other source can do better
+
+
+def disk_error(error: BaseException, path: Path) -> WriteError | None:
+    """The :class:`WriteError` a failure stands for if it (or what caused it) is a full disk, an exceeded
+    quota, a read-only file system or an I/O error; None otherwise."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRORS:
+            return seen if isinstance(seen, WriteError) else WriteError(seen.filename or path, seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def fetch(name: str, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Get data set ``name`` into the cache (unless it is there already) and return its folder.
 
     Sources are tried in order. A source's files are staged in a temporary folder inside the
     cache root and verified before any of them replaces a cached file. ``FetchError`` lists
-    every source's failure when none works. ``log`` (e.g. ``print``) hears about each attempt.
+    every source's failure when none works. ``log`` (e.g. ``print``) hears about each attempt. A full
+    disk (or quota, read-only file system, I/O error) stops at once with a :class:`WriteError` naming
+    the file, the cached copy unchanged.
     """
     dataset = get(name)
     say = log or (lambda message: None)
@@ -152,7 +168,7 @@ def fetch(name: str, force: bool = False, log: Callable[[str], None] | None = No
     failures = []
     for source in dataset.sources:
         say(f"{name}: trying {source.name}")
-        with tempfile.TemporaryDirectory(dir=root, prefix=f".staging-{name}-") as tmp:
+        with tempfile.TemporaryDirectory(dir=root, prefix=f"{TEMP_PREFIX}staging-{name}-") as tmp:
             staging = Path(tmp) / "files"
             staging.mkdir()
             try:
@@ -161,12 +177,19 @@ def fetch(name: str, force: bool = False, log: Callable[[str], None] | None = No
                 if missing:
                     raise SourceError(f"delivered no {', '.join(missing)}")
                 dataset.verify(staging)
-            except Exception as exc:  # any failure of one source means: try the next
+            except Exception as exc:  # any failure of one source means: try the next, unless the disk is full
+                full = disk_error(exc, staging)
+                if full is not None:
+                    raise full.noted(f"the cached copy of {name} is unchanged") from None
                 reason = str(exc) if isinstance(exc, (SourceError, DataFormatError)) else f"{type(exc).__name__}: {exc}"
                 failures.append(f"- {source.name}: {reason}")
                 say(f"{name}: {source.name} failed: {reason}")
                 continue
-            folder = _install(dataset, staging, source, notes)
+            try:
+                folder = _install(dataset, staging, source, notes)
+            except WriteError as error:
+                again = f"{fetch_command(name)} --force"
+                raise error.noted(f"the cached copy of {name} may be incomplete: fetch it again with {again}") from None
         say(f"{name}: stored in {folder}")
         return folder
     raise FetchError(

@@ -12,6 +12,7 @@ surfaces as a :class:`PeerError` naming the neighbour and the micro-batch.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from datetime import timedelta
 
@@ -27,12 +28,22 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
 
 
 class PeerError(RuntimeError):
-    """A neighbouring stage did not deliver (or take) a message in time, or its connection broke."""
+    """A neighbouring stage did not deliver (or take) a message in time, or its connection broke.
+    ``peer``: that stage (None when a collective of every stage failed and no one stage is known)."""
 
-    def __init__(self, message: str, peer: int, micro_batch: int) -> None:
+    def __init__(self, message: str, peer: int | None, micro_batch: int) -> None:
         super().__init__(message)
         self.peer = peer
         self.micro_batch = micro_batch
+
+
+def transport_reason(error: BaseException) -> str:
+    """The cause in a gloo error's text, without its source location and advice: "Connection reset by
+    peer", "Timed out waiting 3000ms for recv operation to complete"."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # [.../gloo/transport/tcp/pair.cc:537]
+    text = re.sub(r"^Read error \[[^\]]*\]:\d+:\s*", "", text)  # Read error [127.0.0.1]:port:
+    return text.split(". ")[0].rstrip(".")
 
 
 class DesyncError(RuntimeError):
@@ -88,7 +99,7 @@ class Channel:
         except RuntimeError as e:
             raise PeerError(
                 f"stage {self.me} gave up on stage {peer} ({what} of micro-batch {micro_batch}, "
-                f"timeout {self.timeout:g} s): {str(e).strip().splitlines()[0]}",
+                f"timeout {self.timeout:g} s): {transport_reason(e)}",
                 peer=peer,
                 micro_batch=micro_batch,
             ) from e

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import IntegrityError, atomic_write, verify_manifest
+from ..io import IntegrityError, atomic_write_stream, first_line, unsafe_pickle, verify_manifest
 from .record import StageRecord, record_path
 
 
@@ -29,7 +29,7 @@ def save_stage_state(out_dir: str | Path, stage: int, optimizer: Any, scheduler:
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
     }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write_stream(path, lambda f: torch.save(state, f))
 
 
 def load_stage_state(resume_from: str | Path, j: int, module: nn.Module, optimizer: Any, scheduler: Any) -> None:
@@ -45,7 +45,7 @@ def load_stage_state(resume_from: str | Path, j: int, module: nn.Module, optimiz
     try:
         saved = StageRecord.load(params).params
     except Exception as error:  # safetensors raises several types for a damaged file
-        raise IntegrityError(f"stage {j}: {params} is not a readable stage record ({error})") from None
+        raise IntegrityError(f"stage {j}: {params} is not a readable stage record ({first_line(error)})") from None
     own = dict(module.named_parameters())
     if saved.keys() != own.keys():
         raise IntegrityError(f"stage {j}: {params} does not fit this stage's parameters (was the split changed?)")
@@ -54,8 +54,9 @@ def load_stage_state(resume_from: str | Path, j: int, module: nn.Module, optimiz
             p.copy_(saved[name])
     try:
         loaded = torch.load(state, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file names itself
-        raise IntegrityError(f"stage {j}: {state} is not a readable stage state ({error})") from None
+    except Exception as error:  # a damaged file, or a pickle that asks to run code
+        reason = unsafe_pickle(error) or f"it is not a readable stage state ({first_line(error)})"
+        raise IntegrityError(f"stage {j}: {state} is refused: {reason}") from None
     if optimizer is not None and loaded["optimizer"] is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and loaded["scheduler"] is not None:

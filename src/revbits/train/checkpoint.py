@@ -9,7 +9,12 @@ people and tools: the newest checkpoint is the ``step_*`` directory with the hig
 between the rename and the pointer loses nothing.
 
 Loading takes the newest checkpoint and checks every file against its manifest. A damaged or missing
-file is refused with a message that names it; an older checkpoint is never used in its place.
+file is refused with a message that names it; an older checkpoint is never used in its place. The
+state holds the run's options (``config``), so a resumed run is checked against the options its
+checkpoint was trained with before any weight is loaded (:func:`read_checkpoint_state`).
+
+A write that fails (disk full, ...) is a :class:`revbits.io.WriteError` naming the checkpoint's file;
+the checkpoints saved before are untouched (nothing is pruned until the new one is in place).
 """
 
 from __future__ import annotations
@@ -25,14 +30,19 @@ from torch import nn
 
 from ..io import (
     IntegrityError,
+    WriteError,
     atomic_write,
+    atomic_write_stream,
     atomic_write_text,
     fault_point,
+    first_line,
     fsync_dir,
     remove_leftovers,
     remove_tree,
     temp_name,
+    unsafe_pickle,
     verify_manifest,
+    write_error,
     write_manifest,
 )
 
@@ -50,20 +60,25 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = temp_name(final)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         atomic_write(tmp / FILES[0], lambda path: save_model(model, str(path)))
         fault_point("checkpoint.weights")
-        atomic_write(tmp / FILES[1], lambda path: torch.save({**state, "step": step}, path))
+        atomic_write_stream(tmp / FILES[1], lambda f: torch.save({**state, "step": step}, f))
         fault_point("checkpoint.state")
         write_manifest(tmp, FILES, {"step": step})
         fault_point("checkpoint.manifest")
         if final.exists():  # the same step saved again (a resumed run that stopped where it began)
             remove_tree(final)
         tmp.rename(final)
-    except BaseException:
+    except BaseException as error:
         remove_tree(tmp)
-        raise
+        failed = write_error(error, tmp) if isinstance(error, Exception) else None
+        if failed is None:
+            raise
+        # name the file as it would have been called, not its temporary name
+        name = Path(failed.filename).name if Path(failed.filename).parent == tmp else ""
+        raise WriteError(final / name if name else final, failed.errno) from None
     fsync_dir(root)
     fault_point("checkpoint.rename")
     atomic_write_text(root / "latest", final.name + "\n")
@@ -118,11 +133,33 @@ def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
     path = latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"no checkpoint in {run_dir}: train first, or check the path")
+    state = read_checkpoint_state(path)
+    load_checkpoint_weights(path, model)
+    return state
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """Verify every file of checkpoint ``path`` against its manifest, then read its state (optimiser,
+    schedule, RNG states, step and the run's options, ``config``) with ``weights_only=True``. A
+    pickle that asks to run code is refused naming the file."""
     verify_checkpoint(path)
+    try:
+        state = torch.load(path / FILES[1], weights_only=True, map_location="cpu")
+    except Exception as error:  # torch raises several types for damaged or unsafe files
+        reason = unsafe_pickle(error) or f"it is corrupt ({first_line(error)})"
+        raise CheckpointError(f"{path / FILES[1]} is refused: {reason}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path / FILES[1]} is not a revbits training state")
+    return state
+
+
+def load_checkpoint_weights(path: Path, model: nn.Module) -> None:
+    """Load the weights of checkpoint ``path`` (verified by :func:`read_checkpoint_state`) into ``model``;
+    :class:`CheckpointError` if they do not fit it or are not finite."""
     try:
         missing, unexpected = load_model(model, str(path / FILES[0]), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{path / FILES[0]} is corrupt or does not fit the model: {error}") from None
+        raise CheckpointError(f"{path / FILES[0]} is corrupt or does not fit the model: {first_line(error)}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path / FILES[0]} does not fit the model: missing {sorted(missing)[:5]}, "
@@ -131,10 +168,3 @@ def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"{path / FILES[0]} holds non-finite values (in {', '.join(bad[:3])})")
-    try:
-        state = torch.load(path / FILES[1], weights_only=True, map_location="cpu")
-    except Exception as error:  # torch raises several types for damaged or unsafe files
-        raise CheckpointError(f"{path / FILES[1]} is corrupt or unsafe to load: {error}") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path / FILES[1]} is not a revbits training state")
-    return state

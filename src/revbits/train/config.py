@@ -68,6 +68,7 @@ class TrainConfig:
 
     model: str = "gpt"
     hf: str | None = None  # model "hf": a local Hugging Face model directory (or a packaged model's name)
+    allow_pickle: bool = False  # hf: load pickle weights (*.bin) with torch.load(weights_only=True)
     data: str | None = None  # None: the model's default data set
     memory: str | None = None  # None: bdia, or reversible for the RNN models
     steps: int = 1000
@@ -113,6 +114,7 @@ class TrainConfig:
     stages: int = 2  # petra: J
     accumulation: int = 1  # petra: micro-batches (of batch_size) per optimiser update
     stage_split: str = "time"  # petra: balance stages by measured time or parameter count, or sizes "2,3"
+    petra_timeout: float = 60.0  # petra: seconds a stage waits for a neighbour before naming it as stalled
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -185,7 +187,7 @@ class TrainConfig:
         _checked_by(RNNTranslatorConfig, src_vocab=1, tgt_vocab=1, d_model=width, attention_slice=self.attention_slice)
         if self.parallel not in PARALLEL:
             raise ConfigError(f"parallel must be none or petra, got {self.parallel!r}")
-        _checked_by(PetraConfig, stages=self.stages, accumulation=self.accumulation)
+        _checked_by(PetraConfig, stages=self.stages, accumulation=self.accumulation, timeout=self.petra_timeout)
         if (self.model == "hf") != (self.hf is not None):
             raise ConfigError("--hf PATH and --model hf go together: give the Hugging Face model to fine-tune")
         if self.model == "revnet" and self.d_model % 2:

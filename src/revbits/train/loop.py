@@ -6,7 +6,8 @@ weights, optimiser, scheduler, the global RNG and the data sampler's RNG are all
 on CPU 20 steps plus a resume to 40 give the same weights, bit for bit, as 40 straight steps.
 A run stopped by SIGINT or SIGTERM saves at the step it was in; one killed outright resumes from
 its newest checkpoint, or from step 0. A non-finite loss, gradient norm or weight stops the run
-before anything of that step is saved.
+before anything of that step is saved. The run holds the directory's lock from start to end
+(:mod:`.rundir`): a second run there is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -27,16 +27,26 @@ from torch import nn
 from tqdm import tqdm
 
 from ..interrupt import Interrupted, StopFlag
-from ..io import IntegrityError, atomic_write_text, fault_point, read_json
+from ..io import IntegrityError, WriteError, atomic_write_text, fault_point, read_json
 from ..mesa import compressors_in
-from .checkpoint import clean_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint_weights, read_checkpoint_state, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .lr_schedule import lr_factor
 from .metrics import MetricsLog
+from .rundir import RunLock, hold_run, noted_write_error, start_state
 from .tasks import Task, make_task
 
 # Options that may differ between a run and its resumption (everything else must match).
-RESUMABLE_CHANGES = {"steps", "stop_at", "eval_interval", "log_interval", "device", "out"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "stop_at",
+    "eval_interval",
+    "log_interval",
+    "device",
+    "out",
+    "allow_pickle",
+    "petra_timeout",
+}
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -74,16 +84,18 @@ def _restore_rng(state: dict[str, torch.Tensor], device: torch.device, sampler: 
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    """Refuse to resume with changed options. An option the saved run does not name (one added to
-    revbits after it was written) counts as its default."""
+def check_resumable(saved: dict[str, Any], config: TrainConfig, source: str = "the run's config.json") -> None:
+    """Refuse to resume with changed options, naming each with the value ``source`` (the run's
+    config.json, or the checkpoint it resumes) holds and the new one. An option the saved run does not
+    name (one added to revbits after it was written) counts as its default."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     saved = {**defaults, **saved}
     changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
         raise ConfigError(
-            f"cannot resume with changed options ({details}); only {sorted(RESUMABLE_CHANGES)} may change"
+            f"cannot resume with changed options ({details}; the first value is the one {source} holds); "
+            f"only {sorted(RESUMABLE_CHANGES)} may change"
         )
 
 
@@ -119,38 +131,14 @@ def check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, model: 
             raise DivergenceError(f"step {step}: weight {bad} holds non-finite values after the update; {hint}")
 
 
-def prepare_out(out: Path) -> None:
-    """Create the run directory, or a ConfigError in one line saying why ``--out`` cannot be used."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory for the run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"--out {out}: cannot write there ({error.strerror or error})") from None
-
-
-def start_state(out: Path, resume: bool) -> Path | None:
-    """The checkpoint a run starts from (None: from step 0), after cleaning an interrupted write's
-    leftovers. A run killed before its first checkpoint resumes from the start."""
-    if out.is_dir():
-        clean_run_dir(out)
-    newest = latest_checkpoint(out)
-    if resume and newest is None and not (out / "config.json").is_file():
-        raise ConfigError(f"--resume: {out} holds no run to continue (no config.json); check --out")
-    if not resume and (newest is not None or (out / "metrics.jsonl").exists()):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    return newest if resume else None
-
-
 def build_model(task: Task, config: TrainConfig | None = None) -> nn.Module:
     """The task's model under ``config`` (by default the task's own); a model constructor's refusal of
     the options (a ValueError raised while the model checks its configuration) becomes a ConfigError
     naming it."""
     try:
         return task.build_model(task.config if config is None else config)
+    except ConfigError:  # already names its cause
+        raise
     except ValueError as error:
         raise ConfigError(f"the model cannot be built with these options: {error}") from None
 
@@ -159,122 +147,173 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False) -> dic
     """Train ``config.model`` on ``config.data``; returns the last evaluation and run facts.
 
     ``resume``: continue from the newest checkpoint of ``config.out``, or from step 0 when the run was
-    stopped before its first one. SIGINT or SIGTERM during the loop saves a checkpoint at the current
-    step and raises :class:`revbits.interrupt.Interrupted`.
+    stopped before its first one. The run holds the lock of ``config.out`` throughout
+    (:mod:`revbits.train.rundir`). SIGINT or SIGTERM during the loop saves a checkpoint at the current
+    step and raises :class:`revbits.interrupt.Interrupted`; a failed write raises a
+    :class:`revbits.io.WriteError` that names the file, the error and the newest checkpoint.
     """
     out = Path(config.out)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for, but torch sees no CUDA device")
-    start = start_state(out, resume)
-    prepare_out(out)
-    if resume and (out / "config.json").exists():
-        saved = read_json(out / "config.json", "run configuration")
-        if not isinstance(saved, dict):
-            raise IntegrityError(f"{out / 'config.json'} is damaged: it holds no table of options")
-        _check_resumable(saved, config)
-    task = make_task(config)
-    torch.manual_seed(config.seed)
-    model = build_model(task).to(device)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr)
-    )
-    sampler = torch.Generator().manual_seed(config.seed + 1)
-    metrics = MetricsLog(out / "metrics.jsonl")
-    step = 0
-    if start is not None:
-        state = load_checkpoint(out, model)
-        _check_resumable(state["config"], config)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"], device, sampler)
-        for name, compressor in compressors_in(model).items():
-            compressor.load_state_dict(state.get("mesa", {}).get(name, {}))
-        step = int(state["step"])
-    elif resume and not quiet:
-        print(f"revbits train: {out} holds no checkpoint yet; starting from step 0", file=sys.stderr)
-    metrics.truncate_after(step)
-    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
-    task.save_assets(out)
+    with hold_run(out) as lock:
+        try:
+            return Trainer.start(config, device, resume, quiet, lock).run()
+        except WriteError as error:
+            raise noted_write_error(error, out) from None
 
-    def save(step: int) -> Path:
-        metrics.sync()
+
+class Trainer:
+    """A run under way: its task, model, optimiser, schedule, sampler, metrics and step."""
+
+    @classmethod
+    def start(cls, config: TrainConfig, device: torch.device, resume: bool, quiet: bool, lock: RunLock) -> Trainer:
+        """Set up the run in ``config.out`` (``lock``: held by the caller): from the newest checkpoint when
+        ``resume``, after checking the options against the ones it was trained with."""
+        out = Path(config.out)
+        start = start_state(out, resume)
+        if resume and (out / "config.json").exists():
+            saved = read_json(out / "config.json", "run configuration")
+            if not isinstance(saved, dict):
+                raise IntegrityError(f"{out / 'config.json'} is damaged: it holds no table of options")
+            check_resumable(saved, config, "the run's config.json")
+        state = None
+        if start is not None:
+            state = read_checkpoint_state(start)
+            check_resumable(state.get("config", {}), config, f"checkpoint {start.name}")
+        lock.proceed(quiet)  # the checks passed: from here on the run writes
+        if state is not None and not (out / "config.json").exists() and not quiet:
+            print(f"revbits train: {out / 'config.json'} was missing; rebuilt from {start.name}", file=sys.stderr)
+        trainer = cls(config, device, quiet)
+        if state is not None:
+            trainer.restore(start, state)
+        elif resume and not quiet:
+            print(f"revbits train: {out} holds no checkpoint yet; starting from step 0", file=sys.stderr)
+        trainer.metrics.truncate_after(trainer.step)
+        atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
+        trainer.task.save_assets(out)
+        return trainer
+
+    def __init__(self, config: TrainConfig, device: torch.device, quiet: bool) -> None:
+        self.config, self.device, self.quiet, self.out = config, device, quiet, Path(config.out)
+        self.task = make_task(config)
+        torch.manual_seed(config.seed)
+        self.model = build_model(self.task).to(device)
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr),
+        )
+        self.sampler = torch.Generator().manual_seed(config.seed + 1)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.step = 0
+
+    def restore(self, path: Path, state: dict[str, Any]) -> None:
+        """Continue checkpoint ``path`` (``state``: its verified state): weights, optimiser, schedule,
+        RNG states and Mesa's compressors."""
+        load_checkpoint_weights(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"], self.device, self.sampler)
+        for name, compressor in compressors_in(self.model).items():
+            compressor.load_state_dict(state.get("mesa", {}).get(name, {}))
+        self.step = int(state["step"])
+
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step`` (the metrics written so far made durable first)."""
+        self.metrics.sync()
         return save_checkpoint(
-            out,
+            self.out,
             step,
-            model,
+            self.model,
             {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(device, sampler),
-                "mesa": {name: c.state_dict() for name, c in compressors_in(model).items()},
-                "config": config.to_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(self.device, self.sampler),
+                "mesa": {name: c.state_dict() for name, c in compressors_in(self.model).items()},
+                "config": self.config.to_dict(),
             },
         )
 
-    last_step = config.stop_at or config.steps
-    model.train()
-    result: dict[str, Any] = {"step": step}
-    progress = tqdm(total=last_step, initial=step, disable=quiet, desc=f"{config.model}/{config.memory}", unit="step")
-    window_start, window_items = time.perf_counter(), 0
-    with StopFlag() as stop:
-        while step < last_step:
-            batch = task.train_batch(sampler, device)
-            loss = task.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            params = [p for p in model.parameters() if p.grad is not None]
-            if config.grad_clip:
-                grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip)
-            else:
-                grad_norm = nn.utils.get_total_norm([p.grad for p in params])
-            if not math.isfinite(loss.item()) or not math.isfinite(grad_norm.item()):
-                check_finite(step + 1, loss, grad_norm, model)
-            try:
-                optimizer.step()
-            except RuntimeError as error:  # torch refuses an update that overflows float32 (a huge --lr)
-                if "overflow" not in str(error):
-                    raise
-                message = f"step {step + 1}: the optimiser's update overflows ({error}); lower --lr"
-                raise DivergenceError(message) from None
-            scheduler.step()
-            check_finite(step + 1, loss, grad_norm, model)
-            step += 1
-            window_items += task.items(batch)
-            if config.logs_at(step):
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "split": "train",
-                    "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    f"{task.item_name}_per_s": window_items / elapsed,
-                    "peak_mib": peak_memory_mib(device),
-                }
-                metrics.write(record)
-                progress.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    mem=f"{record['peak_mib']:.0f}MiB",
-                    **{f"{task.item_name}/s": f"{window_items / elapsed:.0f}"},
-                )
-                window_start, window_items = time.perf_counter(), 0
-            progress.update(1)
-            if step % config.eval_interval == 0 or step == config.steps:
-                result = {"step": step, "split": "valid", **evaluate(task, model, "valid")}
-                metrics.write(result)
-                progress.write(
-                    f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
-                )
-            fault_point("train.step")
-            if step % config.eval_interval == 0 or step == last_step or stop.signum:
-                saved = save(step)
-            if stop.signum and step < last_step:
-                progress.close()
-                raise Interrupted(
-                    stop.signum,
-                    f"{stop.name} at step {step}: saved {saved}; continue with "
-                    f"revbits train --out {out} --resume",
-                )
-    progress.close()
-    return result
+    def train_step(self) -> tuple[torch.Tensor, Any]:
+        """One optimiser step on the next training batch; :class:`DivergenceError` if it is not finite."""
+        batch = self.task.train_batch(self.sampler, self.device)
+        loss = self.task.loss(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.config.grad_clip:
+            grad_norm = nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+        if not math.isfinite(loss.item()) or not math.isfinite(grad_norm.item()):
+            check_finite(self.step + 1, loss, grad_norm, self.model)
+        try:
+            self.optimizer.step()
+        except RuntimeError as error:  # torch refuses an update that overflows float32 (a huge --lr)
+            if "overflow" not in str(error):
+                raise
+            message = f"step {self.step + 1}: the optimiser's update overflows ({error}); lower --lr"
+            raise DivergenceError(message) from None
+        self.scheduler.step()
+        check_finite(self.step + 1, loss, grad_norm, self.model)
+        self.step += 1
+        return loss, batch
+
+    def run(self) -> dict[str, Any]:
+        """Train up to ``stop_at`` (or ``steps``), logging, evaluating and saving as configured; returns
+        the last evaluation."""
+        config = self.config
+        last_step = config.stop_at or config.steps
+        self.model.train()
+        self.result: dict[str, Any] = {"step": self.step}
+        self.progress = tqdm(
+            total=last_step, initial=self.step, disable=self.quiet, desc=f"{config.model}/{config.memory}", unit="step"
+        )
+        self.window = (time.perf_counter(), 0)
+        try:
+            with StopFlag() as stop:
+                while self.step < last_step:
+                    loss, batch = self.train_step()
+                    self.record(loss, batch)
+                    fault_point("train.step")
+                    step = self.step
+                    if step % config.eval_interval == 0 or step == last_step or stop.signum:
+                        saved = self.save(step)
+                    if stop.signum and step < last_step:
+                        raise Interrupted(
+                            stop.signum,
+                            f"{stop.name} at step {step}: saved {saved}; continue with "
+                            f"revbits train --out {self.out} --resume",
+                        )
+        finally:  # the bar's line ends before any message
+            self.progress.close()
+        return self.result
+
+    def record(self, loss: torch.Tensor, batch: Any) -> None:
+        """The metrics of the step just taken: the training loss every ``log_interval`` steps (with the
+        learning rate, throughput and peak memory), an evaluation every ``eval_interval``."""
+        config, task, step, progress = self.config, self.task, self.step, self.progress
+        started, items = self.window
+        items += task.items(batch)
+        self.window = (started, items)
+        if config.logs_at(step):
+            per_s = items / (time.perf_counter() - started)
+            record = {
+                "step": step,
+                "split": "train",
+                "loss": loss.item(),
+                "lr": self.scheduler.get_last_lr()[0],
+                f"{task.item_name}_per_s": per_s,
+                "peak_mib": peak_memory_mib(self.device),
+            }
+            self.metrics.write(record)
+            memory = f"{record['peak_mib']:.0f}MiB"
+            progress.set_postfix(loss=f"{record['loss']:.3f}", mem=memory, **{f"{task.item_name}/s": f"{per_s:.0f}"})
+            self.window = (time.perf_counter(), 0)
+        progress.update(1)
+        if step % config.eval_interval == 0 or step == config.steps:
+            self.result = {"step": step, "split": "valid", **evaluate(task, self.model, "valid")}
+            self.metrics.write(self.result)
+            values = ", ".join(f"{k} {v:.4g}" for k, v in self.result.items() if isinstance(v, float))
+            progress.write(f"step {step}: {values}")

@@ -1,7 +1,9 @@
 """Metrics as JSON lines: one object per record, appended and flushed as training goes.
 
 A crash can cut the last line short; readers skip such a line, and a resumed run rewrites the file
-(atomically, :mod:`revbits.io`) without it and without the records past its checkpoint.
+(atomically, :mod:`revbits.io`) without it and without the records past its checkpoint, so no record
+is ever there twice. A record that cannot be written (disk full...) is a
+:class:`revbits.io.WriteError` naming the file.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io import IntegrityError, atomic_write_text
+from ..io import IntegrityError, WriteError, atomic_write_text, fault_point
 
 
 def perplexity(loss: float) -> float:
@@ -29,14 +31,22 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append ``record`` as one line (one write: a crash leaves at most that line cut short)."""
+        try:
+            with self.path.open("ab") as f:
+                fault_point(f"write:{self.path.name}")
+                f.write((json.dumps(record) + "\n").encode("utf-8"))
+        except OSError as error:
+            raise WriteError(self.path, error.errno or 0) from None
 
     def sync(self) -> None:
         """Make the records written so far durable (called before a checkpoint is written)."""
         if self.path.exists():
-            with self.path.open("a") as f:
-                os.fsync(f.fileno())
+            try:
+                with self.path.open("a") as f:
+                    os.fsync(f.fileno())
+            except OSError as error:
+                raise WriteError(self.path, error.errno or 0) from None
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (a resumed run writes them again), atomically."""

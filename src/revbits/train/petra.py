@@ -1,7 +1,7 @@
 """``revbits train --parallel petra --stages J``: a revbits model trained by PETRA, one process per stage.
 
 The model is cut into pieces that share its modules (:data:`PIECES`: a ViT's by
-:func:`revbits.petra.vit_pieces.vit_pieces`, a RevNet's by :func:`revbits.petra.revnet.revnet_pieces`), the pieces
+:func:`revbits.petra.pieces.vit.vit_pieces`, a RevNet's by :func:`revbits.petra.pieces.revnet.revnet_pieces`), the pieces
 into J stages (``stage_split``: balanced by the cost of each piece measured on one micro-batch, by
 parameter count, or given sizes), and :func:`launch` runs the stages. Optimiser updates are ``steps``; each uses
 ``accumulation`` micro-batches of ``batch_size`` examples, so micro-batch m is the training batch drawn
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -33,17 +34,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..data.cache import data_root
+from ..data.errors import DataError
 from ..interrupt import Interrupted, StopFlag
 from ..io import (
     IntegrityError,
+    WriteError,
     atomic_write_json,
     atomic_write_text,
+    fault_point,
     read_json,
     remove_tree,
     verify_manifest,
     write_manifest,
 )
-from ..petra.launch import die_with_parent, launch
+from ..petra.comm import PeerError, transport_reason
+from ..petra.launch import StageError, die_with_parent, launch
 from ..petra.pieces.revnet import revnet_pieces
 from ..petra.pieces.vit import vit_pieces
 from ..petra.profile import sizes_by_time
@@ -51,11 +56,12 @@ from ..petra.record import load_records
 from ..petra.runtime import PetraConfig, join_process_group, run_stage
 from ..petra.stages import sizes_by_params, split
 from ..rng import derive_seed
-from .checkpoint import clean_run_dir, save_checkpoint
+from .checkpoint import latest_checkpoint, read_checkpoint_state, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .loop import DivergenceError, adamw, evaluate, prepare_out
+from .loop import DivergenceError, adamw, check_resumable, evaluate
 from .lr_schedule import lr_factor
 from .metrics import MetricsLog
+from .rundir import InheritedLock, RunLock, hold_run, latest_good
 from .tasks import Task, make_task
 
 # How each model trained by PETRA is cut into pieces that share its modules, from (model, seed).
@@ -64,6 +70,7 @@ PIECES: dict[str, Callable[[nn.Module, int], list[nn.Module]]] = {
     "revnet": lambda model, seed: revnet_pieces(model),  # no randomness in a RevNet
 }
 PETRA_MODELS = tuple(PIECES)
+STAGES_DIR = re.compile(r"stages-\d{8}-\d{8}")  # a segment's stage states: stages-<from>-<to>
 _TASKS: dict[str, Task] = {}  # per process: the task of a config, built once
 
 
@@ -201,9 +208,22 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
     """
     check_petra_config(config)
     out = Path(config.out)
+    rank = torchrun_rank(config.stages)
+    writer = rank is None or rank == config.stages - 1  # the last stage has the losses; it writes the run
+    with hold_run(out) if writer else contextlib.nullcontext() as lock:
+        try:
+            return _train_petra(config, resume, quiet, rank, lock)
+        except WriteError as error:
+            raise (error if error.note else error.noted(petra_standing(out, error.errno))) from None
+
+
+def _train_petra(
+    config: TrainConfig, resume: bool, quiet: bool, rank: int | None, lock: RunLock | None
+) -> dict[str, Any]:
+    """:func:`train_petra` in a run directory locked by this process (``lock``; None for a torchrun
+    stage other than the last, which writes nothing but its stage states)."""
+    out = Path(config.out)
     J, k = config.stages, config.accumulation
-    rank = torchrun_rank(J)
-    writer = rank is None or rank == J - 1  # the last stage has the losses; it writes the run
     begin, resume_from, sizes = 0, None, None
     progress = read_progress(out) if out.is_dir() else None
     if resume and progress is None and not (out / "config.json").is_file():
@@ -215,6 +235,9 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
             )
         begin, resume_from = progress["step"], out / progress["stages_dir"]
         verify_manifest(resume_from)
+        newest = latest_checkpoint(out)
+        if newest is not None:  # the options the run was trained with
+            check_resumable(read_checkpoint_state(newest).get("config", {}), config, f"checkpoint {newest.name}")
         # the stage states only fit the split they were trained with (runs saved before splits were
         # recorded were split by parameter count)
         sizes = progress.get("sizes") or stage_sizes(replace(config, stage_split="params"), [])
@@ -223,11 +246,10 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
     end = config.stop_at or config.steps
     if end <= begin:
         raise ConfigError(f"the run is already at step {begin}; raise --steps to continue it")
-    if writer:
-        prepare_out(out)
-        clean_run_dir(out)
-        for old in out.glob("stages-*"):  # a segment that was killed before progress.json named it
-            if resume_from is None or old.name != resume_from.name:
+    if lock is not None:
+        lock.proceed(quiet)
+        for old in out.iterdir():  # a segment that was killed before progress.json named it
+            if STAGES_DIR.fullmatch(old.name) and (resume_from is None or old.name != resume_from.name):
                 remove_tree(old)
         atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
     data = TaskBatches(config, config.steps * k)
@@ -235,7 +257,9 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
     args = (config, begin, end, None if resume_from is None else str(resume_from))
     if rank is None:
         sizes = sizes or stage_sizes(config, data)
-        result = launch(J, petra_process, (*args, sizes))[-1]
+        fault_point("petra.launch")
+        stage_args = (*args, sizes, lock.inheritable())
+        result = launch(J, petra_process, stage_args, on_start=lock.note_stages, stall_timeout=config.petra_timeout)[-1]
     else:
         die_with_parent(os.getppid())
         join_process_group(rank, J, PetraConfig(stages=J))
@@ -244,7 +268,7 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
         sizes = decided[0]
         result = petra_process(rank, J, *args, sizes)
         dist.destroy_process_group()
-        if not writer:
+        if lock is None:
             return {}
     interrupted, seconds = result.pop("interrupted"), result.pop("seconds", 0.0)
     if interrupted:
@@ -258,12 +282,53 @@ def train_petra(config: TrainConfig, resume: bool = False, quiet: bool = False) 
     return result
 
 
+def petra_standing(out: Path, error_number: int | None) -> str:
+    """Where a PETRA run stands after a failed write: the step it resumes from, and how."""
+    try:
+        progress = read_progress(out)
+    except IntegrityError:
+        progress = None
+    saved = f"the run resumes from step {progress['step']} ({out / 'progress.json'})" if progress else ""
+    return latest_good(out, error_number, saved)
+
+
 def petra_process(
-    rank: int, J: int, config: TrainConfig, begin: int, end: int, resume_from: str | None, sizes: list[int]
+    rank: int,
+    J: int,
+    config: TrainConfig,
+    begin: int,
+    end: int,
+    resume_from: str | None,
+    sizes: list[int],
+    run_lock: InheritedLock | None = None,
 ) -> dict[str, Any]:
     """Stage ``rank``'s whole run, segment by segment (see :func:`train_petra`); the last stage returns
     the last evaluation with ``step``, ``seconds`` and ``interrupted`` (the signal that stopped the run,
-    or 0), the others ``{"interrupted": signal}``."""
+    or 0), the others ``{"interrupted": signal}``. ``run_lock``: the run directory's lock, held by this
+    process too until it exits. An error that is the user's data, options or disk is raised as a
+    :class:`revbits.petra.launch.StageError`, so that the launcher reports it in one line."""
+    try:
+        return _segments(rank, J, config, begin, end, resume_from, sizes)
+    except WriteError as error:
+        standing = petra_standing(Path(config.out), error.errno)
+        raise StageError(str(error if error.note else error.noted(standing))) from None
+    except (ConfigError, DataError) as error:
+        raise StageError(str(error)) from None
+
+
+def _collective(rank: int, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """``call(*args, **kwargs)``, a collective of every stage at ``what``; its failure means that another
+    stage is gone: a PeerError (which blames no one stage)."""
+    try:
+        call(*args, **kwargs)
+    except RuntimeError as error:
+        message = f"stage {rank} lost the other stages at {what} ({transport_reason(error)})"
+        raise PeerError(message, None, -1) from error
+
+
+def _segments(
+    rank: int, J: int, config: TrainConfig, begin: int, end: int, resume_from: str | None, sizes: list[int]
+) -> dict[str, Any]:
     k, out = config.accumulation, Path(config.out)
     base = PetraConfig(
         stages=J,
@@ -274,7 +339,9 @@ def petra_process(
         seed=config.seed,
         lr_schedule=partial(lr_factor, warmup=config.warmup, total=config.steps, lr=config.lr, min_lr=config.min_lr),
         device=config.device,
+        timeout=config.petra_timeout,
     )
+    task_of(config)  # the data first: a stage that cannot load it fails before any other waits on it
     own_group = join_process_group(rank, J, base)
     data = TaskBatches(config, config.steps * k)
     build = partial(stage_builder, config, J, sizes)
@@ -293,13 +360,14 @@ def petra_process(
             )
             summary = run_stage(rank, J, build, data, petra, stop)
             b = a + summary.micro_batches // k
-            dist.barrier()  # every stage has saved its state
+            _collective(rank, "the end of a segment", dist.barrier)  # every stage has saved its state
             if rank == J - 1:
                 seconds = time.perf_counter() - started
                 result = write_segment(config, sizes, a, b, summary.losses, stages_dir, previous, not summary.stopped)
                 result["seconds"] = seconds
             agreed = torch.tensor([stop.signum or 0])
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)  # also waits for the writer
+            # also waits for the writer
+            _collective(rank, "the end of a segment", dist.all_reduce, agreed, op=dist.ReduceOp.MAX)
             signum = int(agreed.item())
             a, previous = b, str(stages_dir)
     if own_group:

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ...io import read_json
 from ...models import create
 from ..config import ConfigError, TrainConfig
+from ..rundir import saved_options
 
 EVAL_SEED = 1234  # evaluation batches are the same in every run and at every step
 
@@ -94,11 +94,11 @@ def make_task(config: TrainConfig) -> Task:
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
-    """The configuration a run directory was trained with."""
+    """The configuration a run directory was trained with: its config.json, or, when that is missing,
+    the options its newest checkpoint records."""
     path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no config.json: is it a revbits run directory?")
-    values = read_json(path, "run configuration")
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} is damaged: it holds no table of options")
-    return TrainConfig.from_dict(values, source=str(path))
+    values = saved_options(Path(run_dir))
+    if values is None:
+        raise FileNotFoundError(f"{run_dir} is not a revbits run directory (no config.json, no checkpoint)")
+    source = str(path) if path.exists() else f"the options recorded in the newest checkpoint of {run_dir}"
+    return TrainConfig.from_dict(values, source=source)

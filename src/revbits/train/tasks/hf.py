@@ -11,6 +11,12 @@ split; a batch is ``batch_size`` random windows of ``block_size`` tokens (with [
 encoder windows). ``memory`` other than standard converts the layer stack (:func:`revbits.hf.convert`);
 the checkpoints hold the converted model's weights, and ``revbits export`` writes the plain model.
 Dropout is the model's own (its config), not ``--dropout``.
+
+A model directory is not trusted: nothing is loaded with ``trust_remote_code`` (a model that needs its
+own Python code is refused in one line, and no prompt asks), and weights are read from safetensors
+files only. Pickle weights (``pytorch_model.bin``) can run code when loaded, so they are refused unless
+``--allow-pickle`` is given, and then read with ``torch.load(weights_only=True)``, which refuses a
+pickle that asks to run code (named in one line).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from ...hf.families import DECODER_FAMILY
+from ...io import first_line, unsafe_pickle
 from .. import datasets as adapters
 from ..config import ConfigError, TrainConfig
 from ..metrics import perplexity
@@ -59,13 +66,45 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _local(auto: type, path: str, name: str):
-    """``auto.from_pretrained(path)`` from local files only, with a ConfigError naming ``--hf`` if it fails."""
+def _local(auto: type, path: str, name: str, **options):
+    """``auto.from_pretrained(path)`` from local files only and without the model's own code, with a
+    ConfigError naming ``--hf`` if it fails."""
     try:
-        return auto.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--hf {name}: no usable local model there ({first})") from None
+        return auto.from_pretrained(path, local_files_only=True, trust_remote_code=False, **options)
+    except Exception as error:  # transformers raises OSError, ValueError, or torch's refusal of a pickle
+        refused = unsafe_pickle(error)
+        if refused:
+            raise ConfigError(f"--hf {name}: {pickle_file(path)} is refused: {refused}") from None
+        if "custom code" in str(error) or "trust_remote_code" in str(error):
+            raise ConfigError(
+                f"--hf {name}: the model needs its own Python code (auto_map in its config), which revbits never "
+                "runs; use a model whose architecture transformers has built in"
+            ) from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
+        raise ConfigError(f"--hf {name}: no usable local model there ({first_line(error)})") from None
+
+
+def pickle_file(path: str) -> str:
+    """The pickle weights of a model directory, for messages (``pytorch_model.bin``, or its shards)."""
+    found = sorted(Path(path).glob("*.bin")) if Path(path).is_dir() else []
+    return str(found[0]) if len(found) == 1 else f"{path}/*.bin" if found else f"the pickle weights of {path}"
+
+
+def weight_options(path: str, name: str, allow_pickle: bool) -> dict[str, object]:
+    """How ``from_pretrained`` may read the weights: safetensors only, unless ``allow_pickle``, when
+    pickle weights are read with ``weights_only=True``. A directory that holds only pickle weights is
+    refused in one line without it."""
+    if allow_pickle:
+        return {"weights_only": True}
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise ConfigError(
+            f"--hf {name}: its weights are a pickle ({pickle_file(path)}), which can run code when loaded, and revbits "
+            "loads safetensors only; convert them to safetensors, or pass --allow-pickle to load them with "
+            "torch.load(weights_only=True)"
+        )
+    return {"use_safetensors": True}
 
 
 def mask_tokens(
@@ -137,7 +176,9 @@ class HFTextTask(Task):
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
         config = self.config if config is None else config
-        model = _local(AutoModelForCausalLM if self.causal else AutoModelForMaskedLM, self.path, self.config.hf)
+        auto = AutoModelForCausalLM if self.causal else AutoModelForMaskedLM
+        options = weight_options(self.path, self.config.hf, config.allow_pickle)
+        model = _local(auto, self.path, self.config.hf, **options)
         if config.memory != "standard":
             from ...hf import convert
 
