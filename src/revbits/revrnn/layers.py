@@ -21,16 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .cells import (
-    FORGET_BITS,
-    GATE_BITS,
-    STATE_LIMIT,
-    Replay,
-    RevGRUCell,
-    RevLSTMCell,
-    to_fixed,
-    to_float,
-)
+from .cells import ParameterGradients, RevGRUCell, RevLSTMCell
+from .fixed_point import FORGET_BITS, GATE_BITS, STATE_LIMIT, to_fixed, to_float
 from .info_buffer import InfoBuffer
 
 
@@ -75,7 +67,25 @@ class _Run:
         ]
         # per layer: [h1, h2] or [h1, h2, c1, c2] as int64
         self.states = [[to_fixed(part) for part in state] for state in _split_layers(initial, len(rnn.cells))]
-        self.out_of_range = torch.zeros((), dtype=torch.bool, device=x.device)
+        # per state part, the extremes every element reached (checked once, after the forward)
+        self.lowest = [torch.zeros_like(part) for part in self.states[0]]
+        self.highest = [torch.zeros_like(part) for part in self.states[0]]
+
+    def _track_range(self, state: list[torch.Tensor]) -> None:
+        for k, part in enumerate(state):
+            self.lowest[k] = torch.minimum(self.lowest[k], part)
+            self.highest[k] = torch.maximum(self.highest[k], part)
+
+    def _check_range(self) -> None:
+        outside = [
+            (low <= -STATE_LIMIT).any() | (high >= STATE_LIMIT).any() for low, high in zip(self.lowest, self.highest)
+        ]
+        if bool(torch.stack(outside).any()):
+            raise StateRangeError(
+                "a RevGRU/RevLSTM state left the fixed-point range |v| < 256 (2**31 at 2**-23 steps); "
+                "the cell state grows without a forget gate below 1: lower the learning rate, clip "
+                "gradients or use a smaller forget_bits"
+            )
 
     def active(self, t: int) -> torch.Tensor | None:
         return None if self.mask is None else self.mask[t]
@@ -110,16 +120,10 @@ class _Run:
                 self.states[layer], floats[layer] = cell.step(
                     self.buffers[layer], inputs, self.states[layer], floats[layer], active
                 )
-                for s in self.states[layer]:
-                    self.out_of_range |= (s.abs() >= STATE_LIMIT).any()
+                self._track_range(self.states[layer])
                 inputs = torch.cat(floats[layer][:2], -1)
             outputs.append(self.output(floats[-1], t, readout_inputs))
-        if bool(self.out_of_range):
-            raise StateRangeError(
-                "a RevGRU/RevLSTM state left the fixed-point range |v| < 256 (2**31 at 2**-23 steps); "
-                "the cell state grows without a forget gate below 1: lower the learning rate, clip "
-                "gradients or use a smaller forget_bits"
-            )
+        self._check_range()
         return torch.stack(outputs), floats
 
 
@@ -140,7 +144,7 @@ class _ReversibleRNN(torch.autograd.Function):
         cells = run.rnn.cells
         params = [list(cell.parameters()) for cell in cells]
         grads = _split_layers(list(grad_finals), len(cells))
-        param_grads = [[torch.zeros_like(p) for p in ps] for ps in params]
+        sums = [ParameterGradients(cell) for cell in cells]
         grad_x = torch.zeros_like(x)
         first_readout_input = 2 + len(grad_finals) + sum(len(ps) for ps in params)
         readout = _ReadoutGradients(run, readout_inputs, ctx.needs_input_grad[first_readout_input:])
@@ -154,33 +158,17 @@ class _ReversibleRNN(torch.autograd.Function):
                     inputs = x[t]
                 else:
                     inputs = torch.cat([to_float(s, x.dtype) for s in run.states[layer - 1][:2]], -1)
-                after = run.states[layer]
-                before = cell.inverse(run.buffers[layer], inputs, after, active)
-                with torch.enable_grad():
-                    leaves = [to_float(s, x.dtype).requires_grad_() for s in before]
-                    inputs = inputs.detach().requires_grad_()
-                    _, new_floats = cell.step(Replay(cell.update_order(after)), inputs, before, leaves, active)
-                    found = torch.autograd.grad(
-                        new_floats, [*leaves, inputs, *params[layer]], grads[layer], allow_unused=True
-                    )
-                parts = len(leaves)
-                grads[layer] = [
-                    g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(found[:parts], leaves)
-                ]
-                grad_in = found[parts]
-                for acc, g in zip(param_grads[layer], found[parts + 1 :]):
-                    if g is not None:
-                        acc += g
-                if grad_in is not None:
-                    if layer == 0:
-                        grad_x[t] = grad_in
-                    else:
-                        below = _halves(grad_in)
-                        grads[layer - 1][0] = grads[layer - 1][0] + below[0]
-                        grads[layer - 1][1] = grads[layer - 1][1] + below[1]
-                run.states[layer] = before
+                saved: list = []
+                run.states[layer] = cell.inverse(run.buffers[layer], inputs, run.states[layer], active, saved)
+                grads[layer], grad_in = cell.backward(saved, grads[layer], active, sums[layer])
+                if layer == 0:
+                    grad_x[t] = grad_in
+                else:
+                    below = _halves(grad_in)
+                    grads[layer - 1][0] = grads[layer - 1][0] + below[0]
+                    grads[layer - 1][1] = grads[layer - 1][1] + below[1]
         grad_initial = _join_layers(grads)
-        flat_params = [g for gs in param_grads for g in gs]
+        flat_params = [g for s, ps in zip(sums, params) for g in s.of(ps)]
         return (None, grad_x, *grad_initial, *flat_params, *readout.input_grads, *readout.param_grads)
 
 
