@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fixed_point import (
@@ -40,38 +41,61 @@ from .fixed_point import (
 )
 from .info_buffer import InfoBuffer
 
-__all__ = ["FORGET_BITS", "ParameterGradients", "RevGRUCell", "RevLSTMCell", "to_float"]
+__all__ = ["FORGET_BITS", "LinearGradients", "ParameterGradients", "RevGRUCell", "RevLSTMCell", "to_float"]
 
 tanh_backward = torch.ops.aten.tanh_backward
 sigmoid_backward = torch.ops.aten.sigmoid_backward
 
 
-class ParameterGradients:
-    """Running sums of the gradients of a cell's linear layers over the steps of a backward."""
+Linear = tuple[torch.Tensor, torch.Tensor]  # (weight, bias) of one linear layer, as plain tensors
 
-    def __init__(self, cell: nn.Module) -> None:
-        self.weights = {p: torch.zeros_like(p) for p in cell.parameters() if p.dim() == 2}
-        self.bias_rows: dict[nn.Parameter, torch.Tensor] = {}  # per bias, dL/d(output) summed over steps
 
-    def add_linear(self, linear: nn.Linear, grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+class LinearGradients:
+    """Running sums of dL/dW and dL/db of one linear layer over the steps of a backward."""
+
+    def __init__(self, linear: Linear) -> None:
+        self.weight, self.bias = linear
+        self.grad_weight = torch.zeros_like(self.weight)
+        self.bias_rows: torch.Tensor | None = None  # dL/d(output) summed over steps, per row
+
+    def add(self, grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Adds dL/dW = grad_out^T inputs and dL/db = sum(grad_out); returns dL/d inputs."""
-        self.weights[linear.weight].addmm_(grad_out.t(), inputs)
-        rows = self.bias_rows.get(linear.bias)
-        if rows is None:
-            self.bias_rows[linear.bias] = grad_out.clone()
+        self.grad_weight.addmm_(grad_out.t(), inputs)
+        if self.bias_rows is None:
+            self.bias_rows = grad_out.clone()
         else:
-            rows.add_(grad_out)
-        return grad_out @ linear.weight
+            self.bias_rows.add_(grad_out)
+        return grad_out @ self.weight
+
+    def totals(self) -> dict[torch.Tensor, torch.Tensor]:
+        grad_bias = torch.zeros_like(self.bias) if self.bias_rows is None else self.bias_rows.sum(0)
+        return {self.weight: self.grad_weight, self.bias: grad_bias}
+
+
+class ParameterGradients:
+    """The :class:`LinearGradients` of every linear layer of a cell, per half."""
+
+    def __init__(self, weights: list[list[Linear]]) -> None:
+        self.halves = [[LinearGradients(linear) for linear in half] for half in weights]
 
     def of(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The sums in the order of ``params``."""
-        return [self._total(p) for p in params]
+        totals = {}
+        for half in self.halves:
+            for linear in half:
+                totals.update(linear.totals())
+        return [totals[p] for p in params]
 
-    def _total(self, p: nn.Parameter) -> torch.Tensor:
-        if p.dim() == 2:
-            return self.weights[p]
-        rows = self.bias_rows.get(p)
-        return torch.zeros_like(p) if rows is None else rows.sum(0)
+
+class _Cell(nn.Module):
+    """What both cells share: their linear layers per half, read as plain tensors once per run."""
+
+    def half_linears(self) -> list[list[nn.Linear]]:
+        raise NotImplementedError
+
+    def weights(self) -> list[list[Linear]]:
+        """Per half, (weight, bias) of each linear layer (module calls cost more than the step's ops)."""
+        return [[(linear.weight, linear.bias) for linear in half] for half in self.half_linears()]
 
 
 class GRUHalf(NamedTuple):
@@ -86,7 +110,7 @@ class GRUHalf(NamedTuple):
     xro: torch.Tensor  # [x; r * other], the input of V
 
 
-class RevGRUCell(nn.Module):
+class RevGRUCell(_Cell):
     """The parameters of one RevGRU layer: for each half, W (to [z; r]) and V (to g)."""
 
     def __init__(self, input_size: int, hidden_size: int, forget_bits: int | None) -> None:
@@ -98,13 +122,17 @@ class RevGRUCell(nn.Module):
         self.forget = ForgetGate(forget_bits)
         self.state_parts = 1  # h only
 
-    def half_terms(self, i: int, x: torch.Tensor, other: torch.Tensor) -> GRUHalf:
-        """The gates of half i, from x and the other half's value."""
+    def half_linears(self) -> list[list[nn.Linear]]:
+        return [[self.gates[i], self.candidates[i]] for i in range(2)]
+
+    def half_terms(self, weights: list[Linear], x: torch.Tensor, other: torch.Tensor) -> GRUHalf:
+        """The gates of a half with linear layers ``weights`` (W, V), from x and the other half's value."""
+        (w, w_bias), (v, v_bias) = weights
         xo = torch.cat([x, other], -1)
-        s = torch.sigmoid(self.gates[i](xo))
+        s = torch.sigmoid(F.linear(xo, w, w_bias))
         n_float = self.forget.numerator(s[:, : self.half])
         xro = torch.cat([x, s[:, self.half :] * other], -1)
-        g = torch.tanh(self.candidates[i](xro))
+        g = torch.tanh(F.linear(xro, v, v_bias))
         return GRUHalf(n_float.to(torch.int64), fixed_complement_product(n_float, g), n_float, s, g, xo, xro)
 
     def _update(self, buffer, h, h_float, t: GRUHalf, active):
@@ -115,22 +143,25 @@ class RevGRUCell(nn.Module):
             graph = z_q * h_float + (1 - z_q) * t.g
         return new, state_float(new, h_float, graph, active)
 
-    def step(self, buffer: InfoBuffer, x, state, state_float, active):
-        """One exact step. ``state`` = [h1, h2] (int64), ``state_float`` their float values."""
+    def step(self, buffer: InfoBuffer, x, state, state_float, active, weights=None):
+        """One exact step. ``state`` = [h1, h2] (int64), ``state_float`` their float values;
+        ``weights``: :meth:`weights`, read once per run by the caller (read here if None)."""
+        first, second = weights or self.weights()
         (h1, h2), (f1, f2) = state, state_float
-        h1, f1 = self._update(buffer, h1, f1, self.half_terms(0, x, f2), active)
-        h2, f2 = self._update(buffer, h2, f2, self.half_terms(1, x, f1), active)
+        h1, f1 = self._update(buffer, h1, f1, self.half_terms(first, x, f2), active)
+        h2, f2 = self._update(buffer, h2, f2, self.half_terms(second, x, f1), active)
         return [h1, h2], [f1, f2]
 
     @torch.no_grad()
-    def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None):
+    def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None, weights=None):
         """The state before :meth:`step`, from the state after it (int64, bit for bit). With
         ``saved`` (a list), appends what :meth:`backward` needs."""
+        first_weights, second_weights = weights or self.weights()
         h1, h2 = state
-        second = self.half_terms(1, x, to_float(h1, x.dtype))
+        second = self.half_terms(second_weights, x, to_float(h1, x.dtype))
         h2 = exact_reverse(buffer, h2, second.n, second.add, active)
         before2 = to_float(h2, x.dtype)
-        first = self.half_terms(0, x, before2)
+        first = self.half_terms(first_weights, x, before2)
         h1 = exact_reverse(buffer, h1, first.n, first.add, active)
         if saved is not None:
             saved.extend([first, second, to_float(h1, x.dtype), before2])
@@ -138,25 +169,30 @@ class RevGRUCell(nn.Module):
 
     reverse = inverse  # Deprecated name (one name for the inverse across revbits); goes in 0.3
 
+    @staticmethod
+    def hidden_before(saved: list) -> list[torch.Tensor]:
+        """The float [h1, h2] before the step that :meth:`inverse` reversed into ``saved``."""
+        return saved[2:4]
+
     @torch.no_grad()
     def backward(self, saved: list, grads: list[torch.Tensor], active, sums: ParameterGradients):
         """dL/d(state before) and dL/dx of the step that :meth:`inverse` reversed (``saved``), from
         ``grads`` = dL/d[h1, h2] after it; adds the parameter gradients to ``sums``."""
         first, second, before1, before2 = saved
         grad1, grad2 = grads
-        grad2, grad_after1, grad_x = self._half_backward(1, second, before2, grad2, active, sums)
-        grad1, grad_before2, grad_x1 = self._half_backward(0, first, before1, grad1 + grad_after1, active, sums)
+        grad2, grad_after1, grad_x = self._half_backward(second, before2, grad2, active, sums.halves[1])
+        grad1, grad_before2, grad_x1 = self._half_backward(first, before1, grad1 + grad_after1, active, sums.halves[0])
         return [grad1, grad2 + grad_before2], grad_x + grad_x1
 
-    def _half_backward(self, i: int, t: GRUHalf, h_old: torch.Tensor, grad_new, active, sums: ParameterGradients):
+    def _half_backward(self, t: GRUHalf, h_old: torch.Tensor, grad_new, active, sums: list[LinearGradients]):
         """(dL/dh_old, dL/d other, dL/dx) of h_new = z_q h_old + (1 - z_q) g."""
+        gates, candidates = sums
         z_q = t.n_float * 2.0**-GATE_BITS
         grad_old, grad_update = update_gradients(grad_new, z_q, active)
-        grad_g_logits = tanh_backward(grad_update * (1 - z_q), t.g)
-        grad_xro = sums.add_linear(self.candidates[i], grad_g_logits, t.xro)
+        grad_xro = candidates.add(tanh_backward(grad_update * (1 - z_q), t.g), t.xro)
         grad_ro, other = grad_xro[:, self.input_size :], t.xo[:, self.input_size :]
         grad_s = torch.cat([self.forget.scaled_gradient(grad_update * (h_old - t.g)), grad_ro * other], -1)
-        grad_xo = sums.add_linear(self.gates[i], sigmoid_backward(grad_s, t.s), t.xo)
+        grad_xo = gates.add(sigmoid_backward(grad_s, t.s), t.xo)
         grad_other = grad_xo[:, self.input_size :] + grad_ro * t.s[:, self.half :]
         return grad_old, grad_other, grad_xo[:, : self.input_size] + grad_xro[:, : self.input_size]
 
@@ -172,7 +208,7 @@ class LSTMHalf(NamedTuple):
     xo: torch.Tensor  # [x; other], the input of U
 
 
-class RevLSTMCell(nn.Module):
+class RevLSTMCell(_Cell):
     """The parameters of one RevLSTM layer: for each half, U (to f, g, i, o, p)."""
 
     def __init__(self, input_size: int, hidden_size: int, forget_bits: int | None) -> None:
@@ -183,13 +219,18 @@ class RevLSTMCell(nn.Module):
         self.forget = ForgetGate(forget_bits)
         self.state_parts = 2  # h and c
 
+    def half_linears(self) -> list[list[nn.Linear]]:
+        return [[self.gates[i]] for i in range(2)]
+
     def _slot(self, t: torch.Tensor, k: int) -> torch.Tensor:
         """Gate slot k of [f, g, i, o, p]."""
         return t[:, k * self.half : (k + 1) * self.half]
 
-    def half_terms(self, i: int, x: torch.Tensor, other: torch.Tensor) -> LSTMHalf:
+    def half_terms(self, weights: list[Linear], x: torch.Tensor, other: torch.Tensor) -> LSTMHalf:
+        """The gates of a half with linear layer ``weights`` (U), from x and the other half's value."""
+        ((u, u_bias),) = weights
         xo = torch.cat([x, other], -1)
-        logits = self.gates[i](xo)
+        logits = F.linear(xo, u, u_bias)
         s = torch.sigmoid(logits)
         n_float = self.forget.numerator(s)  # all slots in one op; only f's and p's are used
         tg = torch.tanh(self._slot(logits, 1))
@@ -201,8 +242,8 @@ class RevLSTMCell(nn.Module):
             return None
         return self.forget.quantised(self._slot(t.n_float, k), self._slot(t.s, k)) * old_float + add
 
-    def _half(self, i, buffer, x, other, h, c, h_float, c_float, active):
-        t = self.half_terms(i, x, other)
+    def _half(self, weights, buffer, x, other, h, c, h_float, c_float, active):
+        t = self.half_terms(weights, x, other)
         new_c = exact_update(buffer, c, self._slot(t.n, 0), t.c_add, active)
         graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg)
         c_float = state_float(new_c, c_float, graph, active)
@@ -211,33 +252,41 @@ class RevLSTMCell(nn.Module):
         h_float = state_float(new_h, h_float, self._graph(t, 4, h_float, h_add), active)
         return new_h, new_c, h_float, c_float
 
-    def step(self, buffer: InfoBuffer, x, state, state_float, active):
-        """One exact step. ``state`` = [h1, h2, c1, c2] (int64), ``state_float`` their values."""
+    def step(self, buffer: InfoBuffer, x, state, state_float, active, weights=None):
+        """One exact step. ``state`` = [h1, h2, c1, c2] (int64), ``state_float`` their values;
+        ``weights``: :meth:`weights`, read once per run by the caller (read here if None)."""
+        first, second = weights or self.weights()
         h1, h2, c1, c2 = state
         f_h1, f_h2, f_c1, f_c2 = state_float
-        h1, c1, f_h1, f_c1 = self._half(0, buffer, x, f_h2, h1, c1, f_h1, f_c1, active)
-        h2, c2, f_h2, f_c2 = self._half(1, buffer, x, f_h1, h2, c2, f_h2, f_c2, active)
+        h1, c1, f_h1, f_c1 = self._half(first, buffer, x, f_h2, h1, c1, f_h1, f_c1, active)
+        h2, c2, f_h2, f_c2 = self._half(second, buffer, x, f_h1, h2, c2, f_h2, f_c2, active)
         return [h1, h2, c1, c2], [f_h1, f_h2, f_c1, f_c2]
 
-    def _reverse_half(self, i, buffer, x, other, h, c, active):
-        t = self.half_terms(i, x, other)
+    def _reverse_half(self, weights, buffer, x, other, h, c, active):
+        t = self.half_terms(weights, x, other)
         tanh_c = torch.tanh(to_float(c, x.dtype))
         h = exact_reverse(buffer, h, self._slot(t.n, 4), to_fixed(self._slot(t.s, 3) * tanh_c), active)
         c = exact_reverse(buffer, c, self._slot(t.n, 0), t.c_add, active)
         return h, c, (t, tanh_c, to_float(h, x.dtype), to_float(c, x.dtype))
 
     @torch.no_grad()
-    def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None):
+    def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None, weights=None):
         """The state before :meth:`step`, from the state after it (int64, bit for bit). With
         ``saved`` (a list), appends what :meth:`backward` needs."""
+        first_weights, second_weights = weights or self.weights()
         h1, h2, c1, c2 = state
-        h2, c2, second = self._reverse_half(1, buffer, x, to_float(h1, x.dtype), h2, c2, active)
-        h1, c1, first = self._reverse_half(0, buffer, x, second[2], h1, c1, active)
+        h2, c2, second = self._reverse_half(second_weights, buffer, x, to_float(h1, x.dtype), h2, c2, active)
+        h1, c1, first = self._reverse_half(first_weights, buffer, x, second[2], h1, c1, active)
         if saved is not None:
             saved.extend([first, second])
         return [h1, h2, c1, c2]
 
     reverse = inverse  # Deprecated name (one name for the inverse across revbits); goes in 0.3
+
+    @staticmethod
+    def hidden_before(saved: list) -> list[torch.Tensor]:
+        """The float [h1, h2] before the step that :meth:`inverse` reversed into ``saved``."""
+        return [saved[0][2], saved[1][2]]
 
     @torch.no_grad()
     def backward(self, saved: list, grads: list[torch.Tensor], active, sums: ParameterGradients):
@@ -245,13 +294,13 @@ class RevLSTMCell(nn.Module):
         ``grads`` = dL/d[h1, h2, c1, c2] after it; adds the parameter gradients to ``sums``."""
         first, second = saved
         grad_h1, grad_h2, grad_c1, grad_c2 = grads
-        grad_h2, grad_c2, grad_after1, grad_x = self._half_backward(1, second, grad_h2, grad_c2, active, sums)
+        grad_h2, grad_c2, grad_after1, grad_x = self._half_backward(second, grad_h2, grad_c2, active, sums.halves[1])
         grad_h1, grad_c1, grad_before2, grad_x1 = self._half_backward(
-            0, first, grad_h1 + grad_after1, grad_c1, active, sums
+            first, grad_h1 + grad_after1, grad_c1, active, sums.halves[0]
         )
         return [grad_h1, grad_h2 + grad_before2, grad_c1, grad_c2], grad_x + grad_x1
 
-    def _half_backward(self, i: int, saved, grad_h, grad_c, active, sums: ParameterGradients):
+    def _half_backward(self, saved, grad_h, grad_c, active, sums: list[LinearGradients]):
         """(dL/dh_old, dL/dc_old, dL/d other, dL/dx) of one half-update."""
         t, tanh_c, h_old, c_old = saved
         z_q = t.n_float * 2.0**-GATE_BITS
@@ -271,5 +320,5 @@ class RevLSTMCell(nn.Module):
         )
         grad_logits = sigmoid_backward(grad_s, t.s)
         self._slot(grad_logits, 1).copy_(tanh_backward(grad_c_update * si, t.tg))
-        grad_xo = sums.add_linear(self.gates[i], grad_logits, t.xo)
+        grad_xo = sums[0].add(grad_logits, t.xo)
         return grad_h_old, grad_c_old, grad_xo[:, self.input_size :], grad_xo[:, : self.input_size]

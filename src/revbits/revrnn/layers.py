@@ -45,6 +45,31 @@ def _join_layers(per_layer: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [torch.stack([torch.cat(f[2 * p : 2 * p + 2], -1) for f in per_layer]) for p in range(parts)]
 
 
+class _RangeCheck:
+    """The extremes every state element reached, per state part, checked once after a forward
+    (no host sync per step)."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.lowest = [torch.zeros_like(part) for part in parts]
+        self.highest = [torch.zeros_like(part) for part in parts]
+
+    def track(self, state: list[torch.Tensor]) -> None:
+        for k, part in enumerate(state):
+            self.lowest[k] = torch.minimum(self.lowest[k], part)
+            self.highest[k] = torch.maximum(self.highest[k], part)
+
+    def check(self) -> None:
+        outside = [
+            (low <= -STATE_LIMIT).any() | (high >= STATE_LIMIT).any() for low, high in zip(self.lowest, self.highest)
+        ]
+        if bool(torch.stack(outside).any()):
+            raise StateRangeError(
+                "a RevGRU/RevLSTM state left the fixed-point range |v| < 256 (2**31 at 2**-23 steps); "
+                "the cell state grows without a forget gate below 1: lower the learning rate, clip "
+                "gradients or use a smaller forget_bits"
+            )
+
+
 class _Run:
     """The forward of every layer over time, exact; the state it leaves is what backward reverses."""
 
@@ -67,25 +92,6 @@ class _Run:
         ]
         # per layer: [h1, h2] or [h1, h2, c1, c2] as int64
         self.states = [[to_fixed(part) for part in state] for state in _split_layers(initial, len(rnn.cells))]
-        # per state part, the extremes every element reached (checked once, after the forward)
-        self.lowest = [torch.zeros_like(part) for part in self.states[0]]
-        self.highest = [torch.zeros_like(part) for part in self.states[0]]
-
-    def _track_range(self, state: list[torch.Tensor]) -> None:
-        for k, part in enumerate(state):
-            self.lowest[k] = torch.minimum(self.lowest[k], part)
-            self.highest[k] = torch.maximum(self.highest[k], part)
-
-    def _check_range(self) -> None:
-        outside = [
-            (low <= -STATE_LIMIT).any() | (high >= STATE_LIMIT).any() for low, high in zip(self.lowest, self.highest)
-        ]
-        if bool(torch.stack(outside).any()):
-            raise StateRangeError(
-                "a RevGRU/RevLSTM state left the fixed-point range |v| < 256 (2**31 at 2**-23 steps); "
-                "the cell state grows without a forget gate below 1: lower the learning rate, clip "
-                "gradients or use a smaller forget_bits"
-            )
 
     def active(self, t: int) -> torch.Tensor | None:
         return None if self.mask is None else self.mask[t]
@@ -99,11 +105,10 @@ class _Run:
         given = _split_layers(initial, len(self.states))
         return [[v + (g - g.detach()) for v, g in zip(vs, gs)] for vs, gs in zip(values, given)]
 
-    def output(self, top: list[torch.Tensor], t: int, readout_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The output at step t from the top layer's float halves: [h1; h2] (zero where the row has
-        finished), or the readout of it."""
+    def output(self, hidden: torch.Tensor, t: int, readout_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The output at step t from the top layer's float state [h1; h2]: itself (zero where the row
+        has finished), or the readout of it."""
         active = self.active(t)
-        hidden = torch.cat(top[:2], -1)
         if active is not None:
             hidden = torch.where(active[:, None], hidden, 0)
         return hidden if self.readout is None else self.readout(hidden, t, *readout_inputs)
@@ -113,17 +118,19 @@ class _Run:
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Outputs [T, B, ...] and each layer's final float state, from the states' float values."""
         readout_inputs = self.readout_inputs if readout_inputs is None else readout_inputs
+        weights = [cell.weights() for cell in self.rnn.cells]
+        in_range = _RangeCheck(self.states[0])
         outputs = []
         for t in range(self.x.shape[0]):
             inputs, active = self.x[t], self.active(t)
             for layer, cell in enumerate(self.rnn.cells):
                 self.states[layer], floats[layer] = cell.step(
-                    self.buffers[layer], inputs, self.states[layer], floats[layer], active
+                    self.buffers[layer], inputs, self.states[layer], floats[layer], active, weights[layer]
                 )
-                self._track_range(self.states[layer])
+                in_range.track(self.states[layer])
                 inputs = torch.cat(floats[layer][:2], -1)
-            outputs.append(self.output(floats[-1], t, readout_inputs))
-        self._check_range()
+            outputs.append(self.output(inputs, t, readout_inputs))
+        in_range.check()
         return torch.stack(outputs), floats
 
 
@@ -144,7 +151,9 @@ class _ReversibleRNN(torch.autograd.Function):
         cells = run.rnn.cells
         params = [list(cell.parameters()) for cell in cells]
         grads = _split_layers(list(grad_finals), len(cells))
-        sums = [ParameterGradients(cell) for cell in cells]
+        weights = [cell.weights() for cell in cells]
+        sums = [ParameterGradients(w) for w in weights]
+        hidden = [[to_float(s, x.dtype) for s in state[:2]] for state in run.states]  # float [h1, h2] per layer
         grad_x = torch.zeros_like(x)
         first_readout_input = 2 + len(grad_finals) + sum(len(ps) for ps in params)
         readout = _ReadoutGradients(run, readout_inputs, ctx.needs_input_grad[first_readout_input:])
@@ -154,12 +163,12 @@ class _ReversibleRNN(torch.autograd.Function):
             grads[-1][0], grads[-1][1] = grads[-1][0] + top[0], grads[-1][1] + top[1]
             for layer in range(len(cells) - 1, -1, -1):
                 cell = cells[layer]
-                if layer == 0:
-                    inputs = x[t]
-                else:
-                    inputs = torch.cat([to_float(s, x.dtype) for s in run.states[layer - 1][:2]], -1)
+                inputs = x[t] if layer == 0 else torch.cat(hidden[layer - 1], -1)
                 saved: list = []
-                run.states[layer] = cell.inverse(run.buffers[layer], inputs, run.states[layer], active, saved)
+                run.states[layer] = cell.inverse(
+                    run.buffers[layer], inputs, run.states[layer], active, saved, weights[layer]
+                )
+                hidden[layer] = cell.hidden_before(saved)
                 grads[layer], grad_in = cell.backward(saved, grads[layer], active, sums[layer])
                 if layer == 0:
                     grad_x[t] = grad_in
@@ -191,7 +200,7 @@ class _ReadoutGradients:
         with torch.enable_grad():
             leaves = [to_float(s, run.x.dtype).requires_grad_() for s in run.states[-1][:2]]
             inputs = [i.detach().requires_grad_(want) for i, want in zip(self.inputs, self.wants)]
-            output = run.output(leaves, t, tuple(inputs))
+            output = run.output(torch.cat(leaves, -1), t, tuple(inputs))
             wanted = [i for i in inputs if i.requires_grad]
             found = torch.autograd.grad(output, [*leaves, *wanted, *self.params], grad_output, allow_unused=True)
         found_inputs = iter(found[2 : 2 + len(wanted)])
