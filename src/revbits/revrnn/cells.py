@@ -152,10 +152,9 @@ class RevGRUCell(_Cell):
         h2, f2 = self._update(buffer, h2, f2, self.half_terms(second, x, f1), active)
         return [h1, h2], [f1, f2]
 
-    @torch.no_grad()
     def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None, weights=None):
         """The state before :meth:`step`, from the state after it (int64, bit for bit). With
-        ``saved`` (a list), appends what :meth:`backward` needs."""
+        ``saved`` (a list), appends what :meth:`backward` needs. Call it under torch.no_grad()."""
         first_weights, second_weights = weights or self.weights()
         h1, h2 = state
         second = self.half_terms(second_weights, x, to_float(h1, x.dtype))
@@ -174,10 +173,9 @@ class RevGRUCell(_Cell):
         """The float [h1, h2] before the step that :meth:`inverse` reversed into ``saved``."""
         return saved[2:4]
 
-    @torch.no_grad()
     def backward(self, saved: list, grads: list[torch.Tensor], active, sums: ParameterGradients):
         """dL/d(state before) and dL/dx of the step that :meth:`inverse` reversed (``saved``), from
-        ``grads`` = dL/d[h1, h2] after it; adds the parameter gradients to ``sums``."""
+        ``grads`` = dL/d[h1, h2] after it; adds the parameter gradients to ``sums``. Under torch.no_grad()."""
         first, second, before1, before2 = saved
         grad1, grad2 = grads
         grad2, grad_after1, grad_x = self._half_backward(second, before2, grad2, active, sums.halves[1])
@@ -269,10 +267,9 @@ class RevLSTMCell(_Cell):
         c = exact_reverse(buffer, c, self._slot(t.n, 0), t.c_add, active)
         return h, c, (t, tanh_c, to_float(h, x.dtype), to_float(c, x.dtype))
 
-    @torch.no_grad()
     def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None, weights=None):
         """The state before :meth:`step`, from the state after it (int64, bit for bit). With
-        ``saved`` (a list), appends what :meth:`backward` needs."""
+        ``saved`` (a list), appends what :meth:`backward` needs. Call it under torch.no_grad()."""
         first_weights, second_weights = weights or self.weights()
         h1, h2, c1, c2 = state
         h2, c2, second = self._reverse_half(second_weights, buffer, x, to_float(h1, x.dtype), h2, c2, active)
@@ -288,10 +285,10 @@ class RevLSTMCell(_Cell):
         """The float [h1, h2] before the step that :meth:`inverse` reversed into ``saved``."""
         return [saved[0][2], saved[1][2]]
 
-    @torch.no_grad()
     def backward(self, saved: list, grads: list[torch.Tensor], active, sums: ParameterGradients):
         """dL/d(state before) and dL/dx of the step that :meth:`inverse` reversed (``saved``), from
-        ``grads`` = dL/d[h1, h2, c1, c2] after it; adds the parameter gradients to ``sums``."""
+        ``grads`` = dL/d[h1, h2, c1, c2] after it; adds the parameter gradients to ``sums``.
+        Under torch.no_grad()."""
         first, second = saved
         grad_h1, grad_h2, grad_c1, grad_c2 = grads
         grad_h2, grad_c2, grad_after1, grad_x = self._half_backward(second, grad_h2, grad_c2, active, sums.halves[1])

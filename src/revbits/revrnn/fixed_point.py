@@ -36,11 +36,17 @@ def to_fixed(v: torch.Tensor) -> torch.Tensor:
     return torch.round(v * 2**STATE_BITS).to(torch.int64)
 
 
+_GRID: dict[torch.dtype, torch.Tensor] = {}  # 2**-23 as a 0-d tensor per dtype
+
+
 def to_float(h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """h / 2**23, the value of a fixed-point state, rounded once to ``dtype``."""
-    if dtype in _EXACT_SCALING:
-        return h.to(dtype) * 2.0**-STATE_BITS
-    return (h.double() / 2**STATE_BITS).to(dtype)
+    if dtype not in _EXACT_SCALING:
+        return (h.double() / 2**STATE_BITS).to(dtype)
+    grid = _GRID.get(dtype)
+    if grid is None:
+        grid = _GRID[dtype] = torch.tensor(2.0**-STATE_BITS, dtype=dtype)
+    return h * grid  # one op: each element is converted to dtype (rounded once), then scaled exactly
 
 
 def fixed_complement_product(n: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ class ForgetGate:
 
         Scaling by 2**10 commutes with rounding, so round(((1 - keep) s + keep) 2**10) is
         round(s (1 - keep) 2**10 + keep 2**10) in any float dtype."""
-        scaled = s.detach() * ((1 - self.keep) * 2**GATE_BITS)
+        scaled = (s.detach() if s.requires_grad else s) * ((1 - self.keep) * 2**GATE_BITS)
         if self.keep:
             scaled = scaled + self.keep * 2**GATE_BITS
         return torch.round(scaled).clamp_(self.lowest, 2**GATE_BITS)

@@ -144,6 +144,7 @@ class _ReversibleRNN(torch.autograd.Function):
         return (out, *_join_layers(floats))
 
     @staticmethod
+    @torch.no_grad()  # the hand-written backward builds no graph (also under create_graph)
     def backward(ctx, grad_out: torch.Tensor, *grad_finals: torch.Tensor):  # type: ignore[override]
         run: _Run = ctx.run
         ctx.run = None
