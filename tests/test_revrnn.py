@@ -9,6 +9,7 @@ from helpers import relative_error
 from revbits.revrnn import RevGRU, RevLSTM, StateRangeError, make_rnn, run_readout
 from revbits.revrnn.cells import to_float
 from revbits.revrnn.fixed_point import ForgetGate, fixed_complement_product, to_fixed
+from revbits.revrnn.info_buffer import InfoBuffer
 from revbits.revrnn.layers import _Run
 
 CLASSES = [RevGRU, RevLSTM]
@@ -101,6 +102,31 @@ def test_float64_runs_reverse_exactly_and_get_the_reference_gradients(cls):
     assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(fin_a, fin_b))
     assert relative_error(gx_a, gx_b) <= 1e-12
     assert max(relative_error(a, b) for a, b in zip(gp_a, gp_b)) <= 1e-12
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_spill_decisions_on_the_device_train_as_on_the_host(cls, monkeypatch):
+    """The accelerator's way of deciding spills (on the device), run on the CPU: same outputs, same
+    gradients, same stored bits as the CPU's host decisions, over enough steps to spill."""
+    import functools
+
+    import revbits.revrnn.layers as layers
+
+    results = []
+    for host_decides in (True, False):
+        monkeypatch.setattr(layers, "InfoBuffer", functools.partial(InfoBuffer, host_decides=host_decides))
+        torch.manual_seed(9)
+        rnn = cls(4, 8, num_layers=2, forget_bits=5)
+        x = torch.randn(120, 3, 4, requires_grad=True)
+        out, _ = rnn(x, lengths=torch.tensor([120, 70, 99]))
+        stored = sum(buffer.stored_bits() for buffer in rnn.last_run.buffers)
+        assert sum(int(buffer.depth) for buffer in rnn.last_run.buffers) > 0  # some words spilled
+        out.square().sum().backward()
+        assert all(buffer.empty for buffer in rnn.last_run.buffers)
+        results.append((out.detach(), stored, x.grad, [p.grad for p in rnn.parameters()]))
+    (out_a, stored_a, gx_a, gp_a), (out_b, stored_b, gx_b, gp_b) = results
+    assert torch.equal(out_a, out_b) and stored_a == stored_b
+    assert torch.equal(gx_a, gx_b) and all(torch.equal(a, b) for a, b in zip(gp_a, gp_b))
 
 
 @pytest.mark.parametrize("cls", CLASSES)
