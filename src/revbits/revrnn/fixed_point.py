@@ -50,9 +50,9 @@ def to_float(h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
 
 
 def fixed_complement_product(n: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """to_fixed((1 - n / 2**10) g) for a gate numerator n (integer values in g's dtype): in float32
-    and float64 2**23 - 2**13 n is exact and scaling by it commutes with rounding, so this is
-    round((2**23 - 2**13 n) g), one rounding of the product as in to_fixed."""
+    """to_fixed((1 - n / 2**10) g) for a gate numerator n (integer values in g's dtype). In float32
+    and float64, 2**23 - 2**13 n is exactly 2**23 (1 - n / 2**10), and the factor 2**23 commutes
+    with rounding, so round((2**23 - 2**13 n) g) rounds the same product once, as to_fixed does."""
     if g.dtype not in _EXACT_SCALING:
         return to_fixed((1 - n * 2.0**-GATE_BITS) * g)
     complement = torch.rsub(n, 2**STATE_BITS, alpha=2 ** (STATE_BITS - GATE_BITS))
