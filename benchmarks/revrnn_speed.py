@@ -1,21 +1,30 @@
-"""Training-step time of the reversible RNNs against nn.GRU / nn.LSTM, as ratios measured in one run.
+"""Training-step time of the reversible RNNs against nn.GRU / nn.LSTM, measured interleaved in one process.
 
-Times forward + backward (median of --repeats steps after a warm-up step) for:
-- the recurrent stack alone: 2 layers of 256, T = 35, batch 32, GRU and LSTM, forget_bits = 3;
-- the whole word LM (rnnlm, 10k-word softmax) and the whole attention translator
-  (rnn-translator, 1 layer of 128) on real batches.
-The reversible arm runs a Python loop per time step (forward, then reverse and re-run in
-backward); the standard arm is one fused nn.GRU / nn.LSTM call. Run it on an idle machine: the
-ratios are what to read, the absolute CPU times are noise.
-Writes <out>.json and <out>.md. Needs: revbits data fetch shakespeare bible-en-fr.
+Cases (each a forward and a backward):
+- the recurrent stack alone, GRU and LSTM: hidden 256, 2 layers, T = 35, batch 20, forget_bits = 3,
+  loss = sum(out * a fixed random probe) (issue 25's setting; --hidden, --layers, --steps, --batch change it);
+- with --models rnnlm rnn-translator, the whole word LM (benchmarks/configs/revrnn-speed-rnnlm.toml, GRU)
+  and the whole rnn-translator (revrnn-speed-rnn-translator.toml, GRU) on a real batch; they need
+  ``revbits data fetch shakespeare`` and ``bible-en-fr``.
 
-    python benchmarks/revrnn_speed.py
+Each repeat times one standard step and then one reversible step, after a warm-up step of each, so both
+arms see the same machine state; a case's ratio is the median of the per-repeat ratios (with its
+quartiles). One more untimed step of each arm counts the ATen operators it dispatches (what the
+per-op overhead of eager PyTorch is paid on). Every value of --threads is measured in turn
+(torch.set_num_threads). The 1-minute load average is read before and after each case: the run
+counts as idle when it stayed below --idle-load, and only an idle run's ratios should be quoted.
+Writes <out>.json (raw) and <out>.md (table).
+
+    python benchmarks/revrnn_speed.py                      # on an idle machine
+    python benchmarks/revrnn_speed.py --models rnnlm rnn-translator   # also the whole models
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from report import experiment_config, write_results
 from revbits.revrnn import make_rnn
@@ -32,62 +42,146 @@ from revbits.train.tasks import make_task
 
 RNNLM = experiment_config("revrnn-speed-rnnlm")  # benchmarks/configs/revrnn-speed-*.toml
 TRANSLATOR = experiment_config("revrnn-speed-rnn-translator")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time (1 thread only)
+Step = Callable[[], None]
 
 
-def median_step_seconds(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], repeats: int) -> float:
-    times = []
-    for i in range(repeats + 1):
+def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Step:
+    def step() -> None:
         model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
         loss_fn().backward()
-        if i:  # the first step warms up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return step
 
 
-def stack_times(cell: str, repeats: int) -> dict[str, float]:
-    x = torch.randn(32, 35, 256, requires_grad=True)
-    probe = torch.randn(32, 35, 256)
-    times = {}
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_step(step: Step) -> int:
+    with OperatorCount() as counter:
+        step()
+    return counter.count
+
+
+def interleaved(standard: Step, reversible: Step, repeats: int, clock: Callable[[], float]) -> dict:
+    """Median seconds per step of each arm and the median of the per-repeat ratios."""
+    standard(), reversible()  # warm-up
+    times: dict[str, list[float]] = {"standard": [], "reversible": []}
+    for _ in range(repeats):
+        for arm, step in (("standard", standard), ("reversible", reversible)):
+            start = clock()
+            step()
+            times[arm].append(clock() - start)
+    ratios = [r / s for s, r in zip(times["standard"], times["reversible"])]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "standard_s": statistics.median(times["standard"]),
+        "reversible_s": statistics.median(times["reversible"]),
+        "ratio": statistics.median(ratios),
+        "ratio_quartiles": [quartiles[0], quartiles[2]],
+        "repeats": repeats,
+    }
+
+
+def stack_steps(cell: str, args: argparse.Namespace) -> tuple[Step, Step]:
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.steps, args.hidden, requires_grad=True)
+    probe = torch.randn(args.batch, args.steps, args.hidden)
+    arms = []
     for memory in ("standard", "reversible"):
         torch.manual_seed(0)
-        rnn = make_rnn(cell, memory, 256, 2, 3)
-        times[memory] = median_step_seconds(rnn, lambda r=rnn: (r(x)[0] * probe).sum(), repeats)
-    return times
+        rnn = make_rnn(cell, memory, args.hidden, args.layers, 3)
+        arms.append(training_step(rnn, lambda r=rnn: (r(x)[0] * probe).sum()))
+    return arms[0], arms[1]
 
 
-def model_times(config: TrainConfig, repeats: int) -> dict[str, float]:
+def model_steps(config: TrainConfig) -> tuple[Step, Step]:
     task = make_task(config)
     batch = task.train_batch(torch.Generator().manual_seed(0), torch.device("cpu"))
-    times = {}
+    arms = []
     for memory in ("standard", "reversible"):
         torch.manual_seed(0)
         model = make_task_model(task, replace(config, memory=memory)).train()
-        times[memory] = median_step_seconds(model, lambda m=model: task.loss(m, batch), repeats)
-    return times
+        arms.append(training_step(model, lambda m=model: task.loss(m, batch)))
+    return arms[0], arms[1]
+
+
+def cases(args: argparse.Namespace) -> dict[str, Callable[[], tuple[Step, Step]]]:
+    shape = f"{args.layers} x {args.hidden}, T = {args.steps}, batch {args.batch}"
+    found = {
+        f"GRU stack ({shape})": lambda: stack_steps("gru", args),
+        f"LSTM stack ({shape})": lambda: stack_steps("lstm", args),
+    }
+    if "rnnlm" in args.models:
+        found["rnnlm, whole model (GRU 2 x 256, 10k vocabulary, batch 32)"] = lambda: model_steps(RNNLM)
+    if "rnn-translator" in args.models:
+        found["rnn-translator, whole model (GRU 1 x 128, batch 32)"] = lambda: model_steps(TRANSLATOR)
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads, each measured")
+    parser.add_argument("--repeats", type=int, default=21, help="timed steps per arm after the warm-up")
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=35, help="sequence length T")
+    parser.add_argument("--models", nargs="*", choices=["rnnlm", "rnn-translator"], default=[], help="whole models too")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--idle-load", type=float, default=0.5, help="the most 1-minute load average that is idle")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "revrnn_speed")
     args = parser.parse_args()
-    cases = {
-        "GRU stack (2 x 256, T = 35, batch 32)": lambda: stack_times("gru", args.repeats),
-        "LSTM stack (2 x 256, T = 35, batch 32)": lambda: stack_times("lstm", args.repeats),
-        "rnnlm, whole model (GRU 2 x 256, 10k vocabulary)": lambda: model_times(RNNLM, args.repeats),
-        "rnn-translator, whole model (GRU 1 x 128)": lambda: model_times(TRANSLATOR, args.repeats),
-    }
     rows = []
-    for name, measure in cases.items():
-        times = measure()
-        ratio = times["reversible"] / times["standard"]
-        row = {"case": name, **times, "ratio": ratio, "threads": torch.get_num_threads()}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    lines = ["| case | reversible / standard step time |", "|---|---|"]
-    lines += [f"| {r['case']} | {r['ratio']:.2f}x |" for r in rows]
-    write_results(args.out, rows, lines)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name, make in cases(args).items():
+            load_before = os.getloadavg()[0]
+            standard, reversible = make()
+            row = {
+                "case": name,
+                "threads": threads,
+                **interleaved(standard, reversible, args.repeats, CLOCKS[args.clock]),
+            }
+            row["operators"] = {"standard": operators_per_step(standard), "reversible": operators_per_step(reversible)}
+            row["load_average"] = [load_before, os.getloadavg()[0]]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    loads = [load for row in rows for load in row["load_average"]]
+    machine = {
+        "idle": max(loads) < args.idle_load,
+        "load_average_max": max(loads),
+        "idle_load": args.idle_load,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "clock": args.clock,
+    }
+    print(json.dumps({"machine": machine}), flush=True)
+    lines = [
+        f"Machine idle: {'yes' if machine['idle'] else 'NO'} (1-minute load average at most "
+        f"{machine['load_average_max']:.2f}; {machine['cpu_count']} CPUs; torch {machine['torch']})",
+        "",
+        "| case | threads | standard step | reversible step | reversible / standard (quartiles) | operators per step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        low, high = r["ratio_quartiles"]
+        lines.append(
+            f"| {r['case']} | {r['threads']} | {r['standard_s'] * 1e3:.1f} ms | {r['reversible_s'] * 1e3:.1f} ms "
+            f"| {r['ratio']:.2f}x ({low:.2f}-{high:.2f}) "
+            f"| {r['operators']['standard']} / {r['operators']['reversible']} |"
+        )
+    write_results(args.out, {"machine": machine, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

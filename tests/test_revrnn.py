@@ -8,6 +8,8 @@ import torch
 from helpers import relative_error
 from revbits.revrnn import RevGRU, RevLSTM, StateRangeError, make_rnn, run_readout
 from revbits.revrnn.cells import to_float
+from revbits.revrnn.fixed_point import ForgetGate, fixed_complement_product, to_fixed
+from revbits.revrnn.info_buffer import InfoBuffer
 from revbits.revrnn.layers import _Run
 
 CLASSES = [RevGRU, RevLSTM]
@@ -68,6 +70,63 @@ def test_gradients_equal_plain_autograd_over_200_steps(cls, forget_bits):
     assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(fin_a, fin_b))
     assert relative_error(gx_a, gx_b) <= 1e-5
     assert max(relative_error(a, b) for a, b in zip(gp_a, gp_b)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fixed_point_shortcuts_equal_rounding_through_float64(dtype):
+    """to_float, to_fixed, the gate numerator and the fixed-point (1 - z) g skip the float64 detour;
+    each gives the detour's result bit for bit, including halfway cases."""
+    generator = torch.Generator().manual_seed(0)
+    ties = (torch.randint(2**23, 2**24, (20000,), generator=generator) << 7) + 64  # half an ulp of float32 at 2**30
+    h = torch.cat([ties, -ties, ties + 1, torch.randint(-(2**31), 2**31, (20000,), generator=generator)])
+    assert torch.equal(to_float(h, dtype), (h.double() / 2**23).to(dtype))
+    scales = 10.0 ** torch.randint(-9, 2, (50000,), generator=generator)
+    v = (torch.randn(50000, generator=generator, dtype=torch.float64) * scales).to(dtype)
+    assert torch.equal(to_fixed(v), torch.round(v.double() * 2**23).long())
+    for forget_bits in (1, 3, 5, None):
+        gate = ForgetGate(forget_bits)
+        s = torch.rand(50000, generator=generator, dtype=dtype)
+        z = (1 - gate.keep) * s + gate.keep  # the gate as written, then rounded to n / 2**10
+        n = gate.numerator(s)
+        assert torch.equal(n.long(), torch.round(z.double() * 2**10).long().clamp(gate.lowest, 2**10))
+        g = torch.rand(50000, generator=generator, dtype=dtype) * 2 - 1
+        assert torch.equal(fixed_complement_product(n, g), to_fixed((1 - n / 2**10) * g))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_float64_runs_reverse_exactly_and_get_the_reference_gradients(cls):
+    torch.manual_seed(7)
+    rnn = cls(5, 8, num_layers=2).double()
+    x = torch.randn(30, 3, 5, dtype=torch.float64, requires_grad=True)
+    (out_a, fin_a, gx_a, gp_a), (out_b, fin_b, gx_b, gp_b) = run_both(rnn, x, lengths=torch.tensor([30, 12, 21]))
+    assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(fin_a, fin_b))
+    assert relative_error(gx_a, gx_b) <= 1e-12
+    assert max(relative_error(a, b) for a, b in zip(gp_a, gp_b)) <= 1e-12
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_spill_decisions_on_the_device_train_as_on_the_host(cls, monkeypatch):
+    """The accelerator's way of deciding spills (on the device), run on the CPU: same outputs, same
+    gradients, same stored bits as the CPU's host decisions, over enough steps to spill."""
+    import functools
+
+    import revbits.revrnn.layers as layers
+
+    results = []
+    for host_decides in (True, False):
+        monkeypatch.setattr(layers, "InfoBuffer", functools.partial(InfoBuffer, host_decides=host_decides))
+        torch.manual_seed(9)
+        rnn = cls(4, 8, num_layers=2, forget_bits=5)
+        x = torch.randn(120, 3, 4, requires_grad=True)
+        out, _ = rnn(x, lengths=torch.tensor([120, 70, 99]))
+        stored = sum(buffer.stored_bits() for buffer in rnn.last_run.buffers)
+        assert sum(int(buffer.depth) for buffer in rnn.last_run.buffers) > 0  # some words spilled
+        out.square().sum().backward()
+        assert all(buffer.empty for buffer in rnn.last_run.buffers)
+        results.append((out.detach(), stored, x.grad, [p.grad for p in rnn.parameters()]))
+    (out_a, stored_a, gx_a, gp_a), (out_b, stored_b, gx_b, gp_b) = results
+    assert torch.equal(out_a, out_b) and stored_a == stored_b
+    assert torch.equal(gx_a, gx_b) and all(torch.equal(a, b) for a, b in zip(gp_a, gp_b))
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -1,4 +1,4 @@
-"""RevGRU and RevLSTM cells: one time step in exact fixed point, forward and reverse.
+"""RevGRU and RevLSTM cells: one time step in exact fixed point, forward, reverse and backward.
 
 The hidden state is split in halves h = [h1; h2] (and c = [c1; c2] for the LSTM). Half 1 is
 updated from x and the old h2, then half 2 from x and the new h1 (MacKay et al. 2018):
@@ -8,200 +8,314 @@ updated from x and the old h2, then half 2 from x and the new h1 (MacKay et al. 
     RevLSTM half: [f; g; i; o; p] = gates(U [x; h_other])  (g tanh, the rest sigma)
                   c <- f * c + i * g,   h <- p * h + o * tanh(c)
 
-States are integers holding round(v * 2**23). A forget-type gate (z, f, p) is bounded below by
-1 - m with m = 1 - 2**-k, z = m sigma(a) + 1 - m, and rounded to n / 2**10 with
-n >= 2**(10 - k): multiplying by it loses at most k bits, which an InfoBuffer keeps. The
-additive part is rounded to the state grid. Reversal recomputes the gates of a half from x and
-the other half, subtracts the additive part and divides by n through the buffer.
+The arithmetic of one update is in :mod:`.fixed_point`. Forward, reversal and the autograd
+reference compute a half's gates with the same function, so they agree bit for bit. Reversal
+recomputes the gates of a half from x and the other half, subtracts the additive part and
+divides by n through the buffer.
 
-For gradients each step is also expressed in floating point, h_new = z_q h + (1 - z_q) g with
-z_q = n / 2**10 (straight-through), and its value replaced by the exact fixed-point result.
+Backward does not re-run the step under autograd: the reversal has just computed every gate of
+the step, so :meth:`backward` back-propagates by hand through the float expression that
+``step`` builds under autograd (h_new = z_q h + add, z_q straight-through to z). Its gradients
+are autograd's up to the order in which float contributions are summed.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .fixed_point import (
+    FORGET_BITS,
+    GATE_BITS,
+    ForgetGate,
+    exact_reverse,
+    exact_update,
+    fixed_complement_product,
+    state_float,
+    to_fixed,
+    to_float,
+    update_gradients,
+)
 from .info_buffer import InfoBuffer
 
-STATE_BITS = 23  # fractional bits of h and c
-GATE_BITS = 10  # gates are n / 2**10
-STATE_LIMIT = 2**31  # |state integer| must stay below this (|value| < 256)
-FORGET_BITS = (1, 2, 3, 5, None)
+__all__ = ["FORGET_BITS", "LinearGradients", "ParameterGradients", "RevGRUCell", "RevLSTMCell", "to_float"]
+
+tanh_backward = torch.ops.aten.tanh_backward
+sigmoid_backward = torch.ops.aten.sigmoid_backward
 
 
-def to_fixed(v: torch.Tensor) -> torch.Tensor:
-    """round(v * 2**23) as int64."""
-    return torch.round(v.double() * 2**STATE_BITS).to(torch.int64)
+Linear = tuple[torch.Tensor, torch.Tensor]  # (weight, bias) of one linear layer, as plain tensors
 
 
-def to_float(h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """h / 2**23, the value of a fixed-point state."""
-    return (h.double() / 2**STATE_BITS).to(dtype)
+class LinearGradients:
+    """Running sums of dL/dW and dL/db of one linear layer over the steps of a backward."""
+
+    def __init__(self, linear: Linear) -> None:
+        self.weight, self.bias = linear
+        self.grad_weight = torch.zeros_like(self.weight)
+        self.bias_rows: torch.Tensor | None = None  # dL/d(output) summed over steps, per row
+
+    def add(self, grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Adds dL/dW = grad_out^T inputs and dL/db = sum(grad_out); returns dL/d inputs."""
+        self.grad_weight.addmm_(grad_out.t(), inputs)
+        if self.bias_rows is None:
+            self.bias_rows = grad_out.clone()
+        else:
+            self.bias_rows.add_(grad_out)
+        return grad_out @ self.weight
+
+    def totals(self) -> dict[torch.Tensor, torch.Tensor]:
+        grad_bias = torch.zeros_like(self.bias) if self.bias_rows is None else self.bias_rows.sum(0)
+        return {self.weight: self.grad_weight, self.bias: grad_bias}
 
 
-def straight_through(value: torch.Tensor, graph: torch.Tensor) -> torch.Tensor:
-    """Exactly ``value``, with the gradient of ``graph``."""
-    return value.detach() + (graph - graph.detach())
+class ParameterGradients:
+    """The :class:`LinearGradients` of every linear layer of a cell, per half."""
+
+    def __init__(self, weights: list[list[Linear]]) -> None:
+        self.halves = [[LinearGradients(linear) for linear in half] for half in weights]
+
+    def of(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """The sums in the order of ``params``."""
+        totals = {}
+        for half in self.halves:
+            for linear in half:
+                totals.update(linear.totals())
+        return [totals[p] for p in params]
 
 
-def lowest_numerator(forget_bits: int | None) -> int:
-    return 1 if forget_bits is None else 2 ** (GATE_BITS - forget_bits)
+class _Cell(nn.Module):
+    """What both cells share: their linear layers per half, read as plain tensors once per run."""
+
+    def half_linears(self) -> list[list[nn.Linear]]:
+        raise NotImplementedError
+
+    def weights(self) -> list[list[Linear]]:
+        """Per half, (weight, bias) of each linear layer (module calls cost more than the step's ops)."""
+        return [[(linear.weight, linear.bias) for linear in half] for half in self.half_linears()]
 
 
-class ForgetGate:
-    """z = m sigma(a) + 1 - m with m = 1 - 2**-k, and its numerator n = round(z 2**10) >= 2**(10-k)."""
+class GRUHalf(NamedTuple):
+    """The gates of one RevGRU half-update: h <- z_q h + (1 - z_q) g, z_q = n / 2**10."""
 
-    def __init__(self, forget_bits: int | None) -> None:
-        self.keep = 0.0 if forget_bits is None else 2.0**-forget_bits  # 1 - m
-        self.lowest = lowest_numerator(forget_bits)
-
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_q, n): the gate with a straight-through rounding to n / 2**10, and n (int64)."""
-        z = (1 - self.keep) * torch.sigmoid(logits) + self.keep
-        n = torch.round(z.detach().double() * 2**GATE_BITS).to(torch.int64).clamp_(self.lowest, 2**GATE_BITS)
-        return straight_through(n.to(z.dtype) / 2**GATE_BITS, z), n
+    n: torch.Tensor  # int64
+    add: torch.Tensor  # (1 - z_q) g in fixed point
+    n_float: torch.Tensor
+    s: torch.Tensor  # sigma of [z; r]'s logits
+    g: torch.Tensor
+    xo: torch.Tensor  # [x; other], the input of W
+    xro: torch.Tensor  # [x; r * other], the input of V
 
 
-class Replay:
-    """Stands in for the InfoBuffer when a step is re-run for its gradients: each update
-    returns the exact result already known from the reversal, in update order."""
-
-    def __init__(self, results: list[torch.Tensor]) -> None:
-        self.results = list(results)
-
-    def next(self) -> torch.Tensor:
-        return self.results.pop(0)
-
-
-def exact_update(
-    buffer: InfoBuffer | Replay,
-    h: torch.Tensor,
-    h_float: torch.Tensor,
-    z_q: torch.Tensor,
-    n: torch.Tensor,
-    add: torch.Tensor,
-    active: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """h <- z h + add: the exact integer result and the float expression carrying its gradient."""
-    if isinstance(buffer, Replay):
-        new_fixed = buffer.next()
-    else:
-        new_fixed = buffer.multiply(h, n, active) + _masked(to_fixed(add.detach()), active)
-    graph = z_q * h_float + add
-    new_float = straight_through(to_float(new_fixed, graph.dtype), graph)
-    if active is not None:
-        new_float = torch.where(active[:, None], new_float, h_float)
-    return new_fixed, new_float
-
-
-def exact_reverse(
-    buffer: InfoBuffer, h_new: torch.Tensor, n: torch.Tensor, add: torch.Tensor, active: torch.Tensor | None
-) -> torch.Tensor:
-    """The h that :func:`exact_update` was given."""
-    return buffer.divide(h_new - _masked(to_fixed(add), active), n, active)
-
-
-def _masked(update: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-    return update if active is None else torch.where(active[:, None], update, 0)
-
-
-class RevGRUCell(nn.Module):
+class RevGRUCell(_Cell):
     """The parameters of one RevGRU layer: for each half, W (to [z; r]) and V (to g)."""
 
     def __init__(self, input_size: int, hidden_size: int, forget_bits: int | None) -> None:
         super().__init__()
         half = hidden_size // 2
+        self.input_size, self.half = input_size, half
         self.gates = nn.ModuleList([nn.Linear(input_size + half, 2 * half) for _ in range(2)])
         self.candidates = nn.ModuleList([nn.Linear(input_size + half, half) for _ in range(2)])
         self.forget = ForgetGate(forget_bits)
         self.state_parts = 1  # h only
 
-    @staticmethod
-    def update_order(state: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The state halves in the order :meth:`step` updates them: h1, h2."""
-        return list(state)
+    def half_linears(self) -> list[list[nn.Linear]]:
+        return [[self.gates[i], self.candidates[i]] for i in range(2)]
 
-    def half_terms(
-        self, i: int, x: torch.Tensor, other: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z_q, n, (1 - z_q) g) for half i, from x and the other half's value."""
-        z_logits, r_logits = self.gates[i](torch.cat([x, other], -1)).chunk(2, -1)
-        z_q, n = self.forget(z_logits)
-        g = torch.tanh(self.candidates[i](torch.cat([x, torch.sigmoid(r_logits) * other], -1)))
-        return z_q, n, (1 - z_q) * g
+    def half_terms(self, weights: list[Linear], x: torch.Tensor, other: torch.Tensor) -> GRUHalf:
+        """The gates of a half with linear layers ``weights`` (W, V), from x and the other half's value."""
+        (w, w_bias), (v, v_bias) = weights
+        xo = torch.cat([x, other], -1)
+        s = torch.sigmoid(F.linear(xo, w, w_bias))
+        n_float = self.forget.numerator(s[:, : self.half])
+        xro = torch.cat([x, s[:, self.half :] * other], -1)
+        g = torch.tanh(F.linear(xro, v, v_bias))
+        return GRUHalf(n_float.to(torch.int64), fixed_complement_product(n_float, g), n_float, s, g, xo, xro)
 
-    def step(self, buffer, x, state, state_float, active):
-        """One exact step. ``state`` = [h1, h2] (int64), ``state_float`` their float values."""
+    def _update(self, buffer, h, h_float, t: GRUHalf, active):
+        new = exact_update(buffer, h, t.n, t.add, active)
+        graph = None
+        if torch.is_grad_enabled():  # the autograd reference: z_q h + (1 - z_q) g
+            z_q = self.forget.quantised(t.n_float, t.s[:, : self.half])
+            graph = z_q * h_float + (1 - z_q) * t.g
+        return new, state_float(new, h_float, graph, active)
+
+    def step(self, buffer: InfoBuffer, x, state, state_float, active, weights=None):
+        """One exact step. ``state`` = [h1, h2] (int64), ``state_float`` their float values;
+        ``weights``: :meth:`weights`, read once per run by the caller (read here if None)."""
+        first, second = weights or self.weights()
         (h1, h2), (f1, f2) = state, state_float
-        z_q, n, add = self.half_terms(0, x, f2)
-        h1, f1 = exact_update(buffer, h1, f1, z_q, n, add, active)
-        z_q, n, add = self.half_terms(1, x, f1)
-        h2, f2 = exact_update(buffer, h2, f2, z_q, n, add, active)
+        h1, f1 = self._update(buffer, h1, f1, self.half_terms(first, x, f2), active)
+        h2, f2 = self._update(buffer, h2, f2, self.half_terms(second, x, f1), active)
         return [h1, h2], [f1, f2]
 
-    @torch.no_grad()
-    def inverse(self, buffer, x, state, active):
-        """The state before :meth:`step`, from the state after it (int64, bit for bit)."""
+    def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None, weights=None):
+        """The state before :meth:`step`, from the state after it (int64, bit for bit). With
+        ``saved`` (a list), appends what :meth:`backward` needs. Call it under torch.no_grad()."""
+        first_weights, second_weights = weights or self.weights()
         h1, h2 = state
-        _, n, add = self.half_terms(1, x, to_float(h1, x.dtype))
-        h2 = exact_reverse(buffer, h2, n, add, active)
-        _, n, add = self.half_terms(0, x, to_float(h2, x.dtype))
-        h1 = exact_reverse(buffer, h1, n, add, active)
+        second = self.half_terms(second_weights, x, to_float(h1, x.dtype))
+        h2 = exact_reverse(buffer, h2, second.n, second.add, active)
+        before2 = to_float(h2, x.dtype)
+        first = self.half_terms(first_weights, x, before2)
+        h1 = exact_reverse(buffer, h1, first.n, first.add, active)
+        if saved is not None:
+            saved.extend([first, second, to_float(h1, x.dtype), before2])
         return [h1, h2]
 
     reverse = inverse  # Deprecated name (one name for the inverse across revbits); goes in 0.3
 
+    @staticmethod
+    def hidden_before(saved: list) -> list[torch.Tensor]:
+        """The float [h1, h2] before the step that :meth:`inverse` reversed into ``saved``."""
+        return saved[2:4]
 
-class RevLSTMCell(nn.Module):
+    def backward(self, saved: list, grads: list[torch.Tensor], active, sums: ParameterGradients):
+        """dL/d(state before) and dL/dx of the step that :meth:`inverse` reversed (``saved``), from
+        ``grads`` = dL/d[h1, h2] after it; adds the parameter gradients to ``sums``. Under torch.no_grad()."""
+        first, second, before1, before2 = saved
+        grad1, grad2 = grads
+        grad2, grad_after1, grad_x = self._half_backward(second, before2, grad2, active, sums.halves[1])
+        grad1, grad_before2, grad_x1 = self._half_backward(first, before1, grad1 + grad_after1, active, sums.halves[0])
+        return [grad1, grad2 + grad_before2], grad_x + grad_x1
+
+    def _half_backward(self, t: GRUHalf, h_old: torch.Tensor, grad_new, active, sums: list[LinearGradients]):
+        """(dL/dh_old, dL/d other, dL/dx) of h_new = z_q h_old + (1 - z_q) g."""
+        gates, candidates = sums
+        z_q = t.n_float * 2.0**-GATE_BITS
+        grad_old, grad_update = update_gradients(grad_new, z_q, active)
+        grad_xro = candidates.add(tanh_backward(grad_update * (1 - z_q), t.g), t.xro)
+        grad_ro, other = grad_xro[:, self.input_size :], t.xo[:, self.input_size :]
+        grad_s = torch.cat([self.forget.scaled_gradient(grad_update * (h_old - t.g)), grad_ro * other], -1)
+        grad_xo = gates.add(sigmoid_backward(grad_s, t.s), t.xo)
+        grad_other = grad_xo[:, self.input_size :] + grad_ro * t.s[:, self.half :]
+        return grad_old, grad_other, grad_xo[:, : self.input_size] + grad_xro[:, : self.input_size]
+
+
+class LSTMHalf(NamedTuple):
+    """The gates of one RevLSTM half-update: c <- f_q c + sigma(i) tanh(g), h <- p_q h + o tanh(c)."""
+
+    n: torch.Tensor  # int64 numerators of all five gate slots; f's and p's are used
+    c_add: torch.Tensor  # sigma(i) tanh(g) in fixed point
+    n_float: torch.Tensor
+    s: torch.Tensor  # sigma of all five logits (g's slot unused)
+    tg: torch.Tensor  # tanh of g's logits
+    xo: torch.Tensor  # [x; other], the input of U
+
+
+class RevLSTMCell(_Cell):
     """The parameters of one RevLSTM layer: for each half, U (to f, g, i, o, p)."""
 
     def __init__(self, input_size: int, hidden_size: int, forget_bits: int | None) -> None:
         super().__init__()
         half = hidden_size // 2
+        self.input_size, self.half = input_size, half
         self.gates = nn.ModuleList([nn.Linear(input_size + half, 5 * half) for _ in range(2)])
         self.forget = ForgetGate(forget_bits)
         self.state_parts = 2  # h and c
 
-    @staticmethod
-    def update_order(state: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The state halves [h1, h2, c1, c2] in the order :meth:`step` updates them: c1, h1, c2, h2."""
-        h1, h2, c1, c2 = state
-        return [c1, h1, c2, h2]
+    def half_linears(self) -> list[list[nn.Linear]]:
+        return [[self.gates[i]] for i in range(2)]
 
-    def half_gates(self, i: int, x: torch.Tensor, other: torch.Tensor):
-        f_logits, g_logits, i_logits, o_logits, p_logits = self.gates[i](torch.cat([x, other], -1)).chunk(5, -1)
-        f_q, f_n = self.forget(f_logits)
-        p_q, p_n = self.forget(p_logits)
-        return f_q, f_n, torch.sigmoid(i_logits) * torch.tanh(g_logits), torch.sigmoid(o_logits), p_q, p_n
+    def _slot(self, t: torch.Tensor, k: int) -> torch.Tensor:
+        """Gate slot k of [f, g, i, o, p]."""
+        return t[:, k * self.half : (k + 1) * self.half]
 
-    def _half(self, i, buffer, x, other, h, c, h_float, c_float, active):
-        f_q, f_n, c_add, o, p_q, p_n = self.half_gates(i, x, other)
-        c, c_float = exact_update(buffer, c, c_float, f_q, f_n, c_add, active)
-        h, h_float = exact_update(buffer, h, h_float, p_q, p_n, o * torch.tanh(c_float), active)
-        return h, c, h_float, c_float
+    def half_terms(self, weights: list[Linear], x: torch.Tensor, other: torch.Tensor) -> LSTMHalf:
+        """The gates of a half with linear layer ``weights`` (U), from x and the other half's value."""
+        ((u, u_bias),) = weights
+        xo = torch.cat([x, other], -1)
+        logits = F.linear(xo, u, u_bias)
+        s = torch.sigmoid(logits)
+        n_float = self.forget.numerator(s)  # all slots in one op; only f's and p's are used
+        tg = torch.tanh(self._slot(logits, 1))
+        return LSTMHalf(n_float.to(torch.int64), to_fixed(self._slot(s, 2) * tg), n_float, s, tg, xo)
 
-    def step(self, buffer, x, state, state_float, active):
-        """One exact step. ``state`` = [h1, h2, c1, c2] (int64), ``state_float`` their values."""
+    def _graph(self, t: LSTMHalf, k: int, old_float: torch.Tensor, add: torch.Tensor) -> torch.Tensor | None:
+        """Under autograd, the float expression z_q old + add of the update gated by slot k."""
+        if not torch.is_grad_enabled():
+            return None
+        return self.forget.quantised(self._slot(t.n_float, k), self._slot(t.s, k)) * old_float + add
+
+    def _half(self, weights, buffer, x, other, h, c, h_float, c_float, active):
+        t = self.half_terms(weights, x, other)
+        new_c = exact_update(buffer, c, self._slot(t.n, 0), t.c_add, active)
+        graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg)
+        c_float = state_float(new_c, c_float, graph, active)
+        h_add = self._slot(t.s, 3) * torch.tanh(c_float)
+        new_h = exact_update(buffer, h, self._slot(t.n, 4), to_fixed(h_add.detach()), active)
+        h_float = state_float(new_h, h_float, self._graph(t, 4, h_float, h_add), active)
+        return new_h, new_c, h_float, c_float
+
+    def step(self, buffer: InfoBuffer, x, state, state_float, active, weights=None):
+        """One exact step. ``state`` = [h1, h2, c1, c2] (int64), ``state_float`` their values;
+        ``weights``: :meth:`weights`, read once per run by the caller (read here if None)."""
+        first, second = weights or self.weights()
         h1, h2, c1, c2 = state
         f_h1, f_h2, f_c1, f_c2 = state_float
-        h1, c1, f_h1, f_c1 = self._half(0, buffer, x, f_h2, h1, c1, f_h1, f_c1, active)
-        h2, c2, f_h2, f_c2 = self._half(1, buffer, x, f_h1, h2, c2, f_h2, f_c2, active)
+        h1, c1, f_h1, f_c1 = self._half(first, buffer, x, f_h2, h1, c1, f_h1, f_c1, active)
+        h2, c2, f_h2, f_c2 = self._half(second, buffer, x, f_h1, h2, c2, f_h2, f_c2, active)
         return [h1, h2, c1, c2], [f_h1, f_h2, f_c1, f_c2]
 
-    def _reverse_half(self, i, buffer, x, other, h, c, active):
-        f_q, f_n, c_add, o, p_q, p_n = self.half_gates(i, x, other)
-        h = exact_reverse(buffer, h, p_n, o * torch.tanh(to_float(c, x.dtype)), active)
-        c = exact_reverse(buffer, c, f_n, c_add, active)
-        return h, c
+    def _reverse_half(self, weights, buffer, x, other, h, c, active):
+        t = self.half_terms(weights, x, other)
+        tanh_c = torch.tanh(to_float(c, x.dtype))
+        h = exact_reverse(buffer, h, self._slot(t.n, 4), to_fixed(self._slot(t.s, 3) * tanh_c), active)
+        c = exact_reverse(buffer, c, self._slot(t.n, 0), t.c_add, active)
+        return h, c, (t, tanh_c, to_float(h, x.dtype), to_float(c, x.dtype))
 
-    @torch.no_grad()
-    def inverse(self, buffer, x, state, active):
-        """The state before :meth:`step`, from the state after it (int64, bit for bit)."""
+    def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None, weights=None):
+        """The state before :meth:`step`, from the state after it (int64, bit for bit). With
+        ``saved`` (a list), appends what :meth:`backward` needs. Call it under torch.no_grad()."""
+        first_weights, second_weights = weights or self.weights()
         h1, h2, c1, c2 = state
-        h2, c2 = self._reverse_half(1, buffer, x, to_float(h1, x.dtype), h2, c2, active)
-        h1, c1 = self._reverse_half(0, buffer, x, to_float(h2, x.dtype), h1, c1, active)
+        h2, c2, second = self._reverse_half(second_weights, buffer, x, to_float(h1, x.dtype), h2, c2, active)
+        h1, c1, first = self._reverse_half(first_weights, buffer, x, second[2], h1, c1, active)
+        if saved is not None:
+            saved.extend([first, second])
         return [h1, h2, c1, c2]
 
     reverse = inverse  # Deprecated name (one name for the inverse across revbits); goes in 0.3
+
+    @staticmethod
+    def hidden_before(saved: list) -> list[torch.Tensor]:
+        """The float [h1, h2] before the step that :meth:`inverse` reversed into ``saved``."""
+        return [saved[0][2], saved[1][2]]
+
+    def backward(self, saved: list, grads: list[torch.Tensor], active, sums: ParameterGradients):
+        """dL/d(state before) and dL/dx of the step that :meth:`inverse` reversed (``saved``), from
+        ``grads`` = dL/d[h1, h2, c1, c2] after it; adds the parameter gradients to ``sums``.
+        Under torch.no_grad()."""
+        first, second = saved
+        grad_h1, grad_h2, grad_c1, grad_c2 = grads
+        grad_h2, grad_c2, grad_after1, grad_x = self._half_backward(second, grad_h2, grad_c2, active, sums.halves[1])
+        grad_h1, grad_c1, grad_before2, grad_x1 = self._half_backward(
+            first, grad_h1 + grad_after1, grad_c1, active, sums.halves[0]
+        )
+        return [grad_h1, grad_h2 + grad_before2, grad_c1, grad_c2], grad_x + grad_x1
+
+    def _half_backward(self, saved, grad_h, grad_c, active, sums: list[LinearGradients]):
+        """(dL/dh_old, dL/dc_old, dL/d other, dL/dx) of one half-update."""
+        t, tanh_c, h_old, c_old = saved
+        z_q = t.n_float * 2.0**-GATE_BITS
+        o, si = self._slot(t.s, 3), self._slot(t.s, 2)
+        grad_h_old, grad_h_update = update_gradients(grad_h, self._slot(z_q, 4), active)
+        grad_c = grad_c + tanh_backward(grad_h_update * o, tanh_c)
+        grad_c_old, grad_c_update = update_gradients(grad_c, self._slot(z_q, 0), active)
+        grad_s = torch.cat(
+            [
+                self.forget.scaled_gradient(grad_c_update * c_old),
+                grad_c_update,  # g's slot: replaced below, sigma of it is unused
+                grad_c_update * t.tg,
+                grad_h_update * tanh_c,
+                self.forget.scaled_gradient(grad_h_update * h_old),
+            ],
+            -1,
+        )
+        grad_logits = sigmoid_backward(grad_s, t.s)
+        self._slot(grad_logits, 1).copy_(tanh_backward(grad_c_update * si, t.tg))
+        grad_xo = sums[0].add(grad_logits, t.xo)
+        return grad_h_old, grad_c_old, grad_xo[:, self.input_size :], grad_xo[:, : self.input_size]

@@ -12,10 +12,15 @@ W1 = 2**F W + (h mod 2**F), so the reverse rebuilds W1 and then h and W exactly.
 are floor-consistent for negative h.
 
 W lives in an int64 word per unit. Before a push that could overflow it, the whole word tensor
-is spilled onto a stack of earlier words and W starts again from zero. The decision is made on
-the device: the word is always written to the next free level and the depth only advances when a
-spill is needed, so no step waits for the host. The host checks the depth once every
-``check_every`` pushes, to grow the stack ahead of need.
+is spilled onto a stack of earlier words and W starts again from zero. Where the spill decision is
+read matters for speed: on the CPU reading a flag costs nothing, so the host decides and only an
+actual spill copies a word. On an accelerator the decision stays on the device: the word is always
+written to the next free level and the depth only advances when a spill is needed, so no step
+waits for the host, and the host checks the depth once every ``check_every`` pushes to grow the
+stack ahead of need.
+
+With base 2**F the push and pop are shifts and masks; a division by n is done once per update
+(floor(W / n)), and W mod n is W - n floor(W / n).
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ from __future__ import annotations
 import torch
 
 INT64_MAX = 2**63 - 1
+
+
+def _where(mask: torch.Tensor | None, value: torch.Tensor, otherwise: torch.Tensor) -> torch.Tensor:
+    return value if mask is None else torch.where(mask, value, otherwise)
+
+
+def _push_limit(base: int | torch.Tensor) -> int | torch.Tensor:
+    """The largest W for which W * base + (base - 1) stays below 2**63."""
+    return (INT64_MAX - (base - 1)) // base
 
 
 class InfoBuffer:
@@ -41,9 +55,10 @@ class InfoBuffer:
         fraction_bits: F, the bits of the gate numerator (gates are n / 2**F).
         max_bits_per_step: the most a call can add to W (F for ``multiply`` with n >= 1; k when
             n >= 2**(F - k)); it bounds how many spills can happen between two host checks.
-        check_every: pushes between host checks of the stack depth.
+        check_every: pushes between host checks of the stack depth (device decisions only).
         track_information: keep ``lost_bits``, the sum of F - log2(n) over active
             multiplications (the information the gates destroyed; costs a few ops per call).
+        host_decides: read each spill decision on the host (default: on the CPU only).
     """
 
     def __init__(
@@ -55,6 +70,7 @@ class InfoBuffer:
         max_bits_per_step: int | None = None,
         check_every: int = 16,
         track_information: bool = False,
+        host_decides: bool | None = None,
     ) -> None:
         if not 1 <= fraction_bits <= 30:
             raise ValueError(f"fraction_bits must be from 1 to 30, got {fraction_bits}")
@@ -63,16 +79,23 @@ class InfoBuffer:
         self.fraction_bits = fraction_bits
         self.max_bits_per_step = max_bits_per_step or fraction_bits
         self.check_every = check_every
+        self.host_decides = self.device.type == "cpu" if host_decides is None else host_decides
         self.word = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
+        self._spilled: list = []  # per recorded push: did it spill (a bool, or a device bool)
+        # host decisions: the spilled words, newest last; device decisions: a stack of levels
+        self._stack: list[torch.Tensor] = []
         self.levels = torch.zeros((0, *self.shape), dtype=torch.int64, device=self.device)
-        self.depth = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._spilled: list[torch.Tensor] = []  # per recorded push: did it spill (device bool)
+        self._depth = torch.zeros((), dtype=torch.int64, device=self.device)
         self._pushes_since_check = self.check_every  # check before the first push
         self.track_information = track_information
-        # constants of every call, made once: the base 2**F and the mask of "all active"
-        self._scale = torch.tensor(1 << fraction_bits, dtype=torch.int64, device=self.device)
-        self._all_active = torch.ones((), dtype=torch.bool, device=self.device)
+        self._low_bits = (1 << fraction_bits) - 1  # h mod 2**F is h & this
+        self._scale_limit = _push_limit(1 << fraction_bits)
         self.lost_bits = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    @property
+    def depth(self) -> int | torch.Tensor:
+        """Spilled words below the live one (an int, or a device tensor for device decisions)."""
+        return len(self._stack) if self.host_decides else self._depth
 
     # -- the word stack ----------------------------------------------------------------------
 
@@ -81,7 +104,7 @@ class InfoBuffer:
         self._pushes_since_check = 0
         limit_bits = 63 - self.fraction_bits
         spare = -(-self.check_every * self.max_bits_per_step // limit_bits) + 1
-        needed = int(self.depth) + spare
+        needed = int(self._depth) + spare
         if needed > self.levels.shape[0]:
             grown = torch.zeros(
                 (max(needed, 2 * self.levels.shape[0]), *self.shape), dtype=torch.int64, device=self.device
@@ -89,52 +112,60 @@ class InfoBuffer:
             grown[: self.levels.shape[0]] = self.levels
             self.levels = grown
 
-    def _spill_if_needed(self, base: torch.Tensor, active: torch.Tensor) -> None:
+    def _spill_if_needed(self, limit: int | torch.Tensor, active: torch.Tensor | None) -> None:
+        """Spill the word if a push onto an active element above ``limit`` could overflow."""
+        full = self.word > limit
+        if active is not None:
+            full &= active
+        if self.host_decides:
+            spill = bool(full.any())
+            if spill:
+                self._stack.append(self.word)
+                self.word = torch.zeros_like(self.word)
+            self._spilled.append(spill)
+            return
         if self._pushes_since_check >= self.check_every:
             self._ensure_capacity()
         self._pushes_since_check += 1
-        # W * base + (base - 1) must stay below 2**63
-        full = (self.word > (INT64_MAX - (base - 1)) // base) & active
         spill = full.any()
-        self.levels.index_copy_(0, self.depth.view(1), self.word.unsqueeze(0))
-        self.depth += spill.to(torch.int64)
-        self.word = torch.where(spill, torch.zeros_like(self.word), self.word)
+        self.levels.index_copy_(0, self._depth.view(1), self.word.unsqueeze(0))
+        self._depth += spill.to(torch.int64)
+        self.word = self.word.masked_fill(spill, 0)
         self._spilled.append(spill)
 
     def _unspill(self) -> None:
         if not self._spilled:
             raise RuntimeError("InfoBuffer: more pops than pushes")
         spill = self._spilled.pop()
-        self.depth -= spill.to(torch.int64)
-        below = self.levels.index_select(0, self.depth.view(1))[0]
+        if self.host_decides:
+            if spill:
+                self.word = self._stack.pop()
+            return
+        self._depth -= spill.to(torch.int64)
+        below = self.levels.index_select(0, self._depth.view(1))[0]
         self.word = torch.where(spill, below, self.word)
 
     # -- push and pop ------------------------------------------------------------------------
 
-    def _mask(self, active: torch.Tensor | None) -> torch.Tensor:
+    def _mask(self, active: torch.Tensor | None) -> torch.Tensor | None:
         if active is None:
-            return self._all_active
+            return None
         return active.to(torch.bool).reshape(active.shape + (1,) * (len(self.shape) - active.dim()))
-
-    def _push(self, remainder: torch.Tensor, base: torch.Tensor, active: torch.Tensor) -> None:
-        self.word = torch.where(active, self.word * base + remainder, self.word)
-
-    def _pop(self, base: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        remainder = torch.remainder(self.word, base)
-        self.word = torch.where(active, torch.div(self.word, base, rounding_mode="floor"), self.word)
-        return remainder
 
     def push(self, remainder: torch.Tensor, base: torch.Tensor | int, active: torch.Tensor | None = None) -> None:
         """W <- W * base + remainder for active elements (0 <= remainder < base, base >= 1)."""
         mask = self._mask(active)
         base = torch.as_tensor(base, dtype=torch.int64, device=self.device)
-        self._spill_if_needed(base, mask)
-        self._push(remainder.to(torch.int64), base, mask)
+        self._spill_if_needed(_push_limit(base), mask)
+        self.word = _where(mask, self.word * base + remainder.to(torch.int64), self.word)
 
     def pop(self, base: torch.Tensor | int, active: torch.Tensor | None = None) -> torch.Tensor:
         """W mod base (for every element), then W <- floor(W / base) for active ones."""
         mask = self._mask(active)
-        remainder = self._pop(torch.as_tensor(base, dtype=torch.int64, device=self.device), mask)
+        base = torch.as_tensor(base, dtype=torch.int64, device=self.device)
+        quotient = torch.div(self.word, base, rounding_mode="floor")
+        remainder = self.word - quotient * base
+        self.word = _where(mask, quotient, self.word)
         self._unspill()
         return remainder
 
@@ -143,22 +174,25 @@ class InfoBuffer:
     def multiply(self, h: torch.Tensor, n: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """h * n / 2**F for int64 h and n in [1, 2**F], the lost low bits kept in the buffer."""
         mask = self._mask(active)
-        scale = 1 << self.fraction_bits
-        self._spill_if_needed(self._scale, mask)
-        self._push(torch.remainder(h, scale), self._scale, mask)
-        product = torch.div(h, scale, rounding_mode="floor") * n + self._pop(n, mask)
+        self._spill_if_needed(self._scale_limit, mask)
+        pushed = (self.word << self.fraction_bits) | (h & self._low_bits)  # W 2**F + (h mod 2**F)
+        quotient = torch.div(pushed, n, rounding_mode="floor")
+        self.word = _where(mask, quotient, self.word)
         if self.track_information:
-            self.lost_bits += ((self.fraction_bits - torch.log2(n.double())) * mask).sum()
-        return torch.where(mask, product, h)
+            lost = self.fraction_bits - torch.log2(n.double())
+            self.lost_bits += (lost if mask is None else lost * mask).sum()
+        # floor(h / 2**F) n + (W mod n)
+        return _where(mask, (h >> self.fraction_bits) * n + (pushed - quotient * n), h)
 
     def divide(self, h: torch.Tensor, n: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """The inverse of :meth:`multiply`: the h it was given, with the buffer as it was."""
         mask = self._mask(active)
-        scale = 1 << self.fraction_bits
-        self._push(torch.remainder(h, n), n, mask)
-        restored = torch.div(h, n, rounding_mode="floor") * scale + self._pop(self._scale, mask)
+        quotient = torch.div(h, n, rounding_mode="floor")
+        pushed = self.word * n + (h - quotient * n)  # W n + (h mod n)
+        self.word = _where(mask, pushed >> self.fraction_bits, self.word)
         self._unspill()
-        return torch.where(mask, restored, h)
+        # floor(h / n) 2**F + (W mod 2**F)
+        return _where(mask, (quotient << self.fraction_bits) | (pushed & self._low_bits), h)
 
     # -- accounting --------------------------------------------------------------------------
 

@@ -21,16 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .cells import (
-    FORGET_BITS,
-    GATE_BITS,
-    STATE_LIMIT,
-    Replay,
-    RevGRUCell,
-    RevLSTMCell,
-    to_fixed,
-    to_float,
-)
+from .cells import ParameterGradients, RevGRUCell, RevLSTMCell
+from .fixed_point import FORGET_BITS, GATE_BITS, STATE_LIMIT, to_fixed, to_float
 from .info_buffer import InfoBuffer
 
 
@@ -51,6 +43,31 @@ def _join_layers(per_layer: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """The inverse of :func:`_split_layers`."""
     parts = len(per_layer[0]) // 2
     return [torch.stack([torch.cat(f[2 * p : 2 * p + 2], -1) for f in per_layer]) for p in range(parts)]
+
+
+class _RangeCheck:
+    """The extremes every state element reached, per state part, checked once after a forward
+    (no host sync per step)."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.lowest = [torch.zeros_like(part) for part in parts]
+        self.highest = [torch.zeros_like(part) for part in parts]
+
+    def track(self, state: list[torch.Tensor]) -> None:
+        for k, part in enumerate(state):
+            self.lowest[k] = torch.minimum(self.lowest[k], part)
+            self.highest[k] = torch.maximum(self.highest[k], part)
+
+    def check(self) -> None:
+        outside = [
+            (low <= -STATE_LIMIT).any() | (high >= STATE_LIMIT).any() for low, high in zip(self.lowest, self.highest)
+        ]
+        if bool(torch.stack(outside).any()):
+            raise StateRangeError(
+                "a RevGRU/RevLSTM state left the fixed-point range |v| < 256 (2**31 at 2**-23 steps); "
+                "the cell state grows without a forget gate below 1: lower the learning rate, clip "
+                "gradients or use a smaller forget_bits"
+            )
 
 
 class _Run:
@@ -75,7 +92,6 @@ class _Run:
         ]
         # per layer: [h1, h2] or [h1, h2, c1, c2] as int64
         self.states = [[to_fixed(part) for part in state] for state in _split_layers(initial, len(rnn.cells))]
-        self.out_of_range = torch.zeros((), dtype=torch.bool, device=x.device)
 
     def active(self, t: int) -> torch.Tensor | None:
         return None if self.mask is None else self.mask[t]
@@ -89,11 +105,10 @@ class _Run:
         given = _split_layers(initial, len(self.states))
         return [[v + (g - g.detach()) for v, g in zip(vs, gs)] for vs, gs in zip(values, given)]
 
-    def output(self, top: list[torch.Tensor], t: int, readout_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The output at step t from the top layer's float halves: [h1; h2] (zero where the row has
-        finished), or the readout of it."""
+    def output(self, hidden: torch.Tensor, t: int, readout_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The output at step t from the top layer's float state [h1; h2]: itself (zero where the row
+        has finished), or the readout of it."""
         active = self.active(t)
-        hidden = torch.cat(top[:2], -1)
         if active is not None:
             hidden = torch.where(active[:, None], hidden, 0)
         return hidden if self.readout is None else self.readout(hidden, t, *readout_inputs)
@@ -103,23 +118,19 @@ class _Run:
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Outputs [T, B, ...] and each layer's final float state, from the states' float values."""
         readout_inputs = self.readout_inputs if readout_inputs is None else readout_inputs
+        weights = [cell.weights() for cell in self.rnn.cells]
+        in_range = _RangeCheck(self.states[0])
         outputs = []
         for t in range(self.x.shape[0]):
             inputs, active = self.x[t], self.active(t)
             for layer, cell in enumerate(self.rnn.cells):
                 self.states[layer], floats[layer] = cell.step(
-                    self.buffers[layer], inputs, self.states[layer], floats[layer], active
+                    self.buffers[layer], inputs, self.states[layer], floats[layer], active, weights[layer]
                 )
-                for s in self.states[layer]:
-                    self.out_of_range |= (s.abs() >= STATE_LIMIT).any()
+                in_range.track(self.states[layer])
                 inputs = torch.cat(floats[layer][:2], -1)
-            outputs.append(self.output(floats[-1], t, readout_inputs))
-        if bool(self.out_of_range):
-            raise StateRangeError(
-                "a RevGRU/RevLSTM state left the fixed-point range |v| < 256 (2**31 at 2**-23 steps); "
-                "the cell state grows without a forget gate below 1: lower the learning rate, clip "
-                "gradients or use a smaller forget_bits"
-            )
+            outputs.append(self.output(inputs, t, readout_inputs))
+        in_range.check()
         return torch.stack(outputs), floats
 
 
@@ -133,6 +144,7 @@ class _ReversibleRNN(torch.autograd.Function):
         return (out, *_join_layers(floats))
 
     @staticmethod
+    @torch.no_grad()  # the hand-written backward builds no graph (also under create_graph)
     def backward(ctx, grad_out: torch.Tensor, *grad_finals: torch.Tensor):  # type: ignore[override]
         run: _Run = ctx.run
         ctx.run = None
@@ -140,7 +152,9 @@ class _ReversibleRNN(torch.autograd.Function):
         cells = run.rnn.cells
         params = [list(cell.parameters()) for cell in cells]
         grads = _split_layers(list(grad_finals), len(cells))
-        param_grads = [[torch.zeros_like(p) for p in ps] for ps in params]
+        weights = [cell.weights() for cell in cells]
+        sums = [ParameterGradients(w) for w in weights]
+        hidden = [[to_float(s, x.dtype) for s in state[:2]] for state in run.states]  # float [h1, h2] per layer
         grad_x = torch.zeros_like(x)
         first_readout_input = 2 + len(grad_finals) + sum(len(ps) for ps in params)
         readout = _ReadoutGradients(run, readout_inputs, ctx.needs_input_grad[first_readout_input:])
@@ -150,37 +164,21 @@ class _ReversibleRNN(torch.autograd.Function):
             grads[-1][0], grads[-1][1] = grads[-1][0] + top[0], grads[-1][1] + top[1]
             for layer in range(len(cells) - 1, -1, -1):
                 cell = cells[layer]
+                inputs = x[t] if layer == 0 else torch.cat(hidden[layer - 1], -1)
+                saved: list = []
+                run.states[layer] = cell.inverse(
+                    run.buffers[layer], inputs, run.states[layer], active, saved, weights[layer]
+                )
+                hidden[layer] = cell.hidden_before(saved)
+                grads[layer], grad_in = cell.backward(saved, grads[layer], active, sums[layer])
                 if layer == 0:
-                    inputs = x[t]
+                    grad_x[t] = grad_in
                 else:
-                    inputs = torch.cat([to_float(s, x.dtype) for s in run.states[layer - 1][:2]], -1)
-                after = run.states[layer]
-                before = cell.inverse(run.buffers[layer], inputs, after, active)
-                with torch.enable_grad():
-                    leaves = [to_float(s, x.dtype).requires_grad_() for s in before]
-                    inputs = inputs.detach().requires_grad_()
-                    _, new_floats = cell.step(Replay(cell.update_order(after)), inputs, before, leaves, active)
-                    found = torch.autograd.grad(
-                        new_floats, [*leaves, inputs, *params[layer]], grads[layer], allow_unused=True
-                    )
-                parts = len(leaves)
-                grads[layer] = [
-                    g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(found[:parts], leaves)
-                ]
-                grad_in = found[parts]
-                for acc, g in zip(param_grads[layer], found[parts + 1 :]):
-                    if g is not None:
-                        acc += g
-                if grad_in is not None:
-                    if layer == 0:
-                        grad_x[t] = grad_in
-                    else:
-                        below = _halves(grad_in)
-                        grads[layer - 1][0] = grads[layer - 1][0] + below[0]
-                        grads[layer - 1][1] = grads[layer - 1][1] + below[1]
-                run.states[layer] = before
+                    below = _halves(grad_in)
+                    grads[layer - 1][0] = grads[layer - 1][0] + below[0]
+                    grads[layer - 1][1] = grads[layer - 1][1] + below[1]
         grad_initial = _join_layers(grads)
-        flat_params = [g for gs in param_grads for g in gs]
+        flat_params = [g for s, ps in zip(sums, params) for g in s.of(ps)]
         return (None, grad_x, *grad_initial, *flat_params, *readout.input_grads, *readout.param_grads)
 
 
@@ -203,7 +201,7 @@ class _ReadoutGradients:
         with torch.enable_grad():
             leaves = [to_float(s, run.x.dtype).requires_grad_() for s in run.states[-1][:2]]
             inputs = [i.detach().requires_grad_(want) for i, want in zip(self.inputs, self.wants)]
-            output = run.output(leaves, t, tuple(inputs))
+            output = run.output(torch.cat(leaves, -1), t, tuple(inputs))
             wanted = [i for i in inputs if i.requires_grad]
             found = torch.autograd.grad(output, [*leaves, *wanted, *self.params], grad_output, allow_unused=True)
         found_inputs = iter(found[2 : 2 + len(wanted)])
