@@ -198,3 +198,21 @@ def test_peak_memory_is_a_fraction_of_the_plain_path():
     fused = peak_of_step(lambda h: linear_cross_entropy(h, head, labels, chunk_tokens=64), hidden)
     assert plain >= 2 * logits_bytes
     assert fused <= 0.05 * plain, (fused, plain)
+
+
+def test_the_gpt_computes_its_loss_by_it():
+    """revbits' GPT with targets: the fused loss, no logits, and the loss and gradients of the plain one."""
+    from revbits.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=2, d_model=16, dropout=0.0)).double()
+    tokens = torch.randint(50, (3, 13), generator=torch.Generator().manual_seed(1))
+    idx, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    targets[0, :5] = -100
+    params = list(model.parameters())
+    out = model(idx, targets=targets)
+    assert out.logits is None
+    fused = out.loss.detach(), torch.autograd.grad(out.loss, params)
+    logits = model(idx).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert_same(fused, (loss.detach(), torch.autograd.grad(loss, params)), 1e-12)
