@@ -119,7 +119,7 @@ def test_a_training_forward_with_gradients_does_not_write_the_cache():
     fresh copy of the empty cache, so the model's cache stays empty and no chunk sees another's keys
     (the chunked forward is bitwise the unchunked one). A cache holding past tokens is refused."""
     model = tiny_decoder("llama")
-    hf.convert(model, "bdia", batch_chunks=CHUNKS, check=True).train()
+    hf.convert(model, "bdia", batch_chunks=CHUNKS, check=True, fused_loss=False).train()  # logits to compare
     stack = hf.revbits_stack(model)
     batch = left_padded()
     outputs = []
@@ -213,7 +213,7 @@ def test_gpt2_checkpoint_with_attention_dropout_gives_the_plain_gradients_bitwis
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     for memory in ("checkpoint", "bdia"):
-        converted = hf.convert(copy.deepcopy(plain), memory).train()
+        converted = hf.convert(copy.deepcopy(plain), memory, fused_loss=False).train()  # HF's own loss, as plain
         if memory == "bdia":  # BDIA's forward is its own function; reversible against plain autograd, same forward
             hf.revbits_stack(converted).reversible = False
             reference = step(converted)

@@ -13,5 +13,18 @@ See docs/hf.md for the supported families and what works in training and at eval
 
 from .convert import convert, is_converted, restore, revbits_stack
 from .families import FAMILIES, Family, supported_model_types
+from .loss import disable_fused_loss, enable_fused_loss, has_fused_loss, supports_fused_loss
 
-__all__ = ["FAMILIES", "Family", "convert", "is_converted", "restore", "revbits_stack", "supported_model_types"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "convert",
+    "disable_fused_loss",
+    "enable_fused_loss",
+    "has_fused_loss",
+    "is_converted",
+    "restore",
+    "revbits_stack",
+    "supported_model_types",
+    "supports_fused_loss",
+]

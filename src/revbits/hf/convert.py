@@ -9,6 +9,7 @@ from torch import nn
 from ..bdia.fixedpoint import SIGNIFICAND_BITS
 from .families import family_of, locate_layers, transformers_base
 from .layers import Conversion, conversion_of, convert_layer_list
+from .loss import attach_fused_loss, disable_fused_loss
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -22,7 +23,7 @@ FINE_TUNING_GAMMA = 0.125
 _OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
 
 
-def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
+def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **options: Any) -> ModelT:
     """Run the layer stack of a transformers ``model`` as ``revbits.stack(layers, memory, **options)``.
 
     In place: the model keeps its list of K layers, but calling them in its loop now records
@@ -54,6 +55,9 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
             ``token_slice``, the slices of positions the layers' MLPs run in during BDIA training
             (:mod:`revbits.bdia.token_slices`);
             :class:`revbits.mesa.MesaConfig` fields for mesa).
+        fused_loss: for a causal LM, compute the loss of training calls with labels by the chunked
+            linear cross-entropy, which never holds the logits, and return ``logits=None`` for them
+            (:mod:`revbits.hf.loss`). Calls without labels, and evaluation, return the logits as before.
 
     Returns:
         ``model`` itself. Call :func:`restore` before ``save_pretrained`` to write a plain checkpoint.
@@ -96,11 +100,13 @@ def convert(model: ModelT, memory: str = "bdia", **options: Any) -> ModelT:
         conversion.slice_tokens(family.token_wise)  # the MLPs run in token slices in training
     base = transformers_base(model)
     conversion.guard = base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)
+    if fused_loss:
+        attach_fused_loss(model)
     return model
 
 
 def restore(model: ModelT) -> ModelT:
-    """Undo :func:`convert` in place: the layers get their own classes back.
+    """Undo :func:`convert` in place: the layers get their own classes back, and the fused loss is removed.
 
     The layers never left the model, so every change made while converted (training steps,
     ``load_state_dict``, ``.to()``, LoRA adapters) is kept. Afterwards the model is a plain
@@ -118,6 +124,7 @@ def restore(model: ModelT) -> ModelT:
     if list(current) != conversion.layers or any(a is not b for a, b in zip(current, conversion.layers)):
         raise RuntimeError("revbits.hf.restore: the model's layer list was replaced after convert(); cannot restore it")
     conversion.detach()
+    disable_fused_loss(model)
     if conversion.guard is not None:
         conversion.guard.remove()
         conversion.guard = None

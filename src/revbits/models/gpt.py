@@ -1,7 +1,8 @@
 """A GPT language model (nanoGPT-style) whose block stack takes ``memory=``.
 
 tokens -> token + position embeddings -> dropout -> K causal pre-LN blocks -> LayerNorm ->
-logits (the output projection shares the token embedding).
+logits (the output projection shares the token embedding). With targets the loss is computed by
+:func:`revbits.losses.linear_cross_entropy`, chunk by chunk, so the logits are never held for backward.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import linear_cross_entropy
 from ..modes import MEMORY_MODES, stack
 from .blocks import TransformerBlock
 from .init import init_weights
@@ -71,13 +73,13 @@ class GPT(nn.Module):
         return self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Output:
-        """Logits [B, T, vocab] and, with targets [B, T], the mean cross-entropy over all positions."""
-        x = self.embed(idx)
-        logits = self.head(self.ln_f(self.stack(x)))
+        """Without targets: the logits [B, T, vocab]. With targets [B, T]: the mean cross-entropy over all
+        positions (targets of -100 ignored), computed in chunks of positions (the fused linear cross-entropy,
+        equal to the plain loss up to rounding), and no logits: ``Output(loss=loss, logits=None)``."""
+        hidden = self.ln_f(self.stack(self.embed(idx)))
         if targets is None:
-            return Output(logits=logits)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return Output(loss=loss, logits=logits)
+            return Output(logits=self.head(hidden))
+        return Output(loss=linear_cross_entropy(hidden, self.head, targets))
 
     @torch.no_grad()
     def generate(

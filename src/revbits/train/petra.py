@@ -1,8 +1,8 @@
 """``revbits train --parallel petra --stages J``: a revbits model trained by PETRA, one process per stage.
 
 The model is cut into pieces that share its modules (:data:`PIECES`: a ViT's by
-:func:`revbits.petra.pieces.vit.vit_pieces`, a RevNet's by :func:`revbits.petra.pieces.revnet.revnet_pieces`), the pieces
-into J stages (``stage_split``: balanced by the cost of each piece measured on one micro-batch, by
+:func:`revbits.petra.pieces.vit.vit_pieces`, a RevNet's by :func:`revbits.petra.pieces.revnet.revnet_pieces`),
+the pieces into J stages (``stage_split``: balanced by the cost of each piece measured on one micro-batch, by
 parameter count, or given sizes), and :func:`launch` runs the stages. Optimiser updates are ``steps``; each uses
 ``accumulation`` micro-batches of ``batch_size`` examples, so micro-batch m is the training batch drawn
 from seed (seed, m). AdamW (betas 0.9, 0.95, decay on matrices) with the training command's warm-up and

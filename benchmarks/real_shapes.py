@@ -1,0 +1,353 @@
+"""Long-context fine-tuning at real LLM shapes: peak memory, bytes per token, the head and loss's share,
+the longest context in 16 and 24 GiB, and step time, per memory mode, side by side in one run.
+
+Models (random weights from the published configs, no download; written out below):
+
+- Qwen3-0.6B: 28 layers, d 1024, SwiGLU 3072, 16 query / 8 key-value heads of 128, vocabulary 151,936,
+  tied embeddings, RMSNorm eps 1e-6, rope theta 1e6;
+- Llama-3.2-1B: 16 layers, d 2048, SwiGLU 8192, 32 / 8 heads of 64, vocabulary 128,256, tied embeddings,
+  RMSNorm eps 1e-5, rope theta 500,000 with llama3 rope scaling (factor 32).
+
+Setups: ``lora`` (PEFT LoRA r = 16, alpha 32, on the seven linears of every layer, base frozen) for both,
+and ``full`` (every weight trained) for the 0.6B; AdamW in both. One step is
+``zero_grad; model(input_ids, labels=input_ids, use_cache=False).loss.backward(); optimizer.step()``,
+float32 weights and activations (``--autocast bf16`` runs the forward under bf16 autocast).
+
+Modes, from the same weights:
+
+- transformers: plain autograd;
+- gc: ``gradient_checkpointing_enable(use_reentrant=False)`` (named ``activation_checkpointing_enable``
+  in transformers 5.25), the anchor users have;
+- gc+offload: checkpointing with each layer's input kept in host memory (Unsloth's offloaded
+  checkpointing; ``activation_checkpointing_enable(offload=True)`` in transformers 5.25), emulated so
+  that LiveBytes counts device bytes alone on any device: every layer runs without a graph, its input
+  is copied to host memory LiveBytes does not count, and backward copies it back, recomputes the layer
+  and back-propagates through it. The copies are synchronous, so its step time overstates a pinned,
+  overlapped copy;
+- gc+fused, gc+offload+fused: the same with the chunked linear cross-entropy (revbits.losses, the
+  Liger / Cut Cross-Entropy practice; ``hf.enable_fused_loss``);
+- checkpoint, mesa, bdia, bdia+mesa: ``revbits.hf.convert(model, mode)`` with its defaults, without and
+  with (``+fused``) the fused loss.
+
+Per mode, batch and length: the peak of one step counted by revbits.measure.LiveBytes (every storage
+an operator creates, parameters, gradients and optimizer state included; on CUDA also
+torch.cuda.max_memory_allocated), in two phases: forward and backward, and the optimizer step. Per mode
+and batch: a line a + b T fitted through the forward-and-backward peaks; bytes per token = b / batch;
+the longest context under 16 and 24 GiB with the weights in bf16 is where a - parameters / 2 + b T
+reaches the budget (the parameters counted at 2 bytes instead of 4, everything else as measured in
+float32), extrapolated along the line (marked * beyond the measured lengths), or 0 where the optimizer
+step alone does not fit. The head and
+loss alone (final norm, LM head, loss, back to the hidden states), plain and fused, measured at the
+same lengths, gives their share of each mode's activations. Step time: interleaved rounds at one
+length, as a ratio to gc. A mode is not run at a length where its fitted line predicts more than
+``--max-gib`` (and, on CUDA, after an out-of-memory error).
+
+    python benchmarks/real_shapes.py                                   # everything
+    python benchmarks/real_shapes.py --layers 2 --vocab 4096 --lengths 64 128 --batches 1 --repeats 1 \\
+        --time-length 64 --out runs/real_shapes_smoke                # a smoke run (minutes on a CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from real_shapes_report import GIB, MODES, fit, head_share, plot, state_lines, table
+from revbits import hf
+from revbits.losses import linear_cross_entropy
+from revbits.measure import tracking
+
+SHAPES: dict[str, Callable[[], object]] = {
+    "qwen3-0.6b": lambda: Qwen3Config(
+        num_hidden_layers=28, hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, max_position_embeddings=40960, hidden_act="silu", attention_bias=False,
+    ),
+    "llama-3.2-1b": lambda: LlamaConfig(
+        num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, hidden_act="silu", rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+}
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS)
+RUNS = ["qwen3-0.6b:lora", "llama-3.2-1b:lora", "qwen3-0.6b:full"]
+def build(shape: str, setup: str, layers: int | None, vocab: int | None, device: str) -> nn.Module:
+    """The random model of ``shape`` (seed 0), truncated to ``layers``, LoRA-wrapped for ``setup == "lora"``."""
+    config = SHAPES[shape]()
+    config.num_hidden_layers = layers or config.num_hidden_layers
+    config.vocab_size = vocab or config.vocab_size
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    if setup == "lora":
+        model = get_peft_model(model, LoraConfig(**LORA))
+    return model.train()
+
+
+def task_of(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class HostOffloadedLayer(torch.autograd.Function):
+    """y = layer(x) with no graph; x kept in host memory; backward copies x back, recomputes the layer and
+    back-propagates through it (parameters' gradients accumulate directly, as reentrant checkpointing does).
+    ``anchor`` is a tensor that requires grad, so y requires grad even when x does not (frozen embeddings)."""
+
+    @staticmethod
+    def forward(ctx, run, anchor, x):  # type: ignore[override]
+        ctx.run, ctx.device = run, x.device
+        ctx.autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        ctx.host = (x.detach().cpu().contiguous().view(torch.uint8).numpy().copy(), x.dtype, x.shape)
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        array, dtype, shape = ctx.host
+        x = torch.from_numpy(array).to(ctx.device, copy=True).view(dtype).view(shape).requires_grad_()
+        autocast = ctx.autocast is not None
+        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast, enabled=autocast):
+            y = ctx.run(x)
+        torch.autograd.backward(y, grad)
+        return None, None, x.grad
+
+
+def offloaded_forward(*args, original, anchor, **kwargs):
+    hidden, rest = args[0], args[1:]
+    return HostOffloadedLayer.apply(lambda h: original(h, *rest, **kwargs), anchor, hidden)
+
+
+@contextlib.contextmanager
+def mode_applied(model: nn.Module, mode: str) -> Iterator[None]:
+    """``model`` runs under ``mode`` inside the block, and as it was afterwards."""
+    kind, memory, fused = MODES[mode]
+    task = task_of(model)
+    layers = task.model.layers
+    if kind == "gc":
+        if hasattr(task, "activation_checkpointing_enable"):  # transformers 5.25 deprecates gradient_*
+            task.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            task.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif kind == "offload":
+        anchor = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
+        for layer in layers:
+            layer.forward = functools.partial(offloaded_forward, original=layer.forward, anchor=anchor)
+    elif kind == "revbits":
+        hf.convert(model, memory, fused_loss=False)
+    if fused:
+        hf.enable_fused_loss(model)
+    try:
+        yield
+    finally:
+        hf.disable_fused_loss(model)
+        if kind == "gc":
+            getattr(task, "activation_checkpointing_disable", task.gradient_checkpointing_disable)()
+        elif kind == "offload":
+            for layer in layers:
+                del layer.forward
+        elif kind == "revbits":
+            hf.restore(model)
+
+
+def step_fn(model: nn.Module, ids: torch.Tensor, autocast: bool) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    return run
+
+
+def tokens(batch: int, length: int, vocab: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(length)
+    return torch.randint(0, vocab, (batch, length), generator=g).to(device)
+
+
+def predicted_peak(rows: list[dict], length: int) -> float | None:
+    """The peak at ``length`` along the line through the two longest measured lengths (None with fewer)."""
+    done = sorted((r["length"], r["peak"]) for r in rows if "peak" in r)
+    if len(done) < 2:
+        return None
+    (t0, p0), (t1, p1) = done[-2:]
+    return p1 + (p1 - p0) / (t1 - t0) * (length - t1)
+
+
+def measure_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], optimizer) -> dict:
+    """Bytes of ``zero_grad; loss_fn().backward(); optimizer.step()``, counted by LiveBytes in two phases:
+    ``peak`` and its split over the forward and backward (which grows with the context), and
+    ``optimizer_step_peak`` over the optimizer step (which does not); on CUDA also max_memory_allocated."""
+    params = list(model.parameters())
+    optimizer.zero_grad(set_to_none=True)
+    cuda = params[0].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with tracking(params, optimizer) as tracker:
+        loss = loss_fn()
+        held = tracker.current["activations"]
+        loss.backward()
+        del loss
+        split = dict(tracker.peak)
+        tracker.reset_peak()
+        optimizer.step()
+        step_peak = tracker.peak_total
+    return {**split, "peak": sum(split.values()), "held_after_forward": held, "optimizer_step_peak": step_peak,
+            "cuda_max_allocated": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def measure_mode(model, optimizer, mode: str, batch: int, lengths: list[int], args, log) -> list[dict]:
+    rows: list[dict] = []
+    vocab = task_of(model).config.vocab_size
+    with mode_applied(model, mode):
+        for length in lengths:
+            guess = predicted_peak(rows, length)
+            if guess is not None and guess > args.max_gib * GIB:
+                rows.append({"length": length, "skipped": f"predicted {guess / GIB:.1f} GiB > {args.max_gib} GiB"})
+                continue
+            if rows and rows[-1].get("oom"):
+                rows.append({"length": length, "skipped": "out of memory at a shorter length"})
+                continue
+            ids = tokens(batch, length, vocab, args.device)
+            start = time.perf_counter()
+            try:
+                report = measure_step(model, step_fn(model, ids, args.autocast == "bf16"), optimizer)
+            except torch.OutOfMemoryError:
+                rows.append({"length": length, "oom": True})
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                continue
+            rows.append({"length": length, **report, "seconds_tracked": time.perf_counter() - start})
+            log(f"  B={batch} T={length:5d} {mode:18s} peak {report['peak'] / GIB:7.3f} GiB  "
+                f"activations {report['activations'] / GIB:7.3f} GiB  ({rows[-1]['seconds_tracked']:.0f} s)")
+    return [{"mode": mode, "batch": batch, **r} for r in rows]
+
+
+def head_and_loss(model: nn.Module, batch: int, lengths: list[int], device: str) -> list[dict]:
+    """Activation bytes at the peak of the final norm, LM head and loss back to the hidden states, plain and
+    fused (the head's weight gradient, in full fine-tuning, counts as a gradient as in the steps)."""
+    task = task_of(model)
+    config = task.config
+    rows = []
+    for length in lengths:
+        ids = tokens(batch, length, config.vocab_size, device)
+        for fused in (False, True):
+            hidden = torch.randn(batch, length, config.hidden_size, device=device, requires_grad=True)
+            with tracking(list(task.parameters())) as tracker:
+                normed = task.model.norm(hidden)
+                if fused:
+                    loss = linear_cross_entropy(normed, task.lm_head, ids, shift=True)
+                else:
+                    loss = task.loss_function(logits=task.lm_head(normed), labels=ids, vocab_size=config.vocab_size)
+                loss.backward()
+            rows.append({"batch": batch, "length": length, "fused": fused, "peak": tracker.peak["activations"]})
+            task.zero_grad(set_to_none=True)
+    return rows
+
+
+def step_times(model, optimizer, modes: list[str], batch: int, length: int, args) -> dict[str, float]:
+    """Median seconds of one step per mode: ``repeats`` rounds, every mode once per round (a warm-up step
+    first in round 0), so drift in machine speed hits every mode alike."""
+    ids = tokens(batch, length, task_of(model).config.vocab_size, args.device)
+    cuda = args.device.startswith("cuda")
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for round_ in range(args.repeats):
+        for mode in modes:
+            with mode_applied(model, mode):
+                for timed in [True] if round_ else [False, True]:
+                    optimizer.zero_grad(set_to_none=True)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    step_fn(model, ids, args.autocast == "bf16")().backward()
+                    optimizer.step()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if timed:
+                        times[mode].append(time.perf_counter() - start)
+    return {m: statistics.median(t) for m, t in times.items() if t}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=RUNS, help="model:setup, setup lora or full")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--layers", type=int, help="truncate every model to N layers (a quick check)")
+    parser.add_argument("--vocab", type=int, help="replace the vocabulary size (a smoke run only)")
+    parser.add_argument("--budgets", type=float, nargs=2, default=[16.0, 24.0], help="GiB")
+    parser.add_argument("--max-gib", type=float, default=20.0, help="skip lengths predicted above this peak")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    parser.add_argument("--time-batch", type=int, default=1)
+    parser.add_argument("--time-length", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (0: no step times)")
+    parser.add_argument("--idle", default="unknown", help="written into the raw output: was the machine idle?")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "real_shapes")
+    args = parser.parse_args()
+    args.lengths = sorted(args.lengths)
+    return args
+
+
+def run_one(spec: str, args, log) -> tuple[list[dict], list[dict], dict[str, float]]:
+    shape, setup = spec.split(":")
+    model = build(shape, setup, args.layers, args.vocab, args.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
+    vocab = task_of(model).config.vocab_size
+    step_fn(model, tokens(1, 32, vocab, args.device), args.autocast == "bf16")().backward()  # lazy initialisation
+    optimizer.step()  # and the optimizer state, before anything is measured
+    rows, heads = [], []
+    for batch in args.batches:
+        for mode in args.modes:
+            rows += [{"run": spec, **r} for r in measure_mode(model, optimizer, mode, batch, args.lengths, args, log)]
+        heads += [{"run": spec, **h} for h in head_and_loss(model, batch, args.lengths, args.device)]
+    times = step_times(model, optimizer, args.modes, args.time_batch, args.time_length, args) if args.repeats else {}
+    return rows, heads, times
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.perf_counter()
+    rows, heads, times = [], [], {}
+    meta = {
+        "shapes": {name: SHAPES[name]().to_dict() for name in SHAPES}, "lora": LORA, "layers": args.layers,
+        "vocab_override": args.vocab, "lengths": args.lengths, "batches": args.batches, "autocast": args.autocast,
+        "device": args.device, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else
+        platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine_idle": args.idle, "time_shape": [args.time_batch, args.time_length], "repeats": args.repeats,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for spec in args.runs:
+        print(f"{spec}:", flush=True)
+        got_rows, got_heads, got_times = run_one(spec, args, lambda s: print(s, flush=True))
+        rows, heads, times[spec] = rows + got_rows, heads + got_heads, got_times
+        raw = {"meta": {**meta, "seconds": time.perf_counter() - start}, "rows": rows, "head_and_loss": heads,
+               "step_seconds": times}
+        args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))  # after every run, in case one fails
+    fits = fit(rows, args.budgets)
+    head_share(fits, heads)
+    lines = table(fits, times, args.budgets, (args.time_batch, args.time_length)) + state_lines(fits)
+    raw["fits"] = fits
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    args.out.with_suffix(".md").write_text("\n".join(lines) + f"\n\ndevice: {meta['device_name']}, idle: {args.idle}\n")
+    plot(rows, fits, args.budgets, args.out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
