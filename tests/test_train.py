@@ -410,9 +410,9 @@ def test_every_task_builds_its_registered_model_for_any_configuration_without_ch
 
     from revbits.models import memory_modes
     from revbits.train.config import TrainConfig
-    from revbits.train.tasks import TASKS
+    from revbits.train.kinds import model_kind
 
-    assert TASKS[model].name == model
+    assert model_kind(model).task.name == model
     config = TrainConfig(model=model, n_layer=2, n_head=2, d_model=16, block_size=16, patch_size=7, attention_slice=4)
     task = make_task(config)
     for memory in memory_modes(model):

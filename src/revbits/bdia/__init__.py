@@ -6,12 +6,14 @@
 - :mod:`~revbits.bdia.fixedpoint`: the grid Q and its exact range; :mod:`~revbits.bdia.bits`: packed bit planes;
 - :mod:`~revbits.bdia.args`, :mod:`~revbits.bdia.chunks`, :mod:`~revbits.bdia.params`, :mod:`~revbits.bdia.compile`:
   the block arguments, batch chunks, gradient routing and torch.compile rules of the reversible backward;
+  :mod:`~revbits.bdia.options`: ``check_options``, the checks of the stack's numeric options;
   :mod:`~revbits.bdia.gradients`: the backward's per-block recomputation and the gradients it sums;
 - :mod:`~revbits.bdia.token_slices`: token-wise submodules (MLPs) run in slices of the sequence in training.
 """
 
 from .bits import PackedBits, pack_bits, unpack_bits
 from .fixedpoint import exact_limit, quantize
+from .options import check_options
 from .params import RecomputationError
 from .stack import BDIAStack, RecomputeContext, ReversibilityError
 from .step import BlockProtocolError, Step, StreamRangeError
@@ -25,6 +27,7 @@ __all__ = [
     "ReversibilityError",
     "Step",
     "StreamRangeError",
+    "check_options",
     "exact_limit",
     "pack_bits",
     "quantize",

@@ -32,17 +32,17 @@ from torch.utils._pytree import tree_flatten
 from ..rng import RngReplay, capture_rng_state
 from .args import BlockArguments
 from .bits import PackedBits, pack_bits, unpack_bits
-from .chunks import AUTO, BatchSplit, check_batch_chunks, plan_split
+from .chunks import AUTO, BatchSplit, plan_split
 from .compile import forward_block, holds_compiled_code
 from .fixedpoint import exact_limit, quantize
 from .gradients import Gradients, recompute, skip_gradient
+from .options import check_options
 from .params import EngineRequest, block_parameters, check_parameters_unchanged, distinct, sharded_block
 from .step import (
     BlockProtocolError,
     Step,
     StreamRangeError,
     call_block,
-    gamma_exponent,
     raise_if_out_of_range,
     state_checksum,
     stream_max,
@@ -375,12 +375,11 @@ class BDIAStack(nn.Module):
         for i, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
                 raise TypeError(f"block {i} is a {type(block).__name__}, not an nn.Module")
-        if not isinstance(bits, int) or not 1 <= bits <= 23:
-            raise ValueError(f"bits must be an integer from 1 to 23, got {bits!r}")
+        gamma_bits, batch_chunks = check_options(bits, gamma, batch_chunks)
         self.blocks = nn.ModuleList(blocks)
         self.bits = bits
         self.gamma = float(gamma)
-        self.gamma_bits = gamma_exponent(gamma)
+        self.gamma_bits = gamma_bits
         self.quantize_eval = quantize_eval
         self.check = check
         self.verify = verify
@@ -392,7 +391,7 @@ class BDIAStack(nn.Module):
                 raise TypeError("pass recompute_context, or the deprecated recompute_compressor, not both")
             recompute_context = _compressor_context(recompute_compressor)
         self.recompute_context = recompute_context
-        self.batch_chunks = check_batch_chunks(batch_chunks)
+        self.batch_chunks = batch_chunks
         self.token_slice = check_token_slice(token_slice)
         install_declared(self.blocks)
         self.reversible = True

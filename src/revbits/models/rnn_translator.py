@@ -29,6 +29,13 @@ from .registry import register
 from .seq2seq import strip_special
 
 
+def check_attention_slice(attention_slice: int, d_model: int) -> None:
+    """A ValueError unless the attention reads ``0 <= attention_slice <= d_model`` units of the top
+    encoder state."""
+    if not 0 <= attention_slice <= d_model:
+        raise ValueError(f"attention_slice must be from 0 to d_model ({d_model}), got {attention_slice}")
+
+
 @dataclass
 class RNNTranslatorConfig:
     src_vocab: int
@@ -45,8 +52,7 @@ class RNNTranslatorConfig:
     eos_id: int = 2
 
     def __post_init__(self) -> None:
-        if not 0 <= self.attention_slice <= self.d_model:
-            raise ValueError(f"attention_slice must be from 0 to d_model ({self.d_model}), got {self.attention_slice}")
+        check_attention_slice(self.attention_slice, self.d_model)
 
 
 def step_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, t: int, salt: int) -> torch.Tensor:

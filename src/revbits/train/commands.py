@@ -22,7 +22,16 @@ from ..io import TEMP_PREFIX, IntegrityError, fsync_dir, fsync_tree
 from ..mesa import compressors_in
 from ..revrnn import CELLS
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import ALL_MEMORY_MODES, MODELS, PARALLEL, ConfigError, TrainConfig, memory_modes, read_config_file
+from .config import (
+    ALL_MEMORY_MODES,
+    PARALLEL,
+    ConfigError,
+    TrainConfig,
+    memory_modes,
+    option_type,
+    read_config_file,
+)
+from .kinds import kind_names, model_kind
 from .loop import DivergenceError, build_model, evaluate, train
 from .petra import train_petra
 from .plot import plot_runs
@@ -30,15 +39,8 @@ from .rundir import saved_options
 from .tasks import TranslationTask, make_task, read_run_config
 
 HELP = {
-    "model": "gpt (characters), vit or revnet (images), translator (sentence pairs), rnnlm (words, RNN) or "
-    "rnn-translator",
-    "data": "data set name (default: shakespeare, fashion-mnist, bible-en-fr by model)",
-    "memory": "standard, checkpoint, mesa, bdia or bdia+mesa; for rnnlm and rnn-translator: standard or reversible; "
-    "revnet: standard",
     "forget_bits": "reversible RNNs: most bits lost per unit and step (1, 2, 3, 5; 0 = no limit)",
     "attention_slice": "rnn-translator: units of the top encoder state the attention reads (0 to d_model)",
-    "parallel": "none, or petra: one process per stage, decoupled forward and backward (vit with --memory bdia; "
-    "revnet)",
     "stages": "petra: the number of stages J (processes)",
     "accumulation": "petra: micro-batches of --batch-size per optimiser update (k)",
     "stage_split": "petra: time (balance stages by cost measured once per model shape and machine, then reused), "
@@ -61,23 +63,45 @@ HELP = {
 }
 
 
+def registry_help() -> dict[str, str]:
+    """The help of --model, --data, --memory and --parallel, from the model kinds' table
+    (:mod:`revbits.train.kinds`) and the model registry's memory modes."""
+    kinds = [model_kind(name) for name in kind_names()]
+    by_modes: dict[tuple[str, ...], list[str]] = {}
+    for kind in kinds:
+        by_modes.setdefault(memory_modes(kind.name), []).append(kind.name)
+    petra = [
+        f"{kind.name}{f' with --memory {kind.petra.memory}' if kind.petra.memory else ''}"
+        for kind in kinds
+        if kind.petra is not None
+    ]
+    return {
+        "model": "; ".join(f"{kind.name} ({kind.help})" for kind in kinds),
+        "data": "data set name; by default the model's: " + ", ".join(f"{kind.name} {kind.data}" for kind in kinds),
+        "memory": "; ".join(f"{', '.join(names)}: {', '.join(modes)}" for modes, names in by_modes.items())
+        + " (default: bdia, or reversible for the RNN models)",
+        "parallel": f"none, or petra: one process per stage, decoupled forward and backward ({'; '.join(petra)})",
+    }
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """--config, and one flag per TrainConfig field, defaulting to None so that only given flags override."""
     parser.add_argument("--config", type=Path, help="JSON or TOML file of options")
+    help_of = HELP | registry_help()
+    choices_of = {"model": kind_names(), "memory": ALL_MEMORY_MODES, "cell": CELLS, "parallel": PARALLEL}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool, "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
+        kind, _ = option_type(f)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of.get(f.name))
             continue
-        kinds = {"int": int, "float": finite_float, "int | None": int, "float | None": finite_float}
-        kind = kinds.get(str(f.type), str)
-        choices = {"model": MODELS, "memory": ALL_MEMORY_MODES, "cell": CELLS, "parallel": PARALLEL}.get(f.name)
+        choices = choices_of.get(f.name)
         parser.add_argument(
             flag,
-            type=kind,
+            type=finite_float if kind is float else kind,
             default=None,
             choices=choices,
-            help=HELP.get(f.name),
+            help=help_of.get(f.name),
             metavar=None if choices else f.name.upper(),
         )
 

@@ -5,34 +5,25 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import Field, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..bdia import BDIAStack
+from ..bdia import check_options
 from ..hf.convert import FINE_TUNING_GAMMA
 from ..mesa import MesaConfig
 from ..models import list_models
 from ..models import memory_modes as model_memory_modes
-from ..models.rnn_translator import RNNTranslatorConfig
+from ..models.rnn_translator import check_attention_slice
 from ..modes import MEMORY_MODES
 from ..petra.config import PetraConfig
 from ..revrnn import CELLS, FORGET_BITS, RNN_MEMORY_MODES
+from .kinds import kind_names, model_kind
 
-MODELS = (*list_models(), "hf")  # the registered models, and fine-tuning a Hugging Face model
 PARALLEL = ("none", "petra")
-DEFAULT_DATA = {
-    "gpt": "shakespeare",
-    "vit": "fashion-mnist",
-    "revnet": "fashion-mnist",
-    "hf": "wiki-extract",
-    "translator": "bible-en-fr",
-    "rnnlm": "shakespeare",
-    "rnn-translator": "bible-en-fr",
-}
 ALL_MEMORY_MODES = (*MEMORY_MODES, *RNN_MEMORY_MODES[1:])
 
 
@@ -40,7 +31,7 @@ def memory_modes(model: str) -> tuple[str, ...]:
     """The memory modes ``model`` can be trained under: the model registry's (a RevNet trains by plain
     backprop on one process, as --parallel petra inverts its coupling stages itself); a Hugging Face
     model takes every mode of ``revbits.stack``."""
-    return model_memory_modes(model) if model in MODELS and model != "hf" else MEMORY_MODES
+    return model_memory_modes(model) if model in list_models() else MEMORY_MODES
 
 
 def default_memory(model: str) -> str:
@@ -54,11 +45,21 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used; the message names it."""
 
 
+def option_type(field: Field) -> tuple[type, bool]:
+    """``(kind, optional)`` of a TrainConfig field from its annotation (a string, the module having
+    ``from __future__ import annotations``): kind is bool, int, float or str, and optional says whether
+    None is allowed ("int | None")."""
+    text = str(field.type)
+    kind = {"bool": bool, "int": int, "float": float}.get(text.split(" |")[0].strip(), str)
+    return kind, "None" in text
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``revbits train``. Each option a module configures is checked by that module
-    (bits, gamma and batch_chunks by :class:`BDIAStack`, the mesa_* options by :class:`MesaConfig`,
-    attention_slice by :class:`RNNTranslatorConfig`, stages and accumulation by :class:`PetraConfig`),
+    (bits, gamma and batch_chunks by :func:`revbits.bdia.check_options`, the mesa_* options by
+    :class:`MesaConfig`, attention_slice by :func:`revbits.models.rnn_translator.check_attention_slice`,
+    stages and accumulation by :class:`PetraConfig`),
     and a failed check is a :class:`ConfigError` with the module's one-line message.
 
     ``forget_bits=None`` is "no limit", as in :class:`revbits.RevGRU`. Text cannot say None (TOML has no
@@ -118,7 +119,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.data is None:
-            self.data = DEFAULT_DATA.get(self.model)
+            self.data = model_kind(self.model).data if self.model in kind_names() else None
         if self.memory is None:
             self.memory = default_memory(self.model)
         if self.gamma is None:
@@ -138,11 +139,10 @@ class TrainConfig:
             raise ConfigError(
                 f"device must be a torch device such as cpu, cuda or cuda:1, got {self.device!r}"
             ) from None
-        if self.memory in ("bdia", "bdia+mesa"):  # BDIAStack checks bits, gamma and batch_chunks
-            options = dict(bits=self.bits, gamma=self.gamma, batch_chunks=self._batch_chunks())
-            _checked_by(BDIAStack, [nn.Identity(), nn.Identity()], **options)
-        if self.model not in MODELS:
-            raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.memory in ("bdia", "bdia+mesa"):
+            _checked_by(check_options, self.bits, self.gamma, self._batch_chunks())
+        if self.model not in kind_names():
+            raise ConfigError(f"model must be one of {', '.join(kind_names())}, got {self.model!r}")
         modes = memory_modes(self.model)
         if self.memory not in modes:
             raise ConfigError(f"memory must be one of {', '.join(modes)} for {self.model}, got {self.memory!r}")
@@ -184,7 +184,7 @@ class TrainConfig:
             raise ConfigError(f"stop_at must be between 1 and steps={self.steps}, got {self.stop_at}")
         # The RNN translator checks its slice against its width; another model only needs it non-negative.
         width = self.d_model if self.model == "rnn-translator" else max(self.d_model, self.attention_slice)
-        _checked_by(RNNTranslatorConfig, src_vocab=1, tgt_vocab=1, d_model=width, attention_slice=self.attention_slice)
+        _checked_by(check_attention_slice, self.attention_slice, width)
         if self.parallel not in PARALLEL:
             raise ConfigError(f"parallel must be none or petra, got {self.parallel!r}")
         _checked_by(PetraConfig, stages=self.stages, accumulation=self.accumulation, timeout=self.petra_timeout)
@@ -218,11 +218,9 @@ class TrainConfig:
     def _check_types(self) -> None:
         """Each option has the type its default has (an int is accepted for a float)."""
         for f in fields(self):
-            value, kind = getattr(self, f.name), str(f.type)
-            optional = "None" in kind
+            value, (expected, optional) = getattr(self, f.name), option_type(f)
             if value is None and (optional or f.name == "data"):
                 continue
-            expected = {"bool": bool, "int": int, "float": float}.get(kind.split(" |")[0], str)
             ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
@@ -277,10 +275,11 @@ class TrainConfig:
             raise ConfigError(f"{source}: {error}") from None
 
 
-def _checked_by(kind: type, *args: Any, **options: Any) -> None:
-    """Build ``kind(*args, **options)`` only for its own checks: its ValueError is a ConfigError, same message."""
+def _checked_by(check: Callable[..., Any], *args: Any, **options: Any) -> None:
+    """Run ``check(*args, **options)`` (a check, or a class built only for its own checks): its ValueError
+    is a ConfigError with the same message."""
     try:
-        kind(*args, **options)
+        check(*args, **options)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

@@ -1,7 +1,8 @@
 """``revbits train --parallel petra --stages J``: a revbits model trained by PETRA, one process per stage.
 
-The model is cut into pieces that share its modules (:data:`PIECES`: a ViT's by
-:func:`revbits.petra.pieces.vit.vit_pieces`, a RevNet's by :func:`revbits.petra.pieces.revnet.revnet_pieces`),
+The model is cut into pieces that share its modules (by the cut its kind registers,
+:class:`revbits.train.kinds.PetraCut`: a ViT's by :func:`revbits.petra.pieces.vit.vit_pieces`, a RevNet's by
+:func:`revbits.petra.pieces.revnet.revnet_pieces`),
 the pieces into J stages (``stage_split``: balanced by the cost of each piece measured on one micro-batch, by
 parameter count, or given sizes), and :func:`launch` runs the stages. Optimiser updates are ``steps``; each uses
 ``accumulation`` micro-batches of ``batch_size`` examples, so micro-batch m is the training batch drawn
@@ -49,8 +50,6 @@ from ..io import (
 )
 from ..petra.comm import PeerError, transport_reason
 from ..petra.launch import StageError, die_with_parent, launch
-from ..petra.pieces.revnet import revnet_pieces
-from ..petra.pieces.vit import vit_pieces
 from ..petra.profile import sizes_by_time
 from ..petra.record import load_records
 from ..petra.runtime import PetraConfig, join_process_group, run_stage
@@ -58,18 +57,13 @@ from ..petra.stages import sizes_by_params, split
 from ..rng import derive_seed
 from .checkpoint import latest_checkpoint, read_checkpoint_state, save_checkpoint
 from .config import ConfigError, TrainConfig
+from .kinds import model_kind, petra_kinds
 from .loop import DivergenceError, adamw, check_resumable, evaluate
 from .lr_schedule import lr_factor
 from .metrics import MetricsLog
 from .rundir import InheritedLock, RunLock, hold_run, latest_good
 from .tasks import Task, make_task
 
-# How each model trained by PETRA is cut into pieces that share its modules, from (model, seed).
-PIECES: dict[str, Callable[[nn.Module, int], list[nn.Module]]] = {
-    "vit": vit_pieces,
-    "revnet": lambda model, seed: revnet_pieces(model),  # no randomness in a RevNet
-}
-PETRA_MODELS = tuple(PIECES)
 STAGES_DIR = re.compile(r"stages-\d{8}-\d{8}")  # a segment's stage states: stages-<from>-<to>
 _TASKS: dict[str, Task] = {}  # per process: the task of a config, built once
 
@@ -100,7 +94,7 @@ class TaskBatches(Sequence):
 
 def model_pieces(model: nn.Module, config: TrainConfig) -> list[nn.Module]:
     """The PETRA pieces of a task's model; they share its modules, so training them trains the model."""
-    return PIECES[config.model](model, config.seed)
+    return model_kind(config.model).petra.pieces(model, config.seed)
 
 
 def build_stages(config: TrainConfig, J: int, sizes: list[int]) -> tuple[nn.Module, list[nn.Module]]:
@@ -134,11 +128,13 @@ def stage_adamw(params: list[nn.Parameter], petra: PetraConfig) -> torch.optim.O
 
 
 def check_petra_config(config: TrainConfig) -> None:
-    if config.model not in PETRA_MODELS:
-        raise ConfigError(f"--parallel petra trains {', '.join(PETRA_MODELS)} models so far, not {config.model}")
-    if config.model == "vit" and config.memory != "bdia":
-        raise ConfigError(f"--parallel petra needs reversible stages: --memory bdia, got {config.memory}")
-    most = config.n_layer + 1 if config.model == "vit" else 2 * config.n_layer + 3  # (TrainConfig checks >= 1)
+    """A ConfigError unless ``config.model``'s kind registers a PETRA cut whose needs ``config`` meets."""
+    cut = model_kind(config.model).petra
+    if cut is None:
+        raise ConfigError(f"--parallel petra trains {', '.join(petra_kinds())} models so far, not {config.model}")
+    if cut.memory is not None and config.memory != cut.memory:
+        raise ConfigError(f"--parallel petra needs reversible stages: --memory {cut.memory}, got {config.memory}")
+    most = cut.most_stages(config)  # (TrainConfig checks n_layer >= 1)
     if config.stages > most:
         raise ConfigError(f"--stages {config.stages} is more than the {most} stages {config.model} can be split into")
 

@@ -8,10 +8,11 @@
 - ``rnn-translator``: attention seq2seq translation on (reversible) GRUs or LSTMs;
 - ``hf``: continued pre-training of a local Hugging Face model (:mod:`.hf`).
 
-A new task subclasses :class:`Task` and registers itself: ``@register("name")``.
+A new task subclasses :class:`Task` and registers itself with its kind's facts:
+``@register("name", data="default data set", help="what --model's help says")``.
 """
 
-from .base import EVAL_SEED, TASKS, Task, list_tasks, make_task, read_run_config, register
+from .base import EVAL_SEED, Task, list_tasks, make_task, read_run_config, register
 from .hf import HFTextTask
 from .image import ImageTask, RevNetImageTask
 from .lm import CharLMTask, WordLMTask
@@ -19,7 +20,6 @@ from .translation import RNNTranslationTask, TranslationTask
 
 __all__ = [
     "EVAL_SEED",
-    "TASKS",
     "CharLMTask",
     "HFTextTask",
     "ImageTask",

@@ -1,7 +1,8 @@
 """What every training task provides to the loop: a model, batches, a loss and an evaluation; and the
 task registry, one task per ``--model``.
 
-A task is registered under the name of the model it trains (``@register("gpt")``); unless it builds
+A task is registered under the name of the model it trains, with the facts of that model kind
+(:mod:`revbits.train.kinds`): ``@register("gpt", data="shakespeare", help="characters")``. Unless it builds
 its own (``hf``), that is the model's name in :mod:`revbits.models`' registry, and
 :meth:`Task.build_model` is ``revbits.models.create(name, memory=config.memory, **task.model_options(config))``.
 A batch is ``(*inputs, targets)``, and the loss is the model's: ``model(*inputs, targets=targets).loss``.
@@ -19,6 +20,7 @@ from torch import nn
 
 from ...models import create
 from ..config import ConfigError, TrainConfig
+from ..kinds import ModelKind, PetraCut, add_kind, kind_names, model_kind
 from ..rundir import saved_options
 
 EVAL_SEED = 1234  # evaluation batches are the same in every run and at every step
@@ -65,17 +67,14 @@ class Task(ABC):
         return torch.device(self.config.device)
 
 
-TASKS: dict[str, type[Task]] = {}
-
-
-def register(name: str) -> Callable[[T], T]:
-    """A class decorator (or, called on the class, a call) that makes ``task`` the task of ``--model name``."""
+def register(name: str, *, data: str, help: str, petra: PetraCut | None = None) -> Callable[[T], T]:  # noqa: A002
+    """A class decorator (or, called on the class, a call) that makes ``task`` the task of ``--model name``
+    and enters the kind in :mod:`revbits.train.kinds`: ``data``, the data set it trains on by default;
+    ``help``, what ``--model``'s help says of it; ``petra``, how ``--parallel petra`` cuts its model."""
 
     def add(task: T) -> T:
-        if name in TASKS and TASKS[name] is not task:
-            raise ValueError(f"a task for model {name!r} is already registered ({TASKS[name].__qualname__})")
+        add_kind(ModelKind(name, task, data, help, petra))
         task.name = name
-        TASKS[name] = task
         return task
 
     return add
@@ -83,14 +82,16 @@ def register(name: str) -> Callable[[T], T]:
 
 def list_tasks() -> list[str]:
     """The ``--model`` names with a task, sorted."""
-    return sorted(TASKS)
+    return kind_names()
 
 
 def make_task(config: TrainConfig) -> Task:
     """The task of ``config.model``, built on ``config`` (it loads the data set)."""
-    if config.model not in TASKS:
-        raise ConfigError(f"no task trains model {config.model!r}; known: {', '.join(list_tasks())}")
-    return TASKS[config.model](config)
+    try:
+        task = model_kind(config.model).task
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return task(config)
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:

@@ -125,7 +125,7 @@ def mask_tokens(
     return inputs, labels
 
 
-@register("hf")
+@register("hf", data="wiki-extract", help="fine-tuning the Hugging Face model given by --hf")
 class HFTextTask(Task):
     """Masked (encoders) or causal (GPT-2) language modelling of a Hugging Face model on a text data set."""
 

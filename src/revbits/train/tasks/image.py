@@ -8,13 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...petra.pieces.revnet import revnet_pieces
+from ...petra.pieces.vit import vit_pieces
 from .. import datasets as adapters
 from ..config import TrainConfig
+from ..kinds import PetraCut
 from .base import Task, register
 from .lm import shared_shape
 
+# PETRA cuts a ViT into its stem, its n_layer blocks and its head (n_layer + 1 stages at most; the stages
+# are reversible only under --memory bdia), and a RevNet into its stem, 2 * n_layer coupling stages, the
+# downsampling conv and its head (no randomness in a RevNet: the seed is not used).
+VIT_PETRA = PetraCut(pieces=vit_pieces, most_stages=lambda config: config.n_layer + 1, memory="bdia")
+REVNET_PETRA = PetraCut(
+    pieces=lambda model, seed: revnet_pieces(model), most_stages=lambda config: 2 * config.n_layer + 3
+)
 
-@register("vit")
+
+@register("vit", data="fashion-mnist", help="images, ViT", petra=VIT_PETRA)
 class ImageTask(Task):
     """Image classification; images are scaled to [0, 1] and normalised by the training mean and std."""
 
@@ -65,7 +76,7 @@ class ImageTask(Task):
         return {"loss": total_loss / len(images), "accuracy": correct / len(images)}
 
 
-@register("revnet")
+@register("revnet", data="fashion-mnist", help="images, RevNet", petra=REVNET_PETRA)
 class RevNetImageTask(ImageTask):
     """Image classification with a small RevNet (:class:`revbits.models.RevNet`): a stride-2 stem conv to
     d_model channels, two levels of n_layer coupling stages with a stride-2 conv between them that

@@ -16,7 +16,7 @@ from ..metrics import perplexity
 from .base import EVAL_SEED, Task, register
 
 
-@register("gpt")
+@register("gpt", data="shakespeare", help="characters, GPT")
 class CharLMTask(Task):
     """Next-character prediction on a text split into train/valid/test (loss, perplexity, bits per character)."""
 
@@ -73,7 +73,7 @@ class CharLMTask(Task):
         self.tokenizer.save(run_dir / "tokenizer.json")
 
 
-@register("rnnlm")
+@register("rnnlm", data="shakespeare", help="words, GRU or LSTM")
 class WordLMTask(CharLMTask):
     """Next-word prediction: the text cut into words and punctuation, the 10,000 most frequent
     words of the training split as the vocabulary (the rest map to <unk>), as PTB is used."""

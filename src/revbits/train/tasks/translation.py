@@ -16,7 +16,7 @@ from .base import Task, register
 from .lm import shared_shape
 
 
-@register("translator")
+@register("translator", data="bible-en-fr", help="sentence pairs, transformer")
 class TranslationTask(Task):
     """Sentence pairs as padded token batches: source, target input (<bos> ...), target output (... <eos>)."""
 
@@ -87,7 +87,7 @@ class TranslationTask(Task):
         self.tgt_tokenizer.save(run_dir / "tgt_tokenizer.json")
 
 
-@register("rnn-translator")
+@register("rnn-translator", data="bible-en-fr", help="sentence pairs, GRU or LSTM with attention")
 class RNNTranslationTask(TranslationTask):
     """The same sentence pairs, for the attention seq2seq model on (reversible) RNNs."""
 
