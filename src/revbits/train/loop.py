@@ -27,13 +27,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ..interrupt import Interrupted, StopFlag
-from ..io import IntegrityError, WriteError, atomic_write_text, fault_point, read_json
+from ..io import WriteError, atomic_write_text, fault_point
 from ..mesa import compressors_in
 from .checkpoint import load_checkpoint_weights, read_checkpoint_state, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .lr_schedule import lr_factor
 from .metrics import MetricsLog
-from .rundir import RunLock, hold_run, noted_write_error, start_state
+from .rundir import RunLock, hold_run, noted_write_error, read_config_json, start_state
 from .tasks import Task, make_task
 
 # Options that may differ between a run and its resumption (everything else must match).
@@ -114,14 +114,29 @@ class DivergenceError(FloatingPointError):
     """Training produced a non-finite loss, gradient or weight; nothing of that step was saved."""
 
 
+DIVERGENCE_HINT = "lower --lr, set --grad-clip, or check the data; the checkpoints already saved are kept"
+
+
 def check_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, model: nn.Module) -> None:
     """:class:`DivergenceError` naming ``step`` and the cause unless the loss, the gradient norm and
-    every weight are finite."""
-    hint = "lower --lr, set --grad-clip, or check the data; the checkpoints already saved are kept"
+    every weight are finite (:func:`check_update` then :func:`check_weights`; the loop runs each once
+    per step, on either side of the optimiser's update)."""
+    check_update(step, loss, grad_norm)
+    check_weights(step, model)
+
+
+def check_update(step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """:class:`DivergenceError` naming ``step`` unless the loss and the gradient norm are finite."""
     if not math.isfinite(loss.item()):
-        raise DivergenceError(f"step {step}: the training loss is {loss.item()}; {hint}")
+        raise DivergenceError(f"step {step}: the training loss is {loss.item()}; {DIVERGENCE_HINT}")
     if not math.isfinite(grad_norm.item()):
-        raise DivergenceError(f"step {step}: the gradient norm is {grad_norm.item()} before the update; {hint}")
+        message = f"step {step}: the gradient norm is {grad_norm.item()} before the update; {DIVERGENCE_HINT}"
+        raise DivergenceError(message)
+
+
+def check_weights(step: int, model: nn.Module) -> None:
+    """:class:`DivergenceError` naming ``step`` and the first weight that holds a non-finite value."""
+    hint = DIVERGENCE_HINT
     params = dict(model.named_parameters())
     # fast path: one fused norm over all weights (inf or nan if any weight is; it may also overflow for
     # huge finite weights, so the exact check below decides)
@@ -173,10 +188,7 @@ class Trainer:
         out = Path(config.out)
         start = start_state(out, resume)
         if resume and (out / "config.json").exists():
-            saved = read_json(out / "config.json", "run configuration")
-            if not isinstance(saved, dict):
-                raise IntegrityError(f"{out / 'config.json'} is damaged: it holds no table of options")
-            check_resumable(saved, config, "the run's config.json")
+            check_resumable(read_config_json(out), config, "the run's config.json")
         state = None
         if start is not None:
             state = read_checkpoint_state(start)
@@ -246,8 +258,7 @@ class Trainer:
             grad_norm = nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         else:
             grad_norm = nn.utils.get_total_norm([p.grad for p in params])
-        if not math.isfinite(loss.item()) or not math.isfinite(grad_norm.item()):
-            check_finite(self.step + 1, loss, grad_norm, self.model)
+        check_update(self.step + 1, loss, grad_norm)  # before the update, so that nothing of it is applied
         try:
             self.optimizer.step()
         except RuntimeError as error:  # torch refuses an update that overflows float32 (a huge --lr)
@@ -256,7 +267,7 @@ class Trainer:
             message = f"step {self.step + 1}: the optimiser's update overflows ({error}); lower --lr"
             raise DivergenceError(message) from None
         self.scheduler.step()
-        check_finite(self.step + 1, loss, grad_norm, self.model)
+        check_weights(self.step + 1, self.model)
         self.step += 1
         return loss, batch
 

@@ -55,9 +55,18 @@ def is_revbits_run(out: Path) -> bool:
     if not ((out / "config.json").is_file() and (out / "metrics.jsonl").is_file()):
         return False
     with contextlib.suppress(IntegrityError):
-        saved = read_json(out / "config.json", "run configuration")
-        return isinstance(saved, dict) and "model" in saved
+        return "model" in read_config_json(out)
     return False
+
+
+def read_config_json(out: Path) -> dict[str, Any]:
+    """The options in run directory ``out``'s ``config.json``; an IntegrityError naming the file if it
+    is not a table of options (the one reader of that file)."""
+    path = Path(out) / "config.json"
+    values = read_json(path, "run configuration")
+    if not isinstance(values, dict):
+        raise IntegrityError(f"{path} is damaged: it holds no table of options")
+    return values
 
 
 def check_out(out: Path) -> None:
@@ -241,10 +250,7 @@ def saved_options(out: Path) -> dict[str, Any] | None:
     if not is_revbits_run(Path(out)):  # a user's own config.json is never read as a run's
         return None
     if path.exists():
-        values = read_json(path, "run configuration")
-        if not isinstance(values, dict):
-            raise IntegrityError(f"{path} is damaged: it holds no table of options")
-        return values
+        return read_config_json(out)
     newest = latest_checkpoint(Path(out))
     if newest is None:
         return None

@@ -96,10 +96,11 @@ def make_task(config: TrainConfig) -> Task:
 
 def read_run_config(run_dir: Path) -> TrainConfig:
     """The configuration a run directory was trained with: its config.json, or, when that is missing,
-    the options its newest checkpoint records."""
+    the options its newest checkpoint records. A directory that holds no run is a ConfigError; a
+    damaged config.json an IntegrityError (:func:`revbits.train.rundir.read_config_json`)."""
     path = Path(run_dir) / "config.json"
     values = saved_options(Path(run_dir))
     if values is None:
-        raise FileNotFoundError(f"{run_dir} is not a revbits run directory (no config.json, no checkpoint)")
+        raise ConfigError(f"{run_dir} is not a revbits run directory (no config.json, no checkpoint)")
     source = str(path) if path.exists() else f"the options recorded in the newest checkpoint of {run_dir}"
     return TrainConfig.from_dict(values, source=source)
