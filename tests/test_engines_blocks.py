@@ -15,7 +15,7 @@ from torch import nn
 import revbits
 from revbits import BDIAStack
 from revbits.models import TransformerBlock
-from revbits.stack import MEMORY_MODES
+from revbits.modes import MEMORY_MODES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
