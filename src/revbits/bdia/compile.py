@@ -9,9 +9,10 @@ inference graph under no_grad and a training graph under grad), so two rules kee
   ``torch.compile(model)`` the blocks run eagerly in both passes, and the rest of the model is
   compiled around the stack;
 - a block that holds compiled code (``torch.compile(block)``, ``block.compile()``, or a
-  compiled submodule) runs in the forward pass under grad, on an input that requires grad, as
-  its recomputation will, so both passes call the same compiled training graph. Its graph is
-  dropped at once; only the output is kept.
+  compiled submodule) runs in the forward pass under grad, on the inputs its recomputation will
+  get (a view of a leaf that requires grad for x and for each tensor argument that wants a
+  gradient, :func:`revbits.bdia.tools.graph_inputs`), so both passes call the same compiled
+  training graph. Its graph is dropped at once; only the output is kept.
 
 A compiled function called from inside a block cannot be seen from outside; if it makes the
 two passes differ, the stack's checksum catches it and raises ReversibilityError.
@@ -24,6 +25,7 @@ from torch import nn
 
 from .args import BlockArguments
 from .step import call_block
+from .tools import graph_inputs
 
 __all__ = ["forward_block", "holds_compiled_code"]
 
@@ -42,4 +44,4 @@ def forward_block(block: nn.Module, index: int, x: torch.Tensor, args: BlockArgu
     if not compiled:
         return call_block(block, index, x, args)
     with torch.enable_grad():
-        return call_block(block, index, x.detach().requires_grad_(), args).detach()
+        return call_block(block, index, *graph_inputs(x.detach().requires_grad_(), args)).detach()

@@ -21,7 +21,7 @@ standard residual stack (with or without Q on each block output).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ from .step import (
     state_checksum,
     stream_max,
 )
+from .tools import FORWARD, RECOMPUTE, graph_inputs, has_no_values, pipelining_shape_inference, profiled
 
 __all__ = ["BDIAStack", "BlockProtocolError", "RecomputeContext", "ReversibilityError", "StreamRangeError"]
 
@@ -99,11 +100,12 @@ class _Plan:
             values[slot] = tensor
         return self.args.with_values(values)
 
-    def recomputing(self, k: int) -> contextlib.AbstractContextManager:
-        """The stack's ``recompute_context(k)``, or no context."""
-        if self.recompute_context is None:
-            return contextlib.nullcontext()
-        return self.recompute_context(k)
+    @contextlib.contextmanager
+    def recomputing(self, k: int) -> Iterator[None]:
+        """The stack's ``recompute_context(k)`` (or no context), in the profiler region ``revbits.bdia.recompute``."""
+        context = contextlib.nullcontext() if self.recompute_context is None else self.recompute_context(k)
+        with profiled(RECOMPUTE), context:
+            yield
 
     def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
         """g_k as a per-sample tensor broadcastable against the states."""
@@ -136,10 +138,10 @@ class _BDIAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, x0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         arg_tensors = inputs[: len(plan.tensor_slots)]
-        args = plan.block_args(arg_tensors)
         split = plan.split
         assert split is not None
-        chunk_args = [split.tree(args, c) for c in range(split.chunks)]
+        x0 = x0.detach()  # nothing here is differentiable (bdia.tools: module trackers)
+        chunk_args, leaf_args = _forward_arguments(plan, arg_tensors)
         x_prev, x_cur = None, x0
         maxima = [stream_max(x0)]
         for k, block in enumerate(plan.blocks):
@@ -157,7 +159,8 @@ class _BDIAFunction(torch.autograd.Function):
             g = plan.gamma_of(k, x_cur) if k else None
             planes: list[PackedBits] = []
             for c, rows in enumerate(split.slices):
-                y = forward_block(block, k, x_cur[rows], chunk_args[c], plan.compiled[k])
+                block_args = leaf_args[c] if plan.compiled[k] else chunk_args[c]
+                y = forward_block(block, k, x_cur[rows], block_args, plan.compiled[k])
                 if g is None:
                     x_next[rows] = quantize(y, plan.bits)
                 else:
@@ -242,6 +245,21 @@ class _BDIAFunction(torch.autograd.Function):
         return (None, g_next, *grads.args, *grads.params)
 
 
+def _forward_arguments(
+    plan: _Plan, arg_tensors: Sequence[torch.Tensor]
+) -> tuple[list[BlockArguments], list[BlockArguments]]:
+    """Per chunk, the block arguments of the reversible forward: detached tensors, since nothing there is
+    differentiable (bdia.tools: module trackers), and for blocks that hold compiled code the leaves their
+    recomputation will get, requiring grad where the argument does (bdia.compile)."""
+    split = plan.split
+    assert split is not None
+    chunk_args = [split.tree(plan.block_args([a.detach() for a in arg_tensors]), c) for c in range(split.chunks)]
+    if not any(plan.compiled):
+        return chunk_args, chunk_args
+    leaves = [a.detach().requires_grad_(a.requires_grad) for a in arg_tensors]
+    return chunk_args, [split.tree(plan.block_args([split.leaf(a, c) for a in leaves]), c) for c in range(split.chunks)]
+
+
 def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
     """The plan of this forward and its last two states x_{K-1}, x_K, handed over once; raises for a second
     backward, a higher-order one, or an output modified in place since the forward."""
@@ -268,7 +286,7 @@ def _recompute(plan: _Plan, k: int, x: torch.Tensor, args: BlockArguments) -> tu
     """(x_k, y_k = block_k(x_k)) with a graph from a fresh leaf x_k, inside the stack's recompute context."""
     with torch.enable_grad(), plan.recomputing(k):
         xk = x.detach().requires_grad_()
-        return xk, recompute_block(plan.blocks[k], k, xk, args)
+        return xk, recompute_block(plan.blocks[k], k, *graph_inputs(xk, args))  # bdia.tools: module trackers
 
 
 class _Gradients:
@@ -543,16 +561,18 @@ class BDIAStack(nn.Module):
         values = args.values()
         arg_tensors = [values[i] for i in plan.tensor_slots]
         params = trainable_parameters(self.blocks)
-        return _BDIAFunction.apply(plan, x0, *arg_tensors, *params)
+        with profiled(FORWARD):
+            return _BDIAFunction.apply(plan, x0, *arg_tensors, *params)
 
     # -- helpers --------------------------------------------------------------------------------
 
     def _signs(self, x: torch.Tensor, gammas: torch.Tensor | None) -> torch.Tensor | None:
-        """The [K-1, B] signs of g: explicit, drawn (training), or None for g = 0 (eval)."""
+        """The [K-1, B] signs of g: explicit, drawn (training), or None for g = 0 (eval, and where there is nothing
+        to train: pipelining's shape inference and meta tensors, bdia.tools)."""
         K, B = len(self.blocks), x.shape[0]
+        if (gammas is None and not self.training) or has_no_values(x) or pipelining_shape_inference():
+            return None
         if gammas is None:
-            if not self.training:
-                return None
             return torch.randint(0, 2, (K - 1, B), device=x.device, dtype=torch.int8) * 2 - 1
         if gammas.shape != (K - 1, B):
             raise ValueError(f"gammas must have shape [K-1, batch] = [{K - 1}, {B}], got {list(gammas.shape)}")
