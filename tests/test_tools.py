@@ -125,3 +125,50 @@ def test_profiler_shows_forward_recomputation_and_inverse_regions():
     assert calls.get("revbits.bdia.forward") == 2
     assert calls.get("revbits.bdia.recompute") == 2 * DEPTH * CHUNKS
     assert calls.get("revbits.bdia.inverse") == 2 * (DEPTH - 1) * CHUNKS
+
+
+def test_flop_counter_and_mem_tracker_on_a_converted_bert():
+    transformers = pytest.importorskip("transformers")
+    from revbits import hf
+
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    ids = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+
+    def build(convert: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = transformers.BertModel(config).train()
+        return hf.convert(model, "bdia") if convert else model
+
+    def bert_step(model: nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        model(input_ids=ids, attention_mask=mask).last_hidden_state.square().mean().backward()
+
+    counts = {}
+    for convert in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            bert_step(build(convert))
+        counts[convert] = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        build(False).encoder(torch.randn(4, 12, 32))
+    assert counts[True] == pytest.approx(counts[False] + counter.get_total_flops(), rel=0.02)
+
+    model = build(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        bert_step(model)
+        optimizer.step()
+    assert tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] > 0

@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -79,13 +81,15 @@ def has_no_values(x: torch.Tensor) -> bool:
     return x.device.type == "meta"
 
 
-def graph_inputs(x: torch.Tensor, args: BlockArguments) -> tuple[torch.Tensor, BlockArguments]:
-    """``x`` and the top-level tensor arguments that are leaves requiring grad, each replaced by a view of
-    itself (same values, same version counter; gradients reach the leaf through the view)."""
+def graph_inputs(x: torch.Tensor, args: BlockArguments | Sequence[Any]) -> tuple[torch.Tensor, Any]:
+    """``x`` and the top-level tensor arguments, each leaf that requires grad replaced by a view of itself
+    (same values, same version counter; gradients reach the leaf through the view)."""
 
-    def alias(t: object) -> object:
+    def alias(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf:
             return t.view_as(t)
         return t
 
-    return alias(x), args.with_values([alias(v) for v in args.values()])  # type: ignore[return-value]
+    if isinstance(args, BlockArguments):
+        return alias(x), args.with_values([alias(v) for v in args.values()])
+    return alias(x), [alias(v) for v in args]
