@@ -5,7 +5,9 @@
 - :mod:`~revbits.bdia.step`: one BDIA step and its exact inverse, shared with PETRA's BDIA stages;
 - :mod:`~revbits.bdia.fixedpoint`: the grid Q and its exact range; :mod:`~revbits.bdia.bits`: packed bit planes;
 - :mod:`~revbits.bdia.args`, :mod:`~revbits.bdia.chunks`, :mod:`~revbits.bdia.params`, :mod:`~revbits.bdia.compile`:
-  the block arguments, batch chunks, gradient routing and torch.compile rules of the reversible backward.
+  the block arguments, batch chunks, gradient routing and torch.compile rules of the reversible backward;
+- :mod:`~revbits.bdia.tools`: what the stack does for PyTorch's profiler, module trackers (FlopCounterMode,
+  MemTracker) and torch.distributed.pipelining's shape inference.
 """
 
 from .bits import PackedBits, pack_bits, unpack_bits

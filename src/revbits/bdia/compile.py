@@ -20,14 +20,17 @@ two passes differ, the stack's checksum catches it and raises ReversibilityError
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
 from .args import BlockArguments
+from .chunks import BatchSplit
 from .step import call_block
 from .tools import graph_inputs
 
-__all__ = ["forward_block", "holds_compiled_code"]
+__all__ = ["forward_arguments", "forward_block", "holds_compiled_code"]
 
 
 def holds_compiled_code(block: nn.Module) -> bool:
@@ -45,3 +48,21 @@ def forward_block(block: nn.Module, index: int, x: torch.Tensor, args: BlockArgu
         return call_block(block, index, x, args)
     with torch.enable_grad():
         return call_block(block, index, *graph_inputs(x.detach().requires_grad_(), args)).detach()
+
+
+def forward_arguments(
+    block_args: Callable[[Sequence[torch.Tensor]], BlockArguments],
+    split: BatchSplit,
+    arg_tensors: Sequence[torch.Tensor],
+    compiled: bool,
+) -> tuple[list[BlockArguments], list[BlockArguments]]:
+    """Per batch chunk, the block arguments of the reversible forward (``block_args`` puts the tensor arguments
+    in their slots): detached tensors, since nothing there is differentiable (bdia.tools: module trackers), and,
+    if any block holds ``compiled`` code, the leaves its recomputation will get, requiring grad where the argument
+    does; else the same detached ones."""
+    chunks = range(split.chunks)
+    detached = [split.tree(block_args([a.detach() for a in arg_tensors]), c) for c in chunks]
+    if not compiled:
+        return detached, detached
+    leaves = [a.detach().requires_grad_(a.requires_grad) for a in arg_tensors]
+    return detached, [split.tree(block_args([split.leaf(a, c) for a in leaves]), c) for c in chunks]

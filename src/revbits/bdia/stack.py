@@ -33,7 +33,7 @@ from ..rng import RngReplay, capture_rng_state
 from .args import BlockArguments
 from .bits import PackedBits, pack_bits, unpack_bits
 from .chunks import AUTO, BatchSplit, check_batch_chunks, plan_split
-from .compile import forward_block, holds_compiled_code
+from .compile import forward_arguments, forward_block, holds_compiled_code
 from .fixedpoint import exact_limit, quantize
 from .params import (
     backward_through_block,
@@ -141,7 +141,7 @@ class _BDIAFunction(torch.autograd.Function):
         split = plan.split
         assert split is not None
         x0 = x0.detach()  # nothing here is differentiable (bdia.tools: module trackers)
-        chunk_args, leaf_args = _forward_arguments(plan, arg_tensors)
+        chunk_args, leaf_args = forward_arguments(plan.block_args, split, arg_tensors, any(plan.compiled))
         x_prev, x_cur = None, x0
         maxima = [stream_max(x0)]
         for k, block in enumerate(plan.blocks):
@@ -243,21 +243,6 @@ class _BDIAFunction(torch.autograd.Function):
         if plan.backward_ends is not None:
             plan.backward_ends()
         return (None, g_next, *grads.args, *grads.params)
-
-
-def _forward_arguments(
-    plan: _Plan, arg_tensors: Sequence[torch.Tensor]
-) -> tuple[list[BlockArguments], list[BlockArguments]]:
-    """Per chunk, the block arguments of the reversible forward: detached tensors, since nothing there is
-    differentiable (bdia.tools: module trackers), and for blocks that hold compiled code the leaves their
-    recomputation will get, requiring grad where the argument does (bdia.compile)."""
-    split = plan.split
-    assert split is not None
-    chunk_args = [split.tree(plan.block_args([a.detach() for a in arg_tensors]), c) for c in range(split.chunks)]
-    if not any(plan.compiled):
-        return chunk_args, chunk_args
-    leaves = [a.detach().requires_grad_(a.requires_grad) for a in arg_tensors]
-    return chunk_args, [split.tree(plan.block_args([split.leaf(a, c) for a in leaves]), c) for c in range(split.chunks)]
 
 
 def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
