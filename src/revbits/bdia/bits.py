@@ -4,10 +4,11 @@ A plane of integers in ``[0, 2**width)`` is stored as ``width`` one-bit planes, 
 into ``ceil(n / 8)`` bytes: byte j of plane i holds bit i of elements 8j .. 8j+7, element 8j+t
 in bit t.
 
-Every shift here is by a Python constant, and bytes are combined with bitwise OR, never summed:
-torch.compile's CPU backend (inductor) has been seen to miscompile a uint8 shift by a tensor of
-bit positions followed by a uint8 sum (docs/engines.md, "An inductor repro"), and the stack's
-plain path, which torch.compile compiles, packs the signs of g with this module.
+No step shifts by a tensor or sums bytes: packing ORs pairs of columns, shifted by Python
+constants, in three rounds; unpacking tests each bit with AND against the bit weights. The
+earlier uint8 shift by a tensor of bit positions followed by a uint8 sum was reported
+miscompiled by torch.compile's CPU backend (docs/engines.md, "The plain path under inductor"),
+and the stack's plain path, which torch.compile compiles, packs the signs of g with this module.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _weights(device: torch.device) -> torch.Tensor:
+    """The bit weights 1, 2, 4, .., 128 as a uint8 tensor on ``device`` (cached)."""
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = torch.tensor([1 << t for t in range(8)], dtype=torch.uint8, device=device)
+    return _WEIGHTS[device]
 
 
 @dataclass(frozen=True)
@@ -31,12 +41,12 @@ class PackedBits:
 
 
 def _pack_plane(bits: torch.Tensor) -> torch.Tensor:
-    """byte[j] = OR_t bits[8j + t] << t for a flat uint8 plane of 0/1 whose length is a multiple of 8."""
+    """byte[j] = OR_t bits[8j + t] << t for a flat uint8 plane of 0/1 whose length is a multiple of 8:
+    neighbouring columns are merged three times, c' = c_even | c_odd << width, width 1, 2, 4."""
     columns = bits.view(-1, 8)
-    byte = columns[:, 0].clone()
-    for t in range(1, 8):
-        byte.bitwise_or_(columns[:, t] << t)
-    return byte
+    for width in (1, 2, 4):
+        columns = columns[:, 0::2] | (columns[:, 1::2] << width)
+    return columns.view(-1)
 
 
 def pack_bits(values: torch.Tensor, width: int = 1) -> PackedBits:
@@ -58,16 +68,17 @@ def pack_bits(values: torch.Tensor, width: int = 1) -> PackedBits:
 
 
 def unpack_bits(packed: PackedBits, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: v[8j + t] = OR_i ((byte[i, j] >> t) & 1) << i."""
+    """Inverse of :func:`pack_bits`: v[8j + t] = OR_i [byte[i, j] & 2**t != 0] << i."""
     numel = 1
     for size in packed.shape:
         numel *= size
-    out = None
-    for i in range(packed.width):
-        byte = packed.data[i]
-        bits = torch.stack([(byte >> t) & 1 if t else byte & 1 for t in range(8)], dim=-1).reshape(-1)[:numel]
-        out = bits if out is None else out.bitwise_or_(bits << i)
-    assert out is not None
+    weights = _weights(packed.data.device)
+    planes = [((byte.unsqueeze(-1) & weights) != 0).reshape(-1)[:numel] for byte in packed.data]
+    if packed.width == 1:
+        return planes[0].to(dtype).view(packed.shape)
+    out = planes[0].to(torch.uint8)
+    for i, plane in enumerate(planes[1:], start=1):
+        out.bitwise_or_(plane.to(torch.uint8) << i)
     return out.to(dtype).view(packed.shape)
 
 
