@@ -41,3 +41,25 @@ def test_bad_width_and_dtype_are_refused():
         pack_bits(torch.zeros(3, dtype=torch.int32), 9)
     with pytest.raises(TypeError, match="integer or bool"):
         pack_bits(torch.zeros(3))
+
+
+def test_pack_and_unpack_compile_to_the_eager_bits():
+    """Inductor (torch.compile on CPU) was reported to miscompile the former uint8 shift-and-sum on the signs of g
+    (docs/engines.md): the compiled functions give eager's bytes, for signs [K-1, B] and for multi-plane residues."""
+    torch._dynamo.reset()
+
+    def round_trip(values: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = pack_bits(values, width)
+        return packed.data, unpack_bits(packed, torch.int8)
+
+    compiled = torch.compile(round_trip, backend="inductor", dynamic=False)
+    generator = torch.Generator().manual_seed(3)
+    signs = (torch.randint(0, 2, (2, 8), generator=generator) * 2 - 1).to(torch.int8)
+    cases = [(signs > 0, 1), (torch.randint(0, 4, (3, 13), generator=generator, dtype=torch.int32), 2)]
+    try:
+        for values, width in cases:
+            want, got = round_trip(values, width), compiled(values, width)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            assert torch.equal(want[1], values.to(torch.int8))
+    finally:
+        torch._dynamo.reset()

@@ -8,7 +8,9 @@
   the block arguments, batch chunks, gradient routing and torch.compile rules of the reversible backward;
   :mod:`~revbits.bdia.options`: ``check_options``, the checks of the stack's numeric options;
   :mod:`~revbits.bdia.gradients`: the backward's per-block recomputation and the gradients it sums;
-- :mod:`~revbits.bdia.token_slices`: token-wise submodules (MLPs) run in slices of the sequence in training.
+- :mod:`~revbits.bdia.token_slices`: token-wise submodules (MLPs) run in slices of the sequence in training;
+- :mod:`~revbits.bdia.tools`: what the stack does for PyTorch's profiler, module trackers (FlopCounterMode,
+  MemTracker) and torch.distributed.pipelining's shape inference.
 """
 
 from .bits import PackedBits, pack_bits, unpack_bits

@@ -3,6 +3,12 @@
 A plane of integers in ``[0, 2**width)`` is stored as ``width`` one-bit planes, each packed
 into ``ceil(n / 8)`` bytes: byte j of plane i holds bit i of elements 8j .. 8j+7, element 8j+t
 in bit t.
+
+No step shifts by a tensor or sums bytes: packing ORs pairs of columns, shifted by Python
+constants, in three rounds; unpacking tests each bit with AND against the bit weights. The
+earlier uint8 shift by a tensor of bit positions followed by a uint8 sum was reported
+miscompiled by torch.compile's CPU backend (docs/engines.md, "The plain path under inductor"),
+and the stack's plain path, which torch.compile compiles, packs the signs of g with this module.
 """
 
 from __future__ import annotations
@@ -11,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
-def _shifts(device: torch.device) -> torch.Tensor:
-    """The bit positions 0..7 as a uint8 tensor on ``device`` (cached)."""
-    if device not in _SHIFTS:
-        _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
-    return _SHIFTS[device]
+def _weights(device: torch.device) -> torch.Tensor:
+    """The bit weights 1, 2, 4, .., 128 as a uint8 tensor on ``device`` (cached)."""
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = torch.tensor([1 << t for t in range(8)], dtype=torch.uint8, device=device)
+    return _WEIGHTS[device]
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,19 @@ class PackedBits:
         return self.data.numel() * self.data.element_size()
 
 
+def _pack_plane(bits: torch.Tensor) -> torch.Tensor:
+    """byte[j] = OR_t bits[8j + t] << t for a flat uint8 plane of 0/1 whose length is a multiple of 8:
+    neighbouring columns are merged three times, c' = c_even | c_odd << width, width 1, 2, 4."""
+    columns = bits.view(-1, 8)
+    for width in (1, 2, 4):
+        columns = columns[:, 0::2] | (columns[:, 1::2] << width)
+    return columns.view(-1)
+
+
 def pack_bits(values: torch.Tensor, width: int = 1) -> PackedBits:
     """Pack integers in ``[0, 2**width)`` into ``width`` planes of 1 bit per element.
 
-    byte[i, j] = sum_t ((v[8j + t] >> i) & 1) << t
+    byte[i, j] = OR_t ((v[8j + t] >> i) & 1) << t
     """
     if not 1 <= width <= 8:
         raise ValueError(f"pack_bits packs 1 to 8 bit planes, got width={width}")
@@ -48,25 +63,22 @@ def pack_bits(values: torch.Tensor, width: int = 1) -> PackedBits:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     flat = flat.to(torch.uint8) if values.dtype != torch.uint8 else flat
-    shifts = _shifts(values.device)
-    planes = []
-    for i in range(width):
-        bit = (flat >> i) & 1 if i else flat & 1
-        planes.append((bit.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8))
+    planes = [_pack_plane((flat >> i) & 1 if i else flat & 1) for i in range(width)]
     return PackedBits(torch.stack(planes), values.shape, width)
 
 
 def unpack_bits(packed: PackedBits, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: v[8j + t] = sum_i ((byte[i, j] >> t) & 1) << i."""
-    shifts = _shifts(packed.data.device)
+    """Inverse of :func:`pack_bits`: v[8j + t] = OR_i [byte[i, j] & 2**t != 0] << i."""
     numel = 1
     for size in packed.shape:
         numel *= size
-    out = None
-    for i in range(packed.width):
-        bits = ((packed.data[i].unsqueeze(-1) >> shifts) & 1).reshape(-1)[:numel]
-        out = bits if out is None else out.bitwise_or_(bits << i)
-    assert out is not None
+    weights = _weights(packed.data.device)
+    planes = [((byte.unsqueeze(-1) & weights) != 0).reshape(-1)[:numel] for byte in packed.data]
+    if packed.width == 1:
+        return planes[0].to(dtype).view(packed.shape)
+    out = planes[0].to(torch.uint8)
+    for i, plane in enumerate(planes[1:], start=1):
+        out.bitwise_or_(plane.to(torch.uint8) << i)
     return out.to(dtype).view(packed.shape)
 
 

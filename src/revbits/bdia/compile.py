@@ -9,9 +9,10 @@ inference graph under no_grad and a training graph under grad), so two rules kee
   ``torch.compile(model)`` the blocks run eagerly in both passes, and the rest of the model is
   compiled around the stack;
 - a block that holds compiled code (``torch.compile(block)``, ``block.compile()``, or a
-  compiled submodule) runs in the forward pass under grad, on an input that requires grad, as
-  its recomputation will, so both passes call the same compiled training graph. Its graph is
-  dropped at once; only the output is kept.
+  compiled submodule) runs in the forward pass under grad, on the inputs its recomputation will
+  get (a view of a leaf that requires grad for x and for each tensor argument that wants a
+  gradient, :func:`revbits.bdia.tools.graph_inputs`), so both passes call the same compiled
+  training graph. Its graph is dropped at once; only the output is kept.
 
 A compiled function called from inside a block cannot be seen from outside; if it makes the
 two passes differ, the stack's checksum catches it and raises ReversibilityError.
@@ -19,13 +20,17 @@ two passes differ, the stack's checksum catches it and raises ReversibilityError
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
 from .args import BlockArguments
+from .chunks import BatchSplit
 from .step import call_block
+from .tools import graph_inputs
 
-__all__ = ["forward_block", "holds_compiled_code"]
+__all__ = ["forward_arguments", "forward_block", "holds_compiled_code"]
 
 
 def holds_compiled_code(block: nn.Module) -> bool:
@@ -42,4 +47,22 @@ def forward_block(block: nn.Module, index: int, x: torch.Tensor, args: BlockArgu
     if not compiled:
         return call_block(block, index, x, args)
     with torch.enable_grad():
-        return call_block(block, index, x.detach().requires_grad_(), args).detach()
+        return call_block(block, index, *graph_inputs(x.detach().requires_grad_(), args)).detach()
+
+
+def forward_arguments(
+    block_args: Callable[[Sequence[torch.Tensor]], BlockArguments],
+    split: BatchSplit,
+    arg_tensors: Sequence[torch.Tensor],
+    compiled: bool,
+) -> tuple[list[BlockArguments], list[BlockArguments]]:
+    """Per batch chunk, the block arguments of the reversible forward (``block_args`` puts the tensor arguments
+    in their slots): detached tensors, since nothing there is differentiable (bdia.tools: module trackers), and,
+    if any block holds ``compiled`` code, the leaves its recomputation will get, requiring grad where the argument
+    does; else the same detached ones."""
+    chunks = range(split.chunks)
+    detached = [split.tree(block_args([a.detach() for a in arg_tensors]), c) for c in chunks]
+    if not compiled:
+        return detached, detached
+    leaves = [a.detach().requires_grad_(a.requires_grad) for a in arg_tensors]
+    return detached, [split.tree(block_args([split.leaf(a, c) for a in leaves]), c) for c in chunks]

@@ -30,6 +30,7 @@ from .params import (
     unmanaged_leaves,
 )
 from .token_slices import slicing
+from .tools import graph_inputs
 
 __all__ = ["Gradients", "recompute", "skip_gradient"]
 
@@ -45,7 +46,7 @@ def recompute(plan: Any, k: int, x: torch.Tensor, args: BlockArguments) -> tuple
         detached_held_tensors(block, plan.block_params[k]) as held,
     ):
         xk = x.detach().requires_grad_()
-        return xk, recompute_block(block, k, xk, args), held
+        return xk, recompute_block(block, k, *graph_inputs(xk, args)), held  # bdia.tools: module trackers
 
 
 def skip_gradient(

@@ -21,7 +21,7 @@ standard residual stack (with or without Q on each block output).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from ..rng import RngReplay, capture_rng_state
 from .args import BlockArguments
 from .bits import PackedBits, pack_bits, unpack_bits
 from .chunks import AUTO, BatchSplit, plan_split
-from .compile import forward_block, holds_compiled_code
+from .compile import forward_arguments, forward_block, holds_compiled_code
 from .fixedpoint import exact_limit, quantize
 from .gradients import Gradients, recompute, skip_gradient
 from .options import check_options
@@ -48,6 +48,7 @@ from .step import (
     stream_max,
 )
 from .token_slices import check_token_slice, install_declared, training_pass
+from .tools import FORWARD, RECOMPUTE, has_no_values, pipelining_shape_inference, profiled
 
 __all__ = ["BDIAStack", "BlockProtocolError", "RecomputeContext", "ReversibilityError", "StreamRangeError"]
 
@@ -96,11 +97,12 @@ class _Plan:
             values[slot] = tensor
         return self.args.with_values(values)
 
-    def recomputing(self, k: int) -> contextlib.AbstractContextManager:
-        """The stack's ``recompute_context(k)``, or no context."""
-        if self.recompute_context is None:
-            return contextlib.nullcontext()
-        return self.recompute_context(k)
+    @contextlib.contextmanager
+    def recomputing(self, k: int) -> Iterator[None]:
+        """The stack's ``recompute_context(k)`` (or no context), in the profiler region ``revbits.bdia.recompute``."""
+        context = contextlib.nullcontext() if self.recompute_context is None else self.recompute_context(k)
+        with profiled(RECOMPUTE), context:
+            yield
 
     def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
         """g_k as a per-sample tensor broadcastable against the states."""
@@ -133,10 +135,10 @@ class _BDIAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, x0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         arg_tensors = inputs[: len(plan.tensor_slots)]
-        args = plan.block_args(arg_tensors)
         split = plan.split
         assert split is not None
-        chunk_args = [split.tree(args, c) for c in range(split.chunks)]
+        x0 = x0.detach()  # nothing here is differentiable (bdia.tools: module trackers)
+        chunk_args, leaf_args = forward_arguments(plan.block_args, split, arg_tensors, any(plan.compiled))
         x_prev, x_cur = None, x0
         maxima = [stream_max(x0)]
         for k, block in enumerate(plan.blocks):
@@ -154,7 +156,8 @@ class _BDIAFunction(torch.autograd.Function):
             g = plan.gamma_of(k, x_cur) if k else None
             planes: list[PackedBits] = []
             for c, rows in enumerate(split.slices):
-                y = forward_block(block, k, x_cur[rows], chunk_args[c], plan.compiled[k])
+                block_args = leaf_args[c] if plan.compiled[k] else chunk_args[c]
+                y = forward_block(block, k, x_cur[rows], block_args, plan.compiled[k])
                 if g is None:
                     x_next[rows] = quantize(y, plan.bits)
                 else:
@@ -488,16 +491,18 @@ class BDIAStack(nn.Module):
         values = args.values()
         arg_tensors = [values[i] for i in plan.tensor_slots]
         params = distinct(plan.block_params)
-        return _BDIAFunction.apply(plan, x0, *arg_tensors, *params, EngineRequest.probe(x0))
+        with profiled(FORWARD):
+            return _BDIAFunction.apply(plan, x0, *arg_tensors, *params, EngineRequest.probe(x0))
 
     # -- helpers --------------------------------------------------------------------------------
 
     def _signs(self, x: torch.Tensor, gammas: torch.Tensor | None) -> torch.Tensor | None:
-        """The [K-1, B] signs of g: explicit, drawn (training), or None for g = 0 (eval)."""
+        """The [K-1, B] signs of g: explicit, drawn (training), or None for g = 0 (eval, and where there is nothing
+        to train: pipelining's shape inference and meta tensors, bdia.tools)."""
         K, B = len(self.blocks), x.shape[0]
+        if (gammas is None and not self.training) or has_no_values(x) or pipelining_shape_inference():
+            return None
         if gammas is None:
-            if not self.training:
-                return None
             return torch.randint(0, 2, (K - 1, B), device=x.device, dtype=torch.int8) * 2 - 1
         if gammas.shape != (K - 1, B):
             raise ValueError(f"gammas must have shape [K-1, batch] = [{K - 1}, {B}], got {list(gammas.shape)}")

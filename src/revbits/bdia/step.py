@@ -24,6 +24,7 @@ from torch import nn
 from .args import BlockArguments
 from .bits import PackedBits, pack_bits, unpack_bits
 from .fixedpoint import LOW_PRECISION_ADVICE, exact_limit
+from .tools import INVERSE, profiled
 
 
 class BlockProtocolError(ValueError):
@@ -125,15 +126,20 @@ class Step:
     ) -> torch.Tensor:
         """x_{k-1}, exactly, from x_{k+1}, x_k, the recomputed y_k and the residue bits :meth:`forward` kept.
         It is the forward's x_{k-1} bit for bit if y_k is bit for bit the forward's."""
-        u = combine(x_cur, y.detach(), g, self.bits)
-        return inverse_step_(x_next, unpack_bits(kept, x_cur.dtype), u, g, self.bits)
+        with profiled(INVERSE):
+            u = combine(x_cur, y.detach(), g, self.bits)
+            return inverse_step_(x_next, unpack_bits(kept, x_cur.dtype), u, g, self.bits)
 
 
 def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any] | BlockArguments) -> torch.Tensor:
     """y = block(x, *args) (or block(x, *args, **kwargs) for a BlockArguments), checked against the block protocol."""
-    version = None if x.is_inference() else x._version  # inference tensors (inference_mode) keep no version
+    # While dynamo traces (the plain and evaluation paths under torch.compile), a version counter is a
+    # data-dependent value that breaks the graph at every block; the reversible path runs eagerly and checks.
+    # Inference tensors (inference_mode) keep no version.
+    checked = not torch.compiler.is_compiling() and not x.is_inference()
+    version = x._version if checked else 0
     y = args.call(block, x) if isinstance(args, BlockArguments) else block(x, *args)
-    if version is not None and x._version != version:
+    if checked and x._version != version:
         raise BlockProtocolError(
             f"block {index} ({type(block).__name__}) modified its input in place; a reversible stack keeps "
             "the states it is given, so write `x = x + f(x)` instead of `x += f(x)`"

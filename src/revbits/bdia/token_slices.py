@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import types
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -167,7 +166,8 @@ def run_in_slices(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 def _check_token_wise_output(forward: Any, part: torch.Tensor, out: Any) -> None:
     if isinstance(out, torch.Tensor) and out.dim() == part.dim() and out.shape[:-1] == part.shape[:-1]:
         return
-    owner = type(getattr(forward, "__self__", forward)).__name__
+    bound = forward.args[0] if isinstance(forward, functools.partial) and forward.args else forward
+    owner = type(getattr(bound, "__self__", bound)).__name__
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     raise TypeError(
         f"revbits token slices: {owner}, installed as token-wise, maps a slice {tuple(part.shape)} to {shape}; "
@@ -182,7 +182,8 @@ _SLICED_CLASSES: dict[type, type] = {}
 
 
 def _sliced_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return run_in_slices(types.MethodType(_plain_class(type(self)).forward, self), *args, **kwargs)
+    # functools.partial rather than a bound method object: dynamo traces it (no graph break per module)
+    return run_in_slices(functools.partial(_plain_class(type(self)).forward, self), *args, **kwargs)
 
 
 def _rebuild(plain: type) -> nn.Module:

@@ -27,10 +27,16 @@ What works and what does not with torch.distributed.pipelining on gloo/CPU (chec
 
 - Communication works. Older torch waited on one of the works ``batch_isend_irecv`` returns on gloo and hung
   (pytorch issue 132644, fixed by PR 152938 in May 2025, torch >= 2.8): :func:`gloo_pipelining_supported`.
-- Dynamic shape inference (no ``input_args``) runs the stage forward on uninitialised tensors of the right
-  shape (``torch.empty``), then a backward: token ids would be garbage indices, and it would count as a
+- Dynamic shape inference (no ``input_args``) runs the stage forward and a backward once before the first
+  micro-batch: on that micro-batch at stage 0 and on uninitialised tensors of the right shape
+  (``torch.empty``) at later stages. A BDIA stack recognises it and computes its evaluation function there
+  (:mod:`revbits.bdia.tools`; tested in tests/test_pipelining.py), but the adapters here would count it as a
   micro-batch. So the stages are built in static mode: every process runs stages 0..j once on micro-batch 0
   to get example tensors (:func:`example_tensors`).
+- An error inside ``schedule.step`` reaches the caller as pipelining's "[Stage j] failed to run forward"
+  with the cause only in its chain; :func:`pipeline_step` raises :class:`PipelineStageError` naming the
+  stage and the cause in one line. The launcher (:func:`revbits.petra.launch`) then ends the other stages at
+  once; they would otherwise wait on a receive until the process group's timeout.
 - In static mode the example tensors must have ``requires_grad=True`` wherever a gradient crosses the
   boundary (every input but stage 0's, every output): the recv/send buffers for gradients are derived from
   that flag, and with plain example tensors the backward fails with "Output gradient: ('None',)".
@@ -58,6 +64,40 @@ from .stages import LastStage
 from .testing import recording
 
 SCHEDULES = ("gpipe", "1f1b")
+
+
+class PipelineStageError(RuntimeError):
+    """A stage of a torch.distributed.pipelining schedule failed; ``stage`` is its index."""
+
+    def __init__(self, message: str, stage: int) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class PipelinePeerError(PipelineStageError):
+    """A stage's connection to the process group broke: the echo of another stage's failure. ``peer`` (None:
+    not known which neighbour) marks it so for the launcher, which then names the stage that failed first."""
+
+    peer = None
+
+
+def _transport_failure(cause: BaseException) -> bool:
+    """Whether ``cause`` is the process group breaking under a stage (gloo's "Connection closed by peer")."""
+    return isinstance(cause, dist.DistError) or "gloo/transport" in str(cause)
+
+
+def pipeline_step(pipe: PipelineScheduleSingle, j: int, J: int, *args: Tensor, **kwargs) -> None:
+    """``pipe.step(*args, **kwargs)`` at stage j of J; an error becomes :class:`PipelineStageError` naming the
+    stage and the innermost cause (pipelining's own wrapper says only "failed to run forward")."""
+    try:
+        pipe.step(*args, **kwargs)
+    except Exception as e:
+        cause: BaseException = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        error = PipelinePeerError if _transport_failure(cause) else PipelineStageError
+        raise error(f"pipeline stage {j} of {J} failed: {type(cause).__name__}: {first_line}", j) from e
 
 
 def gloo_pipelining_supported() -> bool:
@@ -263,7 +303,7 @@ def mini_batch_step(
     losses: list[Tensor] = []
     if j == J - 1:
         kwargs = dict(target=torch.cat([t for _, t in batch]), losses=losses, return_outputs=False)
-    pipe.step(*args, **kwargs)
+    pipeline_step(pipe, j, J, *args, **kwargs)
     if keep_grads:
         record.add_grads(stage.stage)
     optimizer.step()
