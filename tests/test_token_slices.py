@@ -70,17 +70,33 @@ def test_sliced_stack_rebuilds_exactly_and_matches_plain_autograd(token_slice, b
     assert max(seen) <= token_slice, "the MLPs ran on slices of the positions of each batch chunk"
 
 
-def test_auto_slices_sequences_longer_than_512_positions():
+class TokenWiseBlock(nn.Module):
+    """x + MLP(LN x): a block without attention, so that a long sequence stays cheap."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, ratio=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln(x))
+
+
+def test_auto_slices_hold_at_least_512_positions_and_2_18_elements():
+    """"auto" slices of max(512, 2**18 / d) positions: 512 for an LLM's width, longer for a narrow stream,
+    whose slices would otherwise cost more time than they save memory."""
+    assert token_slices.slice_length("auto", 1024) == 512 and token_slices.slice_length("auto", 4096) == 512
+    assert token_slices.slice_length("auto", 128) == 2048 and token_slices.slice_length(40, 128) == 40
     torch.manual_seed(1)
-    stack = revbits.BDIAStack(gpt_blocks(3, d_model=8, n_heads=2), check=True).double()
+    stack = revbits.BDIAStack([TokenWiseBlock(8) for _ in range(3)], check=True).double()
     assert stack.token_slice == "auto"
-    x = torch.randn(1, 1100, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 70000, 8, dtype=torch.float64, requires_grad=True)  # 2**18 / 8 = 32768 positions a slice
     seen = rows_seen_by_mlps(stack)
     reversible_against_plain(stack, x, signs=random_signs(3, 1))
-    assert set(seen) == {366, 367}, "1100 positions in 3 slices of at most 512"
+    assert set(seen) == {23333, 23334}, "70000 positions in 3 slices of at most 32768"
     seen.clear()
-    run_step(stack, x[:, :512].detach().requires_grad_(), signs=random_signs(3, 1))
-    assert set(seen) == {512}, "512 positions run whole"
+    run_step(stack, x[:, :32768].detach().requires_grad_(), signs=random_signs(3, 1))
+    assert set(seen) == {32768}, "32768 positions run whole"
 
 
 def test_slices_change_where_the_mlp_runs_not_what_it_computes():

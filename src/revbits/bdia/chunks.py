@@ -10,8 +10,11 @@ forward's. The plain-autograd reference (``reversible = False``) uses the same s
 
 Number of chunks n for a batch of B samples and the stack option ``batch_chunks``:
 
-- ``"auto"`` (the default): n = min(B, 8, max(1, numel(x) // 2**15)); a stream of fewer than
-  2**16 elements is not split, so small models pay no per-chunk overhead;
+- ``"auto"`` (the default): n = min(B, 8, max(1, numel(x) // 2**18)): every chunk holds at least 2**18
+  stream elements (1 MiB in float32), and a stream of fewer than 2**19 elements is not split. Each
+  chunk costs a fixed amount per block (more operator calls, a step of the Python loop, the attention
+  kernel's per-call work on its [T, T] mask), which smaller chunks do not amortise (docs/bdia.md,
+  "The step's overhead", measures it);
 - an integer m >= 1: n = min(m, B); 1 turns chunking off (the backward of revbits 0.1).
 
 The chunks are contiguous slices of dim 0, sizes differing by at most one.
@@ -49,7 +52,7 @@ __all__ = ["AUTO", "AUTO_MAX_CHUNKS", "AUTO_MIN_CHUNK_NUMEL", "BatchSplit", "che
 
 AUTO = "auto"
 AUTO_MAX_CHUNKS = 8
-AUTO_MIN_CHUNK_NUMEL = 2**15
+AUTO_MIN_CHUNK_NUMEL = 2**18  # stream elements per chunk, at least (see the module docstring)
 
 
 def check_batch_chunks(value: int | str) -> int | str:

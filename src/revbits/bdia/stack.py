@@ -338,12 +338,13 @@ class BDIAStack(nn.Module):
         batch_chunks: how many slices of the batch every block runs on in training, one after
             another, in the forward and in the backward's recomputation, which then holds one
             slice's graph instead of the whole batch's (:mod:`revbits.bdia.chunks`). ``"auto"``
-            (default): min(B, 8, numel(x) // 2**15), at least 1; an integer n: min(n, B); 1: the
+            (default): min(B, 8, numel(x) // 2**18), at least 1; an integer n: min(n, B); 1: the
             whole batch at once. Block arguments follow the rule of :mod:`revbits.bdia.chunks`.
         token_slice: in training, token-wise submodules of the blocks (those :mod:`revbits.bdia.token_slices`
             installs: classes with ``token_wise = True``, a transformers decoder layer's ``mlp``) run on
             slices of this many positions (of a batch chunk), in the forward and in the backward's recomputation,
-            which then holds one slice's graph of them at a time. ``"auto"`` (default): 512; None: off.
+            which then holds one slice's graph of them at a time. ``"auto"`` (default): max(512, 2**18 / d)
+            for width d; None: off.
 
     ``stack(x, *args, gammas=signs, **kwargs)`` calls every block as ``block(x, *args, **kwargs)``; tensor
     arguments, positional or keyword, get their gradients. ``gammas`` are explicit signs, a [K-1, batch]

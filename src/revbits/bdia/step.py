@@ -64,7 +64,7 @@ class _Combine(torch.autograd.Function):
         scale = float(2**bits)
         u = (y * ((1 + g) * scale)).contiguous()
         u.addcmul_(x, g, value=-2 * scale)
-        return u.round_().div_(scale)
+        return u.round_().mul_(1.0 / scale)  # the product with 2**-l equals the division by 2**l, bit for bit
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -80,24 +80,37 @@ def combine(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> tor
 def residue(x_prev: torch.Tensor, bits: int, gamma_bits: int) -> torch.Tensor:
     """r = (-m) mod 2**b for the grid code m = x_prev 2**l: the bits that g * x_prev would lose.
 
-    Returned in x_prev's dtype; every step (scaling by -2**l, the remainder) is exact.
+    Computed as r = a - floor(a 2**-b) 2**b with a = -m, in x_prev's dtype: every step (scaling by powers
+    of two, floor, the difference of two integers below 2**p) is exact, and it avoids the division inside
+    ``remainder``, several times slower on CPU than these passes. A zero r may come out as -0.0 or +0.0; no result
+    depends on which, since r is used as an integer or added to x_prev (see :func:`forward_step`).
     """
-    return (x_prev * -(2.0**bits)).remainder_(2**gamma_bits)
+    a = x_prev * -(2.0**bits)
+    return a.sub_(torch.mul(a, 2.0**-gamma_bits).floor_(), alpha=2.0**gamma_bits)
 
 
 def forward_step(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """x_{k+1} = g * (x_{k-1} + r * 2**-l) + u, exact on the grid (differentiable)."""
+    """x_{k+1} = g * (x_{k-1} + r * 2**-l) + u, exact on the grid (differentiable).
+
+    s = x_{k-1} + r 2**-l is x_{k-1} rounded up to a multiple of 2**(b - l), so it is 0 exactly when
+    x_{k-1} is; then it is +0.0 whatever the signs of the zeros in x_{k-1} and r (IEEE: +0 + -0 = +0,
+    and a nonzero x_{k-1} whose s is 0 gives x + (-x) = +0), so every bit of the result is fixed.
+    """
     return u + g * (x_prev + r * 2.0**-bits)
 
 
 def forward_step_(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`forward_step` computed in the buffers of ``r`` and ``u`` (no autograd), bit-identical."""
-    return u.addcmul_(r.mul_(2.0**-bits).add_(x_prev), g)
+    """:func:`forward_step` computed in the buffers of ``r`` and ``u`` (no autograd), bit-identical: r 2**-l
+    is exact, so x_{k-1} + 2**-l r rounds once whether it is fused or not."""
+    return u.addcmul_(torch.add(x_prev, r, alpha=2.0**-bits, out=r), g)
 
 
 def inverse_step_(x_next: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """x_{k-1} = (x_{k+1} - u) / g - r * 2**-l, the exact inverse, computed in ``u``'s buffer."""
-    return u.sub_(x_next).div_(-g).sub_(r, alpha=2.0**-bits)
+    """x_{k-1} = (x_{k+1} - u) / g - r * 2**-l, the exact inverse, computed in ``u``'s buffer.
+
+    The division by -g = -+2**-b is the product with -1/g = -+2**b, bit for bit (signed zeros included).
+    """
+    return u.sub_(x_next).mul_(g.reciprocal().neg_()).sub_(r, alpha=2.0**-bits)
 
 
 class Step:

@@ -24,8 +24,10 @@ and anything outside a stack's training passes, never slices: there the module i
 
 Slices: n = ceil(N / L) contiguous slices of the N positions of the module's input (batch times
 tokens of a batch chunk), sizes differing by at most one, for the stack option ``token_slice`` = L
-(``"auto"``: L = 512; None: off); N <= L runs whole. Each slice is passed as a tensor of x's rank,
-[1, L_j, d] for [B, T, d].
+(None: off); N <= L runs whole. ``"auto"`` takes L = max(512, ceil(2**18 / d)) for an input of width d:
+slices of at least 512 positions and 2**18 elements (1 MiB in float32), the least a batch chunk holds
+(:mod:`revbits.bdia.chunks`), since a slice costs a fixed amount too, and the recomputation runs each
+sliced module twice. Each slice is passed as a tensor of x's rank, [1, L_j, d] for [B, T, d].
 
 Which modules: :func:`install` declares one (revbits.hf does it for a decoder layer's ``mlp``); a
 :class:`~revbits.BDIAStack` installs every submodule of its blocks whose class sets
@@ -52,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "AUTO",
+    "AUTO_MIN_SLICE_NUMEL",
     "AUTO_SLICE_TOKENS",
     "check_token_slice",
     "declared_token_wise",
@@ -68,6 +71,7 @@ __all__ = [
 
 AUTO = "auto"
 AUTO_SLICE_TOKENS = 512
+AUTO_MIN_SLICE_NUMEL = 2**18  # elements per slice with "auto", at least (as per batch chunk)
 
 Option = int | str | None
 
@@ -83,9 +87,12 @@ def check_token_slice(value: Option) -> Option:
     return value
 
 
-def slice_length(option: Option) -> int | None:
-    """The slice length L of a valid option, or None for no slicing."""
-    return AUTO_SLICE_TOKENS if option == AUTO else option  # type: ignore[return-value]
+def slice_length(option: Option, width: int) -> int | None:
+    """The slice length L of a valid option for an input of ``width`` features, or None for no slicing:
+    the option itself, or for ``"auto"`` L = max(512, ceil(2**18 / width))."""
+    if option == AUTO:
+        return max(AUTO_SLICE_TOKENS, -(-AUTO_MIN_SLICE_NUMEL // max(1, width)))
+    return option  # type: ignore[return-value]
 
 
 def slice_bounds(tokens: int, length: int) -> list[slice]:
@@ -102,7 +109,7 @@ def slice_bounds(tokens: int, length: int) -> list[slice]:
 
 @dataclass(frozen=True)
 class _Slicing:
-    length: int
+    option: int | str  # a slice length, or "auto" (see slice_length)
     checkpoint: bool  # checkpoint each slice when grad is enabled (the backward's recomputation)
 
 
@@ -111,10 +118,9 @@ _ACTIVE: ContextVar[_Slicing | None] = ContextVar("revbits_token_slicing", defau
 
 @contextlib.contextmanager
 def slicing(option: Option, *, checkpoint: bool) -> Iterator[None]:
-    """Inside, installed modules run in slices of ``slice_length(option)`` tokens (none for None);
+    """Inside, installed modules run in slices of ``slice_length(option, d)`` tokens (none for None);
     with ``checkpoint``, each slice under non-reentrant checkpoint wherever grad is enabled."""
-    length = slice_length(option)
-    token = _ACTIVE.set(None if length is None else _Slicing(length, checkpoint))
+    token = _ACTIVE.set(None if option is None else _Slicing(option, checkpoint))
     try:
         yield
     finally:
@@ -148,7 +154,9 @@ def run_in_slices(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
         return forward(*args, **kwargs)
     x = args[0]
     positions = x.shape[:-1].numel()
-    bounds = slice_bounds(positions, active.length)
+    length = slice_length(active.option, x.shape[-1])
+    assert length is not None
+    bounds = slice_bounds(positions, length)
     if len(bounds) == 1:
         return forward(x)
     flat = x.reshape(*([1] * (x.dim() - 2)), positions, x.shape[-1])  # all positions in one row of x's rank
