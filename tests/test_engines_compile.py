@@ -53,6 +53,7 @@ def assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
         assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_exactly():
     torch.manual_seed(0)
     model = Model()
@@ -71,6 +72,7 @@ def test_compiled_model_has_one_graph_break_at_the_reversible_path():
     assert "_forward_reversible" in str(explanation.break_reasons[0])
 
 
+@pytest.mark.slow
 def test_blocks_compiled_before_wrapping_train_exactly():
     """Compiled blocks run the same compiled graph in the forward and in the recomputation, dropout replayed."""
     torch.manual_seed(0)

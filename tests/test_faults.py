@@ -316,6 +316,7 @@ def check_saved(out: Path, at_least: int) -> int:
     return progress["step"]
 
 
+@pytest.mark.slow
 def test_petra_stops_on_sigint_dies_with_its_launcher_names_a_killed_stage_and_resumes(tmp_path):
     """One run through every way a PETRA run ends early: Ctrl-C (SIGINT to the process group), the
     launcher killed, a stage killed; each time what was saved is whole, and the run resumes."""
@@ -385,6 +386,7 @@ def test_each_divergence_cause_is_named_with_its_step():
         check_finite(7, finite, finite, model)
 
 
+@pytest.mark.slow
 def test_a_petra_run_interrupted_mid_segment_stops_where_stop_at_would(tmp_path):
     """SIGINT reaching stage 0 at its second micro-batch (the end of the first accumulation window)
     stops every stage after update 1, drained: the saved weights and stage states are the ones
