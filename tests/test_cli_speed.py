@@ -20,16 +20,17 @@ def run_python(code: str) -> str:
     return result.stdout.strip()
 
 
+@pytest.mark.parametrize("module", ["revbits.cli", "revbits"])
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["trian"]])
-def test_the_top_level_and_its_errors_do_not_import_torch(argv):
+def test_the_top_level_and_its_errors_do_not_import_torch(argv, module):
     """``revbits --help`` (and --version, a missing or mistyped command) never loads torch: 3 to 7 s of
-    start-up before, most of it torch._dynamo."""
+    start-up before, most of it torch._dynamo. ``python -m revbits`` is the same command line."""
     printed = run_python(
         f"""
         import runpy, sys
         sys.argv = ["revbits", *{argv!r}]
         try:
-            runpy.run_module("revbits.cli", run_name="__main__")
+            runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
         except SystemExit:
             pass
         print("torch" in sys.modules)
