@@ -21,5 +21,7 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 git clone -q "$repo" "$tmp/revbits"
 export REVBITS_DATA="$tmp/data" TQDM_MININTERVAL=10  # a new user's empty data cache; a progress line every 10 s
 TIMEFORMAT='main.sh took: real %1Rs, user %1Us, sys %1Ss'
-{ time bash "$tmp/revbits/scripts/main.sh" "$@"; } 2>&1 | tee -a "$log"
+# the log names no path of this machine: the clone's folder and a local package index are replaced
+hide_paths() { sed -u -e "s|$tmp|<temporary folder>|g" -e "s|file:///[^ ']*|<local package index>|g"; }
+{ time bash "$tmp/revbits/scripts/main.sh" "$@"; } 2>&1 | hide_paths | tee -a "$log"
 echo "# load average after (1, 5, 15 min): $(loadavg)" | tee -a "$log"
