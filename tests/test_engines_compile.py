@@ -53,6 +53,7 @@ def assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
         assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_exactly():
     torch.manual_seed(0)
     model = Model()
@@ -113,6 +114,7 @@ def test_plain_path_under_inductor_follows_explicit_gammas():
         assert (got - want_grad).abs().max().item() <= 1e-12 * want_grad.abs().max().item()
 
 
+@pytest.mark.slow
 def test_blocks_compiled_before_wrapping_train_exactly():
     """Compiled blocks run the same compiled graph in the forward and in the recomputation, dropout replayed."""
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from revbits.io import verify_manifest
 from revbits.train.checkpoint import checkpoint_dirs, verify_checkpoint
 from test_train import TINY, run, tiny_data  # noqa: F401 (tiny_data: the cache fixture, autouse)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # real PETRA runs: 20 to 100 s each
 PETRA = ["train", "--model", "revnet", *TINY, "--d-model", "8", "--n-layer", "1", "--steps", "400"]
 PETRA += ["--eval-interval", "4", "--parallel", "petra", "--stages", "2", "--stage-split", "2,3"]
 

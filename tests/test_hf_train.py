@@ -78,6 +78,7 @@ def straight_equals_resumed(common: list, tmp_path: Path) -> tuple[Path, dict[st
     return straight, a
 
 
+@pytest.mark.slow
 def test_minilm_fine_tunes_with_bdia_resumes_exactly_and_exports_a_plain_model(tmp_path, shakespeare_cache, capsys):
     common = ["train", "--hf", MINILM, *SMALL, "--steps", "4", "--memory", "bdia", "--quantize-eval"]
     straight, a = straight_equals_resumed(common, tmp_path)

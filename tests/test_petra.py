@@ -159,6 +159,7 @@ def test_split_groups_and_balances():
         (4, (1, 1, 2, 3), [False, True, True]),  # two invertible stages: stage 1 inverts a reconstruction
     ],
 )
+@pytest.mark.slow
 def test_lr0_gradients_and_reconstructions_equal_backprop(tmp_path, petra_record, J, sizes, invertible):
     data = images(5)  # 5 micro-batches, k = 2: two full windows and a final partial one
     config = PetraConfig(stages=J, accumulation=2, lr=0.0, out_dir=str(tmp_path))
@@ -250,6 +251,7 @@ def simulate_petra(stages: list[nn.Module], data: list, config: PetraConfig) -> 
     return stages
 
 
+@pytest.mark.slow
 def test_stale_updates_match_a_single_process_simulation(tmp_path):
     """With lr > 0 PETRA differs from backprop (stale weights, approximate inputs); it must still be
     exactly Algorithm 1: the same as a step-by-step simulation of it in one process."""
@@ -323,6 +325,7 @@ def test_test_only_switches_live_in_the_environment_not_in_the_config(monkeypatc
 
 
 @pytest.mark.parametrize("mode, stage, expect", [("raise", 1, "injected failure"), ("exit", 2, "exited with code 17")])
+@pytest.mark.slow
 def test_failed_stage_ends_the_run_and_is_named(monkeypatch, mode, stage, expect):
     monkeypatch.setenv(FAIL_ENV, f"{stage}@3:{mode}")
     config = PetraConfig(stages=3, lr=0.0, timeout=30.0)
@@ -334,6 +337,7 @@ def test_failed_stage_ends_the_run_and_is_named(monkeypatch, mode, stage, expect
     assert str(info.value).startswith(f"PETRA stage {stage} of 3 failed")
 
 
+@pytest.mark.slow
 def test_stalled_stage_times_out_its_neighbours_and_is_named(monkeypatch):
     monkeypatch.setenv(FAIL_ENV, "1@2:stall")
     config = PetraConfig(stages=3, lr=0.0, timeout=5.0)
@@ -364,6 +368,7 @@ BDIA_MODEL = dict(vocab=32, d_model=16, n_head=2, n_layer=4, max_len=12, dropout
         (4, (2, 2, 1, 2), [False, True, True]),  # stage 1 inverts what stage 2 rebuilt by inversion
     ],
 )
+@pytest.mark.slow
 def test_lr0_bdia_gradients_equal_backprop_and_inputs_are_rebuilt_exactly(
     tmp_path, petra_record, J, sizes, invertible
 ):
@@ -380,6 +385,7 @@ def test_lr0_bdia_gradients_equal_backprop_and_inputs_are_rebuilt_exactly(
     assert petra[-1].losses == pytest.approx(reference[-1].losses, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_with_the_saved_optimiser_state(tmp_path):
     """J = 1 has no staleness, so two segments of 3 micro-batches must equal plain training over all 6:
     the second update depends on the first's momentum, which only the saved stage state carries over."""

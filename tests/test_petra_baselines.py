@@ -107,12 +107,14 @@ def test_partial_mini_batch_is_rejected():
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.slow
 def test_revnet_pipeline_equals_backprop(tmp_path, petra_record, schedule):
     """J = 2, M = 2, three mini-batches, SGD with momentum and lr > 0: exact, unlike PETRA."""
     config = PetraConfig(stages=2, accumulation=2, lr=0.05, out_dir=str(tmp_path))
     run_and_compare(tmp_path, partial(revnet_pipeline, 2, sizes=(2, 5), **REVNET), images(6), config, schedule)
 
 
+@pytest.mark.slow
 def test_bdia_1f1b_equals_backprop_and_measures_memory(tmp_path, petra_record):
     """BDIA draws its signs g_k from the micro-batch id: the adapters must give every forward the right id
     under 1F1B's interleaving (M = 3 > J = 2). The last mini-batch is measured with LiveBytes."""

@@ -62,6 +62,7 @@ def test_reversed_states_equal_forward_states_at_every_step(cls, forget_bits, la
 
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("forget_bits", [3, None])
+@pytest.mark.slow
 def test_gradients_equal_plain_autograd_over_200_steps(cls, forget_bits):
     torch.manual_seed(1)
     rnn = cls(8, 16, num_layers=2, forget_bits=forget_bits)

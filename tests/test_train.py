@@ -137,6 +137,7 @@ def test_models_learn_with_8bit_activations(tmp_path, memory, model):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.slow
 def test_word_rnn_lm_trains_reversibly_and_as_standard(tmp_path, capsys, cell):
     """Both arms train; the reversible one learns like the standard one does (same data, steps)."""
     flags = ["--model", "rnnlm", "--cell", cell, *TINY, "--steps", "30", "--lr", "3e-3", "--eval-interval", "30"]
@@ -185,6 +186,7 @@ def test_rnn_translator_trains_and_scores_bleu(tmp_path, capsys, memory):
     assert "greedily" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_vit_trains_with_petra_stages_and_evaluates_like_any_run(tmp_path, capsys):
     out = tmp_path / "petra"
     petra = ["--parallel", "petra", "--stages", "2", "--accumulation", "2"]
@@ -204,6 +206,7 @@ def test_vit_trains_with_petra_stages_and_evaluates_like_any_run(tmp_path, capsy
     assert "vit" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_petra_run_stops_and_resumes_as_if_uninterrupted(tmp_path, capsys):
     """A run drains and saves at every --eval-interval boundary, so a run stopped at one and resumed
     must equal the straight one, bit for bit, even with two stages: data offsets, optimiser and
@@ -224,6 +227,7 @@ def test_petra_run_stops_and_resumes_as_if_uninterrupted(tmp_path, capsys):
     assert "no PETRA run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_revnet_trains_plainly_and_with_petra_split_by_measured_time(tmp_path, capsys):
     shape = [*TINY, "--d-model", "8", "--n-layer", "1"]
     assert run("train", "--model", "revnet", *shape, "--out", tmp_path / "plain") == 0
@@ -245,6 +249,7 @@ def test_revnet_trains_plainly_and_with_petra_split_by_measured_time(tmp_path, c
     assert "standard" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_petra_under_torchrun_equals_the_self_launched_run(tmp_path):
     """``torchrun --nproc-per-node 2 -m revbits.cli train --parallel petra --stages 2`` runs one stage per
     torchrun process and trains exactly what ``revbits train`` does when it starts the processes itself."""

@@ -363,6 +363,7 @@ def test_a_cache_made_by_another_filter_is_refused_by_loaders_and_made_again_by_
     assert len(made) == 1 and registry.verify(wiki.NAME) == [] and registry.describe(wiki.NAME)["out_of_date"] is False
 
 
+@pytest.mark.slow
 def test_the_real_fetch_from_the_installed_gensim(cache_dir):
     if wiki.installed_dump() is None:
         pytest.skip("gensim (with its test data) is not installed")
