@@ -42,21 +42,29 @@ def reversible_and_plain_agree_under_autocast(stack, x, signs, device_type: str,
     assert max(relative_error(a, b) for a, b in zip(gp_a, gp_b)) <= 1e-5
 
 
+#: The sizes of the tests' tiny decoders: 3 layers, d 32, 4 heads, 2 key/value heads, vocabulary 64.
+TINY_DECODER = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+
+
+def tiny_decoder_config(config_class, **overrides):
+    """``config_class`` (a transformers config class) at the :data:`TINY_DECODER` sizes, with ``overrides``."""
+    return config_class(**(TINY_DECODER | overrides))
+
+
 def tiny_llama_config(**overrides):
     """A 3-layer Llama config (d 32, 4 heads, 2 key/value heads) for fast tests."""
     from transformers import LlamaConfig
 
-    sizes = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return LlamaConfig(**(sizes | overrides))
+    return tiny_decoder_config(LlamaConfig, **overrides)
 
 
 def run_step(stack, x, args=(), signs=None, seed: int = 0):

@@ -19,6 +19,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_decoder_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import transformers  # noqa: E402
@@ -55,17 +57,7 @@ def test_every_decoder_family_is_tested_here():
 def tiny_decoder(model_type: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A 3-layer random model of ``model_type`` in eval mode, and a left-padded batch of 2 x 9."""
     torch.manual_seed(0)
-    config = CONFIGS[model_type](
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
+    config = tiny_decoder_config(CONFIGS[model_type], head_dim=8)
     if getattr(config, "layer_types", None) is not None:  # a different mask for the middle layer
         config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
         config.sliding_window = 4

@@ -21,7 +21,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import revbits  # noqa: E402
-from helpers import gpt_blocks, random_signs  # noqa: E402
+from helpers import gpt_blocks, random_signs, tiny_decoder_config  # noqa: E402
 from revbits import hf  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -34,17 +34,7 @@ ROWS, CHUNKS = 8, 4  # BDIA runs a training forward on 4 slices of 2 rows
 def tiny_decoder(model_type: str) -> nn.Module:
     """A 3-layer random decoder on its shipped defaults (use_cache=True, no dropout), in float64."""
     torch.manual_seed(0)
-    config = CONFIGS[model_type](
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
+    config = tiny_decoder_config(CONFIGS[model_type], head_dim=8)
     assert config.use_cache
     return AutoModelForCausalLM.from_config(config).double()
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_decoder_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import transformers  # noqa: E402
@@ -48,19 +50,7 @@ def sentences(count: int, seed: int) -> list[str]:
 
 def tiny_qwen3() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
+    config = tiny_decoder_config(transformers.Qwen3Config, head_dim=8, eos_token_id=1, bos_token_id=None)
     return AutoModelForCausalLM.from_config(config)
 
 
