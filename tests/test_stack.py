@@ -12,7 +12,7 @@ import torch
 import revbits
 from helpers import gpt_blocks, random_signs, relative_error
 from revbits.bdia import BDIAStack
-from revbits.mesa import Compressor, MesaConfig, NonFiniteActivationError, compressors_in
+from revbits.mesa import NonFiniteActivationError, compressors_in
 from revbits.modes import MEMORY_MODES, BDIAMesaStack, CheckpointStack, MesaStack, SequentialStack
 
 DEPTH, BATCH, T, D = 4, 3, 5, 16
@@ -192,19 +192,6 @@ def test_the_recompute_context_is_entered_around_every_recomputed_block():
     assert sorted(set(saved)) == list(range(DEPTH))  # every block's recomputation saved inside it
     assert_close(got, want, 0.0)
     assert out.shape == x.shape
-
-
-def test_the_deprecated_recompute_compressor_gives_bdia_mesa_bit_for_bit():
-    x, signs = inputs(), random_signs(DEPTH, BATCH, torch.Generator().manual_seed(4))
-    out, want = step(make("bdia+mesa", **ALL_COMPRESSED), x, gammas=signs)
-    compressor = Compressor(MesaConfig(**ALL_COMPRESSED))
-    old = revbits.stack(blocks(), memory="bdia", recompute_compressor=compressor).double().train()
-    out_old, got = step(old, x, gammas=signs)
-    assert torch.equal(out_old, out)
-    assert_close(got, want, 0.0)
-    assert compressors_in(old) == {"": compressor} and compressor.report.bytes_before > 0
-    with pytest.raises(TypeError, match="pass recompute_context, or the deprecated recompute_compressor, not both"):
-        BDIAStack(blocks(), recompute_compressor=compressor, recompute_context=lambda k: contextlib.nullcontext())
 
 
 class Overflowing(torch.nn.Module):

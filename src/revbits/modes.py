@@ -128,5 +128,5 @@ def option_names(memory: str) -> frozenset[str]:
         "checkpoint": frozenset(),
         "mesa": mesa,
         "bdia": bdia,
-        "bdia+mesa": mesa | (bdia - {"recompute_context", "recompute_compressor"}),
+        "bdia+mesa": mesa | (bdia - {"recompute_context"}),
     }[memory]

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from ..rng import RngReplay, capture_rng_state
 from .args import BlockArguments
@@ -43,21 +42,19 @@ from .step import (
     Step,
     StreamRangeError,
     call_block,
+    check_block_arguments,
     raise_if_out_of_range,
     state_checksum,
     stream_max,
 )
 from .token_slices import check_token_slice, install_declared, training_pass
 from .tools import FORWARD, RECOMPUTE, has_no_values, pipelining_shape_inference, profiled
+from .verify import ReversibilityError, compare_block0, compare_state, raise_on_mismatch
 
 __all__ = ["BDIAStack", "BlockProtocolError", "RecomputeContext", "ReversibilityError", "StreamRangeError"]
 
 #: ``context(k)`` -> the context manager the backward enters around each recomputation of block k.
 RecomputeContext = Callable[[int], contextlib.AbstractContextManager]
-
-
-class ReversibilityError(RuntimeError):
-    """A state rebuilt in the backward pass differs from the one the forward pass produced."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +215,7 @@ class _BDIAFunction(torch.autograd.Function):
                         rng = capture_rng_state(x_cur.device)  # where chunk c + 1 starts
                     gn = g_next[rows]
                     if g is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
-                        _compare_block0(plan, quantize(y.detach(), plan.bits), x_next[rows], block0)
+                        compare_block0(plan, quantize(y.detach(), plan.bits), x_next[rows], block0)
                         grad_y = gn
                     else:  # rebuild x_{k-1}, then form the gradients that bypass the block
                         assert planes is not None and x_prev is not None
@@ -232,12 +229,12 @@ class _BDIAFunction(torch.autograd.Function):
                     g_cur[rows].add_(grad_x)
                 del grad_x
             if x_prev is not None:
-                _compare(plan, k - 1, x_prev, mismatches)
+                compare_state(plan, k - 1, x_prev, mismatches)
                 x_next, x_cur, next_is_output = x_cur, x_prev, False
             elif block0:
                 mismatches.append(torch.stack(block0).any())
             g_after, g_next, gamma_after = g_next, g_cur, g
-        _raise_on_mismatch(plan, mismatches)
+        raise_on_mismatch(plan, mismatches)
         if plan.backward_ends is not None:
             plan.backward_ends()
         return (None, g_next, *grads.args, *grads.params, None)  # None: the probe of EngineRequest
@@ -265,51 +262,6 @@ def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
     return plan, x_cur, x_next
 
 
-def _compare(plan: _Plan, index: int, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
-    """Check the rebuilt x_index against the forward: exactly (check=True) or by checksum."""
-    if plan.check:
-        expected = plan.states[index]
-        if not torch.equal(rebuilt, expected):
-            wrong = (rebuilt != expected).sum().item()
-            worst = (rebuilt - expected).abs().max().item()
-            raise ReversibilityError(
-                f"block {index + 1} rebuilt x_{index} with {wrong} wrong elements "
-                f"(max error {worst:.3g}): its recomputation was not bit-identical to the forward"
-            )
-    elif plan.verify:
-        mismatches.append(torch.any(state_checksum(rebuilt) != plan.checksums[index]))
-
-
-def _compare_block0(
-    plan: _Plan, recomputed: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]
-) -> None:
-    """x_1 recomputed from x_0 must equal the x_1 that block 2's inverse rebuilt."""
-    if plan.check and not torch.equal(recomputed, rebuilt):
-        raise ReversibilityError("block 0 recomputed x_1 differently from the forward pass")
-    if plan.verify and not plan.check:
-        mismatches.append(torch.any(recomputed != rebuilt))
-
-
-def _raise_on_mismatch(plan: _Plan, mismatches: list[torch.Tensor]) -> None:
-    if not mismatches:
-        return
-    flags = torch.stack(mismatches).tolist()  # one host sync for the whole backward
-    if not any(flags):
-        return
-    # mismatches were appended from block K-1 down to block 0; report the first one met
-    block = len(plan.blocks) - 1 - flags.index(True)
-    raise ReversibilityError(
-        f"the backward pass rebuilt a state that differs from the forward pass at block {block} "
-        f"({type(plan.blocks[block]).__name__}): the block's recomputation was not bit-identical. "
-        "Typical causes: a non-deterministic kernel (call torch.use_deterministic_algorithms(True)), "
-        "a block whose state changed between forward and backward (BatchNorm statistics, a "
-        "parameter modified in place), randomness not drawn from torch's RNG, or a function compiled "
-        "with torch.compile inside the block (compile the whole block instead, which the stack runs "
-        "the same way in both passes). Construct the "
-        "stack with check=True to compare every state exactly."
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -332,9 +284,6 @@ class BDIAStack(nn.Module):
             recomputed graph saves its tensors (``memory="bdia+mesa"`` of :func:`revbits.stack` keeps them
             as 8-bit codes this way) but must not change the block's output: the rebuilt states are
             checked against the forward's.
-        recompute_compressor: deprecated (goes in 0.3), use ``revbits.stack(blocks, memory="bdia+mesa")``:
-            a :class:`revbits.mesa.Compressor` that keeps the activations of each recomputed block as
-            8-bit codes.
         batch_chunks: how many slices of the batch every block runs on in training, one after
             another, in the forward and in the backward's recomputation, which then holds one
             slice's graph instead of the whole batch's (:mod:`revbits.bdia.chunks`). ``"auto"``
@@ -365,7 +314,6 @@ class BDIAStack(nn.Module):
         verify: bool = True,
         preserve_rng_state: bool = True,
         recompute_context: RecomputeContext | None = None,
-        recompute_compressor: Any = None,
         batch_chunks: int | str = AUTO,
         token_slice: int | str | None = AUTO,
     ) -> None:
@@ -388,12 +336,6 @@ class BDIAStack(nn.Module):
         self.check = check
         self.verify = verify
         self.preserve_rng_state = preserve_rng_state
-        # The deprecated recompute_compressor (goes in 0.3), kept where revbits.mesa.compressors_in finds it.
-        self.compressor = recompute_compressor
-        if recompute_compressor is not None:
-            if recompute_context is not None:
-                raise TypeError("pass recompute_context, or the deprecated recompute_compressor, not both")
-            recompute_context = _compressor_context(recompute_compressor)
         self.recompute_context = recompute_context
         self.batch_chunks = batch_chunks
         self.token_slice = check_token_slice(token_slice)
@@ -421,7 +363,7 @@ class BDIAStack(nn.Module):
         signs = self._signs(x, gammas) if gammas is not None or torch.is_grad_enabled() else None
         if signs is None:
             return self._forward_eval(x, call)
-        _check_args(call)
+        check_block_arguments(call)
         if self.preserve_rng_state and x.device.type not in ("cpu", "cuda"):
             raise NotImplementedError(
                 f"BDIAStack replays the RNG of cpu and cuda devices only, not {x.device.type}; run on one of "
@@ -433,18 +375,13 @@ class BDIAStack(nn.Module):
             return self._forward_reversible(x0, call, signs)
         return self._forward_plain(x0, call, signs)
 
-    # Hooks for subclasses whose recompute context keeps state of its own (revbits.stack's bdia+mesa); here
-    # they serve the deprecated recompute_compressor.
+    # Hooks for subclasses whose recompute context keeps state of its own (revbits.modes' bdia+mesa).
 
     def _reversible_step_starts(self) -> None:
         """Called by every reversible forward with grad, before it runs."""
-        if self.compressor is not None:  # its report describes this step's recomputation
-            self.compressor.report.clear()
 
     def _reversible_backward_ends(self) -> None:
         """Called at the end of every reversible backward, once every state is rebuilt and checked."""
-        if self.compressor is not None:
-            self.compressor.raise_if_nonfinite()
 
     # -- the three paths ------------------------------------------------------------------------
 
@@ -555,27 +492,3 @@ def _split(option: int | str, x0: torch.Tensor, args: BlockArguments, blocks: Se
             )
         return BatchSplit.into(x0.shape[0], 1)
     return split
-
-
-def _check_args(args: BlockArguments) -> None:
-    """Tensors that need gradients must be top-level block arguments (positional or keyword): only those
-    become inputs of the reversible Function, so a nested one would silently get no gradient."""
-    for name, arg in zip(args.names(), args.values()):
-        if isinstance(arg, torch.Tensor):
-            continue
-        nested = [t for t in tree_flatten(arg)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-        if nested:
-            raise BlockProtocolError(
-                f"block {name} is a {type(arg).__name__} holding a tensor that requires grad; pass such "
-                "tensors as separate top-level arguments so that their gradients can be returned"
-            )
-
-
-def _compressor_context(compressor: Any) -> RecomputeContext:
-    """The recompute context of the deprecated ``recompute_compressor=``: each block saves its recomputed graph
-    through ``compressor.saving``, keyed by block; :meth:`BDIAStack._reversible_backward_ends` checks for NaN."""
-
-    def context(k: int) -> contextlib.AbstractContextManager:
-        return compressor.saving(namespace=f"block{k}", check=False)
-
-    return context

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from .args import BlockArguments
 from .bits import PackedBits, pack_bits, unpack_bits
@@ -211,3 +212,17 @@ def state_checksum(x: torch.Tensor) -> torch.Tensor:
     reductions read x in place without a temporary.
     """
     return torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64), x.sum().to(torch.float64)])
+
+
+def check_block_arguments(args: BlockArguments) -> None:
+    """Tensors that need gradients must be top-level block arguments (positional or keyword): only those
+    become inputs of the reversible Function, so a nested one would silently get no gradient."""
+    for name, arg in zip(args.names(), args.values()):
+        if isinstance(arg, torch.Tensor):
+            continue
+        nested = [t for t in tree_flatten(arg)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        if nested:
+            raise BlockProtocolError(
+                f"block {name} is a {type(arg).__name__} holding a tensor that requires grad; pass such "
+                "tensors as separate top-level arguments so that their gradients can be returned"
+            )

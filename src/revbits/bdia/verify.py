@@ -1,0 +1,61 @@
+"""The checks of a BDIA backward: every rebuilt state against the forward's, exactly (``check=True``) or
+by a 16-byte checksum, with one host sync for the whole backward and an error that names the block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .step import state_checksum
+
+__all__ = ["ReversibilityError", "compare_block0", "compare_state", "raise_on_mismatch"]
+
+
+class ReversibilityError(RuntimeError):
+    """A state rebuilt in the backward pass differs from the one the forward pass produced."""
+
+
+def compare_state(plan: Any, index: int, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
+    """Check the rebuilt x_index against the forward: exactly (check=True) or by checksum."""
+    if plan.check:
+        expected = plan.states[index]
+        if not torch.equal(rebuilt, expected):
+            wrong = (rebuilt != expected).sum().item()
+            worst = (rebuilt - expected).abs().max().item()
+            raise ReversibilityError(
+                f"block {index + 1} rebuilt x_{index} with {wrong} wrong elements "
+                f"(max error {worst:.3g}): its recomputation was not bit-identical to the forward"
+            )
+    elif plan.verify:
+        mismatches.append(torch.any(state_checksum(rebuilt) != plan.checksums[index]))
+
+
+def compare_block0(
+    plan: Any, recomputed: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]
+) -> None:
+    """x_1 recomputed from x_0 must equal the x_1 that block 2's inverse rebuilt."""
+    if plan.check and not torch.equal(recomputed, rebuilt):
+        raise ReversibilityError("block 0 recomputed x_1 differently from the forward pass")
+    if plan.verify and not plan.check:
+        mismatches.append(torch.any(recomputed != rebuilt))
+
+
+def raise_on_mismatch(plan: Any, mismatches: list[torch.Tensor]) -> None:
+    if not mismatches:
+        return
+    flags = torch.stack(mismatches).tolist()  # one host sync for the whole backward
+    if not any(flags):
+        return
+    # mismatches were appended from block K-1 down to block 0; report the first one met
+    block = len(plan.blocks) - 1 - flags.index(True)
+    raise ReversibilityError(
+        f"the backward pass rebuilt a state that differs from the forward pass at block {block} "
+        f"({type(plan.blocks[block]).__name__}): the block's recomputation was not bit-identical. "
+        "Typical causes: a non-deterministic kernel (call torch.use_deterministic_algorithms(True)), "
+        "a block whose state changed between forward and backward (BatchNorm statistics, a "
+        "parameter modified in place), randomness not drawn from torch's RNG, or a function compiled "
+        "with torch.compile inside the block (compile the whole block instead, which the stack runs "
+        "the same way in both passes). Construct the "
+        "stack with check=True to compare every state exactly."
+    )
