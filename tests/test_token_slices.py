@@ -299,3 +299,10 @@ def test_gpt2_and_checkpoint_mode():
         losses.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(losses[0][0], losses[1][0])
     assert max(relative_error(a, b) for a, b in zip(losses[0][1], losses[1][1])) <= 1e-10
+
+
+def test_bdia_mesa_slices_no_tokens_unless_asked():
+    """bdia+mesa leaves token slices off by default (revbits.modes.BDIAMesaStack says why), as a stack and
+    through hf.convert; bdia keeps its "auto" default."""
+    assert revbits.stack(gpt_blocks(2), memory="bdia+mesa").token_slice is None
+    assert revbits.stack(gpt_blocks(2), memory="bdia").token_slice == "auto"
