@@ -80,3 +80,20 @@ def run_step(stack, x, args=(), signs=None, seed: int = 0):
     grads.update({f"arg{i}": a.grad.clone() for i, a in enumerate(args) if a.requires_grad})
     grads.update({n: p.grad.clone() for n, p in stack.named_parameters() if p.requires_grad})
     return out.detach(), grads
+
+
+def converted_steps(model, ids) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """One training step of a converted causal LM (``revbits.hf``) on ``ids``, reversible and then plain
+    (the same forward under plain autograd), from the same RNG seed: [(loss, {name: grad of each trainable
+    parameter})] for each."""
+    from revbits import hf
+
+    results = []
+    for reversible in (True, False):
+        hf.revbits_stack(model).reversible = reversible
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    return results

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import revbits
-from helpers import gpt_blocks, random_signs, relative_error, run_step
+from helpers import converted_steps, gpt_blocks, random_signs, relative_error, run_step
 from revbits.bdia.chunks import BatchSplit, plan_split
 from revbits.measure import measure_training_step
 
@@ -252,14 +252,6 @@ def test_llama_decoder_with_lora_is_exact_in_chunks(chunks):
     hf.convert(model, "bdia", batch_chunks=chunks, check=True)
     model.train()
     ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
-    results = []
-    for reversible in (True, False):
-        hf.revbits_stack(model).reversible = reversible
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(2)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    (loss_a, grads_a), (loss_b, grads_b) = converted_steps(model, ids)
     assert torch.equal(loss_a, loss_b)
     assert max(relative_error(grads_a[n], grads_b[n]) for n in grads_b) <= 1e-10

@@ -12,6 +12,7 @@ from torch import nn
 
 import revbits
 from helpers import (
+    converted_steps,
     gpt_blocks,
     random_signs,
     relative_error,
@@ -252,15 +253,7 @@ def test_llama_decoder_with_lora_runs_its_mlps_in_slices_exactly():
     mlp.up_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-2]))
     model.train()
     ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
-    results = []
-    for reversible in (True, False):
-        hf.revbits_stack(model).reversible = reversible
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(2)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    (loss_a, grads_a), (loss_b, grads_b) = converted_steps(model, ids)
     assert torch.equal(loss_a, loss_b)
     assert max(relative_error(grads_a[n], grads_b[n]) for n in grads_b) <= 1e-10
     assert max(seen) == 4
@@ -289,16 +282,10 @@ def test_gpt2_and_checkpoint_mode():
     assert all(token_slices.is_installed(layer.mlp) for layer in model.transformer.h)
     model.train()
     ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for reversible in (True, False):
-        hf.revbits_stack(model).reversible = reversible
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(2)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert torch.equal(losses[0][0], losses[1][0])
-    assert max(relative_error(a, b) for a, b in zip(losses[0][1], losses[1][1])) <= 1e-10
+    (loss_a, grads_a), (loss_b, grads_b) = converted_steps(model, ids)
+    assert torch.equal(loss_a, loss_b)
+    assert len(grads_b) == len(list(model.parameters()))  # every parameter trains
+    assert max(relative_error(grads_a[n], grads_b[n]) for n in grads_b) <= 1e-10
 
 
 def test_bdia_mesa_slices_no_tokens_unless_asked():
