@@ -160,3 +160,24 @@ def test_eval_gamma_sweeps_the_update_and_zero_is_the_standard_step():
     assert not torch.allclose(swept, base)
     stack.eval_gamma = 0.0
     assert torch.equal(stack(x), base)
+
+
+def test_the_step_is_built_once_and_again_only_when_an_option_changes():
+    """The stack holds its configuration and Step across forwards; changing bits or gamma rebuilds both, changing
+    another option rebuilds the configuration around the same Step, and the result follows the new option."""
+    torch.manual_seed(0)
+    stack = revbits.BDIAStack(gpt_blocks(3), batch_chunks=1)
+    x = torch.randn(2, 4, 32, requires_grad=True)
+    signs = random_signs(3, 2)
+    stack(x, gammas=signs).sum().backward()
+    config = stack._config()
+    stack(x, gammas=signs).sum().backward()
+    assert stack._config() is config
+    stack.check = True
+    assert stack._config() is not config and stack._config().step is config.step and stack._config().check
+    stack.gamma = 0.25
+    stack.reversible = False
+    reference = stack(x, gammas=signs)
+    stack.reversible = True
+    assert stack._config().step is not config.step and stack._config().step.gamma == 0.25
+    assert torch.equal(stack(x, gammas=signs), reference)

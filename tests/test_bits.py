@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from revbits.bdia.bits import pack_bits, unpack_bits
+from revbits.bdia.bits import pack_bits, unpack_bits, unpack_rows
 
 
 @settings(max_examples=60, deadline=None)
@@ -24,6 +24,18 @@ def test_unpack_inverts_pack(shape, width, seed):
     numel = values.numel()
     assert packed.nbytes == width * -(-numel // 8)
     assert torch.equal(unpack_bits(packed, torch.int32), values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), row_numel=st.integers(1, 13), width=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_unpack_rows_is_the_rows_of_unpack_bits(rows, row_numel, width, seed):
+    """Row r of a packed [R, n] starts at bit r n, rarely at a byte boundary: every row and run of rows is exact."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 2**width, (rows, row_numel), generator=generator, dtype=torch.int32)
+    packed = pack_bits(values, width)
+    for first in range(rows):
+        for count in (1, rows - first):
+            assert torch.equal(unpack_rows(packed, first, count, torch.int32), values[first : first + count])
 
 
 def test_bit_order_is_little_endian_within_a_byte():

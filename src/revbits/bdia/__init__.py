@@ -1,7 +1,8 @@
 """BDIA: exact bit-level reversible training of a stack of same-shape residual blocks.
 
-- :mod:`~revbits.bdia.stack`: :class:`BDIAStack` and its autograd Function (forward without a graph,
-  backward that rebuilds every state);
+- :mod:`~revbits.bdia.stack`: :class:`BDIAStack`; :mod:`~revbits.bdia.function`: its autograd Function (forward
+  without a graph, backward that rebuilds every state); :mod:`~revbits.bdia.plan`: the stack's frozen configuration
+  and the state one forward saves for its backward;
 - :mod:`~revbits.bdia.step`: one BDIA step and its exact inverse, shared with PETRA's BDIA stages;
 - :mod:`~revbits.bdia.fixedpoint`: the grid Q and its exact range; :mod:`~revbits.bdia.bits`: packed bit planes;
 - :mod:`~revbits.bdia.args`, :mod:`~revbits.bdia.chunks`, :mod:`~revbits.bdia.params`, :mod:`~revbits.bdia.compile`:

@@ -67,19 +67,34 @@ def pack_bits(values: torch.Tensor, width: int = 1) -> PackedBits:
     return PackedBits(torch.stack(planes), values.shape, width)
 
 
-def unpack_bits(packed: PackedBits, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: v[8j + t] = OR_i [byte[i, j] & 2**t != 0] << i."""
-    numel = 1
-    for size in packed.shape:
-        numel *= size
+def _unpack_span(packed: PackedBits, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """Elements ``start .. start + count - 1`` of the flattened values, reading only the bytes that hold them:
+    v[8j + t] = OR_i [byte[i, j] & 2**t != 0] << i."""
+    first_byte, end_byte = start // 8, (start + count + 7) // 8
+    offset = start - 8 * first_byte
     weights = _weights(packed.data.device)
-    planes = [((byte.unsqueeze(-1) & weights) != 0).reshape(-1)[:numel] for byte in packed.data]
+    planes = [
+        ((byte[first_byte:end_byte].unsqueeze(-1) & weights) != 0).reshape(-1)[offset : offset + count]
+        for byte in packed.data
+    ]
     if packed.width == 1:
-        return planes[0].to(dtype).view(packed.shape)
+        return planes[0].to(dtype)
     out = planes[0].to(torch.uint8)
     for i, plane in enumerate(planes[1:], start=1):
         out.bitwise_or_(plane.to(torch.uint8) << i)
-    return out.to(dtype).view(packed.shape)
+    return out.to(dtype)
 
 
-__all__ = ["PackedBits", "pack_bits", "unpack_bits"]
+def unpack_bits(packed: PackedBits, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: v[8j + t] = OR_i [byte[i, j] & 2**t != 0] << i."""
+    return _unpack_span(packed, 0, packed.shape.numel(), dtype).view(packed.shape)
+
+
+def unpack_rows(packed: PackedBits, first: int, rows: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Rows ``first .. first + rows - 1`` of dim 0 of the packed values, equal to
+    ``unpack_bits(packed, dtype)[first : first + rows]``, unpacking only the bytes that hold them."""
+    row_numel = packed.shape[1:].numel()
+    return _unpack_span(packed, first * row_numel, rows * row_numel, dtype).view(rows, *packed.shape[1:])
+
+
+__all__ = ["PackedBits", "pack_bits", "unpack_bits", "unpack_rows"]

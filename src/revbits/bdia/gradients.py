@@ -35,15 +35,17 @@ from .tools import graph_inputs
 __all__ = ["Gradients", "recompute", "skip_gradient"]
 
 
-def recompute(plan: Any, k: int, x: torch.Tensor, args: BlockArguments) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def recompute(state: Any, k: int, x: torch.Tensor, args: BlockArguments) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(x_k, y_k = block_k(x_k), leaves) with a graph from a fresh leaf x_k, inside the stack's recompute
-    context; ``leaves`` maps each held non-leaf tensor of the block to the leaf that stood in for it."""
-    block = plan.blocks[k]
+    context; ``leaves`` maps each held non-leaf tensor of the block to the leaf that stood in for it.
+    ``state`` is the forward's :class:`~revbits.bdia.plan.ForwardState`."""
+    config = state.config
+    block = config.blocks[k]
     with (
         torch.enable_grad(),
-        plan.recomputing(k),
-        slicing(plan.token_slice, checkpoint=True),
-        detached_held_tensors(block, plan.block_params[k]) as held,
+        config.recomputing(k),
+        slicing(config.token_slice, checkpoint=True),
+        detached_held_tensors(block, state.block_params[k]) as held,
     ):
         xk = x.detach().requires_grad_()
         return xk, recompute_block(block, k, *graph_inputs(xk, args)), held  # bdia.tools: module trackers
@@ -51,26 +53,27 @@ def recompute(plan: Any, k: int, x: torch.Tensor, args: BlockArguments) -> tuple
 
 def skip_gradient(
     out: torch.Tensor,
-    g_after: torch.Tensor | None,
-    gamma_after: torch.Tensor | None,
+    grad_x_k_plus_2: torch.Tensor | None,
+    gamma_k_plus_1: torch.Tensor | None,
     rows: slice,
-    g_next: torch.Tensor,
-    gamma: torch.Tensor | None,
+    grad_x_k_plus_1_chunk: torch.Tensor,
+    gamma_k: torch.Tensor | None,
 ) -> None:
-    """The part of dL/dx_k that bypasses block k, for one chunk, written into ``out``:
+    """The part of dL/dx_k that bypasses block k, for the chunk ``rows``, written into ``out``:
 
         g_{k+1} dL/dx_{k+2} - 2 g_k dL/dx_{k+1}     (the first term is absent for k = K-1, the second for k = 0)
 
-    ``out`` may be the chunk of ``g_after`` itself: it is read before it is written.
+    ``grad_x_k_plus_2`` and the gammas are whole; ``grad_x_k_plus_1_chunk`` is already the chunk. ``out`` may be
+    the chunk of ``grad_x_k_plus_2`` itself: it is read before it is written.
     """
-    if g_after is None:
-        assert gamma is not None
-        torch.mul(g_next, -2 * gamma[rows], out=out)
+    if grad_x_k_plus_2 is None:
+        assert gamma_k is not None
+        torch.mul(grad_x_k_plus_1_chunk, -2 * gamma_k[rows], out=out)
         return
-    assert gamma_after is not None
-    torch.mul(g_after[rows], gamma_after[rows], out=out)
-    if gamma is not None:
-        out.addcmul_(g_next, gamma[rows], value=-2)
+    assert gamma_k_plus_1 is not None
+    torch.mul(grad_x_k_plus_2[rows], gamma_k_plus_1[rows], out=out)
+    if gamma_k is not None:
+        out.addcmul_(grad_x_k_plus_1_chunk, gamma_k[rows], value=-2)
 
 
 def _accumulate(store: list[torch.Tensor | None], slots: Sequence[int], grads: Sequence[torch.Tensor | None]) -> None:
@@ -87,12 +90,12 @@ class Gradients:
     """dL/d(tensor arguments) and dL/d(parameters and held tensors) of one backward, summed over blocks and
     chunks, for the reversible Function to return."""
 
-    def __init__(self, plan: Any, arg_inputs: list[torch.Tensor], request: EngineRequest) -> None:
-        self.plan, self.arg_inputs, self.request = plan, arg_inputs, request
+    def __init__(self, state: Any, arg_inputs: list[torch.Tensor], request: EngineRequest) -> None:
+        self.state, self.arg_inputs, self.request = state, arg_inputs, request
         # the Function's tensor inputs are x_0, the tensor arguments, the parameters and the probe
         self.wanted_slots = [i for i, a in enumerate(arg_inputs) if a.requires_grad and request.wants(1 + i)]
         self.first_param = 1 + len(arg_inputs)
-        self.params: list[torch.Tensor | None] = [None] * plan.num_params
+        self.params: list[torch.Tensor | None] = [None] * state.num_params
         self.args: list[torch.Tensor | None] = [None] * len(arg_inputs)
         self.foreign_users: dict[int, list[int]] = {}  # id of a foreign leaf -> the blocks that reached it
         self.warned = False
@@ -111,10 +114,10 @@ class Gradients:
         tensors (those the running backward uses) and of the arguments, and return dL/dx_k through the
         block. ``leaves`` are the chunk's argument leaves; ``held`` maps held non-leaf tensors to the
         leaves that stood in for them."""
-        plan = self.plan
-        tensors = plan.block_params[k]
+        state = self.state
+        tensors, index = state.block_params[k], state.param_index[k]
         wants = self.request.wants
-        live = [i for i, p in enumerate(tensors) if p.requires_grad and wants(self.first_param + plan.params[k][i])]
+        live = [i for i, p in enumerate(tensors) if p.requires_grad and wants(self.first_param + index[i])]
         stand_ins = [i for i in live if id(tensors[i]) in held]
         direct = [i for i in live if id(tensors[i]) not in held]
         wanted = [leaves[i] for i in self.wanted_slots]
@@ -125,17 +128,17 @@ class Gradients:
                 [xk, *wanted, *(held[id(tensors[i])] for i in stand_ins)],
                 [tensors[i] for i in direct],
                 self.request,
-                _name(plan.blocks[k], k),
+                _name(state.config.blocks[k], k),
             )
         except RuntimeError as e:
             if "backward through the graph a second time" not in str(e):
                 raise
             raise self._walked_twice(k, y) from e
         self._note_foreign(k, grads.foreign)
-        _accumulate(self.params, [plan.params[k][i] for i in direct], grads.params)
-        _accumulate(self.params, [plan.params[k][i] for i in stand_ins], grads.inputs[1 + len(wanted) :])
+        _accumulate(self.params, [index[i] for i in direct], grads.params)
+        _accumulate(self.params, [index[i] for i in stand_ins], grads.inputs[1 + len(wanted) :])
         for slot, grad in zip(self.wanted_slots, grads.inputs[1:]):
-            plan.split.add_grad(self.args, slot, self.arg_inputs[slot], grad, c)
+            state.split.add_grad(self.args, slot, self.arg_inputs[slot], grad, c)
         return grads.inputs[0]
 
     def _note_foreign(self, k: int, foreign: list[torch.Tensor]) -> None:
@@ -145,7 +148,7 @@ class Gradients:
             users = self.foreign_users.setdefault(id(t), [])
             if k not in users:
                 users.append(k)
-        block = self.plan.blocks[k]
+        block = self.state.config.blocks[k]
         unseen = [] if self.warned else unmanaged_leaves(block, foreign)
         if unseen:  # once per backward, and Python's warning filter shows the same text once
             self.warned = True
@@ -162,8 +165,9 @@ class Gradients:
         reached = {id(t) for t in reached_leaves(y)}
         others = sorted({j for i, users in self.foreign_users.items() if i in reached for j in users} - {k})
         with_whom = f"blocks {', '.join(map(str, others))}" if others else "another batch chunk of the block"
+        block = _name(self.state.config.blocks[k], k)
         return RecomputationError(
-            f"{_name(self.plan.blocks[k], k)} and {with_whom} use a tensor computed with a graph outside the stack "
+            f"{block} and {with_whom} use a tensor computed with a graph outside the stack "
             "(a non-leaf requiring grad) that the blocks do not hold as attributes, so each block's backward "
             "walks that graph and the second walk finds it freed; hold it as an attribute of the blocks "
             "(block.name = tensor), which the stack back-propagates once, or pass it to the stack as an argument"

@@ -20,23 +20,21 @@ standard residual stack (with or without Q on each block output).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..rng import RngReplay, capture_rng_state
 from .args import BlockArguments
-from .bits import PackedBits, pack_bits, unpack_bits
+from .bits import pack_bits
 from .chunks import AUTO, BatchSplit, plan_split
-from .compile import forward_arguments, forward_block, holds_compiled_code
+from .compile import holds_compiled_code
 from .fixedpoint import exact_limit, quantize
-from .gradients import Gradients, recompute, skip_gradient
+from .function import BDIAFunction
 from .options import check_options
-from .params import EngineRequest, block_parameters, check_parameters_unchanged, distinct, sharded_block
+from .params import EngineRequest, block_parameters, distinct, sharded_block
+from .plan import ForwardState, RecomputeContext, StackConfig
 from .step import (
     BlockProtocolError,
     Step,
@@ -44,225 +42,13 @@ from .step import (
     call_block,
     check_block_arguments,
     raise_if_out_of_range,
-    state_checksum,
     stream_max,
 )
 from .token_slices import check_token_slice, install_declared, training_pass
-from .tools import FORWARD, RECOMPUTE, has_no_values, pipelining_shape_inference, profiled
-from .verify import ReversibilityError, compare_block0, compare_state, raise_on_mismatch
+from .tools import FORWARD, has_no_values, pipelining_shape_inference, profiled
+from .verify import ReversibilityError
 
 __all__ = ["BDIAStack", "BlockProtocolError", "RecomputeContext", "ReversibilityError", "StreamRangeError"]
-
-#: ``context(k)`` -> the context manager the backward enters around each recomputation of block k.
-RecomputeContext = Callable[[int], contextlib.AbstractContextManager]
-
-
-# ----------------------------------------------------------------------------------------------
-# Everything the backward pass needs besides the two saved states.
-
-
-@dataclass
-class _Plan:
-    blocks: Sequence[nn.Module]
-    args: BlockArguments  # the extra block arguments, tensors replaced by None
-    tensor_slots: list[int]  # where the tensor arguments go in args.values()
-    params: list[list[int]]  # per block, indices into the parameter list
-    block_params: list[list[torch.Tensor]]  # per block, its parameters and held tensors at forward time (bdia.params)
-    compiled: list[bool]  # per block, whether it holds compiled code (bdia.compile)
-    num_params: int
-    bits: int
-    step: Step  # one BDIA step k >= 1 and its inverse (bdia.step)
-    check: bool
-    verify: bool
-    preserve_rng: bool
-    recompute_context: RecomputeContext | None = None  # entered around each recomputation of a block
-    backward_ends: Callable[[], None] | None = None  # called once the backward has rebuilt every state
-    signs: PackedBits | None = None
-    split: BatchSplit | None = None  # the batch chunks every block runs on (bdia.chunks)
-    token_slice: int | str | None = None  # the token slices of token-wise modules (bdia.token_slices)
-    planes: list[list[PackedBits] | None] = field(default_factory=list)  # per block, one per chunk
-    rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
-    checksums: list[torch.Tensor] = field(default_factory=list)
-    states: list[torch.Tensor] = field(default_factory=list)  # check=True only
-    last_states: list[torch.Tensor] = field(default_factory=list)  # x_{K-1}, x_K
-    output_version: int = 0
-    autocast: tuple[str, bool, torch.dtype] = ("cpu", False, torch.bfloat16)
-
-    def block_args(self, tensors: Sequence[torch.Tensor]) -> BlockArguments:
-        values = self.args.values()
-        for slot, tensor in zip(self.tensor_slots, tensors):
-            values[slot] = tensor
-        return self.args.with_values(values)
-
-    @contextlib.contextmanager
-    def recomputing(self, k: int) -> Iterator[None]:
-        """The stack's ``recompute_context(k)`` (or no context), in the profiler region ``revbits.bdia.recompute``."""
-        context = contextlib.nullcontext() if self.recompute_context is None else self.recompute_context(k)
-        with profiled(RECOMPUTE), context:
-            yield
-
-    def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
-        """g_k as a per-sample tensor broadcastable against the states."""
-        assert self.signs is not None
-        sign = unpack_bits(self.signs, torch.int8)[k - 1].to(like.dtype) * 2 - 1
-        return (sign * self.step.gamma).view(-1, *([1] * (like.dim() - 1)))
-
-
-_HIGHER_ORDER = (
-    "BDIAStack computes first-order gradients only: its backward rebuilds the activations "
-    "instead of storing them, and that rebuild cannot be differentiated again. For "
-    "create_graph=True (higher-order gradients) set `stack.reversible = False` (plain autograd on the "
-    "same forward), and if the blocks call scaled_dot_product_attention, run the forward inside "
-    "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`, since the fused "
-    "attention kernels (flash, memory-efficient) have no double backward."
-)
-
-
-class _BDIAFunction(torch.autograd.Function):
-    """Forward without a graph; backward rebuilds every state from x_{K-1}, x_K exactly.
-
-    Backward, for k = K-1 .. 1, with g_j = dL/dx_j and p_k the skip-path part of g_k:
-        recompute y_k = block_k(x_k) with a graph;  u = Q((1 + g) y_k - 2 g x_k)
-        x_{k-1} = (x_{k+1} - u) / g - r_{k-1} 2**-l
-        g_k     = p_k - 2 g g_{k+1} + J_y^T ((1 + g) g_{k+1})      (Q is straight-through)
-        p_{k-1} = g g_{k+1}
-    and for block 0, x_1 = Q(y_0): g_0 = p_0 + J_y0^T g_1.
-    """
-
-    @staticmethod
-    def forward(ctx, plan: _Plan, x0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        arg_tensors = inputs[: len(plan.tensor_slots)]
-        split = plan.split
-        assert split is not None
-        x0 = x0.detach()  # nothing here is differentiable (bdia.tools: module trackers)
-        chunk_args, leaf_args = forward_arguments(plan.block_args, split, arg_tensors, any(plan.compiled))
-        x_prev, x_cur = None, x0
-        maxima = [stream_max(x0)]
-        for k, block in enumerate(plan.blocks):
-            if plan.preserve_rng:  # chunk c + 1 draws from where chunk c left the RNG, in both passes
-                plan.rng_states.append(capture_rng_state(x0.device))
-            if plan.check:
-                plan.states.append(x_cur)
-            elif plan.verify:
-                plan.checksums.append(state_checksum(x_cur))
-            # Chunk c of x_{k+1} reads only chunk c of x_{k-1} and x_k, so it can overwrite x_{k-1}
-            # in place once that buffer is this forward's own (not the input x_0; check=True keeps all).
-            owned = x_prev is not None and x_prev is not x0 and not plan.check
-            x_next = x_prev if owned else torch.empty_like(x_cur)
-            assert x_next is not None
-            g = plan.gamma_of(k, x_cur) if k else None
-            planes: list[PackedBits] = []
-            for c, rows in enumerate(split.slices):
-                block_args = leaf_args[c] if plan.compiled[k] else chunk_args[c]
-                y = forward_block(block, k, x_cur[rows], block_args, plan.compiled[k])
-                if g is None:
-                    x_next[rows] = quantize(y, plan.bits)
-                else:
-                    assert x_prev is not None
-                    x_next[rows], kept = plan.step.forward(x_prev[rows], x_cur[rows], y, g[rows])
-                    assert kept is not None
-                    planes.append(kept)
-                del y
-            if g is not None:
-                plan.planes.append(planes)
-            x_prev, x_cur = x_cur, x_next
-            maxima.append(stream_max(x_cur))
-        raise_if_out_of_range(maxima, x0.dtype, plan.bits)
-        # The two states are kept as detached aliases rather than saved tensors, so backward
-        # can let go of each one as soon as it is rebuilt past; x_K's version counter (shared
-        # with the output) still reveals an in-place change of the output.
-        assert x_prev is not None
-        plan.last_states = [x_prev, x_cur.detach()]
-        plan.output_version = x_cur._version
-        ctx.plan = plan
-        ctx.save_for_backward(*arg_tensors)
-        return x_cur
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        plan, x_cur, x_next = _begin_backward(ctx)
-        arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
-        grads = Gradients(plan, arg_inputs, EngineRequest(getattr(ctx, "next_functions", None)))
-        mismatches: list[torch.Tensor] = []
-        device_type, autocast_on, autocast_dtype = plan.autocast
-        split = plan.split
-        assert split is not None
-
-        # State-sized tensors: x_cur = x_k, x_next = x_{k+1}, g_next = dL/dx_{k+1}, g_after = dL/dx_{k+2}.
-        # Chunk by chunk, block k writes x_{k-1} over x_{k+1} and dL/dx_k over dL/dx_{k+2}, except over the
-        # output x_K and autograd's grad_out, which are not this backward's to overwrite: four buffers,
-        # plus grad_out (the engine holds it) and, during block K-1, x_K.
-        next_is_output = True
-        g_next, g_after, gamma_after = grad_out, None, None
-        for k in range(len(plan.blocks) - 1, -1, -1):
-            g = plan.gamma_of(k, x_cur) if k else None
-            planes = plan.planes[k - 1] if k else None
-            if k:
-                plan.planes[k - 1] = None  # its memory is no longer needed
-            x_prev = (torch.empty_like(x_cur) if next_is_output else x_next) if k else None
-            g_cur = torch.empty_like(x_cur) if g_after is None or g_after is grad_out else g_after
-            rng = plan.rng_states[k] if plan.preserve_rng else None
-            check_parameters_unchanged(plan.blocks[k], k, plan.block_params[k])
-            block0: list[torch.Tensor] = []
-            for c, rows in enumerate(split.slices):
-                leaves = [split.leaf(a, c) for a in arg_inputs]
-                with (
-                    RngReplay(rng, x_cur.device, plan.preserve_rng),
-                    torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
-                ):
-                    xk, y, held = recompute(plan, k, x_cur[rows], split.tree(plan.block_args(leaves), c))
-                    if plan.preserve_rng:
-                        rng = capture_rng_state(x_cur.device)  # where chunk c + 1 starts
-                    gn = g_next[rows]
-                    if g is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
-                        compare_block0(plan, quantize(y.detach(), plan.bits), x_next[rows], block0)
-                        grad_y = gn
-                    else:  # rebuild x_{k-1}, then form the gradients that bypass the block
-                        assert planes is not None and x_prev is not None
-                        x_prev[rows] = plan.step.inverse(x_next[rows], x_cur[rows], y, g[rows], planes[c])
-                        grad_y = (1 + g[rows]) * gn
-                    skip_gradient(g_cur[rows], g_after, gamma_after, rows, gn, g)
-                    del gn
-                grad_x = grads.through_block(k, c, y, grad_y, xk, leaves, held)
-                del y, xk, grad_y, leaves, held
-                if grad_x is not None:
-                    g_cur[rows].add_(grad_x)
-                del grad_x
-            if x_prev is not None:
-                compare_state(plan, k - 1, x_prev, mismatches)
-                x_next, x_cur, next_is_output = x_cur, x_prev, False
-            elif block0:
-                mismatches.append(torch.stack(block0).any())
-            g_after, g_next, gamma_after = g_next, g_cur, g
-        raise_on_mismatch(plan, mismatches)
-        if plan.backward_ends is not None:
-            plan.backward_ends()
-        return (None, g_next, *grads.args, *grads.params, None)  # None: the probe of EngineRequest
-
-
-def _begin_backward(ctx: Any) -> tuple[_Plan, torch.Tensor, torch.Tensor]:
-    """The plan of this forward and its last two states x_{K-1}, x_K, handed over once; raises for a second
-    backward, a higher-order one, or an output modified in place since the forward."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(_HIGHER_ORDER)
-    plan: _Plan | None = ctx.plan
-    if plan is None:
-        raise RuntimeError(
-            "BDIAStack: backward already ran for this forward and its stored bits were used "
-            "up (retain_graph=True is not supported); run the forward pass again"
-        )
-    ctx.plan = None
-    x_cur, x_next = plan.last_states
-    plan.last_states = []
-    if x_next._version != plan.output_version:
-        raise RuntimeError(
-            "the output of BDIAStack was modified in place before backward; the states "
-            "cannot be rebuilt from it (use an out-of-place operation)"
-        )
-    return plan, x_cur, x_next
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 class BDIAStack(nn.Module):
@@ -405,9 +191,8 @@ class BDIAStack(nn.Module):
     @training_pass
     def _forward_plain(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> torch.Tensor:
         """The same quantised BDIA forward under ordinary autograd (the reference)."""
-        plan = self._plan(x0, args, signs)
-        split = plan.split
-        assert split is not None
+        state = self._forward_state(x0, args, signs)
+        split = state.split
 
         def run(k: int, x: torch.Tensor) -> torch.Tensor:  # block k on the chunks the reversible path uses
             ys = [call_block(self.blocks[k], k, x[rows], split.tree(args, c)) for c, rows in enumerate(split.slices)]
@@ -416,21 +201,21 @@ class BDIAStack(nn.Module):
         states = [x0, quantize(run(0, x0), self.bits)]
         for k in range(1, len(self.blocks)):
             x_prev, x_cur = states[-2], states[-1]
-            g = plan.gamma_of(k, x_cur)
+            g = state.gamma_of(k, x_cur)
             y = run(k, x_cur)
-            states.append(plan.step.forward(x_prev, x_cur, y, g, keep=False)[0])
+            states.append(state.config.step.forward(x_prev, x_cur, y, g, keep=False)[0])
         raise_if_out_of_range([stream_max(x) for x in states], x0.dtype, self.bits)
         return states[-1]
 
     @torch.compiler.disable  # the recomputation runs outside dynamo, so the forward must too (bdia.compile)
     @training_pass
     def _forward_reversible(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> torch.Tensor:
-        plan = self._plan(x0, args, signs)
+        state = self._forward_state(x0, args, signs)
         values = args.values()
-        arg_tensors = [values[i] for i in plan.tensor_slots]
-        params = distinct(plan.block_params)
+        arg_tensors = [values[i] for i in state.tensor_slots]
+        params = distinct(state.block_params)
         with profiled(FORWARD):
-            return _BDIAFunction.apply(plan, x0, *arg_tensors, *params, EngineRequest.probe(x0))
+            return BDIAFunction.apply(state, x0, *arg_tensors, *params, EngineRequest.probe(x0))
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -448,36 +233,69 @@ class BDIAStack(nn.Module):
             raise ValueError("gammas must hold signs, +1 or -1; the magnitude is the stack's `gamma`")
         return gammas.to(device=x.device, dtype=torch.int8)
 
-    def _plan(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> _Plan:
-        slots = args.tensor_slots()
-        block_params = [block_parameters(b) for b in self.blocks]  # one pass over each block's modules
-        params = distinct(block_params)
-        index = {id(p): i for i, p in enumerate(params)}
-        device_type = x0.device.type
-        return _Plan(
-            blocks=list(self.blocks),
-            args=args.with_values([None if i in slots else a for i, a in enumerate(args.values())]),
-            tensor_slots=slots,
-            params=[[index[id(p)] for p in tensors] for tensors in block_params],
-            block_params=block_params,
-            compiled=[holds_compiled_code(b) for b in self.blocks],
-            num_params=len(params),
-            bits=self.bits,
-            step=Step(self.bits, self.gamma),
+    def _config(self) -> StackConfig:
+        """The stack's :class:`StackConfig`, built again only when one of its options (or the blocks) changed since
+        the last forward; its :class:`Step` is built again only when ``bits`` or ``gamma`` changed."""
+        options = (
+            tuple(self.blocks),
+            self.bits,
+            self.gamma,
+            self.check,
+            self.verify,
+            self.preserve_rng_state,
+            self.token_slice,
+            self.recompute_context,
+        )
+        cached = self.__dict__.get("_cached_config")
+        if cached is not None and _same(cached[0], options):
+            return cached[1]
+        step = cached[1].step if cached is not None and cached[0][1:3] == options[1:3] else Step(self.bits, self.gamma)
+        config = StackConfig(
+            blocks=options[0],
+            step=step,
             check=self.check,
             verify=self.verify,
             preserve_rng=self.preserve_rng_state,
+            token_slice=self.token_slice,
             recompute_context=self.recompute_context,
             backward_ends=self._reversible_backward_ends,
-            signs=pack_bits(signs > 0),
-            split=_split(self.batch_chunks, x0, args, self.blocks),
-            token_slice=self.token_slice,
-            autocast=(
-                device_type,
-                torch.is_autocast_enabled(device_type),
-                torch.get_autocast_dtype(device_type),
-            ),
         )
+        self.__dict__["_cached_config"] = (options, config)
+        return config
+
+    def _forward_state(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> ForwardState:
+        """What one training forward runs with: the configuration, and this forward's arguments, parameters,
+        signs of g, batch chunks and autocast settings."""
+        config = self._config()
+        slots = args.tensor_slots()
+        block_params = [block_parameters(b) for b in config.blocks]  # one pass over each block's modules
+        params = distinct(block_params)
+        index = {id(p): i for i, p in enumerate(params)}
+        device_type = x0.device.type
+        return ForwardState(
+            config=config,
+            args=args.with_values([None if i in slots else a for i, a in enumerate(args.values())]),
+            tensor_slots=slots,
+            param_index=[[index[id(p)] for p in tensors] for tensors in block_params],
+            block_params=block_params,
+            compiled=[holds_compiled_code(b) for b in config.blocks],
+            num_params=len(params),
+            signs=pack_bits(signs > 0),
+            split=_split(self.batch_chunks, x0, args, config.blocks),
+            autocast=(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)),
+        )
+
+
+def _same(cached: tuple, options: tuple) -> bool:
+    """Whether two option tuples are the same: blocks and recompute context by identity, the rest by value."""
+    blocks, *values, context = cached
+    now_blocks, *now_values, now_context = options
+    return (
+        len(blocks) == len(now_blocks)
+        and all(a is b for a, b in zip(blocks, now_blocks))
+        and values == now_values
+        and context is now_context
+    )
 
 
 def _split(option: int | str, x0: torch.Tensor, args: BlockArguments, blocks: Sequence[nn.Module]) -> BatchSplit:

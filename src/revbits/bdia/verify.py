@@ -16,10 +16,10 @@ class ReversibilityError(RuntimeError):
     """A state rebuilt in the backward pass differs from the one the forward pass produced."""
 
 
-def compare_state(plan: Any, index: int, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
+def compare_state(state: Any, index: int, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
     """Check the rebuilt x_index against the forward: exactly (check=True) or by checksum."""
-    if plan.check:
-        expected = plan.states[index]
+    if state.config.check:
+        expected = state.states[index]
         if not torch.equal(rebuilt, expected):
             wrong = (rebuilt != expected).sum().item()
             worst = (rebuilt - expected).abs().max().item()
@@ -27,31 +27,31 @@ def compare_state(plan: Any, index: int, rebuilt: torch.Tensor, mismatches: list
                 f"block {index + 1} rebuilt x_{index} with {wrong} wrong elements "
                 f"(max error {worst:.3g}): its recomputation was not bit-identical to the forward"
             )
-    elif plan.verify:
-        mismatches.append(torch.any(state_checksum(rebuilt) != plan.checksums[index]))
+    elif state.config.verify:
+        mismatches.append(torch.any(state_checksum(rebuilt) != state.checksums[index]))
 
 
 def compare_block0(
-    plan: Any, recomputed: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]
+    state: Any, recomputed: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]
 ) -> None:
     """x_1 recomputed from x_0 must equal the x_1 that block 2's inverse rebuilt."""
-    if plan.check and not torch.equal(recomputed, rebuilt):
+    if state.config.check and not torch.equal(recomputed, rebuilt):
         raise ReversibilityError("block 0 recomputed x_1 differently from the forward pass")
-    if plan.verify and not plan.check:
+    if state.config.verify and not state.config.check:
         mismatches.append(torch.any(recomputed != rebuilt))
 
 
-def raise_on_mismatch(plan: Any, mismatches: list[torch.Tensor]) -> None:
+def raise_on_mismatch(state: Any, mismatches: list[torch.Tensor]) -> None:
     if not mismatches:
         return
     flags = torch.stack(mismatches).tolist()  # one host sync for the whole backward
     if not any(flags):
         return
     # mismatches were appended from block K-1 down to block 0; report the first one met
-    block = len(plan.blocks) - 1 - flags.index(True)
+    block = len(state.config.blocks) - 1 - flags.index(True)
     raise ReversibilityError(
         f"the backward pass rebuilt a state that differs from the forward pass at block {block} "
-        f"({type(plan.blocks[block]).__name__}): the block's recomputation was not bit-identical. "
+        f"({type(state.config.blocks[block]).__name__}): the block's recomputation was not bit-identical. "
         "Typical causes: a non-deterministic kernel (call torch.use_deterministic_algorithms(True)), "
         "a block whose state changed between forward and backward (BatchNorm statistics, a "
         "parameter modified in place), randomness not drawn from torch's RNG, or a function compiled "

@@ -1,0 +1,217 @@
+"""The autograd Function of :class:`~revbits.BDIAStack`: a forward without a graph, and a backward that
+rebuilds every state from the last two, exactly, while it back-propagates.
+
+Forward, with y_k = block_k(x_k), the grid quantiser Q and g_k = +-2**-b per sample:
+
+    x_1     = Q(y_0)
+    x_{k+1} = g_k (x_{k-1} + r_{k-1} 2**-l) + Q((1 + g_k) y_k - 2 g_k x_k),   k >= 1
+
+Backward, for k = K-1 .. 1, with dL/dx_K the incoming gradient:
+
+    recompute y_k = block_k(x_k) with a graph;  u = Q((1 + g_k) y_k - 2 g_k x_k)
+    x_{k-1}  = (x_{k+1} - u) / g_k - r_{k-1} 2**-l
+    dL/dx_k  = g_{k+1} dL/dx_{k+2} - 2 g_k dL/dx_{k+1} + J_{y_k}^T ((1 + g_k) dL/dx_{k+1})     (Q straight-through)
+
+where the first term is absent at k = K-1, and for block 0 (x_1 = Q(y_0)):
+
+    dL/dx_0  = g_1 dL/dx_2 + J_{y_0}^T dL/dx_1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..rng import RngReplay, capture_rng_state
+from .bits import PackedBits
+from .compile import forward_arguments, forward_block
+from .fixedpoint import quantize
+from .gradients import Gradients, recompute, skip_gradient
+from .params import EngineRequest, check_parameters_unchanged
+from .plan import ForwardState
+from .step import raise_if_out_of_range, state_checksum, stream_max
+from .verify import compare_block0, compare_state, raise_on_mismatch
+
+__all__ = ["BDIAFunction"]
+
+_HIGHER_ORDER = (
+    "BDIAStack computes first-order gradients only: its backward rebuilds the activations "
+    "instead of storing them, and that rebuild cannot be differentiated again. For "
+    "create_graph=True (higher-order gradients) set `stack.reversible = False` (plain autograd on the "
+    "same forward), and if the blocks call scaled_dot_product_attention, run the forward inside "
+    "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`, since the fused "
+    "attention kernels (flash, memory-efficient) have no double backward."
+)
+
+
+class BDIAFunction(torch.autograd.Function):
+    """``apply(state, x_0, *tensor_args, *params, probe)`` -> x_K (the equations of the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, state: ForwardState, x0: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        config, split = state.config, state.split
+        arg_tensors = inputs[: len(state.tensor_slots)]
+        x0 = x0.detach()  # nothing here is differentiable (bdia.tools: module trackers)
+        chunk_args, leaf_args = forward_arguments(state.block_args, split, arg_tensors, any(state.compiled))
+        x_k_minus_1, x_k = None, x0
+        maxima = [stream_max(x0)]
+        for k, block in enumerate(config.blocks):
+            if config.preserve_rng:  # chunk c + 1 draws from where chunk c left the RNG, in both passes
+                state.rng_states.append(capture_rng_state(x0.device))
+            if config.check:
+                state.states.append(x_k)
+            elif config.verify:
+                state.checksums.append(state_checksum(x_k))
+            # Chunk c of x_{k+1} reads only chunk c of x_{k-1} and x_k, so it can overwrite x_{k-1}
+            # in place once that buffer is this forward's own (not the input x_0; check=True keeps all).
+            owned = x_k_minus_1 is not None and x_k_minus_1 is not x0 and not config.check
+            x_k_plus_1 = x_k_minus_1 if owned else torch.empty_like(x_k)
+            assert x_k_plus_1 is not None
+            gamma_k = state.gamma_of(k, x_k) if k else None
+            planes: list[PackedBits] = []
+            for c, rows in enumerate(split.slices):
+                block_args = leaf_args[c] if state.compiled[k] else chunk_args[c]
+                y_k = forward_block(block, k, x_k[rows], block_args, state.compiled[k])
+                if gamma_k is None:
+                    x_k_plus_1[rows] = quantize(y_k, config.bits)
+                else:
+                    assert x_k_minus_1 is not None
+                    x_k_plus_1[rows], kept = config.step.forward(x_k_minus_1[rows], x_k[rows], y_k, gamma_k[rows])
+                    assert kept is not None
+                    planes.append(kept)
+                del y_k
+            if gamma_k is not None:
+                state.residue_planes.append(planes)
+            x_k_minus_1, x_k = x_k, x_k_plus_1
+            maxima.append(stream_max(x_k))
+        raise_if_out_of_range(maxima, x0.dtype, config.bits)
+        # The two states are kept as detached aliases rather than saved tensors, so backward
+        # can let go of each one as soon as it is rebuilt past; x_K's version counter (shared
+        # with the output) still reveals an in-place change of the output.
+        assert x_k_minus_1 is not None
+        state.last_states = [x_k_minus_1, x_k.detach()]
+        state.output_version = x_k._version
+        ctx.state = state
+        ctx.save_for_backward(*arg_tensors)
+        return x_k
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        state = _begin_backward(ctx)
+        # The walk alone holds x_{K-1} and x_K, so each is freed once the backward has rebuilt past it.
+        x_top_minus_1, x_top = state.last_states
+        state.last_states = []
+        walk = _Walk(x_k=x_top_minus_1, x_k_plus_1=x_top, grad_x_k_plus_1=grad_out, grad_out=grad_out)
+        del x_top_minus_1, x_top
+        arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
+        grads = Gradients(state, arg_inputs, EngineRequest(getattr(ctx, "next_functions", None)))
+        for k in range(len(state.config.blocks) - 1, -1, -1):
+            _backward_through(state, k, walk, arg_inputs, grads)
+        raise_on_mismatch(state, walk.mismatches)
+        if state.config.backward_ends is not None:
+            state.config.backward_ends()
+        # After block 0 the walk has stepped to k = -1: its dL/dx_{k+1} is dL/dx_0.
+        return (None, walk.grad_x_k_plus_1, *grads.args, *grads.params, None)  # None: the probe of EngineRequest
+
+
+@dataclass
+class _Walk:
+    """The state-sized tensors of the backward as it stands before block k, and the checks so far.
+
+    Chunk by chunk, block k writes x_{k-1} over x_{k+1} and dL/dx_k over dL/dx_{k+2}, except over the output
+    x_K and autograd's ``grad_out``, which are not this backward's to overwrite: four buffers, plus
+    ``grad_out`` (the engine holds it) and, during block K-1, x_K.
+    """
+
+    x_k: torch.Tensor
+    x_k_plus_1: torch.Tensor
+    grad_x_k_plus_1: torch.Tensor  # dL/dx_{k+1}
+    grad_out: torch.Tensor  # dL/dx_K as autograd handed it over
+    grad_x_k_plus_2: torch.Tensor | None = None  # dL/dx_{k+2}; None at k = K-1
+    gamma_k_plus_1: torch.Tensor | None = None  # g_{k+1}; None at k = K-1
+    x_k_plus_1_is_output: bool = True  # x_{k+1} is x_K, the stack's output
+    mismatches: list[torch.Tensor] | None = None  # per rebuilt state, whether its checksum differed
+
+    def __post_init__(self) -> None:
+        self.mismatches = []
+
+    def step_down(self, x_k_minus_1: torch.Tensor | None, grad_x_k: torch.Tensor, gamma_k: torch.Tensor | None) -> None:
+        """From block k to block k - 1: x_{k-1} and dL/dx_k become the walk's x_k and dL/dx_{k+1}."""
+        if x_k_minus_1 is not None:
+            self.x_k_plus_1, self.x_k, self.x_k_plus_1_is_output = self.x_k, x_k_minus_1, False
+        self.grad_x_k_plus_2, self.grad_x_k_plus_1, self.gamma_k_plus_1 = self.grad_x_k_plus_1, grad_x_k, gamma_k
+
+
+def _backward_through(
+    state: ForwardState, k: int, walk: _Walk, arg_inputs: list[torch.Tensor], grads: Gradients
+) -> None:
+    """Block k of the backward, chunk by chunk: rebuild x_{k-1} (k >= 1) and form dL/dx_k (the module
+    docstring's equations), adding the gradients of the block's tensors and arguments to ``grads``."""
+    config, split = state.config, state.split
+    gamma_k = state.gamma_of(k, walk.x_k) if k else None
+    residue_planes = state.residue_planes[k - 1] if k else None
+    if k:
+        state.residue_planes[k - 1] = None  # its memory is no longer needed
+    x_k_minus_1 = (torch.empty_like(walk.x_k) if walk.x_k_plus_1_is_output else walk.x_k_plus_1) if k else None
+    reuse = walk.grad_x_k_plus_2 is not None and walk.grad_x_k_plus_2 is not walk.grad_out
+    grad_x_k = walk.grad_x_k_plus_2 if reuse else torch.empty_like(walk.x_k)
+    assert grad_x_k is not None and walk.mismatches is not None
+    rng = state.rng_states[k] if config.preserve_rng else None
+    check_parameters_unchanged(config.blocks[k], k, state.block_params[k])
+    device_type, autocast_on, autocast_dtype = state.autocast
+    block0_mismatches: list[torch.Tensor] = []
+    for c, rows in enumerate(split.slices):
+        arg_leaves = [split.leaf(a, c) for a in arg_inputs]
+        with (
+            RngReplay(rng, walk.x_k.device, config.preserve_rng),
+            torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
+        ):
+            x_k_leaf, y_k, held = recompute(state, k, walk.x_k[rows], split.tree(state.block_args(arg_leaves), c))
+            if config.preserve_rng:
+                rng = capture_rng_state(walk.x_k.device)  # where chunk c + 1 starts
+            grad_x_k_plus_1_chunk = walk.grad_x_k_plus_1[rows]
+            if gamma_k is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
+                compare_block0(state, quantize(y_k.detach(), config.bits), walk.x_k_plus_1[rows], block0_mismatches)
+                grad_y_k = grad_x_k_plus_1_chunk  # dL/dy_0 = dL/dx_1
+            else:  # rebuild x_{k-1}, then form the gradients that bypass the block
+                assert residue_planes is not None and x_k_minus_1 is not None
+                x_k_minus_1[rows] = config.step.inverse(
+                    walk.x_k_plus_1[rows], walk.x_k[rows], y_k, gamma_k[rows], residue_planes[c]
+                )
+                grad_y_k = (1 + gamma_k[rows]) * grad_x_k_plus_1_chunk  # dL/dy_k = (1 + g_k) dL/dx_{k+1}
+            skip_gradient(
+                grad_x_k[rows], walk.grad_x_k_plus_2, walk.gamma_k_plus_1, rows, grad_x_k_plus_1_chunk, gamma_k
+            )
+            del grad_x_k_plus_1_chunk
+        grad_x_k_through_block = grads.through_block(k, c, y_k, grad_y_k, x_k_leaf, arg_leaves, held)
+        del y_k, x_k_leaf, grad_y_k, arg_leaves, held
+        if grad_x_k_through_block is not None:
+            grad_x_k[rows].add_(grad_x_k_through_block)
+        del grad_x_k_through_block
+    if x_k_minus_1 is not None:
+        compare_state(state, k - 1, x_k_minus_1, walk.mismatches)
+    elif block0_mismatches:
+        walk.mismatches.append(torch.stack(block0_mismatches).any())
+    walk.step_down(x_k_minus_1, grad_x_k, gamma_k)
+
+
+def _begin_backward(ctx: Any) -> ForwardState:
+    """The state of this forward, handed over once; raises for a second backward, a higher-order one, or an
+    output modified in place since the forward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_HIGHER_ORDER)
+    state: ForwardState | None = ctx.state
+    if state is None:
+        raise RuntimeError(
+            "BDIAStack: backward already ran for this forward and its stored bits were used "
+            "up (retain_graph=True is not supported); run the forward pass again"
+        )
+    ctx.state = None
+    if state.last_states[1]._version != state.output_version:
+        raise RuntimeError(
+            "the output of BDIAStack was modified in place before backward; the states "
+            "cannot be rebuilt from it (use an out-of-place operation)"
+        )
+    return state
