@@ -1,24 +1,30 @@
 """BDIA's step overhead at the main job's model: interleaved step times and profiles of one BDIA step.
 
-The model is the main job's (scripts/main.sh): a character-level GPT (vocabulary 65), 6 blocks,
-d = 128, 4 heads, T = 256, batch 16, dropout 0.1, AdamW. Every mode starts from the same weights
-and trains on the same batch; the steps are interleaved (one step of each mode per round), so a
-drift in machine speed hits every mode alike. Two clocks per step: wall time and the process's
-CPU time (on a shared machine the CPU time is far less disturbed by other processes' load).
+The model is the main job's (scripts/main.sh): a character-level GPT (vocabulary 65), 2 blocks,
+d = 128, 4 heads, T = 64, batch 32, dropout 0, AdamW (--n-layer, --d-model, --n-head, --block-size,
+--batch, --vocab and --dropout change it; bdia_overhead_before, _after and _quiet were taken at 6 blocks,
+T = 256, batch 16, dropout 0.1). Every mode starts from the same weights and trains on the same
+batch; the steps are interleaved (one step of each mode per round), so a drift in machine speed hits
+every mode alike. Two clocks per step: wall time and the process's CPU time (on a shared machine the
+CPU time is far less disturbed by other processes' load).
 
-Modes: standard, checkpoint, bdia (the defaults), and two BDIA variants: 8 batch chunks of 2 samples
-(what ``batch_chunks="auto"`` chose at this model before chunks had to hold 2**18 elements) and the
-whole batch in one chunk. "stack forward (no grad)" times the block stack's forward alone, without a
-graph: a method that recomputes every block once in backward (checkpoint, BDIA) does that work on
-top of standard's, so (standard + it) / standard estimates what the recomputation alone costs. It is
-an estimate, not a bound: standard's forward also writes every activation it keeps (hundreds of MiB
-here), which checkpoint's and BDIA's forward do not. Each mode's activations at the peak of one step
-(revbits.measure, bytes counted) are listed beside.
+Modes: standard, checkpoint, bdia (the defaults), and BDIA variants: 8 batch chunks (what
+``batch_chunks="auto"`` chose at the earlier model before chunks had to hold 2**18 elements), the
+whole batch in one chunk, and every block recomputed (``keep_last_graph=False``; the default keeps
+the top block's graph where that cannot raise the peak, docs/bdia.md). "stack forward (no grad)" times
+the block stack's forward alone, without a graph: a method that recomputes every block once in
+backward (checkpoint, BDIA) does that work on top of standard's, so (standard + it) / standard
+estimates what the recomputation alone costs. It is an estimate, not a bound: standard's forward also
+writes every activation it keeps, which checkpoint's and BDIA's forward do not. Each mode's
+activations at the peak of one step (revbits.measure, bytes counted) are listed beside.
 
 Then one BDIA step runs under torch.profiler (top ops by self CPU time, with call counts) and
 under cProfile (Python functions by own time). Writes <out>.txt (the report) and <out>.json.
+``--memory-only`` skips timing and profiles and writes each mode's peak, activations at the peak and
+bytes held after the forward (LiveBytes), which any machine may run.
 
-    python benchmarks/bdia_overhead.py --out benchmarks/results/bdia_overhead_after
+    python benchmarks/bdia_overhead.py --out benchmarks/results/bdia_overhead_main
+    python benchmarks/bdia_overhead.py --memory-only --out benchmarks/results/bdia_memory_main
     python benchmarks/bdia_overhead.py --tiny --rounds 2 --out /some/scratch/check   # a quick run
 """
 
@@ -42,15 +48,16 @@ from torch.profiler import ProfilerActivity, profile
 from revbits.measure import measure_training_step
 from revbits.models.gpt import GPT, GPTConfig
 
-MODES = ("standard", "checkpoint", "bdia", "bdia (8 chunks)", "bdia (1 chunk)")
+MODES = ("standard", "checkpoint", "bdia", "bdia (recompute top)", "bdia (8 chunks)", "bdia (1 chunk)")
 FORWARD_ONLY = "stack forward (no grad)"
 #: Benchmark modes that are a memory mode with options: BDIA in 8 batch chunks of 2 samples (what "auto" chose
 #: at this model before chunks of 2**18 elements at least), and on the whole batch without token slices.
 VARIANTS: dict[str, tuple[str, dict]] = {
+    "bdia (recompute top)": ("bdia", {"keep_last_graph": False}),
     "bdia (8 chunks)": ("bdia", {"batch_chunks": 8, "token_slice": 512}),
     "bdia (1 chunk)": ("bdia", {"batch_chunks": 1, "token_slice": None}),
 }
-MAIN_JOB = dict(vocab_size=65, block_size=256, n_layer=6, n_head=4, d_model=128, batch=16)
+MAIN_JOB = dict(vocab_size=65, block_size=64, n_layer=2, n_head=4, d_model=128, batch=32)  # scripts/main.sh
 TINY = dict(vocab_size=65, block_size=32, n_layer=3, n_head=2, d_model=32, batch=4)
 
 
@@ -167,6 +174,27 @@ def profiles(step: Callable[[], None], rows: int) -> tuple[str, str, float]:
     return ops, out.getvalue(), total
 
 
+def write_memory(args: argparse.Namespace, shape: dict) -> None:
+    """<out>.txt and <out>.json: each mode's peak, activations at the peak and bytes held after the forward."""
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(shape["vocab_size"], (shape["batch"], shape["block_size"] + 1), generator=generator)
+    lines = [
+        f"model: GPT {shape}, dropout {args.dropout}, AdamW; torch {torch.__version__}; bytes (revbits.measure)",
+        f"{'mode':26s} {'peak':>12s} {'activations at peak':>20s} {'held after forward':>19s}",
+    ]
+    rows = {}
+    for mode in args.modes:
+        model = build(shape, mode, args.dropout, args.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        report = measure_training_step(model, lambda m=model: m(tokens[:, :-1], targets=tokens[:, 1:]).loss, optimizer)
+        rows[mode] = {"peak": report.peak, "activations": report.activations, "held": report.held_after_forward}
+        lines.append(f"{mode:26s} {report.peak:12d} {report.activations:20d} {report.held_after_forward:19d}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"shape": shape, "rows": rows}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="writes <out>.txt and <out>.json")
@@ -174,7 +202,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
-    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, default=0.0, help="the main job's is 0")
+    for name in ("n_layer", "d_model", "n_head", "block_size", "batch", "vocab"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, help="overrides the model's (default: main job's)")
+    parser.add_argument("--memory-only", action="store_true", help="only the LiveBytes table, no timing")
     parser.add_argument("--rows", type=int, default=30, help="rows of each profile table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model, to check that the script runs")
@@ -184,7 +215,13 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
-    shape = TINY if args.tiny else MAIN_JOB
+    shape = dict(TINY if args.tiny else MAIN_JOB)
+    for name in ("n_layer", "d_model", "n_head", "block_size", "batch"):
+        shape[name] = getattr(args, name) or shape[name]
+    shape["vocab_size"] = args.vocab or shape["vocab_size"]
+    if args.memory_only:
+        write_memory(args, shape)
+        return
     memory: dict[str, int] = {}
     steps = make_steps(shape, args.modes, args.dropout, args.seed, memory)
     load_before = os.getloadavg()

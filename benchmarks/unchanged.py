@@ -109,6 +109,9 @@ def measure(only: set[str] | None = None) -> dict[str, object]:
             rows = json.loads(memory_json.read_text())
             result[f"memory-{name}"] = digest([untimed(row) for row in rows])
             print(f"memory-{name}", result[f"memory-{name}"], flush=True)
+            for row in rows:  # what a changed fingerprint changed: the bytes
+                print(f"  {row['memory']:12s} peak {row['peak']} activations {row['activations']} "
+                      f"held after forward {row['held_after_forward']}", flush=True)
     return result
 
 

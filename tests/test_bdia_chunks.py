@@ -35,12 +35,14 @@ def reversible_against_plain(stack, x, args=(), signs=None, dtype=torch.float64)
 # -- exactness for every chunk setting ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("keep", ["auto", True, False])
 @pytest.mark.parametrize("chunks", SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_dropout_stack_is_exact_for_every_chunk_setting(chunks, dtype):
+def test_dropout_stack_is_exact_for_every_chunk_setting(chunks, dtype, keep):
     torch.manual_seed(0)
     depth, batch = 7, 5
-    stack = revbits.BDIAStack(gpt_blocks(depth, dropout=0.2), check=True, batch_chunks=chunks).to(dtype)
+    blocks = gpt_blocks(depth, dropout=0.2)
+    stack = revbits.BDIAStack(blocks, check=True, batch_chunks=chunks, keep_last_graph=keep).to(dtype)
     x = torch.randn(batch, 6, 32, dtype=dtype, requires_grad=True)
     reversible_against_plain(stack, x, signs=random_signs(depth, batch), dtype=dtype)
 

@@ -46,11 +46,12 @@ def test_batch_sizes_match_plain_autograd(batch):
     compare_with_plain(stack, x, signs=random_signs(6, batch))
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cross_attention_memory_gets_exact_gradients(dtype):
+def test_cross_attention_memory_gets_exact_gradients(dtype, keep):
     torch.manual_seed(1)
     depth, batch = 8, 3
-    stack = revbits.BDIAStack(gpt_blocks(depth, dropout=0.1, cross_attention=True)).to(dtype)
+    stack = revbits.BDIAStack(gpt_blocks(depth, dropout=0.1, cross_attention=True), keep_last_graph=keep).to(dtype)
     x = torch.randn(batch, 7, 32, dtype=dtype, requires_grad=True)
     memory = torch.randn(batch, 4, 32, dtype=dtype, requires_grad=True)
     grads = compare_with_plain(stack, x, (memory,), random_signs(depth, batch), dtype=dtype)

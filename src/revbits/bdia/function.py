@@ -15,6 +15,9 @@ Backward, for k = K-1 .. 1, with dL/dx_K the incoming gradient:
 where the first term is absent at k = K-1, and for block 0 (x_1 = Q(y_0)):
 
     dL/dx_0  = g_1 dL/dx_2 + J_{y_0}^T dL/dx_1.
+
+Where the forward kept block K-1's graph (``keep_last_graph``, :mod:`revbits.bdia.top_graph`), the backward
+takes y_{K-1} and its graph from there instead of recomputing it; everything else is the same.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import torch
 
 from ..rng import RngReplay, capture_rng_state
 from .bits import PackedBits
+from .chunks import AUTO
 from .compile import forward_arguments, forward_block
 from .fixedpoint import quantize
 from .gradients import Gradients, recompute, skip_gradient
 from .params import EngineRequest, check_parameters_unchanged
 from .plan import ForwardState
 from .step import raise_if_out_of_range, state_checksum, stream_max
+from .top_graph import record_top_block, release_kept_graphs, wait_for_backward
 from .verify import compare_block0, compare_state, raise_on_mismatch
 
 __all__ = ["BDIAFunction"]
@@ -55,6 +60,9 @@ class BDIAFunction(torch.autograd.Function):
         arg_tensors = inputs[: len(state.tensor_slots)]
         x0 = x0.detach()  # nothing here is differentiable (bdia.tools: module trackers)
         chunk_args, leaf_args = forward_arguments(state.block_args, split, arg_tensors, any(state.compiled))
+        release_kept_graphs()  # graphs an earlier forward kept under "auto" would live through this whole step
+        top = len(config.blocks) - 1 if state.keep_last_graph else -1  # the block whose graph is kept, if any
+        top_arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in arg_tensors] if top >= 0 else []
         x_k_minus_1, x_k = None, x0
         maxima = [stream_max(x0)]
         for k, block in enumerate(config.blocks):
@@ -72,8 +80,12 @@ class BDIAFunction(torch.autograd.Function):
             gamma_k = state.gamma_of(k, x_k) if k else None
             planes: list[PackedBits] = []
             for c, rows in enumerate(split.slices):
-                block_args = leaf_args[c] if state.compiled[k] else chunk_args[c]
-                y_k = forward_block(block, k, x_k[rows], block_args, state.compiled[k])
+                if k == top:  # run as the backward would recompute it, and keep the graph (bdia.top_graph)
+                    state.kept.append(record_top_block(state, k, x_k[rows], top_arg_inputs, c))
+                    y_k = state.kept[-1].output.detach()
+                else:
+                    block_args = leaf_args[c] if state.compiled[k] else chunk_args[c]
+                    y_k = forward_block(block, k, x_k[rows], block_args, state.compiled[k])
                 if gamma_k is None:
                     x_k_plus_1[rows] = quantize(y_k, config.bits)
                 else:
@@ -93,6 +105,8 @@ class BDIAFunction(torch.autograd.Function):
         assert x_k_minus_1 is not None
         state.last_states = [x_k_minus_1, x_k.detach()]
         state.output_version = x_k._version
+        if state.kept and config.keep_last_graph == AUTO:
+            wait_for_backward(state)
         ctx.state = state
         ctx.save_for_backward(*arg_tensors)
         return x_k
@@ -158,18 +172,28 @@ def _backward_through(
     reuse = walk.grad_x_k_plus_2 is not None and walk.grad_x_k_plus_2 is not walk.grad_out
     grad_x_k = walk.grad_x_k_plus_2 if reuse else torch.empty_like(walk.x_k)
     assert grad_x_k is not None and walk.mismatches is not None
-    rng = state.rng_states[k] if config.preserve_rng else None
+    kept = state.kept if k == len(config.blocks) - 1 else []  # the top block's graphs, if the forward kept them
+    state.kept = [] if kept else state.kept
+    replay_rng = config.preserve_rng and not kept
+    rng = state.rng_states[k] if replay_rng else None
     check_parameters_unchanged(config.blocks[k], k, state.block_params[k])
     device_type, autocast_on, autocast_dtype = state.autocast
     block0_mismatches: list[torch.Tensor] = []
     for c, rows in enumerate(split.slices):
-        arg_leaves = [split.leaf(a, c) for a in arg_inputs]
         with (
-            RngReplay(rng, walk.x_k.device, config.preserve_rng),
+            RngReplay(rng, walk.x_k.device, replay_rng),
             torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
         ):
-            x_k_leaf, y_k, held = recompute(state, k, walk.x_k[rows], split.tree(state.block_args(arg_leaves), c))
-            if config.preserve_rng:
+            if kept:  # the forward's graph of this chunk, handed over (bdia.top_graph)
+                graph, kept[c] = kept[c], None
+                x_k_leaf, y_k, held, arg_leaves = graph.state_leaf, graph.output, graph.held, graph.arg_leaves
+                del graph
+            else:
+                arg_leaves = [split.leaf(a, c) for a in arg_inputs]
+                chunk_args = split.tree(state.block_args(arg_leaves), c)
+                x_k_leaf, y_k, held = recompute(state, k, walk.x_k[rows], chunk_args)
+                del chunk_args
+            if replay_rng:
                 rng = capture_rng_state(walk.x_k.device)  # where chunk c + 1 starts
             grad_x_k_plus_1_chunk = walk.grad_x_k_plus_1[rows]
             if gamma_k is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt

@@ -6,7 +6,7 @@ while its options are, and the state one forward pass saves for its backward.
 - :class:`ForwardState`: one forward's block arguments, parameter tables, signs of g, batch chunks and
   autocast settings, and what it saves for the backward: the residue planes r_{k-1} (b bits per element
   per block and chunk), the RNG states, the checksums (or states, ``check=True``), the last two states
-  x_{K-1}, x_K.
+  x_{K-1}, x_K, and with ``keep_last_graph`` the top block's graph (:mod:`revbits.bdia.top_graph`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ class StackConfig:
     token_slice: int | str | None  # the token slices of token-wise modules (bdia.token_slices)
     recompute_context: RecomputeContext | None = None  # entered around each recomputation of a block
     backward_ends: Callable[[], None] | None = None  # called once the backward has rebuilt every state
+    keep_last_graph: bool | str = False  # the option: True, False or "auto" (bdia.top_graph)
 
     @property
     def bits(self) -> int:
@@ -69,6 +71,7 @@ class ForwardState:
     signs: PackedBits  # the [K-1, B] signs of g, one bit each
     split: BatchSplit  # the batch chunks every block runs on (bdia.chunks)
     autocast: tuple[str, bool, torch.dtype]  # device type, enabled, dtype of the forward's autocast
+    keep_last_graph: bool = False  # whether this forward keeps the top block's graph (bdia.top_graph)
     # Saved by the forward for the backward:
     residue_planes: list[list[PackedBits] | None] = field(default_factory=list)  # block k >= 1: per chunk r_{k-1}
     rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # per block
@@ -76,6 +79,7 @@ class ForwardState:
     states: list[torch.Tensor] = field(default_factory=list)  # every state x_k, k < K (check=True only)
     last_states: list[torch.Tensor] = field(default_factory=list)  # x_{K-1}, x_K
     output_version: int = 0  # x_K's version counter after the forward
+    kept: list[Any] = field(default_factory=list)  # per chunk, the top block's KeptGraph (keep_last_graph)
 
     def block_args(self, tensors: Sequence[torch.Tensor]) -> BlockArguments:
         """The block arguments with ``tensors`` in the tensor slots."""

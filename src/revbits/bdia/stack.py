@@ -46,6 +46,7 @@ from .step import (
 )
 from .token_slices import check_token_slice, install_declared, training_pass
 from .tools import FORWARD, has_no_values, pipelining_shape_inference, profiled
+from .top_graph import check_keep_last_graph, keeps_last_graph
 from .verify import ReversibilityError
 
 __all__ = ["BDIAStack", "BlockProtocolError", "RecomputeContext", "ReversibilityError", "StreamRangeError"]
@@ -80,6 +81,10 @@ class BDIAStack(nn.Module):
             slices of this many positions (of a batch chunk), in the forward and in the backward's recomputation,
             which then holds one slice's graph of them at a time. ``"auto"`` (default): max(512, 2**18 / d)
             for width d; None: off.
+        keep_last_graph: the forward runs the top block with a graph and keeps it, so the backward does not
+            recompute that block (one block's forward less per step; :mod:`revbits.bdia.top_graph`). ``"auto"``
+            (default): where it cannot raise the peak (one batch chunk, token slices that cut nothing, no
+            ``recompute_context``, no block that is its own FSDP unit); True; False: recompute every block.
 
     ``stack(x, *args, gammas=signs, **kwargs)`` calls every block as ``block(x, *args, **kwargs)``; tensor
     arguments, positional or keyword, get their gradients. ``gammas`` are explicit signs, a [K-1, batch]
@@ -102,6 +107,7 @@ class BDIAStack(nn.Module):
         recompute_context: RecomputeContext | None = None,
         batch_chunks: int | str = AUTO,
         token_slice: int | str | None = AUTO,
+        keep_last_graph: bool | str = AUTO,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -125,6 +131,7 @@ class BDIAStack(nn.Module):
         self.recompute_context = recompute_context
         self.batch_chunks = batch_chunks
         self.token_slice = check_token_slice(token_slice)
+        self.keep_last_graph = check_keep_last_graph(keep_last_graph)
         install_declared(self.blocks)
         self.reversible = True
         self.eval_gamma = 0.0  # the fixed g of evaluation; non-zero only for robustness studies
@@ -245,6 +252,7 @@ class BDIAStack(nn.Module):
             self.preserve_rng_state,
             self.token_slice,
             self.recompute_context,
+            self.keep_last_graph,
         )
         cached = self.__dict__.get("_cached_config")
         if cached is not None and _same(cached[0], options):
@@ -259,6 +267,7 @@ class BDIAStack(nn.Module):
             token_slice=self.token_slice,
             recompute_context=self.recompute_context,
             backward_ends=self._reversible_backward_ends,
+            keep_last_graph=self.keep_last_graph,
         )
         self.__dict__["_cached_config"] = (options, config)
         return config
@@ -272,6 +281,7 @@ class BDIAStack(nn.Module):
         params = distinct(block_params)
         index = {id(p): i for i, p in enumerate(params)}
         device_type = x0.device.type
+        split = _split(self.batch_chunks, x0, args, config.blocks)
         return ForwardState(
             config=config,
             args=args.with_values([None if i in slots else a for i, a in enumerate(args.values())]),
@@ -281,20 +291,22 @@ class BDIAStack(nn.Module):
             compiled=[holds_compiled_code(b) for b in config.blocks],
             num_params=len(params),
             signs=pack_bits(signs > 0),
-            split=_split(self.batch_chunks, x0, args, config.blocks),
+            split=split,
             autocast=(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)),
+            keep_last_graph=keeps_last_graph(config.keep_last_graph, config, split, x0),
         )
 
 
 def _same(cached: tuple, options: tuple) -> bool:
     """Whether two option tuples are the same: blocks and recompute context by identity, the rest by value."""
-    blocks, *values, context = cached
-    now_blocks, *now_values, now_context = options
+    blocks, *values, context, keep = cached
+    now_blocks, *now_values, now_context, now_keep = options
     return (
         len(blocks) == len(now_blocks)
         and all(a is b for a, b in zip(blocks, now_blocks))
         and values == now_values
         and context is now_context
+        and keep == now_keep
     )
 
 

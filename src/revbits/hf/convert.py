@@ -51,7 +51,8 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
             PEFT model wrapping one.
         memory: one of :data:`revbits.MEMORY_MODES`.
         **options: passed to the stack (e.g. ``bits``, ``gamma``, ``quantize_eval``, ``check`` for
-            BDIA, where ``gamma`` defaults to :data:`FINE_TUNING_GAMMA` = 1/8 and ``quantize_eval`` to False, and
+            BDIA, where ``gamma`` defaults to :data:`FINE_TUNING_GAMMA` = 1/8, ``quantize_eval`` and ``keep_last_graph``
+            (:mod:`revbits.bdia.top_graph`: the head of a language model is large) to False, and
             ``token_slice``, the slices of positions the layers' MLPs run in during BDIA training
             (:mod:`revbits.bdia.token_slices`);
             :class:`revbits.mesa.MesaConfig` fields for mesa).
@@ -95,6 +96,7 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
     if memory in _BDIA_MODES:
         options.setdefault("gamma", FINE_TUNING_GAMMA)
         options.setdefault("quantize_eval", False)
+        options.setdefault("keep_last_graph", False)  # a language model's head region is large (bdia.top_graph)
     conversion = convert_layer_list(layers, memory, **options)
     if memory == "bdia":  # not bdia+mesa: see revbits.modes.BDIAMesaStack
         conversion.slice_tokens(family.token_wise)  # the MLPs run in token slices in training

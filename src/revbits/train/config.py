@@ -99,6 +99,7 @@ class TrainConfig:
     gamma: float | None = None  # None: 0.5, or hf.FINE_TUNING_GAMMA when fine-tuning a pretrained --hf model
     quantize_eval: bool | None = None  # None: True, or False with --hf (evaluate the plain model that export writes)
     batch_chunks: str = "auto"  # bdia: slices of the batch per block in training, "auto" or an integer (1: whole)
+    keep_last_graph: str = "auto"  # bdia: keep the top block's graph from the forward: auto (off with --hf) | on | off
     # mesa options (memory = mesa or bdia+mesa)
     mesa_ranges: str = "batch"  # batch | ema
     mesa_momentum: float = 0.9
@@ -141,6 +142,8 @@ class TrainConfig:
             ) from None
         if self.memory in ("bdia", "bdia+mesa"):
             _checked_by(check_options, self.bits, self.gamma, self._batch_chunks())
+            if self.keep_last_graph not in ("auto", "on", "off"):
+                raise ConfigError(f"keep_last_graph must be auto, on or off, got {self.keep_last_graph!r}")
         if self.model not in kind_names():
             raise ConfigError(f"model must be one of {', '.join(kind_names())}, got {self.model!r}")
         modes = memory_modes(self.model)
@@ -240,6 +243,10 @@ class TrainConfig:
         """``batch_chunks`` as BDIAStack takes it: "auto" or an integer (BDIAStack checks it)."""
         return int(self.batch_chunks) if self.batch_chunks.strip().isdigit() else self.batch_chunks
 
+    def _keep_last_graph(self) -> bool | str:
+        """``keep_last_graph`` as BDIAStack takes it: "on" is True, "off" False, "auto" itself."""
+        return {"on": True, "off": False}.get(self.keep_last_graph, self.keep_last_graph)
+
     def _mesa_options(self) -> dict[str, Any]:
         """The MesaConfig fields: every ``mesa_<name>`` option is MesaConfig's ``<name>``; the seed is the run's."""
         mesa = [f.name for f in fields(self) if f.name.startswith("mesa_")]
@@ -252,6 +259,8 @@ class TrainConfig:
         if self.memory.startswith("bdia"):
             options.update(bits=self.bits, gamma=self.gamma, quantize_eval=self.quantize_eval)
             options.update(batch_chunks=self._batch_chunks())
+            if self.keep_last_graph != "auto":  # "auto": the builder's default (the stack's rule; off for --hf)
+                options.update(keep_last_graph=self._keep_last_graph())
         if "mesa" in self.memory:
             options.update(self._mesa_options())
         return options
