@@ -126,8 +126,11 @@ def test_a_block_that_is_its_own_fsdp_unit_is_recomputed_and_true_raises():
     x = torch.randn(2, 6, 32, requires_grad=True)
     auto = revbits.BDIAStack([FSDPModule(b) for b in gpt_blocks(3)])
     assert not auto(x).grad_fn.state.kept
+    keep = revbits.BDIAStack([FSDPModule(b) for b in gpt_blocks(3)], keep_last_graph=True)
     with pytest.raises(ValueError, match="keep_last_graph=True: block 0 is its own FSDP unit"):
-        revbits.BDIAStack([FSDPModule(b) for b in gpt_blocks(3)], keep_last_graph=True)(x)
+        keep(x)
+    keep.reversible = False  # the plain-autograd path keeps no graph of its own: nothing to refuse
+    assert keep(x).grad_fn is not None
     with pytest.raises(ValueError, match="keep_last_graph must be True, False or 'auto'"):
         revbits.BDIAStack(gpt_blocks(3), keep_last_graph="yes")
 

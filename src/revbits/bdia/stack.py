@@ -218,6 +218,7 @@ class BDIAStack(nn.Module):
     @training_pass
     def _forward_reversible(self, x0: torch.Tensor, args: BlockArguments, signs: torch.Tensor) -> torch.Tensor:
         state = self._forward_state(x0, args, signs)
+        state.keep_last_graph = keeps_last_graph(state.config.keep_last_graph, state.config, state.split, x0)
         values = args.values()
         arg_tensors = [values[i] for i in state.tensor_slots]
         params = distinct(state.block_params)
@@ -281,7 +282,6 @@ class BDIAStack(nn.Module):
         params = distinct(block_params)
         index = {id(p): i for i, p in enumerate(params)}
         device_type = x0.device.type
-        split = _split(self.batch_chunks, x0, args, config.blocks)
         return ForwardState(
             config=config,
             args=args.with_values([None if i in slots else a for i, a in enumerate(args.values())]),
@@ -291,9 +291,8 @@ class BDIAStack(nn.Module):
             compiled=[holds_compiled_code(b) for b in config.blocks],
             num_params=len(params),
             signs=pack_bits(signs > 0),
-            split=split,
+            split=_split(self.batch_chunks, x0, args, config.blocks),
             autocast=(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)),
-            keep_last_graph=keeps_last_graph(config.keep_last_graph, config, split, x0),
         )
 
 
