@@ -224,7 +224,7 @@ def test_petra_run_stops_and_resumes_as_if_uninterrupted(tmp_path, capsys):
     assert len(list(resumed.glob("stages-*"))) == 1  # the first segment's states were replaced
     capsys.readouterr()
     assert run(*common, *petra, "--out", tmp_path / "new", "--resume") == 2
-    assert "no PETRA run" in capsys.readouterr().err
+    assert "holds no run to continue (no config.json)" in capsys.readouterr().err  # as without --parallel
 
 
 @pytest.mark.slow
@@ -377,7 +377,7 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path, capsys):
 
 def test_a_run_saved_before_an_option_existed_resumes_with_its_default():
     from revbits.train.config import TrainConfig
-    from revbits.train.loop import check_resumable
+    from revbits.train.rundir import check_resumable
 
     config = TrainConfig(model="vit", steps=10)
     older = {k: v for k, v in config.to_dict().items() if k != "stage_split"}  # written before the option
