@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import hashlib
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from revbits.cli import main
 from revbits.data import (
     CharTokenizer,
     DataFormatError,
@@ -38,7 +38,6 @@ from revbits.data import (
     registry,
     shakespeare,
 )
-from revbits.data.cli import add_data_commands
 from revbits.data.sources import Source, run_tool
 
 # --- fixtures and writers of format-true files -------------------------------------------------
@@ -213,10 +212,7 @@ def fake_download(archive: Path):
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="revbits")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return main(argv)
 
 
 # --- cache ---------------------------------------------------------------------------------------

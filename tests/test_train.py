@@ -433,3 +433,16 @@ def test_every_task_builds_its_registered_model_for_any_configuration_without_ch
     torch.manual_seed(0)
     given = task.build_model(config).state_dict()
     assert all(torch.equal(default[k], given[k]) for k in default)
+
+
+def test_memory_measures_the_model_train_builds_under_each_mode(tmp_path, capsys):
+    """``revbits memory`` takes train's options and measures one step per mode; BDIA holds less between
+    forward and backward than standard training, and --json (shared with bench) writes the rows."""
+    rows_path = tmp_path / "rows" / "gpt.json"
+    flags = ["--model", "gpt", *TINY, "--n-layer", "4", "--modes", "standard", "bdia", "--json", rows_path]
+    assert run("memory", *flags) == 0
+    printed = capsys.readouterr().out
+    assert "one training step of gpt" in printed and f"rows written to {rows_path}" in printed
+    rows = {row["memory"]: row for row in json.loads(rows_path.read_text())}
+    assert list(rows) == ["standard", "bdia"]
+    assert 0 < rows["bdia"]["held_after_forward"] < rows["standard"]["held_after_forward"]
