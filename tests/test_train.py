@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_files import write_fashion
 from revbits.cli import main
 from revbits.data import bible, shakespeare
 from revbits.train.tasks import make_task, read_run_config
-from test_data import write_fashion
 
 TINY = [
     "--steps",
