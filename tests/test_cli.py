@@ -45,7 +45,7 @@ def test_bench_prints_measured_rows_and_writes_json(tmp_path, capsys):
     "argv, message",
     [
         (["bench", "--depths", "1"], "at least 2 blocks"),
-        (["bench", "--batch", "0"], "positive integer"),
+        (["bench", "--batch", "0"], "--batch: must be at least 1, got 0"),
         (["bench", "--modes", "fast"], "invalid choice"),
     ],
 )
@@ -161,7 +161,7 @@ def test_no_forget_limit_is_none_in_python_and_0_in_text(tmp_path):
     from revbits.cli import build_parser
     from revbits.revrnn import FORGET_BITS
     from revbits.train.config import TrainConfig, read_config_file
-    from revbits.train.loop import check_resumable
+    from revbits.train.rundir import check_resumable
 
     assert None in FORGET_BITS and 0 not in FORGET_BITS
     flag = build_parser().parse_args(["train", "--model", "rnnlm", "--forget-bits", "0"]).forget_bits

@@ -58,10 +58,29 @@ def test_every_public_name_resolves_lazily_to_its_defining_module():
         revbits.Stack  # noqa: B018
 
 
-def test_the_command_list_matches_each_commands_parser():
+def test_every_command_is_registered_by_its_row_of_the_table():
+    """One way to register a command (issue 23, point 8): a row of COMMANDS names the function that adds its
+    flags and handler; the full parser lists each with the row's help, in the table's order, and every
+    command that computes takes --threads."""
     full = build_parser()
     listed = {action.dest: action.help for action in full._subparsers._group_actions[0]._choices_actions}
-    assert listed == {name: help_text for name, (help_text, _) in COMMANDS.items()}
+    assert list(listed) == list(COMMANDS) and listed == {name: row.help for name, row in COMMANDS.items()}
+    parsers = full._subparsers._group_actions[0].choices
+    for name, row in COMMANDS.items():
+        has_threads = any(action.dest == "threads" for action in parsers[name]._actions)
+        assert has_threads == row.computes, name
+        assert parsers[name].get_default("run") is not None or parsers[name]._subparsers is not None, name
+
+
+def test_memory_and_bench_say_apart_what_they_measure():
+    """``revbits memory`` measures a model you train; ``revbits bench`` compares the modes on a bare block stack,
+    with time. Each help line says which, and both take --modes and --json from one definition."""
+    assert "your model" in COMMANDS["memory"].help and "time" not in COMMANDS["memory"].help
+    assert "step time" in COMMANDS["bench"].help and "GPT-block stack" in COMMANDS["bench"].help
+    parsers = build_parser(["memory", "bench"])._subparsers._group_actions[0].choices
+    for name in ("memory", "bench"):
+        options = {option for action in parsers[name]._actions for option in action.option_strings}
+        assert {"--modes", "--json", "--threads"} <= options, name
 
 
 @pytest.mark.parametrize(

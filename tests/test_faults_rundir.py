@@ -17,7 +17,7 @@ import pytest
 
 from fault_tools import GPT, assert_same_weights, cli, leftovers, one_line, records, snapshot, start, straight_run  # noqa: F401
 from revbits.train.checkpoint import checkpoint_dirs
-from test_train import run, tiny_data  # noqa: F401 (tiny_data: the cache fixture, autouse)
+from test_train import TINY, run, tiny_data  # noqa: F401 (tiny_data: the cache fixture, autouse)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOCK = ".revbits-lock"
@@ -134,3 +134,84 @@ def test_a_run_written_before_the_lock_is_still_a_run(tmp_path, straight):
     (out / LOCK).unlink()
     assert run(*GPT, "--out", out, "--resume") == 0
     assert_same_weights(out, straight)
+
+
+VIT = ["train", "--model", "vit", "--memory", "bdia", *TINY, "--patch-size", "7"]
+PETRA = ["--parallel", "petra", "--stages", "2"]
+
+
+def saved_config(argv: list[str], out: Path) -> None:
+    """A run killed before its first checkpoint: its lock file and the config.json ``argv`` trains."""
+    from revbits.cli import build_parser
+    from revbits.train.commands import _config_from_args
+
+    config = _config_from_args(build_parser(["train"]).parse_args([*argv, "--out", str(out)]))
+    out.mkdir(parents=True)
+    (out / LOCK).write_text("")
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
+
+
+def with_metrics(argv: list[str], out: Path) -> None:
+    """A run that logged its first step and was killed before its first checkpoint."""
+    saved_config(argv, out)
+    (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 3.0}\n')
+
+
+def with_checkpoint(argv: list[str], out: Path, damage: str) -> None:
+    """A run with a checkpoint whose file ``damage`` is cut short ("state.pt") or missing ("model.safetensors")."""
+    from torch import nn
+
+    from revbits.train.checkpoint import save_checkpoint
+
+    saved_config(argv, out)
+    step = save_checkpoint(out, 2, nn.Linear(2, 2), {"config": json.loads((out / "config.json").read_text())})
+    if damage == "state.pt":
+        (step / damage).write_bytes((step / damage).read_bytes()[:20])
+    else:
+        (step / damage).unlink()
+
+
+REFUSALS = {  # how each refused directory is made, the flags given, and what the one line says
+    "not a run": (lambda argv, out: user_files(out), [], "holds files but is not a revbits run directory"),
+    "a run there": (lambda argv, out: with_metrics(argv, out), [], "already holds a run; pass --resume"),
+    "nothing to resume": (lambda argv, out: out.mkdir(parents=True), ["--resume"], "holds no run to continue"),
+    "changed options": (lambda argv, out: saved_config(argv, out), ["--resume", "--lr", "0.5"], "(lr: 0.001 -> 0.5;"),
+    "damaged checkpoint": (
+        lambda argv, out: with_checkpoint(argv, out, "state.pt"),
+        ["--resume"],
+        "checkpoint step_00000002 cannot be used: <out>/checkpoints/step_00000002/state.pt is 20 bytes",
+    ),
+    "missing checkpoint file": (
+        lambda argv, out: with_checkpoint(argv, out, "model.safetensors"),
+        ["--resume"],
+        "checkpoint step_00000002 cannot be used: <out>/checkpoints/step_00000002/model.safetensors",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*REFUSALS, "in use"])
+def test_petra_refuses_what_a_single_process_run_refuses_in_the_same_line(tmp_path, capsys, case):
+    """One run-directory rule for every training command (issue 23, point 5): ``--parallel petra``
+    refuses each directory a single-process run refuses, before any stage starts, in the same line."""
+    from revbits.train.rundir import RunLock
+
+    lines = []
+    for name, argv in (("single", VIT), ("petra", [*VIT, *PETRA])):
+        out = tmp_path / name / "run"
+        if case == "in use":
+            saved_config(argv, out)
+            lock = RunLock.acquire(out)  # another open file: flock keeps out even this process
+            lock.note(started="then")
+            extra, expected = [], "is in use by revbits train, PID"
+        else:
+            make, extra, expected = REFUSALS[case]
+            make(argv, out)
+        before = snapshot(out)
+        code = run(*argv, *extra, "--out", out)
+        if case == "in use":
+            lock.release()
+        line = one_line(capsys.readouterr().err).replace(str(out), "<out>")
+        assert code == 2 and expected in line, line
+        assert {k: v for k, v in snapshot(out).items() if k != LOCK} == {k: v for k, v in before.items() if k != LOCK}
+        lines.append(line)
+    assert lines[0] == lines[1]

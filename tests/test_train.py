@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_files import write_fashion
 from revbits.cli import main
 from revbits.data import bible, shakespeare
 from revbits.train.tasks import make_task, read_run_config
-from test_data import write_fashion
 
 TINY = [
     "--steps",
@@ -224,7 +224,7 @@ def test_petra_run_stops_and_resumes_as_if_uninterrupted(tmp_path, capsys):
     assert len(list(resumed.glob("stages-*"))) == 1  # the first segment's states were replaced
     capsys.readouterr()
     assert run(*common, *petra, "--out", tmp_path / "new", "--resume") == 2
-    assert "no PETRA run" in capsys.readouterr().err
+    assert "holds no run to continue (no config.json)" in capsys.readouterr().err  # as without --parallel
 
 
 @pytest.mark.slow
@@ -377,7 +377,7 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path, capsys):
 
 def test_a_run_saved_before_an_option_existed_resumes_with_its_default():
     from revbits.train.config import TrainConfig
-    from revbits.train.loop import check_resumable
+    from revbits.train.rundir import check_resumable
 
     config = TrainConfig(model="vit", steps=10)
     older = {k: v for k, v in config.to_dict().items() if k != "stage_split"}  # written before the option
@@ -433,3 +433,16 @@ def test_every_task_builds_its_registered_model_for_any_configuration_without_ch
     torch.manual_seed(0)
     given = task.build_model(config).state_dict()
     assert all(torch.equal(default[k], given[k]) for k in default)
+
+
+def test_memory_measures_the_model_train_builds_under_each_mode(tmp_path, capsys):
+    """``revbits memory`` takes train's options and measures one step per mode; BDIA holds less between
+    forward and backward than standard training, and --json (shared with bench) writes the rows."""
+    rows_path = tmp_path / "rows" / "gpt.json"
+    flags = ["--model", "gpt", *TINY, "--n-layer", "4", "--modes", "standard", "bdia", "--json", rows_path]
+    assert run("memory", *flags) == 0
+    printed = capsys.readouterr().out
+    assert "one training step of gpt" in printed and f"rows written to {rows_path}" in printed
+    rows = {row["memory"]: row for row in json.loads(rows_path.read_text())}
+    assert list(rows) == ["standard", "bdia"]
+    assert 0 < rows["bdia"]["held_after_forward"] < rows["standard"]["held_after_forward"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .cli_args import add_json_option, add_modes_option, at_least, write_rows
 from .measure import measure_training_step
 from .models import TransformerBlock
 from .modes import MEMORY_MODES, stack
@@ -56,15 +58,8 @@ class BenchConfig:
         )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _depth(text: str) -> int:
-    value = _positive(text)
+    value = at_least(1)(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"a BDIA stack needs at least 2 blocks, got {text}")
     return value
@@ -77,13 +72,14 @@ def add_arguments(
     with ``defaults``' values as defaults; ``variants`` also accepts the :data:`VARIANTS` as modes."""
     d = defaults or BenchConfig()
     choices = [*MEMORY_MODES, *VARIANTS] if variants else list(MEMORY_MODES)
+    positive = at_least(1)
     parser.add_argument("--depths", type=_depth, nargs="+", default=list(d.depths), help="numbers of blocks K")
-    parser.add_argument("--modes", nargs="+", default=list(d.modes), choices=choices)
-    parser.add_argument("--d-model", type=_positive, default=d.d_model)
-    parser.add_argument("--heads", type=_positive, default=d.n_heads)
-    parser.add_argument("--seq-len", type=_positive, default=d.seq_len)
-    parser.add_argument("--batch", type=_positive, default=d.batch)
-    parser.add_argument("--repeats", type=_positive, default=d.repeats, help="timed steps per mode (median)")
+    add_modes_option(parser, choices, d.modes, help="memory modes compared (default: every one)")
+    parser.add_argument("--d-model", type=positive, default=d.d_model)
+    parser.add_argument("--heads", type=positive, default=d.n_heads)
+    parser.add_argument("--seq-len", type=positive, default=d.seq_len)
+    parser.add_argument("--batch", type=positive, default=d.batch)
+    parser.add_argument("--repeats", type=positive, default=d.repeats, help="timed steps per mode (median)")
     parser.add_argument("--device", default=d.device)
     parser.add_argument("--seed", type=int, default=d.seed)
 
@@ -190,3 +186,45 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['depth']} | {r['mode']} | " + " | ".join(cell(r) for _, cell in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def add_bench(parser: argparse.ArgumentParser) -> None:
+    """The ``revbits bench`` command: :func:`add_arguments` with :data:`CLI_DEFAULTS`, ``--json``."""
+    parser.description = (
+        "Compare the memory modes themselves on a bare stack of GPT-style blocks (no data set, no model of "
+        "revbits train), at several depths: the peak memory of one training step (parameters, gradients, "
+        "optimiser state, activations), the bytes held between forward and backward, BDIA against its floor, "
+        "and step time as ratios measured in the same run. For the memory of a model you train, use revbits memory."
+    )
+    add_arguments(parser, CLI_DEFAULTS)
+    add_json_option(parser)
+    parser.set_defaults(run=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``revbits bench``: measure, print the table and BDIA's held bytes against its floor."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("revbits bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    try:
+        config = BenchConfig.from_args(args)
+    except ValueError as error:
+        print(f"revbits bench: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"GPT-style blocks: d={config.d_model}, {config.n_heads} heads, causal, 4x MLP, "
+        f"T={config.seq_len}, batch {config.batch}, AdamW, on {config.device} "
+        f"({torch.get_num_threads()} threads)"
+    )
+    rows = run(config)
+    print()
+    print(table(rows))
+    for row in rows:
+        if row["mode"] == "bdia":
+            print(
+                f"K={row['depth']}: BDIA holds {row['held_after_forward'] / 2**20:.2f} MiB after forward "
+                f"({row['held_after_forward'] / row['floor_bytes']:.3f}x its floor of "
+                f"{row['floor_bytes'] / 2**20:.2f} MiB)"
+            )
+    write_rows(args.json, rows)
+    return 0

@@ -2,139 +2,78 @@
 
     revbits train --model gpt --memory bdia ...     (revbits --help lists every command)
 
-The parser of a command is built only when that command runs: ``revbits --help`` lists the commands
-from :data:`COMMANDS` without importing torch, and ``revbits train ...`` builds the train commands'
-parsers (which import torch). Before torch is imported, the command line sets OpenMP's wait policy
-(:mod:`revbits.threads`), and every command that computes takes ``--threads N``.
+Every command is registered one way: a row of :data:`COMMANDS` gives its one-line help and the function
+that adds its flags and handler to its parser (``module:function``, the function taking the parser and
+setting the parser's ``run``). A command's module is imported only when that command runs:
+``revbits --help`` lists the commands from the table without importing torch. Before torch is imported,
+the command line sets OpenMP's wait policy (:mod:`revbits.threads`), and every command that computes
+takes ``--threads N``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from typing import NamedTuple
 
 from . import __version__
+from .cli_args import add_threads
 from .threads import prefer_passive_waiting, use_threads
 
-# Every command, its one-line help (as its own parser states it; a test compares the two), and the group
-# whose function adds its parser.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("measure memory and step time of a block stack under each memory mode", "bench"),
-    "train": ("train a model on a data set under a memory mode", "train"),
-    "eval": ("evaluate a trained run", "train"),
-    "sample": ("generate text from a trained gpt run", "train"),
-    "memory": ("measure one training step of a model under each memory mode", "train"),
-    "export": ("write a --hf run as a plain Hugging Face model directory (save_pretrained)", "train"),
-    "plot": ("plot train and valid curves of one or more runs", "train"),
-    "data": ("fetch and list the real data sets", "data"),
-}
-COMPUTING = ("bench", "train", "eval", "sample", "memory", "export")  # the commands that take --threads
+
+class Command(NamedTuple):
+    """One row of :data:`COMMANDS`."""
+
+    help: str  # the one line ``revbits --help`` lists
+    adds: str  # "module:function": the function that adds the command's flags and sets the parser's run
+    computes: bool = True  # takes --threads
 
 
-def _bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import bench
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("revbits bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    try:
-        config = bench.BenchConfig.from_args(args)
-    except ValueError as error:
-        print(f"revbits bench: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"GPT-style blocks: d={config.d_model}, {config.n_heads} heads, causal, 4x MLP, "
-        f"T={config.seq_len}, batch {config.batch}, AdamW, on {config.device} "
-        f"({torch.get_num_threads()} threads)"
-    )
-    rows = bench.run(config)
-    print()
-    print(bench.table(rows))
-    for row in rows:
-        if row["mode"] == "bdia":
-            print(
-                f"K={row['depth']}: BDIA holds {row['held_after_forward'] / 2**20:.2f} MiB after forward "
-                f"({row['held_after_forward'] / row['floor_bytes']:.3f}x its floor of "
-                f"{row['floor_bytes'] / 2**20:.2f} MiB)"
-            )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
-        print(f"rows written to {args.json}")
-    return 0
-
-
-def _add_bench_command(commands: argparse._SubParsersAction) -> None:
-    from . import bench
-
-    bench_parser = commands.add_parser(
-        "bench",
-        help=COMMANDS["bench"][0],
-        description="One training step of a stack of GPT-style blocks under each memory mode: peak "
-        "memory (parameters, gradients, optimiser state, activations), bytes held between forward "
-        "and backward, and step time as a ratio measured in the same run.",
-    )
-    bench.add_arguments(bench_parser, bench.CLI_DEFAULTS)
-    bench_parser.add_argument("--json", type=Path, help="also write the raw rows here")
-    bench_parser.set_defaults(run=_bench)
-
-
-def _add_train_commands(commands: argparse._SubParsersAction) -> None:
-    from .train.commands import add_train_commands
-
-    add_train_commands(commands)
-
-
-def _add_data_commands(commands: argparse._SubParsersAction) -> None:
-    from .data.cli import add_data_commands
-
-    add_data_commands(commands)
-
-
-GROUPS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "bench": _add_bench_command,
-    "train": _add_train_commands,
-    "data": _add_data_commands,
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model on a data set under a memory mode", "revbits.train.commands:add_train"),
+    "eval": Command("evaluate a trained run", "revbits.train.commands:add_eval"),
+    "sample": Command("generate text from a trained gpt run", "revbits.train.commands:add_sample"),
+    "export": Command(
+        "write a --hf run as a plain Hugging Face model directory (save_pretrained)",
+        "revbits.train.commands:add_export",
+    ),
+    "plot": Command("plot train and valid curves of one or more runs", "revbits.train.commands:add_plot", False),
+    "memory": Command(
+        "memory of one training step of your model (train's options) under each memory mode: to choose its mode",
+        "revbits.train.commands:add_memory",
+    ),
+    "bench": Command(
+        "memory and step time of a bare GPT-block stack at several depths under each memory mode: to compare modes",
+        "revbits.bench:add_bench",
+    ),
+    "data": Command("fetch, list and verify the real data sets", "revbits.data.cli:add_data", False),
 }
 
 
-def thread_count(text: str) -> int:
-    """argparse type of --threads: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+def registration(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The function that adds command ``name``'s flags and handler to its parser (imports its module)."""
+    module, function = COMMANDS[name].adds.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
-    """The parser with every command's full parser, or, given ``commands``, only those commands' (and the
-    others of their groups); every other command is listed by name and help alone, so that ``--help``
-    and a mistyped command need no import of the modules behind them."""
+    """The parser with every command's full parser, or, given ``commands``, only those commands'; every
+    other command is listed by name and help alone, so that ``--help`` and a mistyped command need no
+    import of the modules behind them."""
     wanted = set(COMMANDS) if commands is None else set(commands)
-    groups = [group for group in GROUPS if any(COMMANDS.get(name, ("", ""))[1] == group for name in wanted)]
     parser = argparse.ArgumentParser(prog="revbits", description="Memory-saving exact training.")
     parser.add_argument("--version", action="version", version=f"revbits {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for group in groups:
-        GROUPS[group](subparsers)
-    for name, (help_text, group) in COMMANDS.items():
-        if group not in groups:
-            subparsers.add_parser(name, help=help_text, add_help=False)
-    order = {name: index for index, name in enumerate(COMMANDS)}
-    subparsers._choices_actions.sort(key=lambda action: order.get(action.dest, len(order)))
-    for name in COMPUTING:
-        if COMMANDS[name][1] in groups:
-            subparsers.choices[name].add_argument(
-                "--threads",
-                type=thread_count,
-                default=None,
-                help="torch's CPU threads in this process (default: OMP_NUM_THREADS, else one per core)",
-            )
+    for name, command in COMMANDS.items():
+        if name not in wanted:
+            subparsers.add_parser(name, help=command.help, add_help=False)
+            continue
+        command_parser = subparsers.add_parser(name, help=command.help, description=command.help)
+        registration(name)(command_parser)
+        if command.computes:
+            add_threads(command_parser)
     return parser
 
 

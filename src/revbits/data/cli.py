@@ -1,7 +1,7 @@
 """``revbits data fetch NAME``, ``revbits data list`` and ``revbits data verify [NAME...]``.
 
-The main command line calls ``add_data_commands(subparsers)``; each handler is stored as the
-parser default ``run`` and returns the exit code: 0 on success, 2 for an unknown name or a
+``add_data(parser)``, named in :data:`revbits.cli.COMMANDS`, adds the subcommands; each handler is stored
+as the parser default ``run`` and returns the exit code: 0 on success, 2 for an unknown name or a
 fetch that failed (with the reason on stderr, never a traceback).
 """
 
@@ -68,13 +68,9 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if any(results.values()) else 0
 
 
-def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``data fetch NAME`` and ``data list`` to an argparse ``subparsers`` object; return the ``data`` parser."""
-    data = subparsers.add_parser(
-        "data",
-        help="fetch and list the real data sets",
-        description="Real data sets, cached under $REVBITS_DATA (default ~/.cache/revbits).",
-    )
+def add_data(data: argparse.ArgumentParser) -> None:
+    """The ``revbits data`` command: its subcommands ``fetch NAME``, ``list`` and ``verify [NAME...]``."""
+    data.description = "Real data sets, cached under $REVBITS_DATA (default ~/.cache/revbits)."
     commands = data.add_subparsers(dest="data_command", required=True)
     fetch = commands.add_parser(
         "fetch",
@@ -94,4 +90,3 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     verify.add_argument("names", nargs="*", help="data sets to check (default: every cached one)")
     verify.set_defaults(run=_verify)
-    return data

@@ -1,22 +1,22 @@
-"""``revbits train | eval | sample | plot``: argparse wiring and handlers."""
+"""``revbits train | eval | sample | memory | export | plot``: each command's ``add_<command>(parser)``,
+named in :data:`revbits.cli.COMMANDS`, adds its flags and its handler (the parser's ``run``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..bdia import ReversibilityError
+from ..cli_args import add_json_option, add_modes_option, at_least, finite_float, positive_float, write_rows
 from ..data.errors import DataError
 from ..io import TEMP_PREFIX, IntegrityError, fsync_dir, fsync_tree
 from ..mesa import compressors_in
@@ -104,32 +104,6 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             help=help_of.get(f.name),
             metavar=None if choices else f.name.upper(),
         )
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite float (nan and inf are refused when the flag is parsed)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _at_least(least: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
-        return value
-
-    parse.__name__ = "int"  # argparse names the type in its message
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -238,8 +212,7 @@ def _memory(args: argparse.Namespace) -> int:
         )
     for title, table in tables:
         print(f"\nsaved tensors of the last training forward, {title}:\n{table}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    write_rows(args.json, rows)
     return 0
 
 
@@ -284,65 +257,72 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_commands(commands: argparse._SubParsersAction) -> None:
-    train_parser = commands.add_parser(
-        "train",
-        help="train a model on a data set under a memory mode",
-        description="Train with AdamW, warm-up + cosine, gradient clipping, periodic "
-        "evaluation and atomic checkpoints. Flags override --config.",
+def add_train(parser: argparse.ArgumentParser) -> None:
+    """The ``revbits train`` command."""
+    parser.description = (
+        "Train with AdamW, warm-up + cosine, gradient clipping, periodic evaluation and atomic checkpoints. "
+        "Flags override --config."
     )
-    train_parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out exactly")
-    _add_config_flags(train_parser)
-    train_parser.set_defaults(run=_train)
+    parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out exactly")
+    _add_config_flags(parser)
+    parser.set_defaults(run=_train)
 
-    eval_parser = commands.add_parser("eval", help="evaluate a trained run")
-    eval_parser.add_argument("run_dir", type=Path, help="run directory")
-    eval_parser.add_argument("--split", default="valid", choices=["train", "valid", "test"])
-    eval_parser.add_argument("--decode", default="greedy", choices=["greedy", "beam"], help="translator decoding")
-    eval_parser.add_argument("--beam-size", type=_at_least(1), default=4)
-    eval_parser.add_argument(
-        "--max-sentences", type=_at_least(1), default=500, help="translator: sentences scored by BLEU"
-    )
-    eval_parser.add_argument(
+
+def add_eval(parser: argparse.ArgumentParser) -> None:
+    """The ``revbits eval`` command."""
+    parser.add_argument("run_dir", type=Path, help="run directory")
+    parser.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    parser.add_argument("--decode", default="greedy", choices=["greedy", "beam"], help="translator decoding")
+    parser.add_argument("--beam-size", type=at_least(1), default=4)
+    parser.add_argument("--max-sentences", type=at_least(1), default=500, help="translator: sentences scored by BLEU")
+    parser.add_argument(
         "--quantize-eval",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="BDIA: round block outputs to the grid at evaluation (default: as trained)",
     )
-    eval_parser.set_defaults(run=_eval)
+    parser.set_defaults(run=_eval)
 
-    sample_parser = commands.add_parser("sample", help="generate text from a trained gpt run")
-    sample_parser.add_argument("run_dir", type=Path, help="run directory of a gpt model")
-    sample_parser.add_argument("--prompt", default="\n")
-    sample_parser.add_argument("--tokens", type=_at_least(1), default=300)
-    sample_parser.add_argument("--temperature", type=_positive_float, default=0.8)
-    sample_parser.add_argument("--top-k", type=_at_least(1), default=40)
-    sample_parser.add_argument("--seed", type=_at_least(0), default=0)
-    sample_parser.set_defaults(run=_sample)
 
-    memory_parser = commands.add_parser(
-        "memory",
-        help="measure one training step of a model under each memory mode",
-        description="Takes the same options as train; prints the peak and the bytes "
-        "held between forward and backward, measured, for each mode.",
+def add_sample(parser: argparse.ArgumentParser) -> None:
+    """The ``revbits sample`` command."""
+    parser.add_argument("run_dir", type=Path, help="run directory of a gpt model")
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--tokens", type=at_least(1), default=300)
+    parser.add_argument("--temperature", type=positive_float, default=0.8)
+    parser.add_argument("--top-k", type=at_least(1), default=40)
+    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.set_defaults(run=_sample)
+
+
+def add_memory(parser: argparse.ArgumentParser) -> None:
+    """The ``revbits memory`` command: train's options, ``--modes`` and ``--json``."""
+    parser.description = (
+        "Measure the memory of one training step of the model revbits train would build from the same options "
+        "(--model, --config, ...), under each of its memory modes: the peak, the activations at the peak and the "
+        "bytes held between forward and backward, with ratios against the first mode, and what Mesa stored. "
+        "Use it to choose a mode for a model; it does not time the step (revbits bench compares the modes' "
+        "memory and time on a bare block stack at several depths)."
     )
-    memory_parser.add_argument("--modes", nargs="+", choices=ALL_MEMORY_MODES, help="default: every mode the model has")
-    memory_parser.add_argument("--json", type=Path, help="also write the rows here")
-    _add_config_flags(memory_parser)
-    memory_parser.set_defaults(run=_memory, resume=False)
+    add_modes_option(parser, ALL_MEMORY_MODES, None, help="default: every mode the model has")
+    add_json_option(parser)
+    _add_config_flags(parser)
+    parser.set_defaults(run=_memory, resume=False)
 
-    export_parser = commands.add_parser(
-        "export", help="write a --hf run as a plain Hugging Face model directory (save_pretrained)"
-    )
-    export_parser.add_argument("run_dir", type=Path, help="run directory of a --hf run")
-    export_parser.add_argument("out", type=Path, help="new directory for the model and its tokenizer")
-    export_parser.set_defaults(run=_export)
 
-    plot_parser = commands.add_parser("plot", help="plot train and valid curves of one or more runs")
-    plot_parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
-    plot_parser.add_argument("--out", type=Path, default=Path("curves.png"))
-    plot_parser.add_argument("--metric", default="loss")
-    plot_parser.set_defaults(run=_plot)
+def add_export(parser: argparse.ArgumentParser) -> None:
+    """The ``revbits export`` command."""
+    parser.add_argument("run_dir", type=Path, help="run directory of a --hf run")
+    parser.add_argument("out", type=Path, help="new directory for the model and its tokenizer")
+    parser.set_defaults(run=_export)
+
+
+def add_plot(parser: argparse.ArgumentParser) -> None:
+    """The ``revbits plot`` command."""
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
+    parser.add_argument("--out", type=Path, default=Path("curves.png"))
+    parser.add_argument("--metric", default="loss")
+    parser.set_defaults(run=_plot)
 
 
 # Errors that are the user's input or environment, reported in one line. Anything else is a revbits bug

@@ -12,7 +12,6 @@ before anything of that step is saved. The run holds the directory's lock from s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import resource
@@ -29,24 +28,12 @@ from tqdm import tqdm
 from ..interrupt import Interrupted, StopFlag
 from ..io import WriteError, atomic_write_text, fault_point
 from ..mesa import compressors_in
-from .checkpoint import load_checkpoint_weights, read_checkpoint_state, save_checkpoint
+from .checkpoint import load_checkpoint_weights, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .lr_schedule import lr_factor
 from .metrics import MetricsLog
-from .rundir import RunLock, hold_run, noted_write_error, read_config_json, start_state
+from .rundir import RunLock, check_start, hold_run, noted_write_error
 from .tasks import Task, make_task
-
-# Options that may differ between a run and its resumption (everything else must match).
-RESUMABLE_CHANGES = {
-    "steps",
-    "stop_at",
-    "eval_interval",
-    "log_interval",
-    "device",
-    "out",
-    "allow_pickle",
-    "petra_timeout",
-}
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -82,21 +69,6 @@ def _restore_rng(state: dict[str, torch.Tensor], device: torch.device, sampler: 
     sampler.set_state(state["sampler"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def check_resumable(saved: dict[str, Any], config: TrainConfig, source: str = "the run's config.json") -> None:
-    """Refuse to resume with changed options, naming each with the value ``source`` (the run's
-    config.json, or the checkpoint it resumes) holds and the new one. An option the saved run does not
-    name (one added to revbits after it was written) counts as its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    saved = {**defaults, **saved}
-    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
-        raise ConfigError(
-            f"cannot resume with changed options ({details}; the first value is the one {source} holds); "
-            f"only {sorted(RESUMABLE_CHANGES)} may change"
-        )
 
 
 def evaluate(task: Task, model: nn.Module, split: str) -> dict[str, float]:
@@ -186,19 +158,14 @@ class Trainer:
         """Set up the run in ``config.out`` (``lock``: held by the caller): from the newest checkpoint when
         ``resume``, after checking the options against the ones it was trained with."""
         out = Path(config.out)
-        start = start_state(out, resume)
-        if resume and (out / "config.json").exists():
-            check_resumable(read_config_json(out), config, "the run's config.json")
-        state = None
-        if start is not None:
-            state = read_checkpoint_state(start)
-            check_resumable(state.get("config", {}), config, f"checkpoint {start.name}")
+        start = check_start(out, config, resume)  # the rule the PETRA command keeps too
         lock.proceed(quiet)  # the checks passed: from here on the run writes
-        if state is not None and not (out / "config.json").exists() and not quiet:
-            print(f"revbits train: {out / 'config.json'} was missing; rebuilt from {start.name}", file=sys.stderr)
+        if start.checkpoint is not None and not (out / "config.json").exists() and not quiet:
+            rebuilt = f"{out / 'config.json'} was missing; rebuilt from {start.checkpoint.name}"
+            print(f"revbits train: {rebuilt}", file=sys.stderr)
         trainer = cls(config, device, quiet)
-        if state is not None:
-            trainer.restore(start, state)
+        if start.checkpoint is not None:
+            trainer.restore(start.checkpoint, start.state)
         elif resume and not quiet:
             print(f"revbits train: {out} holds no checkpoint yet; starting from step 0", file=sys.stderr)
         trainer.metrics.truncate_after(trainer.step)

@@ -55,13 +55,13 @@ from ..petra.record import load_records
 from ..petra.runtime import PetraConfig, join_process_group, run_stage
 from ..petra.stages import sizes_by_params, split
 from ..rng import derive_seed
-from .checkpoint import latest_checkpoint, read_checkpoint_state, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
 from .kinds import model_kind, petra_kinds
-from .loop import DivergenceError, adamw, check_resumable, evaluate
+from .loop import DivergenceError, adamw, evaluate
 from .lr_schedule import lr_factor
 from .metrics import MetricsLog
-from .rundir import InheritedLock, RunLock, hold_run, latest_good
+from .rundir import InheritedLock, RunLock, check_resumable, check_start, hold_run, latest_good
 from .tasks import Task, make_task
 
 STAGES_DIR = re.compile(r"stages-\d{8}-\d{8}")  # a segment's stage states: stages-<from>-<to>
@@ -220,25 +220,17 @@ def _train_petra(
     stage other than the last, which writes nothing but its stage states)."""
     out = Path(config.out)
     J, k = config.stages, config.accumulation
+    check_start(out, config, resume)  # the rule of every training command (options, checkpoint, no run over a run)
     begin, resume_from, sizes = 0, None, None
-    progress = read_progress(out) if out.is_dir() else None
-    if resume and progress is None and not (out / "config.json").is_file():
-        raise ConfigError(f"--resume: {out} holds no PETRA run to continue (no progress.json)")
-    if resume and progress is not None:
-        if (progress["stages"], progress["accumulation"]) != (J, k):
-            raise ConfigError(
-                f"--resume: the run used --stages {progress['stages']} --accumulation {progress['accumulation']}"
-            )
+    progress = read_progress(out) if resume else None  # None: stopped before its first segment ended
+    if progress is not None:  # its stage states fit only the stages and accumulation they were trained with
+        trained = {"stages": progress["stages"], "accumulation": progress["accumulation"]}
+        check_resumable({**config.to_dict(), **trained}, config, str(out / "progress.json"))
         begin, resume_from = progress["step"], out / progress["stages_dir"]
         verify_manifest(resume_from)
-        newest = latest_checkpoint(out)
-        if newest is not None:  # the options the run was trained with
-            check_resumable(read_checkpoint_state(newest).get("config", {}), config, f"checkpoint {newest.name}")
         # the stage states only fit the split they were trained with (runs saved before splits were
         # recorded were split by parameter count)
         sizes = progress.get("sizes") or stage_sizes(replace(config, stage_split="params"), [])
-    elif not resume and (progress is not None or (out / "metrics.jsonl").exists()):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     end = config.stop_at or config.steps
     if end <= begin:
         raise ConfigError(f"the run is already at step {begin}; raise --steps to continue it")

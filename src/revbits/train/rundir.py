@@ -12,8 +12,11 @@ is refused in one line naming that PID and host. The kernel drops the lock when 
 holding it exits, however it ends (SIGKILL, out of memory), so a lock left by a killed run is free:
 the next run takes it over, and says so when the file shows its holder never released it.
 
-Only after the lock is held does a run remove anything: the leftovers of an interrupted write, whose
-names start with ``.revbits-tmp-`` (:data:`revbits.io.TEMP_PREFIX`), and nothing else.
+Under the lock, every training command, single-process or PETRA, checks where its run starts by one
+rule (:func:`check_start`): no new run over an old one, no ``--resume`` without a run, no resume with
+changed options, no damaged checkpoint. Only after these checks pass does a run remove anything: the
+leftovers of an interrupted write, whose names start with ``.revbits-tmp-`` (:data:`revbits.io.TEMP_PREFIX`),
+and nothing else.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from multiprocessing import reduction
 from pathlib import Path
 from typing import Any
 
 from ..io import TEMP_PREFIX, IntegrityError, WriteError, read_json, write_error
 from .checkpoint import STEP_DIR, checkpoint_dirs, clean_run_dir, latest_checkpoint, read_checkpoint_state
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 
 LOCK_NAME = ".revbits-lock"
 
@@ -232,15 +236,69 @@ def hold_run(out: Path, command: str = "train") -> Iterator[RunLock]:
         lock.release()
 
 
-def start_state(out: Path, resume: bool) -> Path | None:
-    """The checkpoint a run under its lock starts from (None: from step 0). A run killed before its
-    first checkpoint resumes from the start; a new run never goes into a directory that holds one."""
+# Options that may differ between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = {
+    "steps",
+    "stop_at",
+    "eval_interval",
+    "log_interval",
+    "device",
+    "out",
+    "allow_pickle",
+    "petra_timeout",
+}
+
+
+def check_resumable(saved: dict[str, Any], config: TrainConfig, source: str = "the run's config.json") -> None:
+    """Refuse to resume with changed options, naming each with the value ``source`` (the run's
+    config.json, or the checkpoint it resumes) holds and the new one. An option the saved run does not
+    name (one added to revbits after it was written) counts as its default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    saved = {**defaults, **saved}
+    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+        raise ConfigError(
+            f"cannot resume with changed options ({details}; the first value is the one {source} holds); "
+            f"only {sorted(RESUMABLE_CHANGES)} may change"
+        )
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """Where a run in a locked directory starts, as :func:`check_start` found it: the newest checkpoint
+    when resuming (None: a new run, or one stopped before its first checkpoint) and its verified state."""
+
+    checkpoint: Path | None = None
+    state: dict[str, Any] | None = None
+
+
+def check_start(out: Path, config: TrainConfig, resume: bool) -> RunStart:
+    """The checks every training command (single-process and PETRA) makes in its locked run directory
+    before it writes anything, each refusal a ConfigError (or CheckpointError naming the checkpoint) in
+    one line:
+
+    - a new run never goes into a directory that holds one (a checkpoint, metrics, a PETRA progress record);
+    - ``--resume`` needs a run there (a checkpoint or a ``config.json``); one killed before its first
+      checkpoint resumes from the start;
+    - a resumed run's options are those it was trained with: its ``config.json``'s and its newest
+      checkpoint's (which is verified against its manifest first) (:func:`check_resumable`).
+    """
     newest = latest_checkpoint(out)
-    if resume and newest is None and not (out / "config.json").is_file():
+    has_config = (out / "config.json").is_file()
+    if not resume:
+        if newest is not None or (out / "metrics.jsonl").exists() or (out / "progress.json").exists():
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        return RunStart()
+    if newest is None and not has_config:
         raise ConfigError(f"--resume: {out} holds no run to continue (no config.json); check --out")
-    if not resume and (newest is not None or (out / "metrics.jsonl").exists()):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    return newest if resume else None
+    if has_config:
+        check_resumable(read_config_json(out), config, "the run's config.json")
+    if newest is None:
+        return RunStart()
+    state = read_checkpoint_state(newest)
+    check_resumable(state.get("config", {}), config, f"checkpoint {newest.name}")
+    return RunStart(newest, state)
 
 
 def saved_options(out: Path) -> dict[str, Any] | None:
