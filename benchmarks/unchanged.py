@@ -22,12 +22,21 @@ import hashlib
 import io
 import json
 import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+# The bits depend on the CPU kernels torch picks: an AVX-512 machine rounds differently from an AVX2 one. On x86,
+# ATen, MKL and oneDNN are held to AVX2 kernels (before torch loads) so that fingerprints compare across machines;
+# set these variables to choose otherwise.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    for variable, isa in AVX2.items():
+        os.environ.setdefault(variable, isa)
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -39,6 +48,8 @@ RUNS = {
     "vit-mesa": "--model vit --memory mesa --patch-size 7",
     "revnet": "--model revnet --memory standard --patch-size 7",
     "translator-bdia": "--model translator --memory bdia --n-layer 4",
+    # the main job's GPT (scripts/main.sh): the one run large enough for BDIA's automatic batch chunks
+    "gpt-bdia-main": "--model gpt --memory bdia --n-layer 2 --d-model 128 --n-head 4 --block-size 64 --batch-size 32",
     "rnnlm-gru-reversible": "--model rnnlm --cell gru --memory reversible --n-layer 1",
     "rnnlm-lstm-standard": "--model rnnlm --cell lstm --memory standard --n-layer 1",
     "rnn-translator-reversible": "--model rnn-translator --memory reversible --n-layer 1 --attention-slice 4",
