@@ -164,11 +164,28 @@ def run_in_slices(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     outputs = []
     for rows in bounds:
         part = flat[..., rows, :]
-        out = checkpoint(forward, part, use_reentrant=False) if keep_inputs_only else forward(part)
+        out = checkpointed(forward, part) if keep_inputs_only else forward(part)
         _check_token_wise_output(forward, part, out)
         outputs.append(out)
     out = torch.cat(outputs, dim=-2)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def checkpointed(forward: Callable[..., Any], *inputs: Any) -> Any:
+    """``forward(*inputs)`` under non-reentrant checkpoint, its tensor inputs kept as they are.
+
+    ``torch.utils.checkpoint`` saves its inputs through whatever saved-tensor hooks are active, and re-runs
+    ``forward`` on what those hooks give back. Under an outer hook that changes tensors (bdia+mesa's 8-bit
+    codes) the recomputation would run on a contiguous, rounded copy of a strided slice: another kernel path
+    (``mm`` for ``bmm``), so other saved tensors and a CheckpointError. Identity hooks around the call keep the
+    inputs (views of what the block holds anyway); inside, the checkpoint's own hooks take over as before.
+    """
+    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        return checkpoint(forward, *inputs, use_reentrant=False)
 
 
 def _check_token_wise_output(forward: Any, part: torch.Tensor, out: Any) -> None:

@@ -96,7 +96,7 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
         options.setdefault("gamma", FINE_TUNING_GAMMA)
         options.setdefault("quantize_eval", False)
     conversion = convert_layer_list(layers, memory, **options)
-    if memory == "bdia":  # not bdia+mesa: see revbits.modes.BDIAMesaStack
+    if memory in _BDIA_MODES:
         conversion.slice_tokens(family.token_wise)  # the MLPs run in token slices in training
     base = transformers_base(model)
     conversion.guard = base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)
