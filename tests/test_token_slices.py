@@ -318,7 +318,7 @@ def test_bdia_mesa_slices_a_converted_qwen3_with_lora():
         hf.convert(model, memory, token_slice=4, check=True, **options)
         seen: list[int] = []
         mlp = model.base_model.model.model.layers[1].mlp
-        mlp.down_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-2]))
+        mlp.down_proj.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0].shape[-2]))
         model.train()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
