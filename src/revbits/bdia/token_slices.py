@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -54,6 +54,9 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "AUTO",
+    "active_length",
+    "checkpointed",
+    "map_slices",
     "AUTO_MIN_SLICE_NUMEL",
     "AUTO_SLICE_TOKENS",
     "check_token_slice",
@@ -169,6 +172,37 @@ def run_in_slices(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
         outputs.append(out)
     out = torch.cat(outputs, dim=-2)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def active_length(width: int) -> int | None:
+    """The slice length inside :func:`slicing` for positions of ``width`` features, or None outside it (and
+    while compiling)."""
+    active = None if torch.compiler.is_compiling() else _ACTIVE.get()
+    return None if active is None else slice_length(active.option, width)
+
+
+def map_slices(
+    fn: Callable[..., Any], inputs: Sequence[torch.Tensor], dim: int, length: int, *, pass_rows: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``fn`` on slices of ``length`` positions along ``dim`` of every tensor in ``inputs`` (all the same size
+    there; :func:`slice_bounds`), the outputs (a tensor or a tuple of tensors, each with the slice's size along
+    ``dim``) concatenated along ``dim``:
+
+        out_i = cat_j fn(inputs[s_j])_i
+
+    With ``pass_rows`` fn also gets the slice s_j itself, as ``fn(*parts, rows=s_j)``.
+
+    Inside a checkpointing :func:`slicing` with grad enabled each slice runs under :func:`checkpointed`, so the
+    graph keeps only the slices' inputs; elsewhere ``fn`` runs plainly on each slice."""
+    active = _ACTIVE.get()
+    keep_inputs_only = active is not None and active.checkpoint and torch.is_grad_enabled()
+    results: list[tuple[torch.Tensor, ...]] = []
+    for rows in slice_bounds(inputs[0].shape[dim], length):
+        parts = [t.narrow(dim, rows.start, rows.stop - rows.start) for t in inputs]
+        run = functools.partial(fn, rows=rows) if pass_rows else fn
+        out = checkpointed(run, *parts) if keep_inputs_only else run(*parts)
+        results.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat(pieces, dim=dim) for pieces in zip(*results))
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:

@@ -92,12 +92,15 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
             "weights, and the residual stream of a BDIA stack must be float32 or float64 to be exactly reversible. "
             "Keep the model in float32 and train under torch.autocast for low-precision layer internals."
         )
+    layer_slices = options.pop("layer_slices", True)
     if memory in _BDIA_MODES:
         options.setdefault("gamma", FINE_TUNING_GAMMA)
         options.setdefault("quantize_eval", False)
     conversion = convert_layer_list(layers, memory, **options)
     if memory in _BDIA_MODES:
         conversion.slice_tokens(family.token_wise)  # the MLPs run in token slices in training
+        if layer_slices:  # and, where the layer is known term by term, everything around the attention
+            conversion.slice_layers(model.config.model_type)
     base = transformers_base(model)
     conversion.guard = base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)
     if fused_loss:
