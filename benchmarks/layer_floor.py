@@ -44,6 +44,8 @@ import contextlib
 import functools
 import json
 import platform
+import shlex
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -239,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     model = build(args.layers, args.vocab, args.tiny)
     d = model.config.hidden_size
-    print(f"# python benchmarks/layer_floor.py {' '.join(__import__('sys').argv[1:])}")
+    print(f"# python benchmarks/layer_floor.py {shlex.join(sys.argv[1:])}")
     print(f"# Qwen3 width d={d}, {args.layers} layers, vocab {args.vocab}, LoRA r 16, batch 1, float32, "
           f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; state = {4 * d} B")
     rows = []

@@ -288,11 +288,12 @@ def test_gpt2_and_checkpoint_mode():
     assert max(relative_error(grads_a[n], grads_b[n]) for n in grads_b) <= 1e-10
 
 
-def test_bdia_mesa_slices_no_tokens_unless_asked():
-    """bdia+mesa leaves token slices off by default (revbits.modes.BDIAMesaStack says why), as a stack and
-    through hf.convert; bdia keeps its "auto" default."""
-    assert revbits.stack(gpt_blocks(2), memory="bdia+mesa").token_slice is None
+def test_bdia_mesa_slices_tokens_by_default_as_bdia():
+    """bdia+mesa takes bdia's "auto" default (benchmarks/layer_floor.py: with slices 13.0 states per token at
+    Qwen3-0.6B's width and T = 4096, without 28.1)."""
+    assert revbits.stack(gpt_blocks(2), memory="bdia+mesa").token_slice == "auto"
     assert revbits.stack(gpt_blocks(2), memory="bdia").token_slice == "auto"
+    assert revbits.stack(gpt_blocks(2), memory="bdia+mesa", token_slice=None).token_slice is None
 
 
 def test_bdia_mesa_slices_a_converted_qwen3_with_lora():

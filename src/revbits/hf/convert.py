@@ -54,7 +54,10 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
             BDIA, where ``gamma`` defaults to :data:`FINE_TUNING_GAMMA` = 1/8 and ``quantize_eval`` to False, and
             ``token_slice``, the slices of positions the layers' MLPs run in during BDIA training
             (:mod:`revbits.bdia.token_slices`);
-            :class:`revbits.mesa.MesaConfig` fields for mesa).
+            :class:`revbits.mesa.MesaConfig` fields for mesa). Also ``layer_slices`` (default True): in
+            the BDIA modes, layers of model types llama, mistral, qwen2 and qwen3 with SDPA attention run
+            whole in those slices, attention as query slices against the whole keys and values
+            (:mod:`revbits.hf.layer_slices`); False keeps only the MLPs in slices.
         fused_loss: for a causal LM, compute the loss of training calls with labels by the chunked
             linear cross-entropy, which never holds the logits, and return ``logits=None`` for them
             (:mod:`revbits.hf.loss`). Calls without labels, and evaluation, return the logits as before.

@@ -178,14 +178,15 @@ def _matches_own_forward(layer: nn.Module) -> bool:
         hidden = torch.randn(1, 5, width, generator=generator, dtype=weight.dtype).to(weight.device)
         angles = torch.randn(1, 5, head_dim, generator=generator, dtype=weight.dtype).to(weight.device)
         kwargs = {"attention_mask": None, "position_embeddings": (angles.cos(), angles.sin())}
-        training = layer.training
+        modes = [(module, module.training) for module in layer.modules()]
         layer.eval()  # no dropout
         try:
             own = layer.forward(hidden, **kwargs)
             with token_slices.slicing(2, checkpoint=False):
                 sliced = sliced_forward(layer, hidden, 2, kwargs)
         finally:
-            layer.train(training)
+            for module, training in modes:
+                module.training = training
         scale = float(own.abs().max()) if isinstance(own, torch.Tensor) else 0.0
         close = isinstance(own, torch.Tensor) and torch.allclose(sliced, own, rtol=1e-4, atol=1e-5 * scale)
     except Exception as error:  # noqa: BLE001 - any failure means: do not slice this layer
