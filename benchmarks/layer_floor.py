@@ -35,6 +35,8 @@ context; a state (the residual stream of one token) is 4 KiB at d 1024 in float3
     python benchmarks/layer_floor.py                              # T = 1024, 2048, 4096 (CPU: ~30 min)
     python benchmarks/layer_floor.py --lengths 1024 2048 4096 8192
     python benchmarks/layer_floor.py --tiny --lengths 64 128      # a smoke run
+    python benchmarks/layer_floor.py --time-repeats 3 --modes gc+fused gc+offload+fused bdia+fused \
+        "bdia, mlp slices only"                                   # and step times at T = 2048 (idle machine)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import functools
 import json
 import platform
 import shlex
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -237,6 +240,8 @@ def main() -> None:
                         help="tokens per chunk of the fused loss (default: its chunk at Qwen3's vocabulary, 220)")
     parser.add_argument("--breakdown", type=int, default=14, help="lines of the peak's contents per mode")
     parser.add_argument("--tiny", action="store_true", help="d 64 (a smoke run)")
+    parser.add_argument("--time-repeats", type=int, default=0, help="timed rounds (0: none; an idle machine)")
+    parser.add_argument("--time-length", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "layer_floor")
     args = parser.parse_args()
     model = build(args.layers, args.vocab, args.tiny)
@@ -255,9 +260,32 @@ def main() -> None:
                 print(f"{mode:28s} T={length:5d} activations {peak / MIB:9.1f} MiB  "
                       f"{peak / length / KIB:6.1f} KiB/token  ({time.perf_counter() - start:.0f} s)", flush=True)
     report(rows, args, 4 * d)
+    times = step_times(model, args) if args.time_repeats else {}
+    if times:
+        base = times.get("gc+fused") or next(iter(times.values()))
+        print(f"\n## Step time at T = {args.time_length}, median of {args.time_repeats} interleaved rounds\n")
+        for mode, seconds in times.items():
+            print(f"  {mode:28s} {seconds:8.3f} s  {seconds / base:5.2f}x gc+fused")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                         "rows": rows}, indent=1))
+                                                         "rows": rows, "step_seconds": times}, indent=1))
+
+
+def step_times(model: nn.Module, args) -> dict[str, float]:
+    """Median seconds of one forward and backward per mode at ``--time-length``: every mode once per round, a
+    warm-up step first in each, so drift in machine speed hits every mode alike (needs an idle machine)."""
+    ids = torch.randint(0, args.vocab, (1, args.time_length), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {m: [] for m in args.modes}
+    for _ in range(args.time_repeats):
+        for mode in args.modes:
+            with applied(model, mode, args.chunk_tokens):
+                for timed in (False, True):
+                    model.zero_grad(set_to_none=True)
+                    start = time.perf_counter()
+                    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                    if timed:
+                        times[mode].append(time.perf_counter() - start)
+    return {m: statistics.median(t) for m, t in times.items()}
 
 
 def report(rows: list[dict], args, state: int) -> None:
