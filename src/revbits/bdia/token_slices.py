@@ -37,6 +37,10 @@ a layer's): the module tree, the parameter names and the state dict stay those o
 pickled or deep-copied module stays installed, and the module is plain outside a stack's training passes.
 Declaring a module that mixes positions would make training compute another function than
 evaluation: declare only modules that are token-wise.
+
+Each slice's checkpoint keeps its inputs as they are (:func:`checkpointed`), also under an outer saved-tensor
+hook such as bdia+mesa's 8-bit codes. :func:`map_slices` runs any function of several sliced tensors the same
+way; :mod:`revbits.hf.layer_slices` builds a whole decoder layer from it, attention included.
 """
 
 from __future__ import annotations
