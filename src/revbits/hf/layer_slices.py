@@ -24,9 +24,10 @@ forward.
 
 A layer call the slices do not know (a cache holding past tokens, output_attentions, attention dropout, another
 attention implementation than SDPA, a mask that is not 4-d over the call's positions, positional arguments) runs
-the layer's own forward, in every pass alike. At conversion one call of the sliced form on five random
-positions is compared with the layer's own forward; if they differ beyond rounding (a transformers version that
-changed the layer), the layer is not sliced and a warning says so.
+the layer's own forward, in every pass alike. At conversion the sliced form is compared with the layer's own
+forward on five random positions (with an additive causal mask, and under SDPA also without a mask); if they
+differ beyond rounding (a transformers version that changed the layer), the layer is not sliced and a warning
+says so.
 """
 
 from __future__ import annotations
@@ -177,18 +178,24 @@ def _matches_own_forward(layer: nn.Module) -> bool:
         width, head_dim = layer.self_attn.config.hidden_size, layer.self_attn.head_dim
         hidden = torch.randn(1, 5, width, generator=generator, dtype=weight.dtype).to(weight.device)
         angles = torch.randn(1, 5, head_dim, generator=generator, dtype=weight.dtype).to(weight.device)
-        kwargs = {"attention_mask": None, "position_embeddings": (angles.cos(), angles.sin())}
+        causal = torch.full((5, 5), torch.finfo(weight.dtype).min, dtype=weight.dtype, device=weight.device)
+        masks = [causal.triu(1)[None, None]]  # an additive causal mask, which every attention implementation takes
+        if getattr(layer.self_attn.config, "_attn_implementation", None) == "sdpa":
+            masks.append(None)  # and SDPA's own causal path, as transformers calls it without padding
         modes = [(module, module.training) for module in layer.modules()]
         layer.eval()  # no dropout
+        close = True
         try:
-            own = layer.forward(hidden, **kwargs)
-            with token_slices.slicing(2, checkpoint=False):
-                sliced = sliced_forward(layer, hidden, 2, kwargs)
+            for mask in masks:
+                kwargs = {"attention_mask": mask, "position_embeddings": (angles.cos(), angles.sin())}
+                own = layer.forward(hidden, **kwargs)
+                with token_slices.slicing(2, checkpoint=False):
+                    sliced = sliced_forward(layer, hidden, 2, kwargs)
+                scale = float(own.abs().max()) if isinstance(own, torch.Tensor) else 0.0
+                close &= isinstance(own, torch.Tensor) and torch.allclose(sliced, own, rtol=1e-4, atol=1e-5 * scale)
         finally:
             for module, training in modes:
                 module.training = training
-        scale = float(own.abs().max()) if isinstance(own, torch.Tensor) else 0.0
-        close = isinstance(own, torch.Tensor) and torch.allclose(sliced, own, rtol=1e-4, atol=1e-5 * scale)
     except Exception as error:  # noqa: BLE001 - any failure means: do not slice this layer
         logger.warning("revbits.hf: %s is not run in layer slices (%s: %s)", type(layer).__name__,
                        type(error).__name__, error)
