@@ -34,12 +34,16 @@ def projection_rows(model) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize(("family", "batch_chunks"), [("qwen3", 1), ("llama", 2)])
-def test_layer_slices_are_exact_and_evaluation_is_the_plain_model(family, batch_chunks):
+@pytest.mark.parametrize(("family", "batch_chunks", "stacked_heads"), [("qwen3", 1, False), ("llama", 2, True)])
+def test_layer_slices_are_exact_and_evaluation_is_the_plain_model(family, batch_chunks, stacked_heads, monkeypatch):
     """LoRA (with dropout) on all seven linears, 13 positions in slices of 4, a batch of 4 with padding, in one
     or two batch chunks: every rebuilt state bitwise (check=True), the loss bitwise and every gradient to 1e-10
     against plain autograd on the same sliced forward; the projections saw slices; evaluation runs the layers
-    whole, as the plain model."""
+    whole, as the plain model. The Llama case stacks query heads per key/value head, as on a GPU."""
+    from revbits.hf import layer_slices
+
+    if stacked_heads:
+        monkeypatch.setattr(layer_slices, "STACKED_HEADS_DEVICES", {"cpu"})
     model = tiny_model(family)
     plain = tiny_model(family)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=LINEARS, lora_dropout=0.1))
@@ -74,15 +78,21 @@ def test_layer_slices_are_exact_and_evaluation_is_the_plain_model(family, batch_
     assert torch.equal(logits, plain(input_ids=ids, attention_mask=mask).logits)
 
 
+@pytest.mark.parametrize("stacked_heads", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_the_sliced_layer_is_the_layer_to_rounding(padded):
+def test_the_sliced_layer_is_the_layer_to_rounding(padded, stacked_heads, monkeypatch):
     """The sliced form of a layer against its own forward, on the arguments the model passes it (causal, or a
     padding mask whose rows the query slices take), float64: outputs to 1e-12, the weights' gradients to 1e-10.
     The input's gradient to 1e-8: Qwen3's RMSNorm computes in float32 even in a float64 model, and the sliced
     form back-propagates the input norm twice (for k and v, then for q), summing float32-rounded parts in
-    another order (measured 1e-9). The slices change which rows a matmul sees, not the function."""
+    another order (measured 1e-9). The slices change which rows a matmul sees, not the function. With
+    ``stacked_heads`` the attention runs as on a GPU (query heads stacked per key/value head)."""
     from revbits.bdia.token_slices import slicing
+    from revbits.hf import layer_slices
     from revbits.hf.layer_slices import sliced_forward
+
+    if stacked_heads:
+        monkeypatch.setattr(layer_slices, "STACKED_HEADS_DEVICES", {"cpu"})
 
     model = tiny_model("qwen3")
     layer = model.model.layers[1]

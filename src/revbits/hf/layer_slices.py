@@ -125,12 +125,42 @@ def _query_rows(
         mask = mask.tril(diagonal=rows.start)
     else:
         mask = mask[..., rows, :]
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=mask, scale=attention.scaling,
-        enable_gqa=keys.shape[1] != q.shape[2],
-    )
+    o = masked_attention(q.transpose(1, 2), keys, values, mask, attention.scaling)
     g = h + attention.o_proj(o.transpose(1, 2).reshape(*h.shape[:-1], -1))
     return g + layer.mlp(layer.post_attention_layernorm(g))
+
+
+#: devices whose SDPA runs a masked grouped-query attention as stacked heads (see :func:`masked_attention`)
+STACKED_HEADS_DEVICES = {"cuda", "xpu", "mps", "hpu", "npu"}
+
+
+def masked_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA of queries [B, H, L, hd] against keys and values [B, Hkv, T, hd] under a mask [L, T] or
+    [B or 1, 1 or H, L, T]; query head i reads key/value head i // (H / Hkv), as transformers' repeat_kv.
+
+    On CPU through SDPA's own grouped-query attention (``enable_gqa``), whose CPU kernel takes a mask. On the
+    devices of :data:`STACKED_HEADS_DEVICES` the fused kernels that take a mask do not take unequal head
+    counts, and SDPA would fall back to its math kernel, which materializes the L x T scores of every head;
+    there the H / Hkv query heads of each key/value head are stacked along the positions, [B, Hkv, (H/Hkv) L,
+    hd], with the mask repeated, and the memory-efficient kernel runs it. Rows of attention are independent,
+    so both compute the same rows; which one runs depends only on the device, alike in every pass."""
+    batch, heads, length, head_dim = q.shape
+    groups = heads // keys.shape[1]
+    if groups == 1 or q.device.type not in STACKED_HEADS_DEVICES:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=scale, enable_gqa=groups > 1
+        )
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    if mask.shape[1] == 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    else:
+        mask = mask.reshape(mask.shape[0], keys.shape[1], groups * length, mask.shape[-1])
+    stacked = q.reshape(batch, keys.shape[1], groups * length, head_dim)
+    o = torch.nn.functional.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask, scale=scale)
+    return o.reshape(batch, heads, length, head_dim)
 
 
 def sliced_forward(layer: nn.Module, hidden: torch.Tensor, length: int, kwargs: dict[str, Any]) -> torch.Tensor:
