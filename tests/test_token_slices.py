@@ -288,8 +288,45 @@ def test_gpt2_and_checkpoint_mode():
     assert max(relative_error(grads_a[n], grads_b[n]) for n in grads_b) <= 1e-10
 
 
-def test_bdia_mesa_slices_no_tokens_unless_asked():
-    """bdia+mesa leaves token slices off by default (revbits.modes.BDIAMesaStack says why), as a stack and
-    through hf.convert; bdia keeps its "auto" default."""
-    assert revbits.stack(gpt_blocks(2), memory="bdia+mesa").token_slice is None
+def test_bdia_mesa_slices_tokens_by_default_as_bdia():
+    """bdia+mesa takes bdia's "auto" default (benchmarks/layer_floor.py: with slices 13.0 states per token at
+    Qwen3-0.6B's width and T = 4096, without 28.1)."""
+    assert revbits.stack(gpt_blocks(2), memory="bdia+mesa").token_slice == "auto"
     assert revbits.stack(gpt_blocks(2), memory="bdia").token_slice == "auto"
+    assert revbits.stack(gpt_blocks(2), memory="bdia+mesa", token_slice=None).token_slice is None
+
+
+def test_bdia_mesa_slices_a_converted_qwen3_with_lora():
+    """bdia+mesa with token slices on a converted Qwen3 (LoRA on every linear, 13 positions in slices of 4,
+    Mesa compressing every saved tensor): the slices' checkpoints used to save their inputs through Mesa's hooks
+    and re-run on rounded contiguous copies, another matmul path, which raised a CheckpointError. The loss is
+    BDIA's bit for bit; the gradients see Mesa's rounding only."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from helpers import tiny_decoder_config
+    from revbits import hf
+
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = torch.randint(0, 64, (1, 13), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for memory, options in (("bdia", {}), ("bdia+mesa", {"min_numel": 16})):
+        torch.manual_seed(0)
+        config = tiny_decoder_config(transformers.Qwen3Config, head_dim=8, attn_implementation="sdpa")
+        model = peft.get_peft_model(transformers.Qwen3ForCausalLM(config), peft.LoraConfig(r=4, target_modules=linears))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # nonzero, so every adapter has a gradient
+        hf.convert(model, memory, token_slice=4, check=True, **options)
+        seen: list[int] = []
+        mlp = model.base_model.model.model.layers[1].mlp
+        mlp.down_proj.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0].shape[-2]))
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert max(seen) == 4, "the MLPs ran in slices of 4 positions"
+        results[memory] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    (loss_exact, grads_exact), (loss_mesa, grads_mesa) = results["bdia"], results["bdia+mesa"]
+    assert torch.equal(loss_mesa, loss_exact)
+    for name, grad in grads_exact.items():  # 8-bit codes of 8- to 64-wide activations: unsliced, the worst is 0.958
+        cos = torch.nn.functional.cosine_similarity(grads_mesa[name].flatten(), grad.flatten(), dim=0)
+        assert cos >= 0.9, name

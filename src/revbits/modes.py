@@ -74,9 +74,6 @@ class BDIAMesaStack(BDIAStack):
     """
 
     def __init__(self, blocks: Sequence[nn.Module], config: MesaConfig | None = None, **options: Any) -> None:
-        # No token slices unless asked for: on a converted Qwen3 (T = 1024, slices of 512) the slices'
-        # checkpoints and Mesa's saving hooks disagree on a saved tensor's shape (a CheckpointError).
-        options.setdefault("token_slice", None)
         super().__init__(blocks, recompute_context=self._saving_in_8_bits, **options)
         self.compressor = Compressor(config)
 

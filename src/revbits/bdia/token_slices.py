@@ -37,13 +37,17 @@ a layer's): the module tree, the parameter names and the state dict stay those o
 pickled or deep-copied module stays installed, and the module is plain outside a stack's training passes.
 Declaring a module that mixes positions would make training compute another function than
 evaluation: declare only modules that are token-wise.
+
+Each slice's checkpoint keeps its inputs as they are (:func:`checkpointed`), also under an outer saved-tensor
+hook such as bdia+mesa's 8-bit codes. :func:`map_slices` runs any function of several sliced tensors the same
+way; :mod:`revbits.hf.layer_slices` builds a whole decoder layer from it, attention included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -54,6 +58,9 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "AUTO",
+    "active_length",
+    "checkpointed",
+    "map_slices",
     "AUTO_MIN_SLICE_NUMEL",
     "AUTO_SLICE_TOKENS",
     "check_token_slice",
@@ -164,11 +171,59 @@ def run_in_slices(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     outputs = []
     for rows in bounds:
         part = flat[..., rows, :]
-        out = checkpoint(forward, part, use_reentrant=False) if keep_inputs_only else forward(part)
+        out = checkpointed(forward, part) if keep_inputs_only else forward(part)
         _check_token_wise_output(forward, part, out)
         outputs.append(out)
     out = torch.cat(outputs, dim=-2)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def active_length(width: int) -> int | None:
+    """The slice length inside :func:`slicing` for positions of ``width`` features, or None outside it (and
+    while compiling)."""
+    active = None if torch.compiler.is_compiling() else _ACTIVE.get()
+    return None if active is None else slice_length(active.option, width)
+
+
+def map_slices(
+    fn: Callable[..., Any], inputs: Sequence[torch.Tensor], dim: int, length: int, *, pass_rows: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``fn`` on slices of ``length`` positions along ``dim`` of every tensor in ``inputs`` (all the same size
+    there; :func:`slice_bounds`), the outputs (a tensor or a tuple of tensors, each with the slice's size along
+    ``dim``) concatenated along ``dim``:
+
+        out_i = cat_j fn(inputs[s_j])_i
+
+    With ``pass_rows`` fn also gets the slice s_j itself, as ``fn(*parts, rows=s_j)``.
+
+    Inside a checkpointing :func:`slicing` with grad enabled each slice runs under :func:`checkpointed`, so the
+    graph keeps only the slices' inputs; elsewhere ``fn`` runs plainly on each slice."""
+    active = _ACTIVE.get()
+    keep_inputs_only = active is not None and active.checkpoint and torch.is_grad_enabled()
+    results: list[tuple[torch.Tensor, ...]] = []
+    for rows in slice_bounds(inputs[0].shape[dim], length):
+        parts = [t.narrow(dim, rows.start, rows.stop - rows.start) for t in inputs]
+        run = functools.partial(fn, rows=rows) if pass_rows else fn
+        out = checkpointed(run, *parts) if keep_inputs_only else run(*parts)
+        results.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat(pieces, dim=dim) for pieces in zip(*results))
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def checkpointed(forward: Callable[..., Any], *inputs: Any) -> Any:
+    """``forward(*inputs)`` under non-reentrant checkpoint, its tensor inputs kept as they are.
+
+    ``torch.utils.checkpoint`` saves its inputs through whatever saved-tensor hooks are active, and re-runs
+    ``forward`` on what those hooks give back. Under an outer hook that changes tensors (bdia+mesa's 8-bit
+    codes) the recomputation would run on a contiguous, rounded copy of a strided slice: another kernel path
+    (``mm`` for ``bmm``), so other saved tensors and a CheckpointError. Identity hooks around the call keep the
+    inputs (views of what the block holds anyway); inside, the checkpoint's own hooks take over as before.
+    """
+    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        return checkpoint(forward, *inputs, use_reentrant=False)
 
 
 def _check_token_wise_output(forward: Any, part: torch.Tensor, out: Any) -> None:

@@ -55,7 +55,10 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
             (:mod:`revbits.bdia.top_graph`: the head of a language model is large) to False, and
             ``token_slice``, the slices of positions the layers' MLPs run in during BDIA training
             (:mod:`revbits.bdia.token_slices`);
-            :class:`revbits.mesa.MesaConfig` fields for mesa).
+            :class:`revbits.mesa.MesaConfig` fields for mesa). Also ``layer_slices`` (default True): in
+            the BDIA modes, layers of model types llama, mistral, qwen2 and qwen3 with SDPA attention run
+            whole in those slices, attention as query slices against the whole keys and values
+            (:mod:`revbits.hf.layer_slices`); False keeps only the MLPs in slices.
         fused_loss: for a causal LM, compute the loss of training calls with labels by the chunked
             linear cross-entropy, which never holds the logits, and return ``logits=None`` for them
             (:mod:`revbits.hf.loss`). Calls without labels, and evaluation, return the logits as before.
@@ -93,13 +96,16 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
             "weights, and the residual stream of a BDIA stack must be float32 or float64 to be exactly reversible. "
             "Keep the model in float32 and train under torch.autocast for low-precision layer internals."
         )
+    layer_slices = options.pop("layer_slices", True)
     if memory in _BDIA_MODES:
         options.setdefault("gamma", FINE_TUNING_GAMMA)
         options.setdefault("quantize_eval", False)
         options.setdefault("keep_last_graph", False)  # a language model's head region is large (bdia.top_graph)
     conversion = convert_layer_list(layers, memory, **options)
-    if memory == "bdia":  # not bdia+mesa: see revbits.modes.BDIAMesaStack
+    if memory in _BDIA_MODES:
         conversion.slice_tokens(family.token_wise)  # the MLPs run in token slices in training
+        if layer_slices:  # and, where the layer is known term by term, everything around the attention
+            conversion.slice_layers(model.config.model_type)
     base = transformers_base(model)
     conversion.guard = base.register_forward_pre_hook(_PerLayerOutputGuard(conversion), with_kwargs=True)
     if fused_loss:

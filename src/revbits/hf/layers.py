@@ -41,6 +41,7 @@ from ..bdia import token_slices
 from ..modes import stack as make_stack
 from .caches import FreshCache, is_cache, past_length
 from .checkpointing import CHECKPOINTING_FLAG, FLAG, give_back_request, log_request, take_request
+from .layer_slices import LayerSlicer, structure_known
 
 #: Memory modes whose stack runs every layer exactly once per forward, on the whole batch, as the model's loop does.
 _ONE_RUN_MODES = ("standard", "mesa")
@@ -165,9 +166,14 @@ class LayerBlock(nn.Module):
         self.index = index
         self._format = output_format
         self._call = type(layer).__call__  # the layer's own call, hooks included, not the recording one
+        self.slicer: LayerSlicer | None = None  # set by Conversion.slice_layers (revbits.hf.layer_slices)
 
     def forward(self, x: torch.Tensor, calls: LayerCalls, *tensors: torch.Tensor) -> torch.Tensor:
         args, kwargs = calls[self.index].unpack(tensors)
+        if self.slicer is not None:  # in a BDIA stack's training passes, the layer in token slices where it can
+            out = self.slicer.run(self.layer, x, args, kwargs)
+            if out is not None:
+                return out
         return self._format.record(self._call(self.layer, x, *args, **kwargs))
 
 
@@ -212,8 +218,8 @@ class Conversion:
         self.memory = memory
         self.output_format = OutputFormat()
         self.original_classes = [type(layer) for layer in self.layers]
-        blocks = [LayerBlock(layer, k, self.output_format) for k, layer in enumerate(self.layers)]
-        self.stack = make_stack(blocks, memory, **options)
+        self.blocks = [LayerBlock(layer, k, self.output_format) for k, layer in enumerate(self.layers)]
+        self.stack = make_stack(self.blocks, memory, **options)
         inside = {id(m) for layer in self.layers for m in layer.modules()}
         self._own_modules = [m for m in self.stack.modules() if id(m) not in inside]
         self.set_training(self.layers[-1].training)
@@ -256,6 +262,8 @@ class Conversion:
         for module in self.token_wise:
             token_slices.uninstall(module)
         self.token_wise = []
+        for block in self.blocks:
+            block.slicer = None
 
     def slice_tokens(self, names: Sequence[str]) -> None:
         """Declare each layer's submodules ``names`` (those it has) token-wise: a BDIA stack runs them in
@@ -265,6 +273,14 @@ class Conversion:
                 module = getattr(layer, name, None)
                 if isinstance(module, nn.Module) and not token_slices.is_installed(module):
                     self.token_wise.append(token_slices.install(module))
+
+    def slice_layers(self, model_type: str) -> None:
+        """Run each layer of a known structure in token slices around its attention in a BDIA stack's training
+        passes (:mod:`revbits.hf.layer_slices`); :meth:`detach` undoes it."""
+        for block in self.blocks:
+            if structure_known(block.layer, model_type):
+                slicer = LayerSlicer(block.layer)
+                block.slicer = slicer if slicer.enabled else None
 
     # -- one forward pass -----------------------------------------------------------------------
 

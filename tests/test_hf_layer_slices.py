@@ -1,0 +1,164 @@
+"""revbits.hf's layer slices: a converted Llama-style decoder layer runs everything but its attention in token
+slices in BDIA's training passes, exactly, and as itself everywhere else."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from helpers import converted_steps, relative_error, tiny_decoder_config
+from revbits import hf
+from revbits.measure import measure_training_step
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_model(family: str, dtype=torch.float64, **overrides):
+    torch.manual_seed(0)
+    config_class = {"qwen3": transformers.Qwen3Config, "llama": transformers.LlamaConfig}[family]
+    config = tiny_decoder_config(config_class, **({"head_dim": 8, "attn_implementation": "sdpa"} | overrides))
+    model_class = {"qwen3": transformers.Qwen3ForCausalLM, "llama": transformers.LlamaForCausalLM}[family]
+    return model_class(config).to(dtype)
+
+
+def projection_rows(model) -> list[int]:
+    seen: list[int] = []
+    for layer in model.base_model.model.model.layers:
+        layer.self_attn.k_proj.base_layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2]))
+    return seen
+
+
+@pytest.mark.parametrize(("family", "batch_chunks", "stacked_heads"), [("qwen3", 1, False), ("llama", 2, True)])
+def test_layer_slices_are_exact_and_evaluation_is_the_plain_model(family, batch_chunks, stacked_heads, monkeypatch):
+    """LoRA (with dropout) on all seven linears, 13 positions in slices of 4, a batch of 4 with padding, in one
+    or two batch chunks: every rebuilt state bitwise (check=True), the loss bitwise and every gradient to 1e-10
+    against plain autograd on the same sliced forward; the projections saw slices; evaluation runs the layers
+    whole, as the plain model. The Llama case stacks query heads per key/value head, as on a GPU."""
+    from revbits.hf import layer_slices
+
+    if stacked_heads:
+        monkeypatch.setattr(layer_slices, "STACKED_HEADS_DEVICES", {"cpu"})
+    model = tiny_model(family)
+    plain = tiny_model(family)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=LINEARS, lora_dropout=0.1))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    hf.convert(model, "bdia", token_slice=4, check=True, batch_chunks=batch_chunks)
+    assert all(block.slicer is not None for block in hf.revbits_stack(model).blocks)
+    seen = projection_rows(model)
+    ids = torch.randint(1, 64, (4, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: a 4-d mask reaches the attention
+    mask[3, :6] = 0
+    model.train()
+    results = []
+    for reversible in (True, False):
+        hf.revbits_stack(model).reversible = reversible
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert max(relative_error(grads_a[n], grads_b[n]) for n in grads_b) <= 1e-10
+    assert max(seen) == 4
+    model.eval()
+    seen.clear()
+    with model.disable_adapter(), torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert set(seen) == {13}
+    assert torch.equal(logits, plain(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("stacked_heads", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_sliced_layer_is_the_layer_to_rounding(padded, stacked_heads, monkeypatch):
+    """The sliced form of a layer against its own forward, on the arguments the model passes it (causal, or a
+    padding mask whose rows the query slices take), float64: outputs to 1e-12, the weights' gradients to 1e-10.
+    The input's gradient to 1e-8: Qwen3's RMSNorm computes in float32 even in a float64 model, and the sliced
+    form back-propagates the input norm twice (for k and v, then for q), summing float32-rounded parts in
+    another order (measured 1e-9). The slices change which rows a matmul sees, not the function. With
+    ``stacked_heads`` the attention runs as on a GPU (query heads stacked per key/value head)."""
+    from revbits.bdia.token_slices import slicing
+    from revbits.hf import layer_slices
+    from revbits.hf.layer_slices import sliced_forward
+
+    if stacked_heads:
+        monkeypatch.setattr(layer_slices, "STACKED_HEADS_DEVICES", {"cpu"})
+
+    model = tiny_model("qwen3")
+    layer = model.model.layers[1]
+    calls = []
+    layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    ids = torch.randint(1, 64, (2, 17), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask if padded else None, use_cache=False)
+    (args, kwargs) = calls[0]
+    assert (kwargs["attention_mask"] is not None) == padded
+    hidden = torch.randn(2, 17, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(2, 17, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    results = []
+    for sliced in (True, False):
+        x = hidden.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        if sliced:
+            with slicing(3, checkpoint=True):
+                out = sliced_forward(layer, x, 3, kwargs)
+        else:
+            out = layer(x, **kwargs)
+        (out * weights).sum().backward()
+        results.append((out.detach(), {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert relative_error(out_a, out_b) <= 1e-12
+    assert relative_error(grads_a.pop("x"), grads_b.pop("x")) <= 1e-8
+    worst = {n: relative_error(grads_a[n], grads_b[n]) for n in grads_b}
+    assert max(worst.values()) <= 1e-10, worst
+
+
+def test_a_layer_that_computes_something_else_is_not_sliced(caplog):
+    """The conversion compares the sliced form with the layer's own forward once; a layer that differs (here,
+    a forward patched to scale its output) runs whole, and a warning says so."""
+    model = tiny_model("qwen3")
+    layer = model.model.layers[1]
+    own = layer.forward
+    layer.forward = lambda hidden_states, **kwargs: 2 * own(hidden_states, **kwargs)
+    with caplog.at_level(logging.WARNING, logger="revbits.hf"):
+        hf.convert(model, "bdia", token_slice=3, check=True)
+    assert [block.slicer is not None for block in hf.revbits_stack(model).blocks] == [True, False, True]
+    assert "computes something else" in caplog.text
+    model.train()
+    ids = torch.randint(0, 64, (1, 11), generator=torch.Generator().manual_seed(4))
+    (loss_a, _), (loss_b, _) = converted_steps(model, ids)
+    assert torch.equal(loss_a, loss_b)
+
+
+def backward_peak(layer_slices: bool) -> int:
+    torch.manual_seed(6)
+    config = tiny_decoder_config(
+        transformers.Qwen3Config, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=16, attn_implementation="sdpa",
+    )
+    model = transformers.Qwen3Model(config)
+    hf.convert(model, "bdia", token_slice=64, layer_slices=layer_slices)
+    model.train()
+    ids = torch.randint(0, 64, (1, 1024), generator=torch.Generator().manual_seed(5))
+    loss = lambda: model(input_ids=ids, use_cache=False).last_hidden_state.square().mean()  # noqa: E731
+    return measure_training_step(model, loss).activations
+
+
+def test_layer_slices_cut_the_backward_peak_at_batch_1():
+    """Batch 1, 1024 positions, slices of 64, Qwen3's proportions at d 64 (q twice as wide as the stream, k and v
+    as wide), the layers only: with the MLPs alone in slices the backward holds the attention sublayer's whole
+    graph; with layer slices, K and V whole and one slice's graph (measured: 0.60 of the peak)."""
+    mlp_only, layers = backward_peak(False), backward_peak(True)
+    assert layers <= 0.7 * mlp_only, (layers, mlp_only)
