@@ -80,22 +80,7 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
         )
     family = family_of(model)
     _, _, layers = locate_layers(model)
-    name = f"{type(model).__name__} (model type {model.config.model_type!r}, {family.name})"
-    if len(layers) == 0:
-        raise ValueError(f"cannot convert {name}: it has no layers")
-    if memory in _BDIA_MODES and len(layers) < 2:
-        raise ValueError(
-            f"cannot convert {name} with memory={memory!r}: it has {len(layers)} layer(s) and a BDIA stack "
-            "needs at least 2 (block 0 is a plain residual step; reversibility starts at block 1). "
-            "Use memory='checkpoint', 'mesa' or 'standard' for it."
-        )
-    dtypes = {p.dtype for p in layers.parameters()}
-    if memory in _BDIA_MODES and not dtypes <= set(SIGNIFICAND_BITS):
-        raise ValueError(
-            f"cannot convert {name} with memory={memory!r}: its layers hold {', '.join(sorted(map(str, dtypes)))} "
-            "weights, and the residual stream of a BDIA stack must be float32 or float64 to be exactly reversible. "
-            "Keep the model in float32 and train under torch.autocast for low-precision layer internals."
-        )
+    _check_layers(model, memory, layers, family.name)
     layer_slices = options.pop("layer_slices", True)
     if memory in _BDIA_MODES:
         options.setdefault("gamma", FINE_TUNING_GAMMA)
@@ -111,6 +96,27 @@ def convert(model: ModelT, memory: str = "bdia", *, fused_loss: bool = True, **o
     if fused_loss:
         attach_fused_loss(model)
     return model
+
+
+def _check_layers(model: Any, memory: str, layers: Any, family_name: str) -> None:
+    """Refuse, naming the model, a layer list the memory mode cannot run: no layers, or BDIA with fewer
+    than 2 layers or with weights whose dtype has no exact fixed-point grid (float32/float64 only)."""
+    name = f"{type(model).__name__} (model type {model.config.model_type!r}, {family_name})"
+    if len(layers) == 0:
+        raise ValueError(f"cannot convert {name}: it has no layers")
+    if memory in _BDIA_MODES and len(layers) < 2:
+        raise ValueError(
+            f"cannot convert {name} with memory={memory!r}: it has {len(layers)} layer(s) and a BDIA stack "
+            "needs at least 2 (block 0 is a plain residual step; reversibility starts at block 1). "
+            "Use memory='checkpoint', 'mesa' or 'standard' for it."
+        )
+    dtypes = {p.dtype for p in layers.parameters()}
+    if memory in _BDIA_MODES and not dtypes <= set(SIGNIFICAND_BITS):
+        raise ValueError(
+            f"cannot convert {name} with memory={memory!r}: its layers hold {', '.join(sorted(map(str, dtypes)))} "
+            "weights, and the residual stream of a BDIA stack must be float32 or float64 to be exactly reversible. "
+            "Keep the model in float32 and train under torch.autocast for low-precision layer internals."
+        )
 
 
 def restore(model: ModelT) -> ModelT:
