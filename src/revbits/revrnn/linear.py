@@ -1,0 +1,64 @@
+"""The linear layers of the reversible cells: y = x W^T + b, through oneDNN where it runs.
+
+At the cells' shapes (a batch of about 20 rows, a few hundred units) torch's float32 ``F.linear``
+goes to MKL. oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op that torch's own
+fused CPU paths call) was faster for the RevLSTM's layers (640 outputs: its whole training step
+took 0.91x the time, interleaved A/B on a shared 2-core AMD EPYC, 1 thread) and slower for the
+RevGRU's (256 and 128 outputs: 1.06x), so it is used from ``ONEDNN_MIN_OUTPUTS`` outputs up. Its result
+differs from MKL's in the last bits, which exactness does not mind: the forward, the reversal and
+the autograd reference all compute a gate's logits through the same :class:`CellLinear`, the same
+op on the same shapes, so they agree bit for bit. Under autograd (the reference) the value is
+oneDNN's and the gradient is that of ``F.linear`` (straight through: ``value + (graph - graph)``
+adds an exact zero). float64, other dtypes and devices other than the CPU use ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+# False sends every product through F.linear / torch.mm (tests compare both paths).
+use_onednn = _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
+ONEDNN_MIN_OUTPUTS = 512  # layers with fewer outputs use F.linear (see above)
+
+
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x weight^T + bias by oneDNN, without a graph."""
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+class CellLinear:
+    """One linear layer of a cell, read once per run: y = x W^T + b, and dL/dx = dL/dy W."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight, self.bias = weight, bias
+        self.onednn = (
+            use_onednn
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and weight.shape[0] >= ONEDNN_MIN_OUTPUTS
+        )
+        self._values = (weight.detach(), bias.detach())
+        self._transposed: torch.Tensor | None = None  # W^T, contiguous, for input gradients
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b; the same bits for the same x in the forward, the reversal and the reference."""
+        if not self.onednn or x.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        if not torch.is_grad_enabled():
+            return _onednn_product(x, *self._values)
+        value = _onednn_product(x.detach(), *self._values)
+        if x.requires_grad or self.weight.requires_grad or self.bias.requires_grad:
+            graph = F.linear(x, self.weight, self.bias)
+            value = value + (graph - graph.detach())
+        return value
+
+    def input_gradient(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """dL/dx = dL/dy W (no graph)."""
+        if not self.onednn or grad_out.dtype != torch.float32:
+            return grad_out @ self.weight
+        if self._transposed is None:
+            self._transposed = self.weight.detach().t().contiguous()
+        return _onednn_product(grad_out, self._transposed, None)

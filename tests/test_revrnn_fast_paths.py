@@ -1,0 +1,120 @@
+"""The reversible RNNs' fast paths: oneDNN products and the host's bound on the buffer word.
+
+Each must keep the reversal bit-exact and the gradients those of plain autograd on the same forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import revbits.revrnn.linear as cell_linear
+from helpers import relative_error
+from revbits.revrnn import RevGRU, RevLSTM
+from revbits.revrnn.info_buffer import InfoBuffer
+from revbits.revrnn.linear import CellLinear
+
+CLASSES = [RevGRU, RevLSTM]
+
+
+class OperatorCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def every_layer_on_onednn(monkeypatch):
+    """Send every cell product through oneDNN (the tests' layers are below the size threshold)."""
+    monkeypatch.setattr(cell_linear, "ONEDNN_MIN_OUTPUTS", 0)
+    monkeypatch.setattr(cell_linear, "use_onednn", torch.backends.mkldnn.is_available())
+
+
+def test_a_cell_product_has_the_same_bits_with_and_without_autograd(every_layer_on_onednn):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 24, requires_grad=True), torch.randn(40, requires_grad=True)
+    x = torch.randn(7, 24, requires_grad=True)
+    linear = CellLinear(weight, bias)
+    assert linear.onednn == torch.backends.mkldnn.is_available()
+    with torch.no_grad():
+        plain = linear(x)
+    traced = linear(x)
+    assert torch.equal(traced.detach(), plain)  # the reference sees the forward's bits
+    probe = torch.randn(7, 40)
+    found = torch.autograd.grad((traced * probe).sum(), [x, weight, bias])
+    expected = torch.autograd.grad((F.linear(x, weight, bias) * probe).sum(), [x, weight, bias])
+    assert all(torch.equal(a, b) for a, b in zip(found, expected))  # F.linear's gradient, straight through
+    assert relative_error(plain, F.linear(x, weight, bias).detach()) <= 1e-6
+    assert relative_error(linear.input_gradient(probe), probe @ weight.detach()) <= 1e-6
+
+
+def test_float64_products_use_f_linear(every_layer_on_onednn):
+    weight, bias = torch.randn(40, 24, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    x = torch.randn(7, 24, dtype=torch.float64)
+    assert not CellLinear(weight, bias).onednn
+    assert torch.equal(CellLinear(weight, bias)(x), F.linear(x, weight, bias))
+
+
+def _reversible_and_reference(cls, seed: int = 3):
+    """Outputs and gradients of the reversible run (its buffers emptied by the backward) and of the reference."""
+    torch.manual_seed(seed)
+    rnn = cls(6, 12, num_layers=2, forget_bits=3)
+    x = torch.randn(30, 3, 6, requires_grad=True)
+    lengths = torch.tensor([30, 11, 24])
+    results = []
+    for reversible in (True, False):
+        rnn.reversible = reversible
+        x.grad = None
+        rnn.zero_grad(set_to_none=True)
+        out, _ = rnn(x, lengths=lengths)
+        out.square().sum().backward()
+        if reversible:
+            assert all(buffer.empty for buffer in rnn.last_run.buffers)  # every step reversed exactly
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in rnn.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_onednn_products_reverse_exactly_and_get_the_reference_gradients(cls, every_layer_on_onednn):
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = _reversible_and_reference(cls)
+    assert torch.equal(out_a, out_b)
+    assert relative_error(gx_a, gx_b) <= 1e-5
+    assert max(relative_error(a, b) for a, b in zip(gp_a, gp_b)) <= 1e-5
+
+
+def test_a_gate_multiplication_far_from_a_spill_does_not_read_the_word():
+    """With host decisions the bound on W stands in for a comparison, a reduction and a host sync."""
+    buffer = InfoBuffer((4, 8), max_bits_per_step=3)
+    h = torch.randint(-(2**30), 2**30, (4, 8))
+    n = torch.randint(128, 1025, (4, 8))
+    buffer.multiply(h, n)  # the first call reads the word (the bound starts unknown after construction)
+    with OperatorCount() as counter:
+        buffer.multiply(h, n)
+    assert counter.count <= 6  # &, add, div, addcmul, >>, addcmul
+
+
+def test_the_bound_spills_exactly_where_a_check_at_every_push_spills():
+    """Host decisions through the bound against device decisions (a comparison at every push), with
+    masked rows and gates at the lowest numerator so words fill as fast as they can."""
+    generator = torch.Generator().manual_seed(4)
+    buffers = [InfoBuffer((6, 5), max_bits_per_step=3, host_decides=host) for host in (True, False)]
+    h = [torch.randint(-(2**31), 2**31, (6, 5), generator=generator)] * 2
+    history = []
+    for step in range(300):
+        n = torch.randint(128, 1025, (6, 5), generator=generator)
+        n[:, 0] = 128  # one unit loses all 3 bits every step
+        active = torch.rand(6, generator=generator) < (0.3 if step % 50 < 25 else 0.9)
+        history.append((h[0], n, active))
+        h = [buffer.multiply(value, n, active) for buffer, value in zip(buffers, h)]
+        assert torch.equal(h[0], h[1]) and torch.equal(buffers[0].word, buffers[1].word)
+    assert int(buffers[0].depth) == int(buffers[1].depth) >= 10
+    for h_before, n, active in reversed(history):
+        h = [buffer.divide(value, n, active) for buffer, value in zip(buffers, h)]
+        assert torch.equal(h[0], h_before) and torch.equal(h[1], h_before)
+    assert all(buffer.empty for buffer in buffers)
