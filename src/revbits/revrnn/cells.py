@@ -244,7 +244,8 @@ class RevLSTMCell(_Cell):
         graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg)
         c_float = state_float(new_c, c_float, graph, active)
         h_add = self._slot(t.s, 3) * torch.tanh(c_float)
-        new_h = exact_update(buffer, h, self._slot(t.n, 4), to_fixed(h_add.detach()), active)
+        h_add_fixed = to_fixed(h_add.detach() if h_add.requires_grad else h_add)
+        new_h = exact_update(buffer, h, self._slot(t.n, 4), h_add_fixed, active)
         h_float = state_float(new_h, h_float, self._graph(t, 4, h_float, h_add), active)
         return new_h, new_c, h_float, c_float
 
