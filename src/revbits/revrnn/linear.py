@@ -2,9 +2,10 @@
 
 At the cells' shapes (a batch of about 20 rows, a few hundred units) torch's float32 ``F.linear``
 goes to MKL. oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op that torch's own
-fused CPU paths call) was faster for the RevLSTM's layers (640 outputs: its whole training step
-took 0.91x the time, interleaved A/B on a shared 2-core AMD EPYC, 1 thread) and slower for the
-RevGRU's (256 and 128 outputs: 1.06x), so it is used from ``ONEDNN_MIN_OUTPUTS`` outputs up. Its result
+fused CPU paths call) made the RevLSTM's training step faster (its layers have 640 outputs) and
+the RevGRU's slower (256 and 128 outputs) in interleaved runs on the 2-core development machine,
+so it is used from ``ONEDNN_MIN_OUTPUTS`` outputs up; ``benchmarks/revrnn_speed.py
+--product-paths`` times both paths for both cells. Its result
 differs from MKL's in the last bits, which exactness does not mind: the forward, the reversal and
 the autograd reference all compute a gate's logits through the same :class:`CellLinear`, the same
 op on the same shapes, so they agree bit for bit. Under autograd (the reference) the value is
