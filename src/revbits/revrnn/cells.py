@@ -232,21 +232,21 @@ class RevLSTMCell(_Cell):
         tg = torch.tanh(self._slot(logits, 1))
         return LSTMHalf(n_float.to(torch.int64), to_fixed(self._slot(s, 2) * tg), n_float, s, tg, xo)
 
-    def _graph(self, t: LSTMHalf, k: int, old_float: torch.Tensor, add: torch.Tensor) -> torch.Tensor | None:
-        """Under autograd, the float expression z_q old + add of the update gated by slot k."""
-        if not torch.is_grad_enabled():
-            return None
+    def _graph(self, t: LSTMHalf, k: int, old_float: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """The float expression z_q old + add of the update gated by slot k (for autograd)."""
         return self.forget.quantised(self._slot(t.n_float, k), self._slot(t.s, k)) * old_float + add
 
     def _half(self, weights, buffer, x, other, h, c, h_float, c_float, active):
         t = self.half_terms(weights, x, other)
+        traced = torch.is_grad_enabled()  # the reference: also build the float graph
         new_c = exact_update(buffer, c, self._slot(t.n, 0), t.c_add, active)
-        graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg)
+        graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg) if traced else None
         c_float = state_float(new_c, c_float, graph, active)
         h_add = self._slot(t.s, 3) * torch.tanh(c_float)
-        h_add_fixed = to_fixed(h_add.detach() if h_add.requires_grad else h_add)
+        h_add_fixed = to_fixed(h_add.detach() if traced else h_add)
         new_h = exact_update(buffer, h, self._slot(t.n, 4), h_add_fixed, active)
-        h_float = state_float(new_h, h_float, self._graph(t, 4, h_float, h_add), active)
+        graph = self._graph(t, 4, h_float, h_add) if traced else None
+        h_float = state_float(new_h, h_float, graph, active)
         return new_h, new_c, h_float, c_float
 
     def step(self, buffer: InfoBuffer, x, state, state_float, active, weights=None):
