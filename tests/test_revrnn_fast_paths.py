@@ -5,6 +5,8 @@ Each must keep the reversal bit-exact and the gradients those of plain autograd 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,16 @@ class OperatorCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class OperatorNames(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -118,3 +130,44 @@ def test_the_bound_spills_exactly_where_a_check_at_every_push_spills():
         h = [buffer.divide(value, n, active) for buffer, value in zip(buffers, h)]
         assert torch.equal(h[0], h_before) and torch.equal(h[1], h_before)
     assert all(buffer.empty for buffer in buffers)
+
+
+def _open_gates_lstm() -> RevLSTM:
+    """A RevLSTM whose forget and input gates are open: c grows by about 1 per step."""
+    rnn = RevLSTM(4, 8, forget_bits=None)
+    with torch.no_grad():
+        for cell in rnn.cells:
+            for linear in cell.gates:
+                linear.bias.fill_(50.0)
+    return rnn
+
+
+def test_a_state_near_the_range_limit_is_not_an_error_and_one_beyond_it_is():
+    """The host bound on |state| reads the states once it reaches the limit: a state that ends at
+    about 250 passes, one that crosses 256 a few steps later is caught (at the step it crosses)."""
+    from revbits.revrnn import StateRangeError
+
+    rnn = _open_gates_lstm()
+    start = (torch.zeros(1, 1, 8), torch.full((1, 1, 8), 200.0))
+    with torch.no_grad():
+        _, (_, c_n) = rnn(torch.randn(50, 1, 4), start)
+    assert 240 < c_n.max().item() < 256
+    with pytest.raises(StateRangeError, match="fixed-point range"):
+        with torch.no_grad():
+            rnn(torch.randn(60, 1, 4), start)
+
+
+def test_the_range_check_does_not_read_the_states_at_every_step():
+    """Within about 255 steps of states of size 1 the host bound vouches for the range: a run of 40
+    steps reads the states (abs, amax) as often as one of 20, and tracks no extremes per step."""
+    torch.manual_seed(0)
+    rnn = RevLSTM(4, 8, num_layers=2)
+    x = torch.randn(40, 2, 4)
+    counts = []
+    for steps in (20, 40):
+        with torch.no_grad(), OperatorNames() as names:
+            rnn(x[:steps])
+        counts.append(names.counts)
+    for name in ("aten.abs.default", "aten.amax.default"):
+        assert counts[0][name] == counts[1][name] > 0
+    assert not any("minimum" in name or "maximum" in name for name in counts[1])
