@@ -73,6 +73,20 @@ def test_float64_products_use_f_linear(every_layer_on_onednn):
     assert torch.equal(CellLinear(weight, bias)(x), F.linear(x, weight, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_off_onednn_have_f_linears_bits_with_and_without_autograd(dtype, monkeypatch):
+    monkeypatch.setattr(cell_linear, "use_onednn", False)
+    torch.manual_seed(1)
+    weight = torch.randn(37, 29, dtype=dtype, requires_grad=True)
+    bias = torch.randn(37, dtype=dtype, requires_grad=True)
+    x = torch.randn(13, 29, dtype=dtype)
+    linear = CellLinear(weight, bias)
+    expected = F.linear(x, weight, bias).detach()
+    with torch.no_grad():
+        assert torch.equal(linear(x), expected)
+    assert torch.equal(linear(x).detach(), expected)
+
+
 def _reversible_and_reference(cls, seed: int = 3):
     """Outputs and gradients of the reversible run (its buffers emptied by the backward) and of the reference."""
     torch.manual_seed(seed)

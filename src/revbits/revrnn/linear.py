@@ -10,7 +10,9 @@ differs from MKL's in the last bits, which exactness does not mind: the forward,
 the autograd reference all compute a gate's logits through the same :class:`CellLinear`, the same
 op on the same shapes, so they agree bit for bit. Under autograd (the reference) the value is
 oneDNN's and the gradient is that of ``F.linear`` (straight through: ``value + (graph - graph)``
-adds an exact zero). float64, other dtypes and devices other than the CPU use ``F.linear``.
+adds an exact zero). float64, other dtypes and devices other than the CPU use ``F.linear``, which
+for a 2-D input is ``addmm(b, x, W^T)``; without a graph that product is called directly with W^T
+made once per run (one operator per call instead of two, the same bits).
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ class CellLinear:
             and weight.shape[0] >= ONEDNN_MIN_OUTPUTS
         )
         self._values = (weight.detach(), bias.detach())
+        self._weight_t = self._values[0].t()  # a view, made once per run
         self._transposed: torch.Tensor | None = None  # W^T, contiguous, for input gradients
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b; the same bits for the same x in the forward, the reversal and the reference."""
         if not self.onednn or x.dtype != torch.float32:
-            return F.linear(x, self.weight, self.bias)
+            if torch.is_grad_enabled() or x.dim() != 2:
+                return F.linear(x, self.weight, self.bias)
+            return torch.addmm(self._values[1], x, self._weight_t)  # F.linear's own product for 2-D x
         if not torch.is_grad_enabled():
             return _onednn_product(x, *self._values)
         value = _onednn_product(x.detach(), *self._values)
