@@ -45,7 +45,6 @@ class CellLinear:
         )
         self._values = (weight.detach(), bias.detach())
         self._weight_t = self._values[0].t()  # a view, made once per run
-        self._transposed: torch.Tensor | None = None  # W^T, contiguous, for input gradients
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b; the same bits for the same x in the forward, the reversal and the reference."""
@@ -62,9 +61,7 @@ class CellLinear:
         return value
 
     def input_gradient(self, grad_out: torch.Tensor) -> torch.Tensor:
-        """dL/dx = dL/dy W (no graph)."""
-        if not self.onednn or grad_out.dtype != torch.float32:
-            return grad_out @ self.weight
-        if self._transposed is None:
-            self._transposed = self.weight.detach().t().contiguous()
-        return _onednn_product(grad_out, self._transposed, None)
+        """dL/dx = dL/dy W (no graph), by torch.mm on W itself: oneDNN would need a contiguous copy
+        of W^T per layer, held through the backward (as much memory as the weights), and was not
+        measurably faster."""
+        return grad_out @ self._values[0]
