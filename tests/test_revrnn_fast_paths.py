@@ -185,3 +185,19 @@ def test_the_range_check_does_not_read_the_states_at_every_step():
     for name in ("aten.abs.default", "aten.amax.default"):
         assert counts[0][name] == counts[1][name] > 0
     assert not any("minimum" in name or "maximum" in name for name in counts[1])
+
+
+def test_onednn_products_cost_no_memory(monkeypatch):
+    """The products' path holds nothing extra (no per-layer copy of a weight) through the step."""
+    from revbits.measure import measure_training_step
+
+    peaks = []
+    for onednn in (True, False):
+        monkeypatch.setattr(cell_linear, "ONEDNN_MIN_OUTPUTS", 0)
+        monkeypatch.setattr(cell_linear, "use_onednn", onednn and torch.backends.mkldnn.is_available())
+        torch.manual_seed(0)
+        rnn = RevLSTM(8, 16, num_layers=2)
+        x = torch.randn(6, 2, 8, requires_grad=True)
+        report = measure_training_step(rnn, lambda r=rnn, x=x: r(x)[0].square().sum())
+        peaks.append((report.activations, report.held_after_forward))
+    assert peaks[0] == peaks[1]
