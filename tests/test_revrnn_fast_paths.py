@@ -201,3 +201,13 @@ def test_onednn_products_cost_no_memory(monkeypatch):
         report = measure_training_step(rnn, lambda r=rnn, x=x: r(x)[0].square().sum())
         peaks.append((report.activations, report.held_after_forward))
     assert peaks[0] == peaks[1]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_an_empty_batch_runs_through_the_host_bounds(cls):
+    """The bounds on the buffer word and on |state| read no maximum of an empty tensor."""
+    rnn = cls(4, 8, num_layers=2)
+    x = torch.randn(5, 0, 4, requires_grad=True)
+    out, _ = rnn(x)
+    out.sum().backward()
+    assert out.shape == (5, 0, 8) and x.grad.shape == (5, 0, 4)

@@ -148,7 +148,7 @@ class InfoBuffer:
         limit = self._scale_limit
         spill = False
         if self._bound is None or self._bound > limit:
-            highest = int(self.word.max())
+            highest = int(self.word.max()) if self.word.numel() else 0
             if highest > limit:
                 spill = mask is None or bool(((self.word > limit) & mask).any())
             self._bound = 0 if spill else highest

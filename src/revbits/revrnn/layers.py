@@ -63,8 +63,8 @@ class _RangeCheck:
 
     @staticmethod
     def _largest(states: list[list[torch.Tensor]]) -> int:
-        parts = [part for state in states for part in state]
-        return int(torch.stack([part.abs().amax() for part in parts]).amax())
+        parts = [part for state in states for part in state if part.numel()]
+        return int(torch.stack([part.abs().amax() for part in parts]).amax()) if parts else 0
 
     def step(self, states: list[list[torch.Tensor]]) -> None:
         """After a time step of every layer: raise if a state left the range."""
