@@ -5,10 +5,10 @@ goes to MKL. oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op tha
 fused CPU paths call) made the RevLSTM's training step faster (its layers have 640 outputs) and
 the RevGRU's slower (256 and 128 outputs) in interleaved runs on the 2-core development machine,
 so it is used from ``ONEDNN_MIN_OUTPUTS`` outputs up; ``benchmarks/revrnn_speed.py
---product-paths`` times both paths for both cells. Its result
-differs from MKL's in the last bits, which exactness does not mind: the forward, the reversal and
-the autograd reference all compute a gate's logits through the same :class:`CellLinear`, the same
-op on the same shapes, so they agree bit for bit. Under autograd (the reference) the value is
+--product-paths`` times both paths for both cells. Its result differs from MKL's in the last
+bits, which exactness does not mind: the forward, the reversal and the autograd reference all
+compute a gate's logits through the same :class:`CellLinear`, the same op on the same shapes, so
+they agree bit for bit. Under autograd (the reference) the value is
 oneDNN's and the gradient is that of ``F.linear`` (straight through: ``value + (graph - graph)``
 adds an exact zero). float64, other dtypes and devices other than the CPU use ``F.linear``, which
 for a 2-D input is ``addmm(b, x, W^T)``; without a graph that product is called directly with W^T
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
-# False sends every product through F.linear / torch.mm (tests compare both paths).
+# False sends every product through F.linear's addmm (the tests and benchmarks/revrnn_speed.py switch it).
 use_onednn = _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
 ONEDNN_MIN_OUTPUTS = 512  # layers with fewer outputs use F.linear (see above)
 
