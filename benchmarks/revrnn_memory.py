@@ -14,6 +14,7 @@ the reversible RNN, then on one batch:
 Writes <out>.json and <out>.md. Needs: revbits data fetch shakespeare.
 
     python benchmarks/revrnn_memory.py
+    python benchmarks/revrnn_memory.py --cells lstm --out benchmarks/results/revrnn_memory_lstm   # one cell
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def measured_memory(config: TrainConfig, memory: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--cells", nargs="+", choices=["gru", "lstm"], default=["gru", "lstm"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "revrnn_memory")
     args = parser.parse_args()
     rows = []
-    for cell in ("gru", "lstm"):
+    for cell in args.cells:
         standard = measured_memory(replace(BASE, cell=cell, memory="standard"), "standard")
         for forget_bits in (1, 2, 3, 5, 0):
             config = replace(BASE, cell=cell, forget_bits=forget_bits, steps=args.steps, warmup=20)

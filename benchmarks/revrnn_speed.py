@@ -3,6 +3,8 @@
 Cases (each a forward and a backward):
 - the recurrent stack alone, GRU and LSTM: hidden 256, 2 layers, T = 35, batch 20, forget_bits = 3,
   loss = sum(out * a fixed random probe) (issue 25's setting; --hidden, --layers, --steps, --batch change it);
+- with --product-paths, the stacks again with every product of the reversible cells on oneDNN, then
+  every one on MKL (``revbits.revrnn.linear`` picks oneDNN for layers of 512 outputs and more);
 - with --models rnnlm rnn-translator, the whole word LM (benchmarks/configs/revrnn-speed-rnnlm.toml, GRU)
   and the whole rnn-translator (revrnn-speed-rnn-translator.toml, GRU) on a real batch; they need
   ``revbits data fetch shakespeare`` and ``bible-en-fr``.
@@ -17,6 +19,7 @@ Writes <out>.json (raw) and <out>.md (table).
 
     python benchmarks/revrnn_speed.py                      # on an idle machine
     python benchmarks/revrnn_speed.py --models rnnlm rnn-translator   # also the whole models
+    python benchmarks/revrnn_speed.py --product-paths      # also every cell product on oneDNN, then on MKL
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import revbits.revrnn.linear as cell_linear
 from report import experiment_config, write_results
 from revbits.revrnn import make_rnn
 from revbits.train import TrainConfig
@@ -92,7 +96,24 @@ def interleaved(standard: Step, reversible: Step, repeats: int, clock: Callable[
     }
 
 
-def stack_steps(cell: str, args: argparse.Namespace) -> tuple[Step, Step]:
+def with_products(step: Step, products: str) -> Step:
+    """``step`` with the reversible cells' products forced through oneDNN or MKL (``cell_linear``'s
+    switches, read at each run), or as the library chooses ("default")."""
+    if products == "default":
+        return step
+
+    def forced() -> None:
+        saved = cell_linear.use_onednn, cell_linear.ONEDNN_MIN_OUTPUTS
+        cell_linear.use_onednn, cell_linear.ONEDNN_MIN_OUTPUTS = products == "onednn", 0
+        try:
+            step()
+        finally:
+            cell_linear.use_onednn, cell_linear.ONEDNN_MIN_OUTPUTS = saved
+
+    return forced
+
+
+def stack_steps(cell: str, args: argparse.Namespace, products: str = "default") -> tuple[Step, Step]:
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.steps, args.hidden, requires_grad=True)
     probe = torch.randn(args.batch, args.steps, args.hidden)
@@ -101,7 +122,7 @@ def stack_steps(cell: str, args: argparse.Namespace) -> tuple[Step, Step]:
         torch.manual_seed(0)
         rnn = make_rnn(cell, memory, args.hidden, args.layers, 3)
         arms.append(training_step(rnn, lambda r=rnn: (r(x)[0] * probe).sum()))
-    return arms[0], arms[1]
+    return arms[0], with_products(arms[1], products)
 
 
 def model_steps(config: TrainConfig) -> tuple[Step, Step]:
@@ -121,6 +142,11 @@ def cases(args: argparse.Namespace) -> dict[str, Callable[[], tuple[Step, Step]]
         f"GRU stack ({shape})": lambda: stack_steps("gru", args),
         f"LSTM stack ({shape})": lambda: stack_steps("lstm", args),
     }
+    for products in ("onednn", "mkl") if args.product_paths else ():
+        for cell in ("gru", "lstm"):
+            found[f"{cell.upper()} stack ({shape}), every product on {products}"] = (
+                lambda c=cell, p=products: stack_steps(c, args, p)
+            )
     if "rnnlm" in args.models:
         found["rnnlm, whole model (GRU 2 x 256, 10k vocabulary, batch 32)"] = lambda: model_steps(RNNLM)
     if "rnn-translator" in args.models:
@@ -137,6 +163,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=35, help="sequence length T")
     parser.add_argument("--models", nargs="*", choices=["rnnlm", "rnn-translator"], default=[], help="whole models too")
+    parser.add_argument(
+        "--product-paths",
+        action="store_true",
+        help="also time the stacks with every cell product on oneDNN, then on MKL (revbits.revrnn.linear's choice)",
+    )
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--idle-load", type=float, default=0.5, help="the most 1-minute load average that is idle")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "revrnn_speed")

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fixed_point import (
@@ -40,6 +39,7 @@ from .fixed_point import (
     update_gradients,
 )
 from .info_buffer import InfoBuffer
+from .linear import CellLinear
 
 __all__ = ["FORGET_BITS", "LinearGradients", "ParameterGradients", "RevGRUCell", "RevLSTMCell", "to_float"]
 
@@ -47,14 +47,12 @@ tanh_backward = torch.ops.aten.tanh_backward
 sigmoid_backward = torch.ops.aten.sigmoid_backward
 
 
-Linear = tuple[torch.Tensor, torch.Tensor]  # (weight, bias) of one linear layer, as plain tensors
-
-
 class LinearGradients:
     """Running sums of dL/dW and dL/db of one linear layer over the steps of a backward."""
 
-    def __init__(self, linear: Linear) -> None:
-        self.weight, self.bias = linear
+    def __init__(self, linear: CellLinear) -> None:
+        self.linear = linear
+        self.weight, self.bias = linear.weight, linear.bias
         self.grad_weight = torch.zeros_like(self.weight)
         self.bias_rows: torch.Tensor | None = None  # dL/d(output) summed over steps, per row
 
@@ -65,7 +63,7 @@ class LinearGradients:
             self.bias_rows = grad_out.clone()
         else:
             self.bias_rows.add_(grad_out)
-        return grad_out @ self.weight
+        return self.linear.input_gradient(grad_out)
 
     def totals(self) -> dict[torch.Tensor, torch.Tensor]:
         grad_bias = torch.zeros_like(self.bias) if self.bias_rows is None else self.bias_rows.sum(0)
@@ -75,7 +73,7 @@ class LinearGradients:
 class ParameterGradients:
     """The :class:`LinearGradients` of every linear layer of a cell, per half."""
 
-    def __init__(self, weights: list[list[Linear]]) -> None:
+    def __init__(self, weights: list[list[CellLinear]]) -> None:
         self.halves = [[LinearGradients(linear) for linear in half] for half in weights]
 
     def of(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -93,9 +91,9 @@ class _Cell(nn.Module):
     def half_linears(self) -> list[list[nn.Linear]]:
         raise NotImplementedError
 
-    def weights(self) -> list[list[Linear]]:
-        """Per half, (weight, bias) of each linear layer (module calls cost more than the step's ops)."""
-        return [[(linear.weight, linear.bias) for linear in half] for half in self.half_linears()]
+    def weights(self) -> list[list[CellLinear]]:
+        """Per half, each linear layer as a :class:`CellLinear` (module calls cost more than the step's ops)."""
+        return [[CellLinear(linear.weight, linear.bias) for linear in half] for half in self.half_linears()]
 
 
 class GRUHalf(NamedTuple):
@@ -125,14 +123,14 @@ class RevGRUCell(_Cell):
     def half_linears(self) -> list[list[nn.Linear]]:
         return [[self.gates[i], self.candidates[i]] for i in range(2)]
 
-    def half_terms(self, weights: list[Linear], x: torch.Tensor, other: torch.Tensor) -> GRUHalf:
+    def half_terms(self, weights: list[CellLinear], x: torch.Tensor, other: torch.Tensor) -> GRUHalf:
         """The gates of a half with linear layers ``weights`` (W, V), from x and the other half's value."""
-        (w, w_bias), (v, v_bias) = weights
+        w, v = weights
         xo = torch.cat([x, other], -1)
-        s = torch.sigmoid(F.linear(xo, w, w_bias))
+        s = torch.sigmoid(w(xo))
         n_float = self.forget.numerator(s[:, : self.half])
         xro = torch.cat([x, s[:, self.half :] * other], -1)
-        g = torch.tanh(F.linear(xro, v, v_bias))
+        g = torch.tanh(v(xro))
         return GRUHalf(n_float.to(torch.int64), fixed_complement_product(n_float, g), n_float, s, g, xo, xro)
 
     def _update(self, buffer, h, h_float, t: GRUHalf, active):
@@ -224,30 +222,31 @@ class RevLSTMCell(_Cell):
         """Gate slot k of [f, g, i, o, p]."""
         return t[:, k * self.half : (k + 1) * self.half]
 
-    def half_terms(self, weights: list[Linear], x: torch.Tensor, other: torch.Tensor) -> LSTMHalf:
+    def half_terms(self, weights: list[CellLinear], x: torch.Tensor, other: torch.Tensor) -> LSTMHalf:
         """The gates of a half with linear layer ``weights`` (U), from x and the other half's value."""
-        ((u, u_bias),) = weights
+        (u,) = weights
         xo = torch.cat([x, other], -1)
-        logits = F.linear(xo, u, u_bias)
+        logits = u(xo)
         s = torch.sigmoid(logits)
         n_float = self.forget.numerator(s)  # all slots in one op; only f's and p's are used
         tg = torch.tanh(self._slot(logits, 1))
         return LSTMHalf(n_float.to(torch.int64), to_fixed(self._slot(s, 2) * tg), n_float, s, tg, xo)
 
-    def _graph(self, t: LSTMHalf, k: int, old_float: torch.Tensor, add: torch.Tensor) -> torch.Tensor | None:
-        """Under autograd, the float expression z_q old + add of the update gated by slot k."""
-        if not torch.is_grad_enabled():
-            return None
+    def _graph(self, t: LSTMHalf, k: int, old_float: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """The float expression z_q old + add of the update gated by slot k (for autograd)."""
         return self.forget.quantised(self._slot(t.n_float, k), self._slot(t.s, k)) * old_float + add
 
     def _half(self, weights, buffer, x, other, h, c, h_float, c_float, active):
         t = self.half_terms(weights, x, other)
+        traced = torch.is_grad_enabled()  # the reference: also build the float graph
         new_c = exact_update(buffer, c, self._slot(t.n, 0), t.c_add, active)
-        graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg)
+        graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg) if traced else None
         c_float = state_float(new_c, c_float, graph, active)
         h_add = self._slot(t.s, 3) * torch.tanh(c_float)
-        new_h = exact_update(buffer, h, self._slot(t.n, 4), to_fixed(h_add.detach()), active)
-        h_float = state_float(new_h, h_float, self._graph(t, 4, h_float, h_add), active)
+        h_add_fixed = to_fixed(h_add.detach() if traced else h_add)
+        new_h = exact_update(buffer, h, self._slot(t.n, 4), h_add_fixed, active)
+        graph = self._graph(t, 4, h_float, h_add) if traced else None
+        h_float = state_float(new_h, h_float, graph, active)
         return new_h, new_c, h_float, c_float
 
     def step(self, buffer: InfoBuffer, x, state, state_float, active, weights=None):

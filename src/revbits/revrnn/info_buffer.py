@@ -20,7 +20,13 @@ waits for the host, and the host checks the depth once every ``check_every`` pus
 stack ahead of need.
 
 With base 2**F the push and pop are shifts and masks; a division by n is done once per update
-(floor(W / n)), and W mod n is W - n floor(W / n).
+(floor(W / n)), and W mod n is W - n floor(W / n) (one addcmul).
+
+On the CPU the host also keeps an upper bound on the word, so most multiplications need not look
+at it at all: a multiplication with n >= 2**(F - k) (k = ``max_bits_per_step``) gives
+floor((W 2**F + r) / n) < (W + 1) 2**k, so the bound B becomes (B + 1) 2**k, and only when B
+passes the spill threshold is the word's maximum read (which resets B). The spill decisions are
+those of a check at every push, since B >= W.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ class InfoBuffer:
         shape: the shape of one word tensor.
         fraction_bits: F, the bits of the gate numerator (gates are n / 2**F).
         max_bits_per_step: the most a call can add to W (F for ``multiply`` with n >= 1; k when
-            n >= 2**(F - k)); it bounds how many spills can happen between two host checks.
+            n >= 2**(F - k)); it bounds how many spills can happen between two host checks, and how
+            fast the host's bound on W grows. ``multiply`` relies on n >= 2**(F - k).
         check_every: pushes between host checks of the stack depth (device decisions only).
         track_information: keep ``lost_bits``, the sum of F - log2(n) over active
             multiplications (the information the gates destroyed; costs a few ops per call).
@@ -91,6 +98,7 @@ class InfoBuffer:
         self._low_bits = (1 << fraction_bits) - 1  # h mod 2**F is h & this
         self._scale_limit = _push_limit(1 << fraction_bits)
         self.lost_bits = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._bound: int | None = 0  # host decisions: an upper bound on every element of W (None: unknown)
 
     @property
     def depth(self) -> int | torch.Tensor:
@@ -133,6 +141,23 @@ class InfoBuffer:
         self.word = self.word.masked_fill(spill, 0)
         self._spilled.append(spill)
 
+    def _spill_if_bound_passes(self, mask: torch.Tensor | None) -> None:
+        """Host decisions for a multiplication: spill (as :meth:`_spill_if_needed` would) when an active
+        element of W is above the threshold, reading W only when the host's bound on it passes the
+        threshold; then grow the bound by the multiplication to come."""
+        limit = self._scale_limit
+        spill = False
+        if self._bound is None or self._bound > limit:
+            highest = int(self.word.max()) if self.word.numel() else 0
+            if highest > limit:
+                spill = mask is None or bool(((self.word > limit) & mask).any())
+            self._bound = 0 if spill else highest
+        if spill:
+            self._stack.append(self.word)
+            self.word = torch.zeros_like(self.word)
+        self._spilled.append(spill)
+        self._bound = (self._bound + 1) << self.max_bits_per_step
+
     def _unspill(self) -> None:
         if not self._spilled:
             raise RuntimeError("InfoBuffer: more pops than pushes")
@@ -158,6 +183,7 @@ class InfoBuffer:
         base = torch.as_tensor(base, dtype=torch.int64, device=self.device)
         self._spill_if_needed(_push_limit(base), mask)
         self.word = _where(mask, self.word * base + remainder.to(torch.int64), self.word)
+        self._bound = None
 
     def pop(self, base: torch.Tensor | int, active: torch.Tensor | None = None) -> torch.Tensor:
         """W mod base (for every element), then W <- floor(W / base) for active ones."""
@@ -167,6 +193,7 @@ class InfoBuffer:
         remainder = self.word - quotient * base
         self.word = _where(mask, quotient, self.word)
         self._unspill()
+        self._bound = None
         return remainder
 
     # -- exact multiplication by n / 2**F ----------------------------------------------------
@@ -174,25 +201,29 @@ class InfoBuffer:
     def multiply(self, h: torch.Tensor, n: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """h * n / 2**F for int64 h and n in [1, 2**F], the lost low bits kept in the buffer."""
         mask = self._mask(active)
-        self._spill_if_needed(self._scale_limit, mask)
-        pushed = (self.word << self.fraction_bits) | (h & self._low_bits)  # W 2**F + (h mod 2**F)
+        if self.host_decides:
+            self._spill_if_bound_passes(mask)
+        else:
+            self._spill_if_needed(self._scale_limit, mask)
+        pushed = torch.add(h & self._low_bits, self.word, alpha=1 << self.fraction_bits)  # W 2**F + (h mod 2**F)
         quotient = torch.div(pushed, n, rounding_mode="floor")
         self.word = _where(mask, quotient, self.word)
         if self.track_information:
             lost = self.fraction_bits - torch.log2(n.double())
             self.lost_bits += (lost if mask is None else lost * mask).sum()
-        # floor(h / 2**F) n + (W mod n)
-        return _where(mask, (h >> self.fraction_bits) * n + (pushed - quotient * n), h)
+        kept = torch.addcmul(pushed, quotient, n, value=-1)  # W mod n
+        return _where(mask, torch.addcmul(kept, h >> self.fraction_bits, n), h)  # floor(h / 2**F) n + (W mod n)
 
     def divide(self, h: torch.Tensor, n: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """The inverse of :meth:`multiply`: the h it was given, with the buffer as it was."""
         mask = self._mask(active)
         quotient = torch.div(h, n, rounding_mode="floor")
-        pushed = self.word * n + (h - quotient * n)  # W n + (h mod n)
+        pushed = torch.addcmul(torch.addcmul(h, quotient, n, value=-1), self.word, n)  # W n + (h mod n)
         self.word = _where(mask, pushed >> self.fraction_bits, self.word)
         self._unspill()
+        self._bound = None
         # floor(h / n) 2**F + (W mod 2**F)
-        return _where(mask, (quotient << self.fraction_bits) | (pushed & self._low_bits), h)
+        return _where(mask, torch.add(pushed & self._low_bits, quotient, alpha=1 << self.fraction_bits), h)
 
     # -- accounting --------------------------------------------------------------------------
 
