@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -82,14 +84,15 @@ def head_share(fits: list[dict], heads: list[dict]) -> None:
         f["head_and_loss_share"] = match[0]["peak"] / f["at_longest_measured"]["activations"] if match else None
 
 
-def table(fits: list[dict], times: dict, budgets: list[float], time_shape: tuple[int, int]) -> list[str]:
+def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
     g1, g2 = (str(g) for g in budgets[:2])
     lines = [
         f"Peak: measured at the longest measured T (float32 weights). Longest T: where the fitted peak, weights "
         f"counted in bf16, reaches {g1} / {g2} GiB; * extrapolated beyond the measured lengths; 'flat': the peak "
         "does not grow over the measured lengths; '>': beyond 64 times the longest measured T, not extrapolated. "
-        "Head+loss: its activations at their peak over the mode's, at the longest measured T. Step time at batch "
-        f"{time_shape[0]}, T = {time_shape[1]}, relative to gc.",
+        "Head+loss: its activations at their peak over the mode's, at the longest measured T. Step time: "
+        + ("; ".join(f"{run} at batch {t['batch']}, T = {t['length']} (machine idle: {t['machine_idle']})"
+                     for run, t in times.items()) or "not measured") + ", relative to gc.",
         "",
         f"| run | batch | mode | T | peak GiB | KiB per token | head+loss | longest T {g1} GiB | {g2} GiB | vs gc "
         "| vs gc+offload | step / gc |",
@@ -102,8 +105,9 @@ def table(fits: list[dict], times: dict, budgets: list[float], time_shape: tuple
         same = {g["mode"]: g for g in fits if (g["run"], g["batch"]) == (f["run"], f["batch"]) and g["measured"]}
         ratio = {a: _ratio(_trusted(f, g1), _trusted(same[a], g1)) if a in same else "-" for a in ("gc", "gc+offload")}
         run_times = times.get(f["run"], {})
-        timed = f["mode"] in run_times and "gc" in run_times and f["batch"] == time_shape[0]
-        step = run_times[f["mode"]] / run_times["gc"] if timed else None
+        seconds = run_times.get("seconds", {})
+        timed = f["mode"] in seconds and "gc" in seconds and f["batch"] == run_times["batch"]
+        step = seconds[f["mode"]] / seconds["gc"] if timed else None
         longest = [_length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"]) for g in (g1, g2)]
         share = f"{f['head_and_loss_share']:.0%}" if f.get("head_and_loss_share") is not None else "-"
         lines.append(
@@ -132,15 +136,54 @@ def _ratio(mine: int | None, theirs: int | None) -> str:
     return f"{mine / theirs:.2f}x" if mine and theirs and mine > 0 and theirs > 0 else "-"
 
 
-def state_lines(fits: list[dict]) -> list[str]:
-    """What the weights, gradients and optimizer state take, per run (from the gc rows)."""
-    lines = ["", "| run | weights float32 (bf16) GiB | gradients GiB | AdamW state GiB | 8-bit moments would take |",
-             "|---|---|---|---|---|"]
-    for f in fits:
-        if f["mode"] == "gc" and f["measured"] and f["batch"] == min(g["batch"] for g in fits if g["run"] == f["run"]):
-            s = {k: v / GIB for k, v in f["at_longest_measured"].items()}
-            lines.append(f"| {f['run']} | {s['parameters']:.2f} ({s['parameters'] / 2:.2f}) | {s['gradients']:.2f} | "
-                         f"{s['optimizer']:.2f} | {s['optimizer'] / 4:.2f} (two 1-byte moments for two 4-byte) |")
+def state_lines(fits: list[dict], parameters: dict, devices: int = 8) -> list[str]:
+    """Weights, gradients and optimizer state per run: measured (LiveBytes, the gc row at the smallest batch)
+    and computed from the parameter counts (bf16 weights, 8-bit AdamW moments, ZeRO over ``devices``)."""
+    lines = [
+        "", f"Weights, gradients and AdamW state. Measured: counted by LiveBytes in the gc step. Computed from the "
+        f"parameter counts: bf16 weights (2 bytes per parameter); 8-bit AdamW (two 1-byte moments per trained "
+        f"parameter, their block scales left out); ZeRO over {devices} devices (stage 1 splits the optimizer "
+        "state, stage 2 also the gradients, stage 3 also the weights; per device, bf16 weights, float32 "
+        "gradients and AdamW). What remains of 16 / 24 GiB for activations, per device.", "",
+        "| run | parameters (trained) | weights float32 / bf16 GiB | gradients GiB | AdamW state GiB (measured) "
+        "| 8-bit AdamW GiB (computed) | ZeRO-1 / 2 / 3 per device GiB (computed) | left of 16 / 24 GiB: plain "
+        "bf16 + AdamW, 8-bit, ZeRO-3 |", "|---|---|---|---|---|---|---|---|"]
+    for run, counts in parameters.items():
+        gc = [f for f in fits if f["run"] == run and f["mode"] == "gc" and f["measured"]]
+        total, trained = counts["total"], counts["trainable"]
+        weights, grads, adam = 2 * total / GIB, 4 * trained / GIB, 8 * trained / GIB
+        measured = f"{gc[0]['at_longest_measured']['optimizer'] / GIB:.2f}" if gc else "-"
+        eight_bit = 2 * trained / GIB
+        zero = [weights + grads + adam / devices, weights + (grads + adam) / devices,
+                (weights + grads + adam) / devices]
+        plain, small = weights + grads + adam, weights + grads + eight_bit
+        left = " / ".join(", ".join(f"{g - x:.1f}" for x in (plain, small, zero[2])) for g in (16, 24))
+        lines.append(f"| {run} | {total / 1e6:,.0f} M ({trained / 1e6:,.1f} M) | {2 * weights:.2f} / {weights:.2f} | "
+                     f"{grads:.2f} | {adam:.2f} ({measured}) | {eight_bit:.2f} | "
+                     f"{' / '.join(f'{z:.2f}' for z in zero)} | {left} |")
+    return lines
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """The points not measured, with their reasons (skipped by prediction, out of memory, failed)."""
+    out = [f"- {r['run']}, batch {r['batch']}, {r['mode']}, T = {r['length']}: "
+           + (f"skipped ({r['skipped']})" if "skipped" in r else "out of memory" if r.get("oom") else
+              f"FAILED: {r.get('failed')}") for r in rows if "peak" not in r]
+    return ["", "Points not measured:", "", *out] if out else []
+
+
+def readme_table(fits: list[dict], budgets: list[float]) -> list[str]:
+    """The short table for README: per run and batch, the anchor gc and the fused modes, KiB per token and
+    the longest context in the larger budget."""
+    g = str(budgets[-1])
+    lines = [f"| run | batch | mode | measured up to T | KiB per token | longest T in {g} GiB (bf16 weights) |"
+             " vs gc |", "|---|---|---|---|---|---|---|"]
+    for f in (f for f in fits if f["measured"]):
+        same = [x for x in fits if (x["run"], x["batch"], x["mode"]) == (f["run"], f["batch"], "gc") and x["measured"]]
+        ratio = _ratio(_trusted(f, g), _trusted(same[0], g)) if same else "-"
+        lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']:,} | "
+                     f"{f['bytes_per_token'] / 1024:,.1f} | "
+                     f"{_length(f['longest_length'][g], f['extrapolated'][g], f['measured_up_to'])} | {ratio} |")
     return lines
 
 
@@ -166,3 +209,50 @@ def plot(rows: list[dict], fits: list[dict], budgets: list[float], path: Path) -
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def write_report(path: Path) -> list[str]:
+    """Fit the rows of the JSON at ``path``, write the fits into it, and write the table (``.md``) and the plot
+    (``.png``) beside it. Returns the table's lines."""
+    raw = json.loads(path.read_text())
+    budgets = raw["meta"].get("budgets", [16.0, 24.0])
+    rows = [r for r in raw["rows"]]
+    fits = fit(rows, budgets)
+    head_share(fits, raw["head_and_loss"])
+    lines = table(fits, raw["step_seconds"], budgets) + state_lines(fits, raw["meta"].get("parameters", {}))
+    lines += notes(rows) + ["", "README table:", ""] + readme_table(fits, budgets)
+    devices = "; ".join(dict.fromkeys(f"{i['device_name']} ({i['device']}, {i['threads']} threads, idle: "
+                                      f"{i['machine_idle']})" for i in raw["meta"].get("invocations", [])))
+    lines += ["", f"Measured on: {devices}"]
+    raw["fits"] = fits
+    path.write_text(json.dumps(raw, indent=1))
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if any("peak" in r for r in rows):
+        plot(rows, fits, budgets, path.with_suffix(".png"))
+    return lines
+
+
+def replace_between_markers(path: Path, marker: str, lines: list[str]) -> None:
+    """Put ``lines`` between ``<!-- marker -->`` and ``<!-- /marker -->`` in the file at ``path``."""
+    text = path.read_text()
+    start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start.strip()} ... {end} block")
+    before, rest = text.split(start, 1)
+    path.write_text(before + start + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json", type=Path, nargs="?", default=Path(__file__).parent / "results" / "real_shapes.json")
+    parser.add_argument("--readme", type=Path, help="also put the README table between <!-- real-shapes --> markers")
+    args = parser.parse_args()
+    lines = write_report(args.json)
+    print("\n".join(lines))
+    if args.readme:
+        raw = json.loads(args.json.read_text())
+        replace_between_markers(args.readme, "real-shapes", readme_table(raw["fits"], raw["meta"]["budgets"]))
+
+
+if __name__ == "__main__":
+    main()
