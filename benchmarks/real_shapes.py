@@ -394,6 +394,14 @@ def missing_heads(results: Results, spec: str) -> list[tuple[int, int]]:
     return [(b, t) for b, t in done if any(results.find((spec, b, t, f)) is None for f in (False, True))]
 
 
+def measure_heads(results: Results, model: nn.Module, spec: str, args, only: tuple | None = None) -> None:
+    """The head and loss, plain and fused, where missing_heads says (or at ``only`` alone)."""
+    for batch, length in missing_heads(results, spec):
+        for fused in (False, True) if only in (None, (batch, length)) else ():
+            if results.find((spec, batch, length, fused)) is None:
+                results.put({"run": spec, **head_and_loss(model, batch, length, fused, args.device)})
+
+
 def measure_run(results: Results, spec: str, args, log) -> None:
     """Every pending point of ``spec`` on one model, then the head and loss at the lengths measured, then
     (``--repeats``) step times."""
@@ -418,10 +426,8 @@ def measure_run(results: Results, spec: str, args, log) -> None:
             f"peak {row['peak'] / GIB:7.3f} GiB  activations {row['activations'] / GIB:7.3f} GiB  "
             f"({row['seconds_tracked']:.0f} s)" if "peak" in row else
             str({k: v for k, v in row.items() if k in ("skipped", "failed", "oom")})))
-    for batch, length in missing_heads(results, spec):
-        for fused in (False, True):
-            if results.find((spec, batch, length, fused)) is None:
-                results.put({"run": spec, **head_and_loss(model, batch, length, fused, args.device)})
+        measure_heads(results, model, spec, args, only=(batch, length))
+    measure_heads(results, model, spec, args)
     if args.repeats:
         seconds = step_times(model, optimizer, args.modes, args.time_batch, args.time_length, args)
         results.times[spec] = {"batch": args.time_batch, "length": args.time_length, "repeats": args.repeats,
