@@ -58,7 +58,9 @@ def _line(t: np.ndarray, p: np.ndarray) -> tuple[float, float, str]:
     """(a, b, how) of peak = a + b T: least squares over every length, or, where that misses a point by more
     than 2 % (a constant peak, e.g. the gradients of full fine-tuning, dominates the short lengths), the line
     through the two longest; b = 0 where the peak does not grow over the measured lengths."""
-    if len(t) < 2 or p[-1] - p[0] <= 1e-6 * p[-1]:
+    if len(t) < 2:
+        return float(p.max()), 0.0, "one length"
+    if p[-1] - p[0] <= 1e-6 * p[-1]:
         return float(p.max()), 0.0, "flat"
     b, a = np.polyfit(t, p, 1)
     if np.max(np.abs(a + b * t - p) / p) <= 0.02:
@@ -89,7 +91,8 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
     lines = [
         f"Peak: measured at the longest measured T (float32 weights). Longest T: where the fitted peak, weights "
         f"counted in bf16, reaches {g1} / {g2} GiB; * extrapolated beyond the measured lengths; 'flat': the peak "
-        "does not grow over the measured lengths; '>': beyond 64 times the longest measured T, not extrapolated. "
+        "does not grow over the measured lengths ('one length': one measured); '>': beyond 64 times the longest "
+        "measured T, not extrapolated. "
         "Head+loss: its activations at their peak over the mode's, at the longest measured T. Step time: "
         + ("; ".join(f"{run} at batch {t['batch']}, T = {t['length']} (machine idle: {t['machine_idle']})"
                      for run, t in times.items()) or "not measured") + ", relative to gc.",
@@ -108,22 +111,28 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
         seconds = run_times.get("seconds", {})
         timed = f["mode"] in seconds and "gc" in seconds and f["batch"] == run_times["batch"]
         step = seconds[f["mode"]] / seconds["gc"] if timed else None
-        longest = [_length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"]) for g in (g1, g2)]
+        longest = [_length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"], f["line"])
+                   for g in (g1, g2)]
         share = f"{f['head_and_loss_share']:.0%}" if f.get("head_and_loss_share") is not None else "-"
         lines.append(
             f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']} | {f['peak_at_longest'] / GIB:.2f} | "
-            f"{f['bytes_per_token'] / 1024:,.1f} | {share} | "
+            f"{_per_token(f)} | {share} | "
             f"{longest[0]} | {longest[1]} | {ratio['gc']} | {ratio['gc+offload']} | "
             f"{'-' if step is None else f'{step:.2f}'} |"
         )
     return lines
 
 
-def _length(length: int | None, extrapolated: bool, measured: int) -> str:
-    """The longest T for the table: 'flat' without a slope, '>' beyond 64 times the measured lengths."""
+def _length(length: int | None, extrapolated: bool, measured: int, line: str) -> str:
+    """The longest T for the table: 'flat' without a slope (or 'one length' measured), '>' beyond 64 times the
+    measured lengths."""
     if length is None:
-        return "flat"
+        return "flat" if line == "flat" else "one length"
     return f"> {64 * measured:,}" if length > 64 * measured else f"{length:,}{'*' if extrapolated else ''}"
+
+
+def _per_token(fit: dict) -> str:
+    return "-" if fit["line"] == "one length" else f"{fit['bytes_per_token'] / 1024:,.1f}"
 
 
 def _trusted(fit: dict, budget: str) -> int | None:
@@ -181,9 +190,9 @@ def readme_table(fits: list[dict], budgets: list[float]) -> list[str]:
     for f in (f for f in fits if f["measured"]):
         same = [x for x in fits if (x["run"], x["batch"], x["mode"]) == (f["run"], f["batch"], "gc") and x["measured"]]
         ratio = _ratio(_trusted(f, g), _trusted(same[0], g)) if same else "-"
-        lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']:,} | "
-                     f"{f['bytes_per_token'] / 1024:,.1f} | "
-                     f"{_length(f['longest_length'][g], f['extrapolated'][g], f['measured_up_to'])} | {ratio} |")
+        longest = _length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"], f["line"])
+        lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']:,} | {_per_token(f)} | "
+                     f"{longest} | {ratio} |")
     return lines
 
 
