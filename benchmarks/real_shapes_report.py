@@ -226,7 +226,9 @@ def write_report(path: Path) -> list[str]:
     raw = json.loads(path.read_text())
     budgets = raw["meta"].get("budgets", [16.0, 24.0])
     rows = [r for r in raw["rows"]]
-    fits = fit(rows, budgets)
+    order = ["qwen3-0.6b:lora", "llama-3.2-1b:lora", "qwen3-0.6b:full"]
+    fits = sorted(fit(rows, budgets), key=lambda f: (order.index(f["run"]) if f["run"] in order else len(order),
+                                                     f["run"], f["batch"], list(MODES).index(f["mode"])))
     head_share(fits, raw["head_and_loss"])
     lines = table(fits, raw["step_seconds"], budgets) + state_lines(fits, raw["meta"].get("parameters", {}))
     lines += notes(rows) + ["", "README table:", ""] + readme_table(fits, budgets)
