@@ -388,18 +388,20 @@ def pending(results: Results, spec: str, args) -> list[tuple]:
     return [p for p in points if not (results.find(p) and ("peak" in results.find(p) or "failed" in results.find(p)))]
 
 
-def missing_heads(results: Results, spec: str) -> list[tuple[int, int]]:
-    """(batch, length) where some mode of ``spec`` was measured and the head and loss were not."""
-    done = dict.fromkeys((r["batch"], r["length"]) for r in results.rows if r["run"] == spec and "peak" in r)
-    return [(b, t) for b, t in done if any(results.find((spec, b, t, f)) is None for f in (False, True))]
+def missing_heads(results: Results, spec: str) -> list[tuple[int, int, bool]]:
+    """(batch, length, fused) where a mode of ``spec`` with (fused) or without the fused loss was measured and
+    the head and loss were not (the plain head at T = 4096 alone holds 7 GiB of logits: not measured unless
+    a plain-loss mode was)."""
+    done = dict.fromkeys((r["batch"], r["length"], MODES[r["mode"]][2]) for r in results.rows
+                         if r["run"] == spec and "peak" in r)
+    return [point for point in done if results.find((spec, *point)) is None]
 
 
 def measure_heads(results: Results, model: nn.Module, spec: str, args, only: tuple | None = None) -> None:
-    """The head and loss, plain and fused, where missing_heads says (or at ``only`` alone)."""
-    for batch, length in missing_heads(results, spec):
-        for fused in (False, True) if only in (None, (batch, length)) else ():
-            if results.find((spec, batch, length, fused)) is None:
-                results.put({"run": spec, **head_and_loss(model, batch, length, fused, args.device)})
+    """The head and loss where missing_heads says (or at ``only`` = (batch, length) alone)."""
+    for batch, length, fused in missing_heads(results, spec):
+        if only in (None, (batch, length)):
+            results.put({"run": spec, **head_and_loss(model, batch, length, fused, args.device)})
 
 
 def measure_run(results: Results, spec: str, args, log) -> None:
