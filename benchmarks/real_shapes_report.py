@@ -98,7 +98,7 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
                      for run, t in times.items()) or "not measured") + ", relative to gc.",
         "",
         f"| run | batch | mode | T | peak GiB | KiB per token | head+loss | longest T {g1} GiB | {g2} GiB | vs gc "
-        "| vs gc+offload | step / gc |",
+        "| vs gc+offload+fused | step / gc |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fits:
@@ -106,7 +106,8 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
             lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | not measured | | | | | | | | |")
             continue
         same = {g["mode"]: g for g in fits if (g["run"], g["batch"]) == (f["run"], f["batch"]) and g["measured"]}
-        ratio = {a: _ratio(_trusted(f, g1), _trusted(same[a], g1)) if a in same else "-" for a in ("gc", "gc+offload")}
+        anchors = ("gc", "gc+offload+fused")
+        ratio = {a: _ratio(_trusted(f, g1), _trusted(same[a], g1)) if a in same else "-" for a in anchors}
         run_times = times.get(f["run"], {})
         seconds = run_times.get("seconds", {})
         timed = f["mode"] in seconds and "gc" in seconds and f["batch"] == run_times["batch"]
@@ -117,7 +118,7 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
         lines.append(
             f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']} | {f['peak_at_longest'] / GIB:.2f} | "
             f"{_per_token(f)} | {share} | "
-            f"{longest[0]} | {longest[1]} | {ratio['gc']} | {ratio['gc+offload']} | "
+            f"{longest[0]} | {longest[1]} | {ratio['gc']} | {ratio['gc+offload+fused']} | "
             f"{'-' if step is None else f'{step:.2f}'} |"
         )
     return lines
