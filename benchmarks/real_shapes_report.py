@@ -107,7 +107,7 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
             continue
         same = {g["mode"]: g for g in fits if (g["run"], g["batch"]) == (f["run"], f["batch"]) and g["measured"]}
         anchors = ("gc", "gc+offload+fused")
-        ratio = {a: _ratio(_trusted(f, g1), _trusted(same[a], g1)) if a in same else "-" for a in anchors}
+        ratio = {a: _versus(f, same[a], g1) if a in same else "-" for a in anchors}
         run_times = times.get(f["run"], {})
         seconds = run_times.get("seconds", {})
         timed = f["mode"] in seconds and "gc" in seconds and f["batch"] == run_times["batch"]
@@ -136,14 +136,18 @@ def _per_token(fit: dict) -> str:
     return "-" if fit["line"] == "one length" else f"{fit['bytes_per_token'] / 1024:,.1f}"
 
 
-def _trusted(fit: dict, budget: str) -> int | None:
-    """The longest T where it is extrapolated at most 64 times beyond the measured lengths, else None."""
-    length = fit["longest_length"][budget]
-    return length if length is not None and length <= 64 * fit["measured_up_to"] else None
-
-
-def _ratio(mine: int | None, theirs: int | None) -> str:
-    return f"{mine / theirs:.2f}x" if mine and theirs and mine > 0 and theirs > 0 else "-"
+def _versus(mine: dict, theirs: dict, budget: str) -> str:
+    """Mine's longest T over theirs: a ratio; a bound ('> Nx', '< Nx') where one of them lies beyond 64 times
+    its longest measured T (there the ratio is taken at that limit); '-' without a slope or where neither fits."""
+    limits, lengths = [64 * f["measured_up_to"] for f in (mine, theirs)], [f["longest_length"][budget] for f in
+                                                                           (mine, theirs)]
+    if None in lengths or 0 in lengths:
+        return "-"
+    beyond = [t > limit for t, limit in zip(lengths, limits)]
+    a, b = (min(t, limit) for t, limit in zip(lengths, limits))
+    if all(beyond):
+        return "-"
+    return f"{'> ' if beyond[0] else '< ' if beyond[1] else ''}{a / b:.2f}x"
 
 
 def state_lines(fits: list[dict], parameters: dict, devices: int = 8) -> list[str]:
@@ -190,7 +194,7 @@ def readme_table(fits: list[dict], budgets: list[float]) -> list[str]:
              " vs gc |", "|---|---|---|---|---|---|---|"]
     for f in (f for f in fits if f["measured"]):
         same = [x for x in fits if (x["run"], x["batch"], x["mode"]) == (f["run"], f["batch"], "gc") and x["measured"]]
-        ratio = _ratio(_trusted(f, g), _trusted(same[0], g)) if same else "-"
+        ratio = _versus(f, same[0], g) if same else "-"
         longest = _length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"], f["line"])
         lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']:,} | {_per_token(f)} | "
                      f"{longest} | {ratio} |")
