@@ -202,27 +202,34 @@ def readme_table(fits: list[dict], budgets: list[float]) -> list[str]:
 
 
 def plot(rows: list[dict], fits: list[dict], budgets: list[float], path: Path) -> None:
-    runs, batches = (list(dict.fromkeys(r[k] for r in rows)) for k in ("run", "batch"))
-    fig, axes = plt.subplots(len(runs), len(batches), figsize=(7 * len(batches), 5 * len(runs)), squeeze=False)
-    for ax, (run, batch) in zip(axes.flat, [(run, batch) for run in runs for batch in batches]):
-        colors = plt.get_cmap("tab20")
+    """Per run and batch, two panels against the measured lengths: the peak with the weights counted in bf16
+    (the budgets dotted), and the activations at the peak alone (where the fused modes differ)."""
+    pairs = list(dict.fromkeys((r["run"], r["batch"]) for f in fits if f["measured"] for r in rows
+                               if (r["run"], r["batch"]) == (f["run"], f["batch"])))
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(13, 4.5 * len(pairs)), squeeze=False)
+    names = list(MODES)
+    palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "darkgoldenrod", "navy"]
+    for (peak_ax, act_ax), (run, batch) in zip(axes, pairs):
         for f in (f for f in fits if (f["run"], f["batch"]) == (run, batch) and f["measured"]):
-            mine = [r for r in rows if (r["run"], r["batch"], r["mode"]) == (run, batch, f["mode"]) and "peak" in r]
-            half = mine[-1]["parameters"] / 2
-            style = "--" if MODES[f["mode"]][2] else "-"
-            ax.plot([r["length"] for r in mine], [(r["peak"] - half) / GIB for r in mine], "o" + style,
-                    color=colors(list(MODES).index(f["mode"])), label=f["mode"], markersize=3)
+            mine = sorted((r for r in rows if (r["run"], r["batch"], r["mode"]) == (run, batch, f["mode"])
+                           and "peak" in r), key=lambda r: r["length"])
+            t = [r["length"] for r in mine]
+            style = dict(marker="o", linestyle="--" if MODES[f["mode"]][2] else "-", markersize=3, label=f["mode"],
+                         color=palette[names.index(f["mode"]) % len(palette)])
+            peak_ax.plot(t, [(r["peak"] - r["parameters"] / 2) / GIB for r in mine], **style)
+            act_ax.plot(t, [r["activations"] / GIB for r in mine], **style)
         for g in budgets:
-            ax.axhline(g, color="black", linestyle=":", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length T (measured)")
-        ax.set_ylabel("peak of one step, weights counted in bf16 (GiB)")
-        ax.set_title(f"{run}, batch {batch}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+            peak_ax.axhline(g, color="black", linestyle=":", linewidth=0.8)
+        for ax, what in ((peak_ax, "peak of one step, weights counted in bf16"), (act_ax, "activations at the peak")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context length T (measured points)")
+            ax.set_ylabel(f"{what} (GiB)")
+            ax.set_title(f"{run}, batch {batch}: {what}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def write_report(path: Path) -> list[str]:
