@@ -268,9 +268,13 @@ def reason_to_skip(results: Results, model: nn.Module, point: tuple, args) -> st
 
 
 def measure_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], optimizer) -> dict:
-    """Bytes of ``zero_grad; loss_fn().backward(); optimizer.step()``, counted by LiveBytes in two phases:
-    ``peak`` and its split over the forward and backward (which grows with the context), and
-    ``optimizer_step_peak`` over the optimizer step (which does not); on CUDA also max_memory_allocated."""
+    """Bytes of ``zero_grad; loss_fn().backward(); optimizer.step()``, counted by LiveBytes: ``peak`` and its
+    split over the forward and backward (which grows with the context); ``phase_peaks``, the peak of each
+    phase: the forward, the backward of the head and loss (until the gradient reaches the final norm's
+    input) and the backward of the layers; and ``optimizer_step_peak`` over the optimizer step (which does
+    not grow). Each phase's peak grows along its own line, so the phase that holds the step's peak at short
+    contexts (a fused loss's fixed chunk buffers) may not be the one at long contexts: the report fits each
+    phase. On CUDA also max_memory_allocated."""
     params = list(model.parameters())
     optimizer.zero_grad(set_to_none=True)
     cuda = params[0].is_cuda
@@ -278,15 +282,31 @@ def measure_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], optimize
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with tracking(params, optimizer) as tracker:
-        loss = loss_fn()
+        phases: dict[str, dict[str, int]] = {}
+
+        def close(name: str) -> None:
+            phases[name] = dict(tracker.peak)
+            tracker.reset_peak()
+
+        def watch_hidden(module: nn.Module, inputs: tuple) -> None:
+            if inputs[0].requires_grad:
+                inputs[0].register_hook(lambda grad: close("head_backward"))
+
+        hook = task_of(model).model.norm.register_forward_pre_hook(watch_hidden)
+        try:
+            loss = loss_fn()
+        finally:
+            hook.remove()
         held = tracker.current["activations"]
+        close("forward")
         loss.backward()
         del loss
-        split = dict(tracker.peak)
-        tracker.reset_peak()
+        close("layers_backward")
+        split = max(phases.values(), key=lambda p: sum(p.values()))
         optimizer.step()
         step_peak = tracker.peak_total
     return {**split, "peak": sum(split.values()), "held_after_forward": held, "optimizer_step_peak": step_peak,
+            "phase_peaks": {name: sum(p.values()) for name, p in phases.items()},
             "cuda_max_allocated": torch.cuda.max_memory_allocated() if cuda else None}
 
 
