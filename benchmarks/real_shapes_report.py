@@ -27,9 +27,11 @@ MODES: dict[str, tuple[str, str | None, bool]] = {
 
 
 def fit(rows: list[dict], budgets: list[float]) -> list[dict]:
-    """Per (run, batch, mode): the forward-and-backward peak = a + b T by least squares over the measured
-    lengths; the longest T under each budget with the parameters counted at 2 bytes (bf16) instead of 4
-    (0 where the optimizer step's own peak, which does not grow with T, exceeds the budget)."""
+    """Per (run, batch, mode): the forward-and-backward peak = a + b T over the measured lengths (``_line``),
+    and the same per phase (forward, head-and-loss backward, layers backward) where the rows have
+    ``phase_peaks``. The longest T under each budget, with the parameters counted at 2 bytes (bf16) instead
+    of 4, is the shortest over the phases' lines (over the step's line without phases); 0 where the
+    optimizer step's own peak, which does not grow with T, exceeds the budget."""
     out = []
     for key in dict.fromkeys((r["run"], r["batch"], r["mode"]) for r in rows):
         mine = sorted((r for r in rows if (r["run"], r["batch"], r["mode"]) == key and "peak" in r),
@@ -40,13 +42,26 @@ def fit(rows: list[dict], budgets: list[float]) -> list[dict]:
         t = np.array([r["length"] for r in mine], dtype=float)
         p = np.array([r["peak"] for r in mine], dtype=float)
         a, b, how = _line(t, p)
-        a_bf16 = a - mine[-1]["parameters"] / 2
-        step_bf16 = max(r["optimizer_step_peak"] for r in mine) - mine[-1]["parameters"] / 2
-        longest = {str(g): _longest(g * GIB, a_bf16, b, step_bf16) for g in budgets}
+        half = mine[-1]["parameters"] / 2
+        step_bf16 = max(r["optimizer_step_peak"] for r in mine) - half
+        phased = [r for r in mine if "phase_peaks" in r]
+        lines = {"step": (a, b)}
+        if len(phased) >= 2 and len(phased) == len(mine):
+            lines = {name: _line(t, np.array([r["phase_peaks"][name] for r in phased], dtype=float))[:2]
+                     for name in phased[-1]["phase_peaks"]}
+        longest, limiting = {}, {}
+        for g in budgets:
+            each = {name: _longest(g * GIB, pa - half, pb, step_bf16) for name, (pa, pb) in lines.items()}
+            bounded = {name: v for name, v in each.items() if v is not None}
+            limiting[str(g)] = min(bounded, key=bounded.get) if bounded else None
+            longest[str(g)] = bounded[limiting[str(g)]] if bounded else None
+        steepest = max(pb for _, pb in lines.values())
         out.append({
-            "run": key[0], "batch": key[1], "mode": key[2], "measured": True,
-            "line": how, "intercept": float(a), "intercept_bf16_weights": float(a_bf16), "bytes_per_position": float(b),
+            "run": key[0], "batch": key[1], "mode": key[2], "measured": True, "line": how, "intercept": float(a),
+            "intercept_bf16_weights": float(a - half), "bytes_per_position": float(b),
             "bytes_per_token": float(b) / key[1], "max_residual": float(np.max(np.abs(a + b * t - p) / p)),
+            "phase_lines": {n: [float(pa), float(pb)] for n, (pa, pb) in lines.items()},
+            "steepest_bytes_per_token": float(steepest) / key[1], "limiting_phase": limiting,
             "measured_up_to": int(t.max()), "peak_at_longest": float(p[-1]), "longest_length": longest,
             "extrapolated": {g: bool(v is not None and v > t.max()) for g, v in longest.items()},
             "at_longest_measured": {k: mine[-1][k] for k in ("parameters", "gradients", "optimizer", "activations")},
@@ -89,16 +104,19 @@ def head_share(fits: list[dict], heads: list[dict]) -> None:
 def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
     g1, g2 = (str(g) for g in budgets[:2])
     lines = [
-        f"Peak: measured at the longest measured T (float32 weights). Longest T: where the fitted peak, weights "
-        f"counted in bf16, reaches {g1} / {g2} GiB; * extrapolated beyond the measured lengths; 'flat': the peak "
+        "Peak: measured at the longest measured T (float32 weights). KiB per token: the slope of the step's peak "
+        "over the measured lengths, and of the steepest of its phases (forward, head-and-loss backward, layers "
+        "backward), which governs long contexts. Longest T: where the first phase's fitted line (the step's line "
+        f"for rows without phases), weights counted in bf16, reaches {g1} / {g2} GiB; * extrapolated beyond the "
+        "measured lengths; 'flat': the peak "
         "does not grow over the measured lengths ('one length': one measured); '>': beyond 64 times the longest "
         "measured T, not extrapolated. "
         "Head+loss: its activations at their peak over the mode's, at the longest measured T. Step time: "
         + ("; ".join(f"{run} at batch {t['batch']}, T = {t['length']} (machine idle: {t['machine_idle']})"
                      for run, t in times.items()) or "not measured") + ", relative to gc.",
         "",
-        f"| run | batch | mode | T | peak GiB | KiB per token | head+loss | longest T {g1} GiB | {g2} GiB | vs gc "
-        "| vs gc+offload+fused | step / gc |",
+        f"| run | batch | mode | T | peak GiB | KiB per token: step / steepest phase | head+loss | longest T {g1} GiB "
+        f"| {g2} GiB | vs gc | vs gc+offload+fused | step / gc |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fits:
@@ -117,7 +135,7 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
         share = f"{f['head_and_loss_share']:.0%}" if f.get("head_and_loss_share") is not None else "-"
         lines.append(
             f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']} | {f['peak_at_longest'] / GIB:.2f} | "
-            f"{_per_token(f)} | {share} | "
+            f"{_per_token(f)} / {_per_token(f, 'steepest_bytes_per_token')} | {share} | "
             f"{longest[0]} | {longest[1]} | {ratio['gc']} | {ratio['gc+offload+fused']} | "
             f"{'-' if step is None else f'{step:.2f}'} |"
         )
@@ -132,8 +150,8 @@ def _length(length: int | None, extrapolated: bool, measured: int, line: str) ->
     return f"> {64 * measured:,}" if length > 64 * measured else f"{length:,}{'*' if extrapolated else ''}"
 
 
-def _per_token(fit: dict) -> str:
-    return "-" if fit["line"] == "one length" else f"{fit['bytes_per_token'] / 1024:,.1f}"
+def _per_token(fit: dict, key: str = "bytes_per_token") -> str:
+    return "-" if fit["line"] == "one length" else f"{fit[key] / 1024:,.1f}"
 
 
 def _versus(mine: dict, theirs: dict, budget: str) -> str:
@@ -190,13 +208,14 @@ def readme_table(fits: list[dict], budgets: list[float]) -> list[str]:
     """The short table for README: per run and batch, the anchor gc and the fused modes, KiB per token and
     the longest context in the larger budget."""
     g = str(budgets[-1])
-    lines = [f"| run | batch | mode | measured up to T | KiB per token | longest T in {g} GiB (bf16 weights) |"
+    lines = [f"| run | batch | mode | measured up to T | KiB per token (steepest phase) | longest T in {g} GiB |"
              " vs gc |", "|---|---|---|---|---|---|---|"]
     for f in (f for f in fits if f["measured"]):
         same = [x for x in fits if (x["run"], x["batch"], x["mode"]) == (f["run"], f["batch"], "gc") and x["measured"]]
         ratio = _versus(f, same[0], g) if same else "-"
         longest = _length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"], f["line"])
-        lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']:,} | {_per_token(f)} | "
+        lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']:,} | "
+                     f"{_per_token(f, 'steepest_bytes_per_token')} | "
                      f"{longest} | {ratio} |")
     return lines
 
