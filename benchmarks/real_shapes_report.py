@@ -172,7 +172,8 @@ def state_lines(fits: list[dict], parameters: dict, devices: int = 8) -> list[st
     """Weights, gradients and optimizer state per run: measured (LiveBytes, the gc row at the smallest batch)
     and computed from the parameter counts (bf16 weights, 8-bit AdamW moments, ZeRO over ``devices``)."""
     lines = [
-        "", f"Weights, gradients and AdamW state. Measured: counted by LiveBytes in the gc step. Computed from the "
+        "", f"Weights, gradients and AdamW state. Measured: counted by LiveBytes (the gc step, or another mode's where "
+        "gc was not run). Computed from the "
         f"parameter counts: bf16 weights (2 bytes per parameter); 8-bit AdamW (two 1-byte moments per trained "
         f"parameter, their block scales left out); ZeRO over {devices} devices (stage 1 splits the optimizer "
         "state, stage 2 also the gradients, stage 3 also the weights; per device, bf16 weights, float32 "
@@ -181,7 +182,7 @@ def state_lines(fits: list[dict], parameters: dict, devices: int = 8) -> list[st
         "| 8-bit AdamW GiB (computed) | ZeRO-1 / 2 / 3 per device GiB (computed) | left of 16 / 24 GiB: plain "
         "bf16 + AdamW, 8-bit, ZeRO-3 |", "|---|---|---|---|---|---|---|---|"]
     for run, counts in parameters.items():
-        gc = [f for f in fits if f["run"] == run and f["mode"] == "gc" and f["measured"]]
+        gc = sorted((f for f in fits if f["run"] == run and f["measured"]), key=lambda f: f["mode"] != "gc")
         total, trained = counts["total"], counts["trainable"]
         weights, grads, adam = 2 * total / GIB, 4 * trained / GIB, 8 * trained / GIB
         measured = f"{gc[0]['at_longest_measured']['optimizer'] / GIB:.2f}" if gc else "-"
