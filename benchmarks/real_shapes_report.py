@@ -49,8 +49,10 @@ def fit(rows: list[dict], budgets: list[float]) -> list[dict]:
         if len(phased) >= 2 and len(phased) == len(mine):
             lines = {name: _line(t, np.array([r["phase_peaks"][name] for r in phased], dtype=float))[:2]
                      for name in phased[-1]["phase_peaks"]}
-        longest, limiting = {}, {}
-        for g in budgets:
+        if len(lines) > 1 and min(pb for _, pb in lines.values()) <= 0:
+            how = "flat phase"  # it grows somewhere beyond the measured lengths, at a slope not yet measured
+        longest, limiting = dict.fromkeys(map(str, budgets)), dict.fromkeys(map(str, budgets))
+        for g in budgets if how != "flat phase" else ():
             each = {name: _longest(g * GIB, pa - half, pb, step_bf16) for name, (pa, pb) in lines.items()}
             bounded = {name: v for name, v in each.items() if v is not None}
             limiting[str(g)] = min(bounded, key=bounded.get) if bounded else None
@@ -63,7 +65,7 @@ def fit(rows: list[dict], budgets: list[float]) -> list[dict]:
             "phase_lines": {n: [float(pa), float(pb)] for n, (pa, pb) in lines.items()},
             "steepest_bytes_per_token": float(steepest) / key[1], "limiting_phase": limiting,
             "measured_up_to": int(t.max()), "peak_at_longest": float(p[-1]), "longest_length": longest,
-            "extrapolated": {g: bool(v is not None and v > t.max()) for g, v in longest.items()},
+            "extrapolated": {str(g): bool(longest.get(str(g)) and longest[str(g)] > t.max()) for g in budgets},
             "at_longest_measured": {k: mine[-1][k] for k in ("parameters", "gradients", "optimizer", "activations")},
         })
     return out
@@ -109,7 +111,9 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
         "backward), which governs long contexts. Longest T: where the first phase's fitted line (the step's line "
         f"for rows without phases), weights counted in bf16, reaches {g1} / {g2} GiB; * extrapolated beyond the "
         "measured lengths; 'flat': the peak "
-        "does not grow over the measured lengths ('one length': one measured); '>': beyond 64 times the longest "
+        "does not grow over the measured lengths "
+        "('one length': one measured; 'a phase flat': one phase's peak does not grow yet, so its slope "
+        "beyond is unknown); '>': beyond 64 times the longest "
         "measured T, not extrapolated. "
         "Head+loss: its activations at their peak over the mode's, at the longest measured T. Step time: "
         + ("; ".join(f"{run} at batch {t['batch']}, T = {t['length']} (machine idle: {t['machine_idle']})"
@@ -146,7 +150,7 @@ def _length(length: int | None, extrapolated: bool, measured: int, line: str) ->
     """The longest T for the table: 'flat' without a slope (or 'one length' measured), '>' beyond 64 times the
     measured lengths."""
     if length is None:
-        return "flat" if line == "flat" else "one length"
+        return {"flat": "flat", "flat phase": "a phase flat"}.get(line, "one length")
     return f"> {64 * measured:,}" if length > 64 * measured else f"{length:,}{'*' if extrapolated else ''}"
 
 
