@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -25,9 +27,11 @@ MODES: dict[str, tuple[str, str | None, bool]] = {
 
 
 def fit(rows: list[dict], budgets: list[float]) -> list[dict]:
-    """Per (run, batch, mode): the forward-and-backward peak = a + b T by least squares over the measured
-    lengths; the longest T under each budget with the parameters counted at 2 bytes (bf16) instead of 4
-    (0 where the optimizer step's own peak, which does not grow with T, exceeds the budget)."""
+    """Per (run, batch, mode): the forward-and-backward peak = a + b T over the measured lengths (``_line``),
+    and the same per phase (forward, head-and-loss backward, layers backward) where the rows have
+    ``phase_peaks``. The longest T under each budget, with the parameters counted at 2 bytes (bf16) instead
+    of 4, is the shortest over the phases' lines (over the step's line without phases); 0 where the
+    optimizer step's own peak, which does not grow with T, exceeds the budget."""
     out = []
     for key in dict.fromkeys((r["run"], r["batch"], r["mode"]) for r in rows):
         mine = sorted((r for r in rows if (r["run"], r["batch"], r["mode"]) == key and "peak" in r),
@@ -38,15 +42,30 @@ def fit(rows: list[dict], budgets: list[float]) -> list[dict]:
         t = np.array([r["length"] for r in mine], dtype=float)
         p = np.array([r["peak"] for r in mine], dtype=float)
         a, b, how = _line(t, p)
-        a_bf16 = a - mine[-1]["parameters"] / 2
-        step_bf16 = max(r["optimizer_step_peak"] for r in mine) - mine[-1]["parameters"] / 2
-        longest = {str(g): _longest(g * GIB, a_bf16, b, step_bf16) for g in budgets}
+        half = mine[-1]["parameters"] / 2
+        step_bf16 = max(r["optimizer_step_peak"] for r in mine) - half
+        phased = [r for r in mine if "phase_peaks" in r]
+        lines = {"step": (a, b)}
+        if len(phased) >= 2 and len(phased) == len(mine):
+            lines = {name: _line(t, np.array([r["phase_peaks"][name] for r in phased], dtype=float))[:2]
+                     for name in phased[-1]["phase_peaks"]}
+        if len(lines) > 1 and min(pb for _, pb in lines.values()) <= 0:
+            how = "flat phase"  # it grows somewhere beyond the measured lengths, at a slope not yet measured
+        longest, limiting = dict.fromkeys(map(str, budgets)), dict.fromkeys(map(str, budgets))
+        for g in budgets if how != "flat phase" else ():
+            each = {name: _longest(g * GIB, pa - half, pb, step_bf16) for name, (pa, pb) in lines.items()}
+            bounded = {name: v for name, v in each.items() if v is not None}
+            limiting[str(g)] = min(bounded, key=bounded.get) if bounded else None
+            longest[str(g)] = bounded[limiting[str(g)]] if bounded else None
+        steepest = max(pb for _, pb in lines.values())
         out.append({
-            "run": key[0], "batch": key[1], "mode": key[2], "measured": True,
-            "line": how, "intercept": float(a), "intercept_bf16_weights": float(a_bf16), "bytes_per_position": float(b),
+            "run": key[0], "batch": key[1], "mode": key[2], "measured": True, "line": how, "intercept": float(a),
+            "intercept_bf16_weights": float(a - half), "bytes_per_position": float(b),
             "bytes_per_token": float(b) / key[1], "max_residual": float(np.max(np.abs(a + b * t - p) / p)),
+            "phase_lines": {n: [float(pa), float(pb)] for n, (pa, pb) in lines.items()},
+            "steepest_bytes_per_token": float(steepest) / key[1], "limiting_phase": limiting,
             "measured_up_to": int(t.max()), "peak_at_longest": float(p[-1]), "longest_length": longest,
-            "extrapolated": {g: bool(v is not None and v > t.max()) for g, v in longest.items()},
+            "extrapolated": {str(g): bool(longest.get(str(g)) and longest[str(g)] > t.max()) for g in budgets},
             "at_longest_measured": {k: mine[-1][k] for k in ("parameters", "gradients", "optimizer", "activations")},
         })
     return out
@@ -56,7 +75,9 @@ def _line(t: np.ndarray, p: np.ndarray) -> tuple[float, float, str]:
     """(a, b, how) of peak = a + b T: least squares over every length, or, where that misses a point by more
     than 2 % (a constant peak, e.g. the gradients of full fine-tuning, dominates the short lengths), the line
     through the two longest; b = 0 where the peak does not grow over the measured lengths."""
-    if len(t) < 2 or p[-1] - p[0] <= 1e-6 * p[-1]:
+    if len(t) < 2:
+        return float(p.max()), 0.0, "one length"
+    if p[-1] - p[0] <= 1e-6 * p[-1]:
         return float(p.max()), 0.0, "flat"
     b, a = np.polyfit(t, p, 1)
     if np.max(np.abs(a + b * t - p) / p) <= 0.02:
@@ -82,17 +103,24 @@ def head_share(fits: list[dict], heads: list[dict]) -> None:
         f["head_and_loss_share"] = match[0]["peak"] / f["at_longest_measured"]["activations"] if match else None
 
 
-def table(fits: list[dict], times: dict, budgets: list[float], time_shape: tuple[int, int]) -> list[str]:
+def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
     g1, g2 = (str(g) for g in budgets[:2])
     lines = [
-        f"Peak: measured at the longest measured T (float32 weights). Longest T: where the fitted peak, weights "
-        f"counted in bf16, reaches {g1} / {g2} GiB; * extrapolated beyond the measured lengths; 'flat': the peak "
-        "does not grow over the measured lengths; '>': beyond 64 times the longest measured T, not extrapolated. "
-        "Head+loss: its activations at their peak over the mode's, at the longest measured T. Step time at batch "
-        f"{time_shape[0]}, T = {time_shape[1]}, relative to gc.",
+        "Peak: measured at the longest measured T (float32 weights). KiB per token: the slope of the step's peak "
+        "over the measured lengths, and of the steepest of its phases (forward, head-and-loss backward, layers "
+        "backward), which governs long contexts. Longest T: where the first phase's fitted line (the step's line "
+        f"for rows without phases), weights counted in bf16, reaches {g1} / {g2} GiB; * extrapolated beyond the "
+        "measured lengths; 'flat': the peak "
+        "does not grow over the measured lengths "
+        "('one length': one measured; 'a phase flat': one phase's peak does not grow yet, so its slope "
+        "beyond is unknown); '>': beyond 64 times the longest "
+        "measured T, not extrapolated. "
+        "Head+loss: its activations at their peak over the mode's, at the longest measured T. Step time: "
+        + ("; ".join(f"{run} at batch {t['batch']}, T = {t['length']} (machine idle: {t['machine_idle']})"
+                     for run, t in times.items()) or "not measured") + ", relative to gc.",
         "",
-        f"| run | batch | mode | T | peak GiB | KiB per token | head+loss | longest T {g1} GiB | {g2} GiB | vs gc "
-        "| vs gc+offload | step / gc |",
+        f"| run | batch | mode | T | peak GiB | KiB per token: step / steepest phase | head+loss | longest T {g1} GiB "
+        f"| {g2} GiB | vs gc | vs gc+offload+fused | step / gc |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fits:
@@ -100,69 +128,178 @@ def table(fits: list[dict], times: dict, budgets: list[float], time_shape: tuple
             lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | not measured | | | | | | | | |")
             continue
         same = {g["mode"]: g for g in fits if (g["run"], g["batch"]) == (f["run"], f["batch"]) and g["measured"]}
-        ratio = {a: _ratio(_trusted(f, g1), _trusted(same[a], g1)) if a in same else "-" for a in ("gc", "gc+offload")}
+        anchors = ("gc", "gc+offload+fused")
+        ratio = {a: _versus(f, same[a], g1) if a in same else "-" for a in anchors}
         run_times = times.get(f["run"], {})
-        timed = f["mode"] in run_times and "gc" in run_times and f["batch"] == time_shape[0]
-        step = run_times[f["mode"]] / run_times["gc"] if timed else None
-        longest = [_length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"]) for g in (g1, g2)]
+        seconds = run_times.get("seconds", {})
+        timed = f["mode"] in seconds and "gc" in seconds and f["batch"] == run_times["batch"]
+        step = seconds[f["mode"]] / seconds["gc"] if timed else None
+        longest = [_length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"], f["line"])
+                   for g in (g1, g2)]
         share = f"{f['head_and_loss_share']:.0%}" if f.get("head_and_loss_share") is not None else "-"
         lines.append(
             f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']} | {f['peak_at_longest'] / GIB:.2f} | "
-            f"{f['bytes_per_token'] / 1024:,.1f} | {share} | "
-            f"{longest[0]} | {longest[1]} | {ratio['gc']} | {ratio['gc+offload']} | "
+            f"{_per_token(f)} / {_per_token(f, 'steepest_bytes_per_token')} | {share} | "
+            f"{longest[0]} | {longest[1]} | {ratio['gc']} | {ratio['gc+offload+fused']} | "
             f"{'-' if step is None else f'{step:.2f}'} |"
         )
     return lines
 
 
-def _length(length: int | None, extrapolated: bool, measured: int) -> str:
-    """The longest T for the table: 'flat' without a slope, '>' beyond 64 times the measured lengths."""
+def _length(length: int | None, extrapolated: bool, measured: int, line: str) -> str:
+    """The longest T for the table: 'flat' without a slope (or 'one length' measured), '>' beyond 64 times the
+    measured lengths."""
     if length is None:
-        return "flat"
+        return {"flat": "flat", "flat phase": "a phase flat"}.get(line, "one length")
     return f"> {64 * measured:,}" if length > 64 * measured else f"{length:,}{'*' if extrapolated else ''}"
 
 
-def _trusted(fit: dict, budget: str) -> int | None:
-    """The longest T where it is extrapolated at most 64 times beyond the measured lengths, else None."""
-    length = fit["longest_length"][budget]
-    return length if length is not None and length <= 64 * fit["measured_up_to"] else None
+def _per_token(fit: dict, key: str = "bytes_per_token") -> str:
+    return "-" if fit["line"] == "one length" else f"{fit[key] / 1024:,.1f}"
 
 
-def _ratio(mine: int | None, theirs: int | None) -> str:
-    return f"{mine / theirs:.2f}x" if mine and theirs and mine > 0 and theirs > 0 else "-"
+def _versus(mine: dict, theirs: dict, budget: str) -> str:
+    """Mine's longest T over theirs: a ratio; a bound ('> Nx', '< Nx') where one of them lies beyond 64 times
+    its longest measured T (there the ratio is taken at that limit); '-' without a slope or where neither fits."""
+    limits, lengths = [64 * f["measured_up_to"] for f in (mine, theirs)], [f["longest_length"][budget] for f in
+                                                                           (mine, theirs)]
+    if None in lengths or 0 in lengths:
+        return "-"
+    beyond = [t > limit for t, limit in zip(lengths, limits)]
+    a, b = (min(t, limit) for t, limit in zip(lengths, limits))
+    if all(beyond):
+        return "-"
+    return f"{'> ' if beyond[0] else '< ' if beyond[1] else ''}{a / b:.2f}x"
 
 
-def state_lines(fits: list[dict]) -> list[str]:
-    """What the weights, gradients and optimizer state take, per run (from the gc rows)."""
-    lines = ["", "| run | weights float32 (bf16) GiB | gradients GiB | AdamW state GiB | 8-bit moments would take |",
-             "|---|---|---|---|---|"]
-    for f in fits:
-        if f["mode"] == "gc" and f["measured"] and f["batch"] == min(g["batch"] for g in fits if g["run"] == f["run"]):
-            s = {k: v / GIB for k, v in f["at_longest_measured"].items()}
-            lines.append(f"| {f['run']} | {s['parameters']:.2f} ({s['parameters'] / 2:.2f}) | {s['gradients']:.2f} | "
-                         f"{s['optimizer']:.2f} | {s['optimizer'] / 4:.2f} (two 1-byte moments for two 4-byte) |")
+def state_lines(fits: list[dict], parameters: dict, devices: int = 8) -> list[str]:
+    """Weights, gradients and optimizer state per run: measured (LiveBytes, the gc row at the smallest batch)
+    and computed from the parameter counts (bf16 weights, 8-bit AdamW moments, ZeRO over ``devices``)."""
+    lines = [
+        "", f"Weights, gradients and AdamW state. Measured: counted by LiveBytes (the gc step, or another mode's where "
+        "gc was not run). Computed from the "
+        f"parameter counts: bf16 weights (2 bytes per parameter); 8-bit AdamW (two 1-byte moments per trained "
+        f"parameter, their block scales left out); ZeRO over {devices} devices (stage 1 splits the optimizer "
+        "state, stage 2 also the gradients, stage 3 also the weights; per device, bf16 weights, float32 "
+        "gradients and AdamW). What remains of 16 / 24 GiB for activations, per device.", "",
+        "| run | parameters (trained) | weights float32 / bf16 GiB | gradients GiB | AdamW state GiB (measured) "
+        "| 8-bit AdamW GiB (computed) | ZeRO-1 / 2 / 3 per device GiB (computed) | left of 16 / 24 GiB: plain "
+        "bf16 + AdamW, 8-bit, ZeRO-3 |", "|---|---|---|---|---|---|---|---|"]
+    for run, counts in parameters.items():
+        gc = sorted((f for f in fits if f["run"] == run and f["measured"]), key=lambda f: f["mode"] != "gc")
+        total, trained = counts["total"], counts["trainable"]
+        weights, grads, adam = 2 * total / GIB, 4 * trained / GIB, 8 * trained / GIB
+        measured = f"{gc[0]['at_longest_measured']['optimizer'] / GIB:.2f}" if gc else "-"
+        eight_bit = 2 * trained / GIB
+        zero = [weights + grads + adam / devices, weights + (grads + adam) / devices,
+                (weights + grads + adam) / devices]
+        plain, small = weights + grads + adam, weights + grads + eight_bit
+        left = " / ".join(", ".join(f"{g - x:.1f}" for x in (plain, small, zero[2])) for g in (16, 24))
+        lines.append(f"| {run} | {total / 1e6:,.0f} M ({trained / 1e6:,.1f} M) | {2 * weights:.2f} / {weights:.2f} | "
+                     f"{grads:.2f} | {adam:.2f} ({measured}) | {eight_bit:.2f} | "
+                     f"{' / '.join(f'{z:.2f}' for z in zero)} | {left} |")
+    return lines
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """The points not measured, with their reasons (skipped by prediction, out of memory, failed)."""
+    out = [f"- {r['run']}, batch {r['batch']}, {r['mode']}, T = {r['length']}: "
+           + (f"skipped ({r['skipped']})" if "skipped" in r else "out of memory" if r.get("oom") else
+              f"FAILED: {r.get('failed')}") for r in rows if "peak" not in r]
+    return ["", "Points not measured:", "", *out] if out else []
+
+
+def readme_table(fits: list[dict], budgets: list[float]) -> list[str]:
+    """The short table for README: per run and batch, the anchor gc and the fused modes, KiB per token and
+    the longest context in the larger budget."""
+    g = str(budgets[-1])
+    lines = [f"| run | batch | mode | measured up to T | KiB per token (steepest phase) | longest T in {g} GiB |"
+             " vs gc |", "|---|---|---|---|---|---|---|"]
+    for f in (f for f in fits if f["measured"]):
+        same = [x for x in fits if (x["run"], x["batch"], x["mode"]) == (f["run"], f["batch"], "gc") and x["measured"]]
+        ratio = _versus(f, same[0], g) if same else "-"
+        longest = _length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"], f["line"])
+        lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']:,} | "
+                     f"{_per_token(f, 'steepest_bytes_per_token')} | "
+                     f"{longest} | {ratio} |")
     return lines
 
 
 def plot(rows: list[dict], fits: list[dict], budgets: list[float], path: Path) -> None:
-    runs, batches = (list(dict.fromkeys(r[k] for r in rows)) for k in ("run", "batch"))
-    fig, axes = plt.subplots(len(runs), len(batches), figsize=(7 * len(batches), 5 * len(runs)), squeeze=False)
-    for ax, (run, batch) in zip(axes.flat, [(run, batch) for run in runs for batch in batches]):
-        colors = plt.get_cmap("tab20")
+    """Per run and batch, two panels against the measured lengths: the peak with the weights counted in bf16
+    (the budgets dotted), and the activations at the peak alone (where the fused modes differ)."""
+    pairs = list(dict.fromkeys((r["run"], r["batch"]) for f in fits if f["measured"] for r in rows
+                               if (r["run"], r["batch"]) == (f["run"], f["batch"])))
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(13, 4.5 * len(pairs)), squeeze=False)
+    names = list(MODES)
+    palette = [plt.get_cmap("tab10")(i) for i in range(10)] + ["black", "darkgoldenrod", "navy"]
+    for (peak_ax, act_ax), (run, batch) in zip(axes, pairs):
         for f in (f for f in fits if (f["run"], f["batch"]) == (run, batch) and f["measured"]):
-            mine = [r for r in rows if (r["run"], r["batch"], r["mode"]) == (run, batch, f["mode"]) and "peak" in r]
-            half = mine[-1]["parameters"] / 2
-            style = "--" if MODES[f["mode"]][2] else "-"
-            ax.plot([r["length"] for r in mine], [(r["peak"] - half) / GIB for r in mine], "o" + style,
-                    color=colors(list(MODES).index(f["mode"])), label=f["mode"], markersize=3)
+            mine = sorted((r for r in rows if (r["run"], r["batch"], r["mode"]) == (run, batch, f["mode"])
+                           and "peak" in r), key=lambda r: r["length"])
+            t = [r["length"] for r in mine]
+            style = dict(marker="o", linestyle="--" if MODES[f["mode"]][2] else "-", markersize=3, label=f["mode"],
+                         color=palette[names.index(f["mode"]) % len(palette)])
+            peak_ax.plot(t, [(r["peak"] - r["parameters"] / 2) / GIB for r in mine], **style)
+            act_ax.plot(t, [r["activations"] / GIB for r in mine], **style)
         for g in budgets:
-            ax.axhline(g, color="black", linestyle=":", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length T (measured)")
-        ax.set_ylabel("peak of one step, weights counted in bf16 (GiB)")
-        ax.set_title(f"{run}, batch {batch}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+            peak_ax.axhline(g, color="black", linestyle=":", linewidth=0.8)
+        for ax, what in ((peak_ax, "peak of one step, weights counted in bf16"), (act_ax, "activations at the peak")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context length T (measured points)")
+            ax.set_ylabel(f"{what} (GiB)")
+            ax.set_title(f"{run}, batch {batch}: {what}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+
+
+def write_report(path: Path) -> list[str]:
+    """Fit the rows of the JSON at ``path``, write the fits into it, and write the table (``.md``) and the plot
+    (``.png``) beside it. Returns the table's lines."""
+    raw = json.loads(path.read_text())
+    budgets = raw["meta"].get("budgets", [16.0, 24.0])
+    rows = [r for r in raw["rows"]]
+    order = ["qwen3-0.6b:lora", "llama-3.2-1b:lora", "qwen3-0.6b:full"]
+    fits = sorted(fit(rows, budgets), key=lambda f: (order.index(f["run"]) if f["run"] in order else len(order),
+                                                     f["run"], f["batch"], list(MODES).index(f["mode"])))
+    head_share(fits, raw["head_and_loss"])
+    lines = table(fits, raw["step_seconds"], budgets) + state_lines(fits, raw["meta"].get("parameters", {}))
+    lines += notes(rows) + ["", "README table:", ""] + readme_table(fits, budgets)
+    devices = "; ".join(dict.fromkeys(f"{i['device_name']} ({i['device']}, {i['threads']} threads, idle: "
+                                      f"{i['machine_idle']})" for i in raw["meta"].get("invocations", [])))
+    lines += ["", f"Measured on: {devices}"]
+    raw["fits"] = fits
+    path.write_text(json.dumps(raw, indent=1))
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if any("peak" in r for r in rows):
+        plot(rows, fits, budgets, path.with_suffix(".png"))
+    return lines
+
+
+def replace_between_markers(path: Path, marker: str, lines: list[str]) -> None:
+    """Put ``lines`` between ``<!-- marker -->`` and ``<!-- /marker -->`` in the file at ``path``."""
+    text = path.read_text()
+    start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start.strip()} ... {end} block")
+    before, rest = text.split(start, 1)
+    path.write_text(before + start + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json", type=Path, nargs="?", default=Path(__file__).parent / "results" / "real_shapes.json")
+    parser.add_argument("--readme", type=Path, help="also put the README table between <!-- real-shapes --> markers")
+    args = parser.parse_args()
+    lines = write_report(args.json)
+    print("\n".join(lines))
+    if args.readme:
+        raw = json.loads(args.json.read_text())
+        replace_between_markers(args.readme, "real-shapes", readme_table(raw["fits"], raw["meta"]["budgets"]))
+
+
+if __name__ == "__main__":
+    main()
