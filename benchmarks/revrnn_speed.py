@@ -35,10 +35,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import revbits.revrnn.linear as cell_linear
 from report import experiment_config, write_results
+from revbits.measure import OperatorCount
 from revbits.revrnn import make_rnn
 from revbits.train import TrainConfig
 from revbits.train.commands import make_task_model
@@ -57,17 +57,6 @@ def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -
 
     return step
 
-
-class OperatorCount(TorchDispatchMode):
-    """Counts the ATen operators dispatched inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def operators_per_step(step: Step) -> int:

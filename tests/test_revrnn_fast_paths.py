@@ -5,40 +5,19 @@ Each must keep the reversal bit-exact and the gradients those of plain autograd 
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import revbits.revrnn.linear as cell_linear
 from helpers import relative_error
+from revbits.measure import OperatorCount
 from revbits.revrnn import RevGRU, RevLSTM
 from revbits.revrnn.info_buffer import InfoBuffer
 from revbits.revrnn.linear import CellLinear
 
 CLASSES = [RevGRU, RevLSTM]
 
-
-class OperatorCount(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-class OperatorNames(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -179,9 +158,9 @@ def test_the_range_check_does_not_read_the_states_at_every_step():
     x = torch.randn(40, 2, 4)
     counts = []
     for steps in (20, 40):
-        with torch.no_grad(), OperatorNames() as names:
+        with torch.no_grad(), OperatorCount() as names:
             rnn(x[:steps])
-        counts.append(names.counts)
+        counts.append(names.by_name)
     for name in ("aten.abs.default", "aten.amax.default"):
         assert counts[0][name] == counts[1][name] > 0
     assert not any("minimum" in name or "maximum" in name for name in counts[1])

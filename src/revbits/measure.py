@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -32,6 +33,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations")
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside it: ``.count`` in all and ``.by_name`` per operator,
+    what eager PyTorch pays its per-operator overhead on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.by_name: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        self.by_name[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class LiveBytes(TorchDispatchMode):
