@@ -23,6 +23,7 @@ from revbits.data import (
     cifar10,
     fashion_mnist,
     shakespeare,
+    wiki,
 )
 
 
@@ -43,6 +44,7 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(shakespeare, "pip_download", _offline)
     monkeypatch.setattr(bible, "pip_download", _offline)
     monkeypatch.setattr(bible, "installed_db", lambda: None)
+    monkeypatch.setattr(wiki, "pip_download", _offline)
     return root
 
 

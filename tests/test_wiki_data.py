@@ -17,6 +17,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 
+import data_files
 from revbits.cli import main
 from revbits.data import FetchError, MissingDataError, Source, SourceError, cache, load_wiki_extract, registry, wiki
 from revbits.data.errors import DataFormatError
@@ -25,17 +26,7 @@ from revbits.data.errors import DataFormatError
 needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="gensim is not installed")
 
 
-def _offline(*args, **kwargs):
-    raise SourceError("network disabled in the tests")
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    """An empty cache, and the PyPI source switched off."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("REVBITS_DATA", str(root))
-    monkeypatch.setattr(wiki, "pip_download", _offline)
-    return root
+cache_dir = data_files.cache_dir  # the cache fixture (autouse): every networked or system source off
 
 
 # --- wikitext samples ----------------------------------------------------------------------
