@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REVBITS_VENV=.venv-latest REVBITS_UNPINNED=1 bash scripts/setup.sh
 .venv-latest/bin/python -c "import transformers, peft; print('transformers', transformers.__version__, '| peft', peft.__version__)"
-.venv-latest/bin/python -m pytest -q tests/test_hf.py tests/test_hf_families.py tests/test_hf_llama.py tests/test_hf_peft.py tests/test_hf_train.py "$@"
+.venv-latest/bin/python -m pytest -q tests/test_hf*.py tests/test_trl.py tests/test_engines_*.py "$@"  # every integration test file
