@@ -82,6 +82,25 @@ def run_step(stack, x, args=(), signs=None, seed: int = 0):
     return out.detach(), grads
 
 
+#: Relative gradient error allowed between a reversible BDIA step and plain autograd on the same forward.
+BDIA_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def reversible_against_plain(stack, x, args=(), signs=None, dtype=torch.float64):
+    """One step of ``stack`` reversible and with ``reversible=False`` (the same chunks and slices): the outputs
+    bitwise equal, the same gradients, each within :data:`BDIA_TOLERANCE` of plain autograd's."""
+    stack.reversible = True
+    out_rev, grads_rev = run_step(stack, x, args, signs)
+    stack.reversible = False
+    out_ref, grads_ref = run_step(stack, x, args, signs)
+    stack.reversible = True
+    assert torch.equal(out_rev, out_ref)
+    assert grads_rev.keys() == grads_ref.keys()
+    worst = {name: relative_error(grads_rev[name], grads_ref[name]) for name in grads_ref}
+    assert max(worst.values()) <= BDIA_TOLERANCE[dtype], worst
+    return out_rev, grads_rev
+
+
 def converted_steps(model, ids) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """One training step of a converted causal LM (``revbits.hf``) on ``ids``, reversible and then plain
     (the same forward under plain autograd), from the same RNG seed: [(loss, {name: grad of each trainable

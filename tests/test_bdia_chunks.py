@@ -8,28 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import revbits
-from helpers import converted_steps, gpt_blocks, random_signs, relative_error, run_step
+from helpers import converted_steps, gpt_blocks, random_signs, relative_error, reversible_against_plain, run_step
 from revbits.bdia.chunks import BatchSplit, plan_split
 from revbits.measure import measure_training_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 SETTINGS = [1, 2, 3, 5, 9, "auto"]  # with batch 5: whole, uneven, uneven, one sample each, more than B
-
-
-def reversible_against_plain(stack, x, args=(), signs=None, dtype=torch.float64):
-    """Output bitwise and every gradient to the tolerance, reversible against reversible=False."""
-    stack.reversible = True
-    out_rev, grads_rev = run_step(stack, x, args, signs)
-    stack.reversible = False
-    out_ref, grads_ref = run_step(stack, x, args, signs)
-    stack.reversible = True
-    assert torch.equal(out_rev, out_ref)
-    assert grads_rev.keys() == grads_ref.keys()
-    worst = {name: relative_error(grads_rev[name], grads_ref[name]) for name in grads_ref}
-    assert max(worst.values()) <= TOLERANCE[dtype], worst
-    return out_rev, grads_rev
 
 
 # -- exactness for every chunk setting ---------------------------------------------------------

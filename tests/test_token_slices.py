@@ -16,6 +16,7 @@ from helpers import (
     gpt_blocks,
     random_signs,
     relative_error,
+    reversible_against_plain,
     reversible_and_plain_agree_under_autocast,
     run_step,
     tiny_llama_config,
@@ -28,7 +29,6 @@ from revbits.models.blocks import MLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def rows_seen_by_mlps(stack: nn.Module) -> list[int]:
@@ -37,19 +37,6 @@ def rows_seen_by_mlps(stack: nn.Module) -> list[int]:
     for block in stack.blocks:
         block.mlp.fc.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-2]))
     return seen
-
-
-def reversible_against_plain(stack, x, args=(), signs=None, dtype=torch.float64):
-    """Output bitwise and every gradient to the tolerance, reversible against reversible=False (same slices)."""
-    stack.reversible = True
-    out_rev, grads_rev = run_step(stack, x, args, signs)
-    stack.reversible = False
-    out_ref, grads_ref = run_step(stack, x, args, signs)
-    stack.reversible = True
-    assert torch.equal(out_rev, out_ref)
-    worst = {name: relative_error(grads_rev[name], grads_ref[name]) for name in grads_ref}
-    assert max(worst.values()) <= TOLERANCE[dtype], worst
-    return out_rev, grads_rev
 
 
 # -- exactness ---------------------------------------------------------------------------------
