@@ -59,16 +59,12 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from real_shapes import LORA, QWEN3_0_6B
 from revbits import hf
 from revbits.measure import LiveBytes
 
 KIB, MIB = 2**10, 2**20
-QWEN3_0_6B = dict(
-    hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-    rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960, tie_word_embeddings=True,
-)
 TINY = dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: mode -> (layers: "gc", "offload" or a revbits memory mode, hf.convert options)
 MODES: dict[str, tuple[str, dict]] = {
     "gc+fused": ("gc", {}),
@@ -153,11 +149,12 @@ def module_names(tracker: PeakContents, model: nn.Module) -> Iterator[None]:
 
 
 def build(layers: int, vocab: int, tiny: bool) -> nn.Module:
-    config = Qwen3Config(**(TINY if tiny else QWEN3_0_6B), num_hidden_layers=layers, vocab_size=vocab)
+    shape = TINY if tiny else {**QWEN3_0_6B, "tie_word_embeddings": True}
+    config = Qwen3Config(**shape, num_hidden_layers=layers, vocab_size=vocab)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS)).train()
+    return get_peft_model(model, LoraConfig(**LORA)).train()
 
 
 class HostOffloadedLayer(torch.autograd.Function):

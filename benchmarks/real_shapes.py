@@ -83,11 +83,15 @@ from revbits import hf
 from revbits.losses import linear_cross_entropy
 from revbits.measure import tracking
 
+#: Qwen3-0.6B's published layer (its depth and vocabulary apart); layer_floor.py and token_slices.py take it from here.
+QWEN3_0_6B = dict(
+    hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960,
+)
 SHAPES: dict[str, Callable[[], object]] = {
     "qwen3-0.6b": lambda: Qwen3Config(
-        num_hidden_layers=28, hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0, max_position_embeddings=40960, hidden_act="silu", attention_bias=False,
+        **QWEN3_0_6B, num_hidden_layers=28, vocab_size=151936, tie_word_embeddings=True, hidden_act="silu",
+        attention_bias=False,
     ),
     "llama-3.2-1b": lambda: LlamaConfig(
         num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,

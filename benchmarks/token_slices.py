@@ -36,22 +36,12 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
+from real_shapes import LORA, QWEN3_0_6B
 from revbits import hf
 from revbits.measure import measure_training_step
 
 MIB = 2**20
-QWEN3_0_6B = dict(
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    rms_norm_eps=1e-6,
-    rope_theta=1_000_000.0,
-    max_position_embeddings=40960,
-)
 TINY = dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES: dict[str, tuple[str, dict]] = {
     "standard": ("standard", {}),
     "checkpoint": ("checkpoint", {}),
@@ -67,7 +57,7 @@ def build(mode: str, shape: dict, layers: int, device: str) -> nn.Module:
     """The LoRA model of ``mode`` from seed 0 (the same weights in every mode)."""
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=256, num_hidden_layers=layers, attn_implementation="sdpa", **shape)
-    model = get_peft_model(Qwen3Model(config), LoraConfig(r=16, lora_alpha=32, target_modules=LINEARS))
+    model = get_peft_model(Qwen3Model(config), LoraConfig(**LORA))
     memory, options = MODES[mode]
     if memory != "standard":
         hf.convert(model, memory, **options)
