@@ -287,6 +287,8 @@ def step_times(model: nn.Module, args) -> dict[str, float]:
 
 def report(rows: list[dict], args, state: int) -> None:
     lengths = sorted(args.lengths)
+    if len(lengths) < 2:
+        return  # a slope needs two lengths
     print(f"\n## Slope between T = {lengths[-2]} and {lengths[-1]}, KiB per token (states of {state // KIB} KiB)\n")
     print("| mode | " + " | ".join(f"T = {t}, MiB" for t in lengths) + " | KiB per token | states per token |")
     print("|---|" + "---|" * (len(lengths) + 2))

@@ -162,3 +162,23 @@ def test_layer_slices_cut_the_backward_peak_at_batch_1():
     graph; with layer slices, K and V whole and one slice's graph (measured: 0.60 of the peak)."""
     mlp_only, layers = backward_peak(False), backward_peak(True)
     assert layers <= 0.7 * mlp_only, (layers, mlp_only)
+
+
+def test_each_query_slice_runs_twice_per_step_as_under_gradient_checkpointing():
+    """BDIA's backward knows the gradient of a layer's output before it recomputes the layer, so each query slice
+    (q, attention, o_proj, MLP) is back-propagated as soon as it is recomputed: its projections run twice per
+    step (forward, recomputation), not three times as under checkpoint; k and v, whose gradients are known only
+    after every query slice, still run three times. Gradients stay those of plain autograd (first test)."""
+    model = tiny_model("qwen3")
+    hf.convert(model, "bdia", token_slice=4)
+    counts = {"q_proj": 0, "k_proj": 0}
+    for layer in model.model.layers:
+        for name in counts:
+            getattr(layer.self_attn, name).register_forward_pre_hook(
+                lambda m, args, name=name: counts.__setitem__(name, counts[name] + 1)
+            )
+    model.train()
+    ids = torch.randint(0, 64, (1, 13), generator=torch.Generator().manual_seed(7))
+    model(input_ids=ids, labels=ids).loss.backward()
+    slices_per_layer = 4 * len(model.model.layers)
+    assert counts == {"q_proj": 2 * slices_per_layer, "k_proj": 3 * slices_per_layer}

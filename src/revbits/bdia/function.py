@@ -184,6 +184,9 @@ def _backward_through(
             RngReplay(rng, walk.x_k.device, replay_rng),
             torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
         ):
+            grad_x_k_plus_1_chunk = walk.grad_x_k_plus_1[rows]
+            # dL/dy_k = (1 + g_k) dL/dx_{k+1}, dL/dy_0 = dL/dx_1: known before the block is recomputed
+            grad_y_k = grad_x_k_plus_1_chunk if gamma_k is None else (1 + gamma_k[rows]) * grad_x_k_plus_1_chunk
             if kept:  # the forward's graph of this chunk, handed over (bdia.top_graph)
                 graph, kept[c] = kept[c], None
                 x_k_leaf, y_k, held, arg_leaves = graph.state_leaf, graph.output, graph.held, graph.arg_leaves
@@ -191,20 +194,17 @@ def _backward_through(
             else:
                 arg_leaves = [split.leaf(a, c) for a in arg_inputs]
                 chunk_args = split.tree(state.block_args(arg_leaves), c)
-                x_k_leaf, y_k, held = recompute(state, k, walk.x_k[rows], chunk_args)
+                x_k_leaf, y_k, held = recompute(state, k, walk.x_k[rows], chunk_args, grad_y_k)
                 del chunk_args
             if replay_rng:
                 rng = capture_rng_state(walk.x_k.device)  # where chunk c + 1 starts
-            grad_x_k_plus_1_chunk = walk.grad_x_k_plus_1[rows]
             if gamma_k is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
                 compare_block0(state, quantize(y_k.detach(), config.bits), walk.x_k_plus_1[rows], block0_mismatches)
-                grad_y_k = grad_x_k_plus_1_chunk  # dL/dy_0 = dL/dx_1
             else:  # rebuild x_{k-1}, then form the gradients that bypass the block
                 assert residue_planes is not None and x_k_minus_1 is not None
                 x_k_minus_1[rows] = config.step.inverse(
                     walk.x_k_plus_1[rows], walk.x_k[rows], y_k, gamma_k[rows], residue_planes[c]
                 )
-                grad_y_k = (1 + gamma_k[rows]) * grad_x_k_plus_1_chunk  # dL/dy_k = (1 + g_k) dL/dx_{k+1}
             skip_gradient(
                 grad_x_k[rows], walk.grad_x_k_plus_2, walk.gamma_k_plus_1, rows, grad_x_k_plus_1_chunk, gamma_k
             )

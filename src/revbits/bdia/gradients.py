@@ -35,16 +35,20 @@ from .tools import graph_inputs
 __all__ = ["Gradients", "recompute", "skip_gradient"]
 
 
-def recompute(state: Any, k: int, x: torch.Tensor, args: BlockArguments) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def recompute(
+    state: Any, k: int, x: torch.Tensor, args: BlockArguments, grad_y: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(x_k, y_k = block_k(x_k), leaves) with a graph from a fresh leaf x_k, inside the stack's recompute
     context; ``leaves`` maps each held non-leaf tensor of the block to the leaf that stood in for it.
-    ``state`` is the forward's :class:`~revbits.bdia.plan.ForwardState`."""
+    ``state`` is the forward's :class:`~revbits.bdia.plan.ForwardState`; ``grad_y`` the gradient y_k will
+    receive, which a block that runs in layer slices back-propagates slice by slice as it recomputes them
+    (:mod:`revbits.bdia.slice_backward`)."""
     config = state.config
     block = config.blocks[k]
     with (
         torch.enable_grad(),
         config.recomputing(k),
-        slicing(config.token_slice, checkpoint=True),
+        slicing(config.token_slice, checkpoint=True, output_grad=grad_y),
         detached_held_tensors(block, state.block_params[k]) as held,
     ):
         xk = x.detach().requires_grad_()

@@ -56,6 +56,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .slice_backward import backpropagate_slices
+
 __all__ = [
     "AUTO",
     "active_length",
@@ -114,20 +116,23 @@ def slice_bounds(tokens: int, length: int) -> list[slice]:
     return bounds
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Slicing:
     option: int | str  # a slice length, or "auto" (see slice_length)
     checkpoint: bool  # checkpoint each slice when grad is enabled (the backward's recomputation)
+    output_grad: torch.Tensor | None = None  # the gradient the block's output will receive, where it is known
 
 
 _ACTIVE: ContextVar[_Slicing | None] = ContextVar("revbits_token_slicing", default=None)
 
 
 @contextlib.contextmanager
-def slicing(option: Option, *, checkpoint: bool) -> Iterator[None]:
+def slicing(option: Option, *, checkpoint: bool, output_grad: torch.Tensor | None = None) -> Iterator[None]:
     """Inside, installed modules run in slices of ``slice_length(option, d)`` tokens (none for None);
-    with ``checkpoint``, each slice under non-reentrant checkpoint wherever grad is enabled."""
-    token = _ACTIVE.set(None if option is None else _Slicing(option, checkpoint))
+    with ``checkpoint``, each slice under non-reentrant checkpoint wherever grad is enabled. ``output_grad``:
+    the gradient the block run inside will receive (BDIA's backward knows it before it recomputes the block);
+    a :func:`map_slices` that makes the block's output back-propagates each slice with it at once."""
+    token = _ACTIVE.set(None if option is None else _Slicing(option, checkpoint, output_grad))
     try:
         yield
     finally:
@@ -186,27 +191,56 @@ def active_length(width: int) -> int | None:
 
 
 def map_slices(
-    fn: Callable[..., Any], inputs: Sequence[torch.Tensor], dim: int, length: int, *, pass_rows: bool = False
+    fn: Callable[..., Any],
+    inputs: Sequence[torch.Tensor],
+    dim: int,
+    length: int,
+    *,
+    shared: Sequence[torch.Tensor] = (),
+    pass_rows: bool = False,
+    block_output: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """``fn`` on slices of ``length`` positions along ``dim`` of every tensor in ``inputs`` (all the same size
     there; :func:`slice_bounds`), the outputs (a tensor or a tuple of tensors, each with the slice's size along
     ``dim``) concatenated along ``dim``:
 
-        out_i = cat_j fn(inputs[s_j])_i
+        out_i = cat_j fn(*inputs[s_j], *shared)_i
 
-    With ``pass_rows`` fn also gets the slice s_j itself, as ``fn(*parts, rows=s_j)``.
+    ``shared`` tensors are passed whole to every slice. With ``pass_rows`` fn also gets the slice s_j itself, as
+    ``fn(*parts, *shared, rows=s_j)``.
 
     Inside a checkpointing :func:`slicing` with grad enabled each slice runs under :func:`checkpointed`, so the
-    graph keeps only the slices' inputs; elsewhere ``fn`` runs plainly on each slice."""
+    graph keeps only the slices' inputs; elsewhere ``fn`` runs plainly on each slice. ``block_output``: the one
+    output is the output of the block being recomputed; where the slicing knows its gradient
+    (``output_grad``, of the output's shape), each slice is back-propagated right after it runs instead
+    (:mod:`revbits.bdia.slice_backward`), which saves checkpoint's second run of every slice."""
     active = _ACTIVE.get()
     keep_inputs_only = active is not None and active.checkpoint and torch.is_grad_enabled()
+    bounds = slice_bounds(inputs[0].shape[dim], length)
+    if keep_inputs_only and block_output and _output_grad_fits(active, inputs, dim):
+        assert active is not None and active.output_grad is not None
+        run = fn if pass_rows else _ignore_rows(fn)
+        return (backpropagate_slices(run, inputs, shared, dim, bounds, active.output_grad),)
     results: list[tuple[torch.Tensor, ...]] = []
-    for rows in slice_bounds(inputs[0].shape[dim], length):
+    for rows in bounds:
         parts = [t.narrow(dim, rows.start, rows.stop - rows.start) for t in inputs]
         run = functools.partial(fn, rows=rows) if pass_rows else fn
-        out = checkpointed(run, *parts) if keep_inputs_only else run(*parts)
+        out = checkpointed(run, *parts, *shared) if keep_inputs_only else run(*parts, *shared)
         results.append(out if isinstance(out, tuple) else (out,))
     return tuple(torch.cat(pieces, dim=dim) for pieces in zip(*results))
+
+
+def _output_grad_fits(active: _Slicing | None, inputs: Sequence[torch.Tensor], dim: int) -> bool:
+    """Whether the known gradient of the block's output can be that of an output sliced like ``inputs``."""
+    grad = None if active is None else active.output_grad
+    return grad is not None and grad.dim() > dim and grad.shape[dim] == inputs[0].shape[dim]
+
+
+def _ignore_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, rows: slice) -> Any:
+        return fn(*args)
+
+    return run
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:

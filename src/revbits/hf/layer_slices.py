@@ -8,14 +8,17 @@ qwen2, qwen3, SDPA attention), a BDIA stack's training passes run the layer as
 
     (K, V) = cat_j rotary_k(norm_k(proj_k(n_j))), proj_v(n_j)      n_j = input_norm(h[s_j])     for each slice s_j
     q_j    = rotary_q(norm_q(proj_q(n_j)))
-    o_j    = SDPA(q_j, K, V, mask[s_j])                              (mask: causal where the model passed none)
+    o_j    = SDPA(q_j, K, V, mask[s_j])       (no mask: causal, over K[:end_j], V[:end_j], end_j = the slice's end)
     y[s_j] = g_j + mlp(post_norm(g_j)),  g_j = h[s_j] + o_proj(o_j)
 
-with every slice under non-reentrant checkpoint in the backward's recomputation: the recomputed graph holds the
-slices' inputs (views of h, cos and sin), K and V whole, and one slice's graph at a time. Each query row of
-causal attention depends on its own query and on all keys and values only, so the query slices compute the same
-rows; on CPU (torch 2.13, float32 and float64) SDPA over query slices with the mask's rows was bitwise equal to
-SDPA over the whole sequence with ``is_causal`` in every case tried, but a kernel may block differently, so it is
+In the backward's recomputation the slices of K and V run under non-reentrant checkpoint, and each query slice
+is back-propagated as soon as it is recomputed (the gradient of y is known by then:
+:mod:`revbits.bdia.slice_backward`), so the recomputed graph holds the slices' inputs (views of h, cos and sin),
+K and V whole, and one slice's graph at a time, and each query slice runs twice per step, as under gradient
+checkpointing. Each query row of causal attention depends on its own query and on the keys and values up to its
+position only, so the query slices compute the same rows; on CPU (torch 2.13, float32 and float64) SDPA over
+query slices with the mask's rows was bitwise equal to SDPA over the whole sequence with ``is_causal`` in every
+case tried, but a kernel may block differently, so it is
 not assumed. Every part is the layer's own module or function (its norms, projections with their LoRA
 adapters, the model's rotary function), called as the layer calls them. The passes that must agree bit for bit
 (the reversible forward, the recomputation, and the plain-autograd reference ``reversible = False``) all run it
@@ -112,16 +115,18 @@ def _keys_values(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torc
 
 
 def _query_rows(
-    layer: nn.Module, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-    h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rows: slice,
+    layer: nn.Module, mask: torch.Tensor | None, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    keys: torch.Tensor, values: torch.Tensor, *, rows: slice,
 ) -> torch.Tensor:
-    """The layer's output at the positions ``rows`` (h, cos, sin there): their queries attend to all keys and
-    values under the mask's rows (causal where the model passed none), then o_proj, residual, MLP, residual."""
+    """The layer's output at the positions ``rows`` (h, cos, sin there): their queries attend to the keys and
+    values under the mask's rows, then o_proj, residual, MLP, residual. Without a mask (causal), only the keys
+    and values up to the slice's last position, which are all the causal rows see."""
     attention = layer.self_attn
     q = _projected(layer, h, "q")
     q, _ = _rotary_of(attention)(q, q, cos, sin, unsqueeze_dim=2)
     if mask is None:
-        mask = torch.ones(rows.stop - rows.start, keys.shape[2], dtype=torch.bool, device=h.device)
+        keys, values = keys[:, :, : rows.stop], values[:, :, : rows.stop]
+        mask = torch.ones(rows.stop - rows.start, rows.stop, dtype=torch.bool, device=h.device)
         mask = mask.tril(diagonal=rows.start)
     else:
         mask = mask[..., rows, :]
@@ -176,8 +181,10 @@ def sliced_forward(layer: nn.Module, hidden: torch.Tensor, length: int, kwargs: 
     if cache is not None:  # an empty cache (a fresh one per run in training): it hands back copies of k and v
         extra = {n: kwargs[n] for n in ("position_ids", "use_cache", "cache_position") if n in kwargs}
         keys, values = cache.update(keys, values, attention.layer_idx, kwargs=extra)
-    rows_of = functools.partial(_query_rows, layer, keys, values, kwargs.get("attention_mask"))
-    (out,) = token_slices.map_slices(rows_of, [hidden, cos, sin], 1, length, pass_rows=True)
+    rows_of = functools.partial(_query_rows, layer, kwargs.get("attention_mask"))
+    (out,) = token_slices.map_slices(
+        rows_of, [hidden, cos, sin], 1, length, shared=[keys, values], pass_rows=True, block_output=True
+    )
     return out
 
 
