@@ -33,8 +33,8 @@ from .fixed_point import (
     exact_reverse,
     exact_update,
     fixed_complement_product,
+    fixed_product,
     state_float,
-    to_fixed,
     to_float,
     update_gradients,
 )
@@ -230,7 +230,7 @@ class RevLSTMCell(_Cell):
         s = torch.sigmoid(logits)
         n_float = self.forget.numerator(s)  # all slots in one op; only f's and p's are used
         tg = torch.tanh(self._slot(logits, 1))
-        return LSTMHalf(n_float.to(torch.int64), to_fixed(self._slot(s, 2) * tg), n_float, s, tg, xo)
+        return LSTMHalf(n_float.to(torch.int64), fixed_product(self._slot(s, 2), tg), n_float, s, tg, xo)
 
     def _graph(self, t: LSTMHalf, k: int, old_float: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
         """The float expression z_q old + add of the update gated by slot k (for autograd)."""
@@ -242,10 +242,10 @@ class RevLSTMCell(_Cell):
         new_c = exact_update(buffer, c, self._slot(t.n, 0), t.c_add, active)
         graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg) if traced else None
         c_float = state_float(new_c, c_float, graph, active)
-        h_add = self._slot(t.s, 3) * torch.tanh(c_float)
-        h_add_fixed = to_fixed(h_add.detach() if traced else h_add)
-        new_h = exact_update(buffer, h, self._slot(t.n, 4), h_add_fixed, active)
-        graph = self._graph(t, 4, h_float, h_add) if traced else None
+        o, tanh_c = self._slot(t.s, 3), torch.tanh(c_float)
+        h_add = fixed_product(o.detach(), tanh_c.detach()) if traced else fixed_product(o, tanh_c)
+        new_h = exact_update(buffer, h, self._slot(t.n, 4), h_add, active)
+        graph = self._graph(t, 4, h_float, o * tanh_c) if traced else None
         h_float = state_float(new_h, h_float, graph, active)
         return new_h, new_c, h_float, c_float
 
@@ -262,7 +262,7 @@ class RevLSTMCell(_Cell):
     def _reverse_half(self, weights, buffer, x, other, h, c, active):
         t = self.half_terms(weights, x, other)
         tanh_c = torch.tanh(to_float(c, x.dtype))
-        h = exact_reverse(buffer, h, self._slot(t.n, 4), to_fixed(self._slot(t.s, 3) * tanh_c), active)
+        h = exact_reverse(buffer, h, self._slot(t.n, 4), fixed_product(self._slot(t.s, 3), tanh_c), active)
         c = exact_reverse(buffer, c, self._slot(t.n, 0), t.c_add, active)
         return h, c, (t, tanh_c, to_float(h, x.dtype), to_float(c, x.dtype))
 

@@ -49,6 +49,24 @@ def to_float(h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return h * grid  # one op: each element is converted to dtype (rounded once), then scaled exactly
 
 
+_ZERO: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # a 0-d zero per dtype and device
+
+
+def fixed_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """to_fixed(a * b) for |a|, |b| <= 1 (a gate times a gate or a tanh), in one operator fewer.
+
+    In float32 and float64 addcmul(0, a, b, value=2**23) computes (2**23 a) b + 0: 2**23 a is exact,
+    and (2**23 a) b is a b rounded once and scaled by 2**23, which is to_fixed's rounded a b scaled
+    exactly; where a b is below the normal range both round to 0 (the scaled value is under 2**-100)."""
+    if a.dtype not in _EXACT_SCALING:
+        return to_fixed(a * b)
+    key = (a.dtype, a.device)
+    zero = _ZERO.get(key)
+    if zero is None:
+        zero = _ZERO[key] = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.round(torch.addcmul(zero, a, b, value=2**STATE_BITS)).to(torch.int64)
+
+
 def fixed_complement_product(n: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """to_fixed((1 - n / 2**10) g) for a gate numerator n (integer values in g's dtype). In float32
     and float64, 2**23 - 2**13 n is exactly 2**23 (1 - n / 2**10), and the factor 2**23 commutes
@@ -105,7 +123,7 @@ def exact_update(
     buffer: InfoBuffer, h: torch.Tensor, n: torch.Tensor, add: torch.Tensor, active: torch.Tensor | None
 ) -> torch.Tensor:
     """h * n / 2**10 + add for the active rows, exactly (h, n and the fixed-point ``add`` int64)."""
-    return buffer.multiply(h, n, active) + _masked(add, active)
+    return buffer.multiply(h, n, active).add_(_masked(add, active))  # multiply returns a new tensor
 
 
 def exact_reverse(
