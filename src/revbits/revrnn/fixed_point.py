@@ -36,16 +36,17 @@ def to_fixed(v: torch.Tensor) -> torch.Tensor:
     return torch.round(v * 2**STATE_BITS).to(torch.int64)
 
 
-_GRID: dict[torch.dtype, torch.Tensor] = {}  # 2**-23 as a 0-d tensor per dtype
+_GRID: dict[tuple[torch.dtype, float], torch.Tensor] = {}  # scale * 2**-23 as a 0-d tensor per dtype and scale
 
 
-def to_float(h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """h / 2**23, the value of a fixed-point state, rounded once to ``dtype``."""
+def to_float(h: torch.Tensor, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+    """h / 2**23, the value of a fixed-point state, rounded once to ``dtype`` (times ``scale``, in the
+    same operator, for gradients: then rounded twice unless ``scale`` is a power of two)."""
     if dtype not in _EXACT_SCALING:
-        return (h.double() / 2**STATE_BITS).to(dtype)
-    grid = _GRID.get(dtype)
+        return (h.double() * (scale * 2.0**-STATE_BITS)).to(dtype)
+    grid = _GRID.get((dtype, scale))
     if grid is None:
-        grid = _GRID[dtype] = torch.tensor(2.0**-STATE_BITS, dtype=dtype)
+        grid = _GRID[dtype, scale] = torch.tensor(scale * 2.0**-STATE_BITS, dtype=dtype)
     return h * grid  # one op: each element is converted to dtype (rounded once), then scaled exactly
 
 
@@ -109,6 +110,11 @@ class ForgetGate:
         if s.requires_grad:
             z_q = straight_through(z_q, (1 - self.keep) * s + self.keep)
         return z_q
+
+    @property
+    def slope(self) -> float:
+        """dz / d sigma(a) = 1 - keep."""
+        return 1.0 - self.keep
 
     def scaled_gradient(self, grad_z: torch.Tensor) -> torch.Tensor:
         """dL/d sigma(a) from dL/dz."""
