@@ -20,6 +20,11 @@ Writes <out>.json (raw) and <out>.md (table).
     python benchmarks/revrnn_speed.py                      # on an idle machine
     python benchmarks/revrnn_speed.py --models rnnlm rnn-translator   # also the whole models
     python benchmarks/revrnn_speed.py --product-paths      # also every cell product on oneDNN, then on MKL
+    python benchmarks/revrnn_speed.py --profile            # also where the reversible step's time goes
+
+With --profile, 5 more reversible steps of each case run under torch.profiler, and their self time is split
+into the products (oneDNN's and MKL's), tanh and sigmoid, the integer divisions, all other ATen operators,
+and the Python between operators (the self time of the autograd.Function's forward and backward).
 """
 
 from __future__ import annotations
@@ -63,6 +68,40 @@ def operators_per_step(step: Step) -> int:
     with OperatorCount() as counter:
         step()
     return counter.count
+
+
+PRODUCTS = ("mkldnn::_linear_pointwise", "aten::addmm_", "aten::addmm", "aten::mm")
+PROFILE_GROUPS = (
+    "products",
+    "tanh and sigmoid",
+    "integer division",
+    "other ATen operators",
+    "Python between operators",
+)
+
+
+def profile_groups(step: Step, steps: int = 5) -> dict[str, float]:
+    """Milliseconds of profiled self time per step in each of PROFILE_GROUPS."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    found = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    for event in prof.key_averages():
+        name = event.key
+        if name in PRODUCTS:
+            group = "products"
+        elif name in ("aten::tanh", "aten::sigmoid"):
+            group = "tanh and sigmoid"
+        elif name == "aten::div":
+            group = "integer division"
+        elif name.startswith("_ReversibleRNN"):
+            group = "Python between operators"
+        else:
+            group = "other ATen operators"
+        found[group] += event.self_cpu_time_total / steps / 1e3
+    return found
 
 
 def interleaved(standard: Step, reversible: Step, repeats: int, clock: Callable[[], float]) -> dict:
@@ -157,6 +196,7 @@ def main() -> None:
         action="store_true",
         help="also time the stacks with every cell product on oneDNN, then on MKL (revbits.revrnn.linear's choice)",
     )
+    parser.add_argument("--profile", action="store_true", help="also split the reversible step's profiled time")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--idle-load", type=float, default=0.5, help="the most 1-minute load average that is idle")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "revrnn_speed")
@@ -173,6 +213,8 @@ def main() -> None:
                 **interleaved(standard, reversible, args.repeats, CLOCKS[args.clock]),
             }
             row["operators"] = {"standard": operators_per_step(standard), "reversible": operators_per_step(reversible)}
+            if args.profile:
+                row["reversible_profile_ms"] = profile_groups(reversible)
             row["load_average"] = [load_before, os.getloadavg()[0]]
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -201,6 +243,13 @@ def main() -> None:
             f"| {r['ratio']:.2f}x ({low:.2f}-{high:.2f}) "
             f"| {r['operators']['standard']} / {r['operators']['reversible']} |"
         )
+    profiled = [r for r in rows if "reversible_profile_ms" in r]
+    if profiled:
+        lines += ["", "Reversible step, profiled self time per step (torch.profiler, 5 steps):", ""]
+        lines += ["| case | threads | " + " | ".join(PROFILE_GROUPS) + " |", "|---" * (len(PROFILE_GROUPS) + 2) + "|"]
+        for r in profiled:
+            cells = " | ".join(f"{r['reversible_profile_ms'][g]:.1f} ms" for g in PROFILE_GROUPS)
+            lines.append(f"| {r['case']} | {r['threads']} | {cells} |")
     write_results(args.out, {"machine": machine, "rows": rows}, lines)
 
 

@@ -8,7 +8,7 @@ import torch
 from helpers import relative_error
 from revbits.revrnn import RevGRU, RevLSTM, StateRangeError, make_rnn, run_readout
 from revbits.revrnn.cells import to_float
-from revbits.revrnn.fixed_point import ForgetGate, fixed_complement_product, to_fixed
+from revbits.revrnn.fixed_point import ForgetGate, fixed_complement_product, fixed_product, to_fixed
 from revbits.revrnn.info_buffer import InfoBuffer
 from revbits.revrnn.layers import _Run
 
@@ -75,7 +75,8 @@ def test_gradients_equal_plain_autograd_over_200_steps(cls, forget_bits):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_fixed_point_shortcuts_equal_rounding_through_float64(dtype):
-    """to_float, to_fixed, the gate numerator and the fixed-point (1 - z) g skip the float64 detour;
+    """to_float, to_fixed, the gate numerator (unclamped where forget_bits bounds it), the fixed-point (1 - z) g
+    and the fixed-point product of two gates skip the float64 detour or an operator;
     each gives the detour's result bit for bit, including halfway cases."""
     generator = torch.Generator().manual_seed(0)
     ties = (torch.randint(2**23, 2**24, (20000,), generator=generator) << 7) + 64  # half an ulp of float32 at 2**30
@@ -86,12 +87,17 @@ def test_the_fixed_point_shortcuts_equal_rounding_through_float64(dtype):
     assert torch.equal(to_fixed(v), torch.round(v.double() * 2**23).long())
     for forget_bits in (1, 3, 5, None):
         gate = ForgetGate(forget_bits)
-        s = torch.rand(50000, generator=generator, dtype=dtype)
+        s = torch.cat([torch.rand(50000, generator=generator, dtype=dtype), torch.tensor([0.0, 1.0], dtype=dtype)])
         z = (1 - gate.keep) * s + gate.keep  # the gate as written, then rounded to n / 2**10
         n = gate.numerator(s)
         assert torch.equal(n.long(), torch.round(z.double() * 2**10).long().clamp(gate.lowest, 2**10))
-        g = torch.rand(50000, generator=generator, dtype=dtype) * 2 - 1
+        g = torch.rand(50002, generator=generator, dtype=dtype) * 2 - 1
         assert torch.equal(fixed_complement_product(n, g), to_fixed((1 - n / 2**10) * g))
+        assert torch.equal(fixed_product(s, g), to_fixed(s * g))
+    tiny = torch.finfo(dtype).tiny  # products below the normal range round to 0 either way
+    a = torch.tensor([tiny, 2 * tiny, 0.5, -1.0, 1.0, 0.0, 2**-60], dtype=dtype)
+    b = torch.tensor([0.5, -(2**-30), tiny, tiny, -1.0, -0.0, 2**-70], dtype=dtype)
+    assert torch.equal(fixed_product(a, b), to_fixed(a * b))
 
 
 @pytest.mark.parametrize("cls", CLASSES)

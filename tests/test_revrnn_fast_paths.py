@@ -190,3 +190,17 @@ def test_an_empty_batch_runs_through_the_host_bounds(cls):
     out, _ = rnn(x)
     out.sum().backward()
     assert out.shape == (5, 0, 8) and x.grad.shape == (5, 0, 4)
+
+
+def test_onednn_layers_take_the_input_gradient_from_onednn_too(every_layer_on_onednn):
+    """On oneDNN layers the input gradient dL/dy W is oneDNN's product with the view W^T (no torch.mm): per step
+    and half the forward, the reversal and the input gradient go through oneDNN, the weight gradient through addmm_."""
+    torch.manual_seed(0)
+    rnn = RevLSTM(6, 12, num_layers=2)
+    x = torch.randn(9, 3, 6, requires_grad=True)
+    with OperatorCount() as counter:
+        rnn(x)[0].square().sum().backward()
+    half_steps = 2 * rnn.num_layers * x.shape[0]
+    assert counter.by_name["mkldnn._linear_pointwise.default"] == 3 * half_steps
+    assert counter.by_name["aten.addmm_.default"] == half_steps
+    assert "aten.mm.default" not in counter.by_name

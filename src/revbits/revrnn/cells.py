@@ -33,8 +33,8 @@ from .fixed_point import (
     exact_reverse,
     exact_update,
     fixed_complement_product,
+    fixed_product,
     state_float,
-    to_fixed,
     to_float,
     update_gradients,
 )
@@ -45,6 +45,7 @@ __all__ = ["FORGET_BITS", "LinearGradients", "ParameterGradients", "RevGRUCell",
 
 tanh_backward = torch.ops.aten.tanh_backward
 sigmoid_backward = torch.ops.aten.sigmoid_backward
+tanh_backward_into = torch.ops.aten.tanh_backward.grad_input
 
 
 class LinearGradients:
@@ -230,7 +231,7 @@ class RevLSTMCell(_Cell):
         s = torch.sigmoid(logits)
         n_float = self.forget.numerator(s)  # all slots in one op; only f's and p's are used
         tg = torch.tanh(self._slot(logits, 1))
-        return LSTMHalf(n_float.to(torch.int64), to_fixed(self._slot(s, 2) * tg), n_float, s, tg, xo)
+        return LSTMHalf(n_float.to(torch.int64), fixed_product(self._slot(s, 2), tg), n_float, s, tg, xo)
 
     def _graph(self, t: LSTMHalf, k: int, old_float: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
         """The float expression z_q old + add of the update gated by slot k (for autograd)."""
@@ -242,10 +243,10 @@ class RevLSTMCell(_Cell):
         new_c = exact_update(buffer, c, self._slot(t.n, 0), t.c_add, active)
         graph = self._graph(t, 0, c_float, self._slot(t.s, 2) * t.tg) if traced else None
         c_float = state_float(new_c, c_float, graph, active)
-        h_add = self._slot(t.s, 3) * torch.tanh(c_float)
-        h_add_fixed = to_fixed(h_add.detach() if traced else h_add)
-        new_h = exact_update(buffer, h, self._slot(t.n, 4), h_add_fixed, active)
-        graph = self._graph(t, 4, h_float, h_add) if traced else None
+        o, tanh_c = self._slot(t.s, 3), torch.tanh(c_float)
+        h_add = fixed_product(o.detach(), tanh_c.detach()) if traced else fixed_product(o, tanh_c)
+        new_h = exact_update(buffer, h, self._slot(t.n, 4), h_add, active)
+        graph = self._graph(t, 4, h_float, o * tanh_c) if traced else None
         h_float = state_float(new_h, h_float, graph, active)
         return new_h, new_c, h_float, c_float
 
@@ -262,9 +263,23 @@ class RevLSTMCell(_Cell):
     def _reverse_half(self, weights, buffer, x, other, h, c, active):
         t = self.half_terms(weights, x, other)
         tanh_c = torch.tanh(to_float(c, x.dtype))
-        h = exact_reverse(buffer, h, self._slot(t.n, 4), to_fixed(self._slot(t.s, 3) * tanh_c), active)
+        o = self._slot(t.s, 3)
+        h = exact_reverse(buffer, h, self._slot(t.n, 4), fixed_product(o, tanh_c), active)
         c = exact_reverse(buffer, c, self._slot(t.n, 0), t.c_add, active)
-        return h, c, (t, tanh_c, to_float(h, x.dtype), to_float(c, x.dtype))
+        h_old = to_float(h, x.dtype)
+        saved = (t, self._gate_derivatives(t, tanh_c, h_old, c), h_old, tanh_backward(o, tanh_c))
+        return h, c, saved
+
+    def _gate_derivatives(self, t: LSTMHalf, tanh_c, h_old, c_old_fixed) -> torch.Tensor:
+        """D with dL/d logits = [dc, dc, dc, dh, dh] * D per gate slot [f, g, i, o, p], dc and dh the
+        gradients that reach the c and h updates: D = [k c_old s_f', s_i tanh'(g), tg s_i', tanh(c) s_o',
+        k h_old s_p'] with s' = s (1 - s) and k = dz / d sigma = 1 - keep."""
+        slope = self.forget.slope
+        c_old = to_float(c_old_fixed, h_old.dtype, slope)
+        factors = torch.cat([c_old, t.tg, t.tg, tanh_c, h_old * slope if self.forget.keep else h_old], -1)
+        derivatives = sigmoid_backward(factors, t.s)
+        tanh_backward_into(self._slot(t.s, 2), t.tg, grad_input=self._slot(derivatives, 1))  # g's slot: tanh
+        return derivatives
 
     def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None, weights=None):
         """The state before :meth:`step`, from the state after it (int64, bit for bit). With
@@ -298,23 +313,12 @@ class RevLSTMCell(_Cell):
 
     def _half_backward(self, saved, grad_h, grad_c, active, sums: list[LinearGradients]):
         """(dL/dh_old, dL/dc_old, dL/d other, dL/dx) of one half-update."""
-        t, tanh_c, h_old, c_old = saved
+        t, derivatives, _, tanh_derivative = saved  # tanh_derivative: o tanh'(c), dh_new / dc_new
         z_q = t.n_float * 2.0**-GATE_BITS
-        o, si = self._slot(t.s, 3), self._slot(t.s, 2)
         grad_h_old, grad_h_update = update_gradients(grad_h, self._slot(z_q, 4), active)
-        grad_c = grad_c + tanh_backward(grad_h_update * o, tanh_c)
+        grad_c = torch.addcmul(grad_c, grad_h_update, tanh_derivative)
         grad_c_old, grad_c_update = update_gradients(grad_c, self._slot(z_q, 0), active)
-        grad_s = torch.cat(
-            [
-                self.forget.scaled_gradient(grad_c_update * c_old),
-                grad_c_update,  # g's slot: replaced below, sigma of it is unused
-                grad_c_update * t.tg,
-                grad_h_update * tanh_c,
-                self.forget.scaled_gradient(grad_h_update * h_old),
-            ],
-            -1,
-        )
-        grad_logits = sigmoid_backward(grad_s, t.s)
-        self._slot(grad_logits, 1).copy_(tanh_backward(grad_c_update * si, t.tg))
+        updates = [grad_c_update, grad_c_update, grad_c_update, grad_h_update, grad_h_update]
+        grad_logits = torch.cat(updates, -1).mul_(derivatives)
         grad_xo = sums[0].add(grad_logits, t.xo)
         return grad_h_old, grad_c_old, grad_xo[:, self.input_size :], grad_xo[:, : self.input_size]
