@@ -35,7 +35,7 @@ from .fixedpoint import quantize
 from .gradients import Gradients, recompute, skip_gradient
 from .params import EngineRequest, check_parameters_unchanged
 from .plan import ForwardState
-from .step import raise_if_out_of_range, state_checksum, stream_max
+from .step import raise_if_out_of_range, state_checksum, stream_extremes
 from .top_graph import record_top_block, release_kept_graphs, wait_for_backward
 from .verify import compare_block0, compare_state, raise_on_mismatch
 
@@ -64,7 +64,8 @@ class BDIAFunction(torch.autograd.Function):
         top = len(config.blocks) - 1 if state.keep_last_graph else -1  # the block whose graph is kept, if any
         top_arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in arg_tensors] if top >= 0 else []
         x_k_minus_1, x_k = None, x0
-        maxima = [stream_max(x0)]
+        whole = split.chunks == 1
+        extremes = [stream_extremes(x0)]
         for k, block in enumerate(config.blocks):
             if config.preserve_rng:  # chunk c + 1 draws from where chunk c left the RNG, in both passes
                 state.rng_states.append(capture_rng_state(x0.device))
@@ -74,9 +75,9 @@ class BDIAFunction(torch.autograd.Function):
                 state.checksums.append(state_checksum(x_k))
             # Chunk c of x_{k+1} reads only chunk c of x_{k-1} and x_k, so it can overwrite x_{k-1}
             # in place once that buffer is this forward's own (not the input x_0; check=True keeps all).
+            # With one chunk the new state is the step's own (contiguous) result, and no buffer or copy is needed.
             owned = x_k_minus_1 is not None and x_k_minus_1 is not x0 and not config.check
-            x_k_plus_1 = x_k_minus_1 if owned else torch.empty_like(x_k)
-            assert x_k_plus_1 is not None
+            x_k_plus_1 = None if whole else x_k_minus_1 if owned else torch.empty_like(x_k)
             gamma_k = state.gamma_of(k, x_k) if k else None
             planes: list[PackedBits] = []
             for c, rows in enumerate(split.slices):
@@ -87,18 +88,25 @@ class BDIAFunction(torch.autograd.Function):
                     block_args = leaf_args[c] if state.compiled[k] else chunk_args[c]
                     y_k = forward_block(block, k, x_k[rows], block_args, state.compiled[k])
                 if gamma_k is None:
-                    x_k_plus_1[rows] = quantize(y_k, config.bits)
+                    x_next = quantize(y_k, config.bits).contiguous()  # every state has one memory layout
                 else:
                     assert x_k_minus_1 is not None
-                    x_k_plus_1[rows], kept = config.step.forward(x_k_minus_1[rows], x_k[rows], y_k, gamma_k[rows])
+                    x_next, kept = config.step.forward(x_k_minus_1[rows], x_k[rows], y_k, gamma_k[rows])
                     assert kept is not None
                     planes.append(kept)
                 del y_k
+                if whole:
+                    x_k_plus_1 = x_next
+                else:
+                    assert x_k_plus_1 is not None
+                    x_k_plus_1[rows] = x_next
+                del x_next
+            assert x_k_plus_1 is not None
             if gamma_k is not None:
                 state.residue_planes.append(planes)
             x_k_minus_1, x_k = x_k, x_k_plus_1
-            maxima.append(stream_max(x_k))
-        raise_if_out_of_range(maxima, x0.dtype, config.bits)
+            extremes.append(stream_extremes(x_k))
+        raise_if_out_of_range(extremes, x0.dtype, config.bits)
         # The two states are kept as detached aliases rather than saved tensors, so backward
         # can let go of each one as soon as it is rebuilt past; x_K's version counter (shared
         # with the output) still reveals an in-place change of the output.
@@ -168,7 +176,11 @@ def _backward_through(
     residue_planes = state.residue_planes[k - 1] if k else None
     if k:
         state.residue_planes[k - 1] = None  # its memory is no longer needed
-    x_k_minus_1 = (torch.empty_like(walk.x_k) if walk.x_k_plus_1_is_output else walk.x_k_plus_1) if k else None
+    # x_{k-1} goes over x_{k+1} chunk by chunk; with one chunk it is the inverse's own (contiguous) result.
+    whole = split.chunks == 1
+    x_k_minus_1 = None
+    if k and not whole:
+        x_k_minus_1 = torch.empty_like(walk.x_k) if walk.x_k_plus_1_is_output else walk.x_k_plus_1
     reuse = walk.grad_x_k_plus_2 is not None and walk.grad_x_k_plus_2 is not walk.grad_out
     grad_x_k = walk.grad_x_k_plus_2 if reuse else torch.empty_like(walk.x_k)
     assert grad_x_k is not None and walk.mismatches is not None
@@ -193,17 +205,23 @@ def _backward_through(
                 chunk_args = split.tree(state.block_args(arg_leaves), c)
                 x_k_leaf, y_k, held = recompute(state, k, walk.x_k[rows], chunk_args)
                 del chunk_args
-            if replay_rng:
+            if replay_rng and c + 1 < split.chunks:
                 rng = capture_rng_state(walk.x_k.device)  # where chunk c + 1 starts
             grad_x_k_plus_1_chunk = walk.grad_x_k_plus_1[rows]
             if gamma_k is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
                 compare_block0(state, quantize(y_k.detach(), config.bits), walk.x_k_plus_1[rows], block0_mismatches)
                 grad_y_k = grad_x_k_plus_1_chunk  # dL/dy_0 = dL/dx_1
             else:  # rebuild x_{k-1}, then form the gradients that bypass the block
-                assert residue_planes is not None and x_k_minus_1 is not None
-                x_k_minus_1[rows] = config.step.inverse(
+                assert residue_planes is not None
+                rebuilt = config.step.inverse(
                     walk.x_k_plus_1[rows], walk.x_k[rows], y_k, gamma_k[rows], residue_planes[c]
                 )
+                if whole:  # x_{k+1} is not read again: let it go, as the chunked path overwrites it
+                    x_k_minus_1, walk.x_k_plus_1 = rebuilt, rebuilt
+                else:
+                    assert x_k_minus_1 is not None
+                    x_k_minus_1[rows] = rebuilt
+                del rebuilt
                 grad_y_k = (1 + gamma_k[rows]) * grad_x_k_plus_1_chunk  # dL/dy_k = (1 + g_k) dL/dx_{k+1}
             skip_gradient(
                 grad_x_k[rows], walk.grad_x_k_plus_2, walk.gamma_k_plus_1, rows, grad_x_k_plus_1_chunk, gamma_k

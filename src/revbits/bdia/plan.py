@@ -91,6 +91,6 @@ class ForwardState:
     def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
         """g_k = sign_k * |g| as a per-sample tensor broadcastable against the states (k >= 1); unpacks row
         k - 1 of the signs only."""
-        batch = self.signs.shape[1]
-        sign = unpack_rows(self.signs, k - 1, 1, torch.int8).view(batch).to(like.dtype) * 2 - 1
-        return (sign * self.config.step.gamma).view(-1, *([1] * (like.dim() - 1)))
+        bit = unpack_rows(self.signs, k - 1, 1, like.dtype).view(-1, *([1] * (like.dim() - 1)))  # a new tensor
+        gamma = self.config.step.gamma
+        return bit.mul_(2 * gamma).sub_(gamma)  # 2 |g| - |g| and 0 - |g|: exact

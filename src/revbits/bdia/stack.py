@@ -42,7 +42,7 @@ from .step import (
     call_block,
     check_block_arguments,
     raise_if_out_of_range,
-    stream_max,
+    stream_extremes,
 )
 from .token_slices import check_token_slice, install_declared, training_pass
 from .tools import FORWARD, has_no_values, pipelining_shape_inference, profiled
@@ -211,7 +211,7 @@ class BDIAStack(nn.Module):
             g = state.gamma_of(k, x_cur)
             y = run(k, x_cur)
             states.append(state.config.step.forward(x_prev, x_cur, y, g, keep=False)[0])
-        raise_if_out_of_range([stream_max(x) for x in states], x0.dtype, self.bits)
+        raise_if_out_of_range([stream_extremes(x) for x in states], x0.dtype, self.bits)
         return states[-1]
 
     @torch.compiler.disable  # the recomputation runs outside dynamo, so the forward must too (bdia.compile)

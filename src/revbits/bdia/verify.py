@@ -9,7 +9,7 @@ import torch
 
 from .step import state_checksum
 
-__all__ = ["ReversibilityError", "compare_block0", "compare_state", "raise_on_mismatch"]
+__all__ = ["ReversibilityError", "compare_block0", "compare_state", "differ", "raise_on_mismatch"]
 
 
 class ReversibilityError(RuntimeError):
@@ -38,7 +38,17 @@ def compare_block0(
     if state.config.check and not torch.equal(recomputed, rebuilt):
         raise ReversibilityError("block 0 recomputed x_1 differently from the forward pass")
     if state.config.verify and not state.config.check:
-        mismatches.append(torch.any(recomputed != rebuilt))
+        mismatches.append(differ(recomputed, rebuilt))
+
+
+def differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether two grid tensors differ anywhere, as a 0-d bool tensor without a host sync: max |a - b| != 0.
+    The difference of two finite floats is 0 only where they are equal (+0 and -0 count as equal, as for
+    ``a != b``), and a NaN on either side makes it NaN, a difference. Three passes over a and b without a bool
+    temporary: several times faster on CPU than ``(a != b).any()``."""
+    if a.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=a.device)
+    return torch.sub(a, b).abs_().amax() != 0
 
 
 def raise_on_mismatch(state: Any, mismatches: list[torch.Tensor]) -> None:
