@@ -71,7 +71,7 @@ class BDIAFunction(torch.autograd.Function):
                 state.rng_states.append(capture_rng_state(x0.device))
             if config.check:
                 state.states.append(x_k)
-            elif config.verify:
+            elif config.verify and k < len(config.blocks) - 1:  # the backward rebuilds x_0 .. x_{K-2}
                 state.checksums.append(state_checksum(x_k))
             # Chunk c of x_{k+1} reads only chunk c of x_{k-1} and x_k, so it can overwrite x_{k-1}
             # in place once that buffer is this forward's own (not the input x_0; check=True keeps all).
@@ -113,6 +113,7 @@ class BDIAFunction(torch.autograd.Function):
         assert x_k_minus_1 is not None
         state.last_states = [x_k_minus_1, x_k.detach()]
         state.output_version = x_k._version
+        state.drawn_signs = None  # the backward reads the packed bits
         if state.kept and config.keep_last_graph == AUTO:
             wait_for_backward(state)
         ctx.state = state

@@ -72,6 +72,7 @@ class ForwardState:
     split: BatchSplit  # the batch chunks every block runs on (bdia.chunks)
     autocast: tuple[str, bool, torch.dtype]  # device type, enabled, dtype of the forward's autocast
     keep_last_graph: bool = False  # whether this forward keeps the top block's graph (bdia.top_graph)
+    drawn_signs: torch.Tensor | None = None  # the [K-1, B] signs (+-1) while the forward runs; then None
     # Saved by the forward for the backward:
     residue_planes: list[list[PackedBits] | None] = field(default_factory=list)  # block k >= 1: per chunk r_{k-1}
     rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # per block
@@ -89,8 +90,11 @@ class ForwardState:
         return self.args.with_values(values)
 
     def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
-        """g_k = sign_k * |g| as a per-sample tensor broadcastable against the states (k >= 1); unpacks row
-        k - 1 of the signs only."""
-        bit = unpack_rows(self.signs, k - 1, 1, like.dtype).view(-1, *([1] * (like.dim() - 1)))  # a new tensor
+        """g_k = sign_k * |g| as a per-sample tensor broadcastable against the states (k >= 1): from the drawn
+        signs during the forward, else unpacking row k - 1 of the stored bits only. Both give +-|g| exactly."""
+        shape = (-1, *([1] * (like.dim() - 1)))
         gamma = self.config.step.gamma
-        return bit.mul_(2 * gamma).sub_(gamma)  # 2 |g| - |g| and 0 - |g|: exact
+        if self.drawn_signs is not None:
+            return self.drawn_signs[k - 1].to(like.dtype).mul_(gamma).view(shape)
+        bit = unpack_rows(self.signs, k - 1, 1, like.dtype).view(shape)  # a new tensor
+        return bit.mul_(2 * gamma).sub_(gamma)  # 2 |g| - |g| and 0 - |g|

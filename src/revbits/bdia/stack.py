@@ -291,6 +291,7 @@ class BDIAStack(nn.Module):
             compiled=[holds_compiled_code(b) for b in config.blocks],
             num_params=len(params),
             signs=pack_bits(signs > 0),
+            drawn_signs=signs,
             split=_split(self.batch_chunks, x0, args, config.blocks),
             autocast=(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)),
         )
