@@ -87,6 +87,11 @@ class BatchSplit:
     def chunks(self) -> int:
         return len(self.slices)
 
+    def part(self, t: torch.Tensor, index: int) -> torch.Tensor:
+        """Chunk ``index`` of a tensor whose dim 0 is the batch (a state, its gradient, g): ``t`` itself when there
+        is one chunk (no view to make)."""
+        return t if len(self.slices) == 1 else t[self.slices[index]]
+
     def splits(self, t: torch.Tensor) -> bool:
         """Whether the tensor argument ``t`` is sliced with x (the rule was checked by :func:`plan_split`)."""
         return self.chunks > 1 and t.dim() > 0 and t.shape[0] == self.batch
