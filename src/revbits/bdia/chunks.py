@@ -77,6 +77,8 @@ class BatchSplit:
     def into(batch: int, chunks: int) -> BatchSplit:
         """``chunks`` contiguous slices of ``range(batch)``, sizes differing by at most one."""
         chunks = max(1, min(chunks, batch))
+        if chunks == 1:
+            return BatchSplit(batch, (slice(0, batch),))
         size, extra = divmod(batch, chunks)
         bounds = [0]
         for c in range(chunks):

@@ -29,6 +29,7 @@ another object between forward and backward raises (:func:`check_parameters_unch
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -86,7 +87,9 @@ def _held_in(module: nn.Module) -> Iterator[tuple[str | None, torch.Tensor]]:
     """(attribute, tensor) for the tensors ``module`` holds as plain attributes, and (None, leaf) for the
     leaves in list, tuple or dict attributes (one level deep; they need no stand-in, being leaves)."""
     attributes = module.__dict__
-    for name in sorted(attributes.keys() - _MODULE_ATTRIBUTES):  # the few attributes a module class adds
+    kinds = (torch.Tensor, list, tuple, dict)  # what may hold a tensor; the module's own dicts are not ours
+    names = [name for name, value in attributes.items() if isinstance(value, kinds) and name not in _MODULE_ATTRIBUTES]
+    for name in sorted(names):  # the few attributes a module class adds
         value = attributes[name]
         if _wants_grad(value):
             yield name, value
@@ -165,7 +168,13 @@ def detached_held_tensors(block: nn.Module, tensors: Sequence[torch.Tensor]) -> 
 
 
 def _fsdp_unit(module: nn.Module) -> bool:
-    return bool({c.__name__ for c in type(module).__mro__} & {"FSDPModule", "FullyShardedDataParallel"})
+    return _fsdp_class(type(module))
+
+
+@functools.cache
+def _fsdp_class(cls: type) -> bool:
+    """Whether modules of class ``cls`` are FSDP units (fully_shard gives a sharded module a class of its own)."""
+    return bool({c.__name__ for c in cls.__mro__} & {"FSDPModule", "FullyShardedDataParallel"})
 
 
 def unmanaged_leaves(block: nn.Module, foreign: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -262,6 +271,10 @@ class EngineRequest:
 # -- one block's backward -------------------------------------------------------------------------
 
 
+#: The class of the nodes that accumulate into a leaf (their ``variable``); looked up by attribute where absent.
+_ACCUMULATE_GRAD = getattr(getattr(torch._C, "_functions", None), "AccumulateGrad", None)
+
+
 def _reached_accumulators(y: torch.Tensor) -> list[Any]:
     """The AccumulateGrad nodes reachable from ``y.grad_fn``, in no particular order."""
     found: list[Any] = []
@@ -272,11 +285,14 @@ def _reached_accumulators(y: torch.Tensor) -> list[Any]:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if getattr(node, "variable", None) is not None:  # only AccumulateGrad nodes hold one
-            found.append(node)
+        accumulates = type(node) is _ACCUMULATE_GRAD if _ACCUMULATE_GRAD is not None else hasattr(node, "variable")
+        if accumulates:  # only AccumulateGrad nodes hold a variable (a type test is faster than a failed getattr)
+            if node.variable is not None:
+                found.append(node)
         else:
-            todo.extend(fn for fn, _ in node.next_functions)
+            todo.extend([fn for fn, _ in node.next_functions])
     return found
+
 
 
 def reached_leaves(y: torch.Tensor) -> list[torch.Tensor]:
