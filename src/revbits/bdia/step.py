@@ -182,23 +182,27 @@ def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any
     return y
 
 
-def stream_extremes(x: torch.Tensor) -> torch.Tensor:
-    """[min x, max x] as a 2-element tensor of x's dtype (NaN if x holds a NaN, [0, 0] if x is empty, as a batch
-    of 0 samples is), in one pass, without a host sync or a copy; :func:`raise_if_out_of_range` takes max |x| from
-    it."""
+def stream_extremes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min x, max x) as 0-d tensors of x's dtype (NaN if x holds a NaN, 0 if x is empty, as a batch of 0 samples
+    is), in one pass, without a host sync or a copy; :func:`raise_if_out_of_range` takes max |x| from them."""
     if x.numel() == 0:
-        return x.new_zeros(2)
-    return torch.stack(torch.aminmax(x.detach()))
+        zero = x.new_zeros(())
+        return zero, zero
+    low, high = torch.aminmax(x.detach() if x.requires_grad else x)
+    return low, high
 
 
-def raise_if_out_of_range(extremes: Sequence[torch.Tensor], dtype: torch.dtype, bits: int) -> None:
+def raise_if_out_of_range(
+    extremes: Sequence[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, bits: int
+) -> None:
     """Raise StreamRangeError naming the first state x_i with |x_i| >= 2**(p - bits) or NaN/Inf.
 
     ``extremes[i]`` is :func:`stream_extremes` of x_i, and max |x_i| = max(|min x_i|, |max x_i|) (NaN stays NaN).
     One host synchronisation covers all states.
     """
     limit = exact_limit(dtype, bits)
-    for index, value in enumerate(torch.stack(list(extremes)).abs_().amax(dim=1).tolist()):
+    lows_then_highs = torch.stack([low for low, _ in extremes] + [high for _, high in extremes])
+    for index, value in enumerate(lows_then_highs.abs_().view(2, -1).amax(dim=0).tolist()):
         if value < limit:
             continue
         source = "the input of the stack" if index == 0 else f"the output of block {index - 1}"
