@@ -22,6 +22,7 @@ takes y_{K-1} and its graph from there instead of recomputing it; everything els
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,13 +209,9 @@ def _backward_through(
     replay_rng = config.preserve_rng and not kept
     rng = state.rng_states[k] if replay_rng else None
     check_parameters_unchanged(config.blocks[k], k, state.block_params[k])
-    device_type, autocast_on, autocast_dtype = state.autocast
     block0_mismatches: list[torch.Tensor] = []
     for c in range(split.chunks):
-        with (
-            RngReplay(rng, walk.x_k.device, replay_rng),
-            torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
-        ):
+        with RngReplay(rng, walk.x_k.device, replay_rng), _forward_autocast(state):
             if kept:  # the forward's graph of this chunk, handed over (bdia.top_graph)
                 graph, kept[c] = kept[c], None
                 x_k_leaf, y_k, held, arg_leaves = graph.state_leaf, graph.output, graph.held, graph.arg_leaves
@@ -259,6 +256,14 @@ def _backward_through(
         several = len(block0_mismatches) > 1
         walk.mismatches.append(torch.stack(block0_mismatches).any() if several else block0_mismatches[0])
     walk.step_down(x_k_minus_1, grad_x_k, gamma_k)
+
+
+def _forward_autocast(state: ForwardState) -> contextlib.AbstractContextManager:
+    """The forward's autocast setting for a recomputation: no context where autocast is off then and now."""
+    device_type, enabled, dtype = state.autocast
+    if not enabled and not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def _begin_backward(ctx: Any) -> ForwardState:

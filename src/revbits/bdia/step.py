@@ -9,7 +9,8 @@ For block k >= 1 with output y_k = block_k(x_k), a per-sample g_k = +-2**-b and 
 with the residue r_{k-1} = (-x_{k-1} 2**l) mod 2**b, of which the forward keeps b bits per element.
 Every function here returns values on the grid 2**-l, and every operation on grid values below the
 exact limit is exact, so evaluation order and in-place updates cannot change a bit. The one rounding
-that is not exact, inside :func:`combine`, happens in a single custom Function used by every path.
+that is not exact, inside :func:`combine`, is one sequence of operations used by every path (in a custom
+Function where autograd records it).
 """
 
 from __future__ import annotations
@@ -62,10 +63,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(g)
-        scale = float(2**bits)
-        u = (y * ((1 + g) * scale)).contiguous()
-        u.addcmul_(x, g, value=-2 * scale)
-        return u.round_().mul_(1.0 / scale)  # the product with 2**-l equals the division by 2**l, bit for bit
+        return _combine_values(x, y, g, bits)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -73,8 +71,19 @@ class _Combine(torch.autograd.Function):
         return grad * (-2 * g), grad * (1 + g), None, None
 
 
+def _combine_values(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
+    scale = float(2**bits)
+    u = (y * ((1 + g) * scale)).contiguous()
+    u.addcmul_(x, g, value=-2 * scale)
+    return u.round_().mul_(1.0 / scale)  # the product with 2**-l equals the division by 2**l, bit for bit
+
+
 def combine(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """u = Q((1 + g) * y - 2 g * x), the quantised block term of the BDIA update."""
+    """u = Q((1 + g) * y - 2 g * x), the quantised block term of the BDIA update. Where nothing is recorded for
+    autograd the same arithmetic runs without the autograd Function's per-call cost."""
+    recording = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or g.requires_grad)
+    if not recording and not torch.compiler.is_compiling():
+        return _combine_values(x, y, g, bits)
     return _Combine.apply(x, y, g, bits)
 
 
