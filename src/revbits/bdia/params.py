@@ -193,7 +193,7 @@ def check_parameters_unchanged(block: nn.Module, index: int, forward: Sequence[t
     on purpose (sharded and unsharded), so blocks that hold an FSDP unit, and DTensor parameters, are
     left to FSDP, whose parameters :func:`backward_through_block` follows.
     """
-    registered = {id(p) for p in block.parameters()}
+    registered = {id(p) for m in block.modules() for p in m._parameters.values() if p is not None}
     missing = [p for p in forward if isinstance(p, nn.Parameter) and id(p) not in registered]
     if not missing or any(_fsdp_unit(m) for m in block.modules()):
         return
@@ -369,10 +369,11 @@ def sharded_block(blocks: Sequence[nn.Module]) -> str | None:
     the stack's backward, so chunks are fine there.
     """
     for k, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if _fsdp_unit(module):
-                where = f"{name!r} in block {k}" if name else f"block {k}"
-                return f"{where} is its own FSDP unit"
+        if not any(_fsdp_unit(module) for module in block.modules()):  # names are built only for the message
+            continue
+        name = next(name for name, module in block.named_modules() if _fsdp_unit(module))
+        where = f"{name!r} in block {k}" if name else f"block {k}"
+        return f"{where} is its own FSDP unit"
     return None
 
 

@@ -67,7 +67,7 @@ class ForwardState:
     param_index: list[list[int]]  # per block, indices of its tensors in the Function's parameter inputs
     block_params: list[list[torch.Tensor]]  # per block, its parameters and held tensors now (bdia.params)
     compiled: list[bool]  # per block, whether it holds compiled code (bdia.compile)
-    num_params: int
+    params: list[torch.Tensor]  # the blocks' tensors of block_params, each once: the Function's parameter inputs
     signs: PackedBits  # the [K-1, B] signs of g, one bit each
     split: BatchSplit  # the batch chunks every block runs on (bdia.chunks)
     autocast: tuple[str, bool, torch.dtype]  # device type, enabled, dtype of the forward's autocast
@@ -81,6 +81,10 @@ class ForwardState:
     last_states: list[torch.Tensor] = field(default_factory=list)  # x_{K-1}, x_K
     output_version: int = 0  # x_K's version counter after the forward
     kept: list[Any] = field(default_factory=list)  # per chunk, the top block's KeptGraph (keep_last_graph)
+
+    @property
+    def num_params(self) -> int:
+        return len(self.params)
 
     def block_args(self, tensors: Sequence[torch.Tensor]) -> BlockArguments:
         """The block arguments with ``tensors`` in the tensor slots."""

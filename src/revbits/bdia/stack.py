@@ -221,7 +221,7 @@ class BDIAStack(nn.Module):
         state.keep_last_graph = keeps_last_graph(state.config.keep_last_graph, state.config, state.split, x0)
         values = args.values()
         arg_tensors = [values[i] for i in state.tensor_slots]
-        params = distinct(state.block_params)
+        params = state.params
         with profiled(FORWARD):
             return BDIAFunction.apply(state, x0, *arg_tensors, *params, EngineRequest.probe(x0))
 
@@ -289,7 +289,7 @@ class BDIAStack(nn.Module):
             param_index=[[index[id(p)] for p in tensors] for tensors in block_params],
             block_params=block_params,
             compiled=[holds_compiled_code(b) for b in config.blocks],
-            num_params=len(params),
+            params=params,
             signs=pack_bits(signs > 0),
             drawn_signs=signs,
             split=_split(self.batch_chunks, x0, args, config.blocks),
