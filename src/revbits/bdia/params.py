@@ -77,6 +77,7 @@ def _returnable(p: nn.Parameter) -> bool:
 
 #: The attributes every nn.Module instance has (hooks, the parameter and buffer dicts, ...): never a tensor.
 _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
+_MAY_HOLD_TENSORS = (torch.Tensor, list, tuple, dict)
 
 
 def _wants_grad(value: Any) -> bool:
@@ -87,9 +88,10 @@ def _held_in(module: nn.Module) -> Iterator[tuple[str | None, torch.Tensor]]:
     """(attribute, tensor) for the tensors ``module`` holds as plain attributes, and (None, leaf) for the
     leaves in list, tuple or dict attributes (one level deep; they need no stand-in, being leaves)."""
     attributes = module.__dict__
-    kinds = (torch.Tensor, list, tuple, dict)  # what may hold a tensor; the module's own dicts are not ours
-    names = [name for name, value in attributes.items() if isinstance(value, kinds) and name not in _MODULE_ATTRIBUTES]
-    for name in sorted(names):  # the few attributes a module class adds
+    added = attributes.keys() - _MODULE_ATTRIBUTES  # the few attributes a module class adds
+    if not added:
+        return
+    for name in sorted(n for n in added if isinstance(attributes[n], _MAY_HOLD_TENSORS)):
         value = attributes[name]
         if _wants_grad(value):
             yield name, value
