@@ -225,9 +225,7 @@ def _backward_through(
                 rng = capture_rng_state(walk.x_k.device)  # where chunk c + 1 starts
             grad_x_k_plus_1_chunk = split.part(walk.grad_x_k_plus_1, c)
             if gamma_k is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
-                recomputed = quantize(y_k.detach(), config.bits)
-                compare_block0(state, recomputed, split.part(walk.x_k_plus_1, c), block0_mismatches)
-                del recomputed
+                compare_block0(state, y_k.detach(), split.part(walk.x_k_plus_1, c), block0_mismatches)
                 grad_y_k = grad_x_k_plus_1_chunk  # dL/dy_0 = dL/dx_1
             else:  # rebuild x_{k-1}, then form the gradients that bypass the block
                 assert residue_planes is not None
