@@ -21,10 +21,12 @@ activations at the peak of one step (revbits.measure, bytes counted) are listed 
 Then one BDIA step runs under torch.profiler (top ops by self CPU time, with call counts) and
 under cProfile (Python functions by own time). Writes <out>.txt (the report) and <out>.json.
 ``--memory-only`` skips timing and profiles and writes each mode's peak, activations at the peak and
-bytes held after the forward (LiveBytes), which any machine may run.
+bytes held after the forward (LiveBytes), and ``--count-ops`` the ATen operators each mode dispatches per step
+(OperatorCount); any machine may run either.
 
     python benchmarks/bdia_overhead.py --out benchmarks/results/bdia_overhead_main
     python benchmarks/bdia_overhead.py --memory-only --out benchmarks/results/bdia_memory_main
+    python benchmarks/bdia_overhead.py --count-ops --out benchmarks/results/bdia_ops_main
     python benchmarks/bdia_overhead.py --tiny --rounds 2 --out /some/scratch/check   # a quick run
 """
 
@@ -45,7 +47,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from revbits.measure import measure_training_step
+from revbits.measure import OperatorCount, measure_training_step
 from revbits.models.gpt import GPT, GPTConfig
 
 MODES = ("standard", "checkpoint", "bdia", "bdia (recompute top)", "bdia (8 chunks)", "bdia (1 chunk)")
@@ -174,6 +176,28 @@ def profiles(step: Callable[[], None], rows: int) -> tuple[str, str, float]:
     return ops, out.getvalue(), total
 
 
+def write_op_counts(args: argparse.Namespace, shape: dict) -> None:
+    """<out>.txt and <out>.json: ATen operators dispatched per training step, per mode (revbits.measure.OperatorCount,
+    after two warm-up steps). Deterministic, so any machine may run it: eager PyTorch pays a fixed cost per operator,
+    which at small sizes is much of BDIA's overhead."""
+    steps = make_steps(shape, args.modes, args.dropout, args.seed)
+    steps.pop(FORWARD_ONLY)
+    header = f"model: GPT {shape}, dropout {args.dropout}, AdamW; torch {torch.__version__}; ATen operators per step"
+    lines = [header, f"{'mode':26s} {'ops':>6s}"]
+    rows = {}
+    for mode, step in steps.items():
+        step()
+        step()
+        with OperatorCount() as counter:
+            step()
+        rows[mode] = {"ops": counter.count, "by_name": dict(counter.by_name.most_common())}
+        lines.append(f"{mode:26s} {counter.count:6d}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"shape": shape, "rows": rows}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def write_memory(args: argparse.Namespace, shape: dict) -> None:
     """<out>.txt and <out>.json: each mode's peak, activations at the peak and bytes held after the forward."""
     generator = torch.Generator().manual_seed(args.seed)
@@ -206,6 +230,7 @@ def parse() -> argparse.Namespace:
     for name in ("n_layer", "d_model", "n_head", "block_size", "batch", "vocab"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, help="overrides the model's (default: main job's)")
     parser.add_argument("--memory-only", action="store_true", help="only the LiveBytes table, no timing")
+    parser.add_argument("--count-ops", action="store_true", help="only ATen operators per step, no timing")
     parser.add_argument("--rows", type=int, default=30, help="rows of each profile table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model, to check that the script runs")
@@ -221,6 +246,9 @@ def main() -> None:
     shape["vocab_size"] = args.vocab or shape["vocab_size"]
     if args.memory_only:
         write_memory(args, shape)
+        return
+    if args.count_ops:
+        write_op_counts(args, shape)
         return
     memory: dict[str, int] = {}
     steps = make_steps(shape, args.modes, args.dropout, args.seed, memory)

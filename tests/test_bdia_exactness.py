@@ -64,6 +64,28 @@ def test_check_mode_catches_a_recomputation_that_differs():
             stack(x, gammas=random_signs(5, 4)).sum().backward()
 
 
+def test_a_recomputation_of_block_0_that_differs_is_caught():
+    """Block 0's x_1 = Q(y_0) is checked against the x_1 block 1 rebuilt (checksum mode compares grid codes), also
+    with one batch chunk and with several."""
+
+    class Drifting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x + self.linear(x) * (1 + 1e-2 * self.calls)
+
+    for check, chunks in ((True, 1), (False, 1), (False, 2)):
+        blocks = [Drifting()] + [torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)]
+        stack = revbits.BDIAStack(blocks, check=check, batch_chunks=chunks).double()
+        x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(revbits.ReversibilityError, match="block 0"):
+            stack(x, gammas=random_signs(3, 4)).sum().backward()
+
+
 def test_verification_can_be_turned_off():
     class Drifting(torch.nn.Module):
         def __init__(self):

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from revbits.bdia import bits
 from revbits.bdia.bits import pack_bits, unpack_bits, unpack_rows
 
 
@@ -75,3 +76,21 @@ def test_pack_and_unpack_compile_to_the_eager_bits():
             assert torch.equal(want[1], values.to(torch.int8))
     finally:
         torch._dynamo.reset()
+
+
+@settings(max_examples=40, deadline=None)
+@given(numel=st.integers(0, 70), start=st.integers(0, 9), width=st.integers(1, 8), seed=st.integers(0, 2**31 - 1))
+def test_words_and_bytes_give_the_same_bits(numel, start, width, seed):
+    """The eager path packs and unpacks on int64 words, torch.compile's on bytes: the same bytes and values, also for
+    values that are a view starting at any byte (not a word boundary)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 2**width, (start + numel,), generator=generator, dtype=torch.uint8)[start:]
+    by_words = pack_bits(values, width)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bits, "_by_words", lambda: False)
+        by_bytes = pack_bits(values, width)
+        unpacked_by_bytes = unpack_rows(by_bytes, 0, numel, torch.int32) if numel else None
+    assert torch.equal(by_words.data, by_bytes.data)
+    if numel:
+        assert torch.equal(unpack_rows(by_words, 0, numel, torch.int32), unpacked_by_bytes)
+        assert torch.equal(unpacked_by_bytes, values.to(torch.int32))

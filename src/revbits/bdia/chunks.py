@@ -77,6 +77,8 @@ class BatchSplit:
     def into(batch: int, chunks: int) -> BatchSplit:
         """``chunks`` contiguous slices of ``range(batch)``, sizes differing by at most one."""
         chunks = max(1, min(chunks, batch))
+        if chunks == 1:
+            return BatchSplit(batch, (slice(0, batch),))
         size, extra = divmod(batch, chunks)
         bounds = [0]
         for c in range(chunks):
@@ -86,6 +88,11 @@ class BatchSplit:
     @property
     def chunks(self) -> int:
         return len(self.slices)
+
+    def part(self, t: torch.Tensor, index: int) -> torch.Tensor:
+        """Chunk ``index`` of a tensor whose dim 0 is the batch (a state, its gradient, g): ``t`` itself when there
+        is one chunk (no view to make)."""
+        return t if len(self.slices) == 1 else t[self.slices[index]]
 
     def splits(self, t: torch.Tensor) -> bool:
         """Whether the tensor argument ``t`` is sliced with x (the rule was checked by :func:`plan_split`)."""

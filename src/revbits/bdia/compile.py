@@ -35,10 +35,15 @@ __all__ = ["forward_arguments", "forward_block", "holds_compiled_code"]
 
 def holds_compiled_code(block: nn.Module) -> bool:
     """Whether ``block`` or one of its submodules was compiled (torch.compile or Module.compile)."""
-    return any(
-        isinstance(getattr(m, "_orig_mod", None), nn.Module) or getattr(m, "_compiled_call_impl", None) is not None
-        for m in block.modules()
-    )
+    return any(_compiled(m) for m in block.modules())
+
+
+def _compiled(module: nn.Module) -> bool:
+    """torch.compile(module) wraps it as ``_orig_mod`` (a submodule); module.compile() sets ``_compiled_call_impl``.
+    Read from the module's dicts: a missing attribute through ``nn.Module.__getattr__`` raises, which is slow."""
+    attributes = module.__dict__
+    wrapped = module._modules.get("_orig_mod", attributes.get("_orig_mod"))
+    return isinstance(wrapped, nn.Module) or attributes.get("_compiled_call_impl") is not None
 
 
 def forward_block(block: nn.Module, index: int, x: torch.Tensor, args: BlockArguments, compiled: bool) -> torch.Tensor:

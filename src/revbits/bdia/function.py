@@ -22,12 +22,14 @@ takes y_{K-1} and its graph from there instead of recomputing it; everything els
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..rng import RngReplay, capture_rng_state
+from .args import BlockArguments
 from .bits import PackedBits
 from .chunks import AUTO
 from .compile import forward_arguments, forward_block
@@ -35,7 +37,7 @@ from .fixedpoint import quantize
 from .gradients import Gradients, recompute, skip_gradient
 from .params import EngineRequest, check_parameters_unchanged
 from .plan import ForwardState
-from .step import raise_if_out_of_range, state_checksum, stream_max
+from .step import raise_if_out_of_range, state_checksum, stream_extremes
 from .top_graph import record_top_block, release_kept_graphs, wait_for_backward
 from .verify import compare_block0, compare_state, raise_on_mismatch
 
@@ -59,52 +61,33 @@ class BDIAFunction(torch.autograd.Function):
         config, split = state.config, state.split
         arg_tensors = inputs[: len(state.tensor_slots)]
         x0 = x0.detach()  # nothing here is differentiable (bdia.tools: module trackers)
-        chunk_args, leaf_args = forward_arguments(state.block_args, split, arg_tensors, any(state.compiled))
+        block_args = forward_arguments(state.block_args, split, arg_tensors, any(state.compiled))
         release_kept_graphs()  # graphs an earlier forward kept under "auto" would live through this whole step
         top = len(config.blocks) - 1 if state.keep_last_graph else -1  # the block whose graph is kept, if any
         top_arg_inputs = [a.detach().requires_grad_(a.requires_grad) for a in arg_tensors] if top >= 0 else []
         x_k_minus_1, x_k = None, x0
-        maxima = [stream_max(x0)]
-        for k, block in enumerate(config.blocks):
+        extremes = [stream_extremes(x0)]
+        for k in range(len(config.blocks)):
             if config.preserve_rng:  # chunk c + 1 draws from where chunk c left the RNG, in both passes
                 state.rng_states.append(capture_rng_state(x0.device))
             if config.check:
                 state.states.append(x_k)
-            elif config.verify:
+            elif config.verify and k < len(config.blocks) - 1:  # the backward rebuilds x_0 .. x_{K-2}
                 state.checksums.append(state_checksum(x_k))
-            # Chunk c of x_{k+1} reads only chunk c of x_{k-1} and x_k, so it can overwrite x_{k-1}
-            # in place once that buffer is this forward's own (not the input x_0; check=True keeps all).
-            owned = x_k_minus_1 is not None and x_k_minus_1 is not x0 and not config.check
-            x_k_plus_1 = x_k_minus_1 if owned else torch.empty_like(x_k)
-            assert x_k_plus_1 is not None
-            gamma_k = state.gamma_of(k, x_k) if k else None
-            planes: list[PackedBits] = []
-            for c, rows in enumerate(split.slices):
-                if k == top:  # run as the backward would recompute it, and keep the graph (bdia.top_graph)
-                    state.kept.append(record_top_block(state, k, x_k[rows], top_arg_inputs, c))
-                    y_k = state.kept[-1].output.detach()
-                else:
-                    block_args = leaf_args[c] if state.compiled[k] else chunk_args[c]
-                    y_k = forward_block(block, k, x_k[rows], block_args, state.compiled[k])
-                if gamma_k is None:
-                    x_k_plus_1[rows] = quantize(y_k, config.bits)
-                else:
-                    assert x_k_minus_1 is not None
-                    x_k_plus_1[rows], kept = config.step.forward(x_k_minus_1[rows], x_k[rows], y_k, gamma_k[rows])
-                    assert kept is not None
-                    planes.append(kept)
-                del y_k
-            if gamma_k is not None:
+            top_args = top_arg_inputs if k == top else None
+            x_k_plus_1, planes = _forward_through(state, k, x_k_minus_1, x_k, block_args, top_args)
+            if planes is not None:
                 state.residue_planes.append(planes)
             x_k_minus_1, x_k = x_k, x_k_plus_1
-            maxima.append(stream_max(x_k))
-        raise_if_out_of_range(maxima, x0.dtype, config.bits)
+            extremes.append(stream_extremes(x_k))
+        raise_if_out_of_range(extremes, x0.dtype, config.bits)
         # The two states are kept as detached aliases rather than saved tensors, so backward
         # can let go of each one as soon as it is rebuilt past; x_K's version counter (shared
         # with the output) still reveals an in-place change of the output.
         assert x_k_minus_1 is not None
         state.last_states = [x_k_minus_1, x_k.detach()]
         state.output_version = x_k._version
+        state.drawn_signs = None  # the backward reads the packed bits
         if state.kept and config.keep_last_graph == AUTO:
             wait_for_backward(state)
         ctx.state = state
@@ -128,6 +111,52 @@ class BDIAFunction(torch.autograd.Function):
             state.config.backward_ends()
         # After block 0 the walk has stepped to k = -1: its dL/dx_{k+1} is dL/dx_0.
         return (None, walk.grad_x_k_plus_1, *grads.args, *grads.params, None)  # None: the probe of EngineRequest
+
+
+def _forward_through(
+    state: ForwardState,
+    k: int,
+    x_k_minus_1: torch.Tensor | None,
+    x_k: torch.Tensor,
+    block_args: tuple[list[BlockArguments], list[BlockArguments]],
+    top_arg_inputs: list[torch.Tensor] | None,
+) -> tuple[torch.Tensor, list[PackedBits] | None]:
+    """Block k of the forward, chunk by chunk: x_{k+1} (the module docstring's equations) and, for k >= 1, the
+    residue planes of each chunk. ``block_args`` are :func:`forward_arguments`'s per chunk. With ``top_arg_inputs``
+    (the top block under ``keep_last_graph``) the block runs as the backward would recompute it, and its graph is
+    kept (bdia.top_graph)."""
+    config, split = state.config, state.split
+    chunk_args, leaf_args = block_args
+    # Chunk c of x_{k+1} reads only chunk c of x_{k-1} and x_k, so it can overwrite x_{k-1} in place once that
+    # buffer is this forward's own (not the input x_0; check=True keeps all). With one chunk x_{k+1} is the step's
+    # own (contiguous) result, and no buffer or copy is needed.
+    owned = k >= 2 and not config.check  # x_{k-1} is x_0 at k = 1
+    x_k_plus_1 = None if split.chunks == 1 else x_k_minus_1 if owned else torch.empty_like(x_k)
+    gamma_k = state.gamma_of(k, x_k) if k else None
+    planes: list[PackedBits] = []
+    for c in range(split.chunks):
+        x_k_chunk = split.part(x_k, c)
+        if top_arg_inputs is not None:
+            state.kept.append(record_top_block(state, k, x_k_chunk, top_arg_inputs, c))
+            y_k = state.kept[-1].output.detach()
+        else:
+            args = leaf_args[c] if state.compiled[k] else chunk_args[c]
+            y_k = forward_block(config.blocks[k], k, x_k_chunk, args, state.compiled[k])
+        if gamma_k is None:
+            x_next = quantize(y_k, config.bits).contiguous()  # every state has one memory layout
+        else:
+            assert x_k_minus_1 is not None
+            x_next, kept = config.step.forward(split.part(x_k_minus_1, c), x_k_chunk, y_k, split.part(gamma_k, c))
+            assert kept is not None
+            planes.append(kept)
+        del y_k
+        if x_k_plus_1 is None:
+            x_k_plus_1 = x_next
+        else:
+            split.part(x_k_plus_1, c).copy_(x_next)
+        del x_next
+    assert x_k_plus_1 is not None
+    return x_k_plus_1, (planes if gamma_k is not None else None)
 
 
 @dataclass
@@ -168,7 +197,10 @@ def _backward_through(
     residue_planes = state.residue_planes[k - 1] if k else None
     if k:
         state.residue_planes[k - 1] = None  # its memory is no longer needed
-    x_k_minus_1 = (torch.empty_like(walk.x_k) if walk.x_k_plus_1_is_output else walk.x_k_plus_1) if k else None
+    # x_{k-1} goes over x_{k+1} chunk by chunk; with one chunk it is the inverse's own (contiguous) result.
+    x_k_minus_1 = None
+    if k and split.chunks > 1:
+        x_k_minus_1 = torch.empty_like(walk.x_k) if walk.x_k_plus_1_is_output else walk.x_k_plus_1
     reuse = walk.grad_x_k_plus_2 is not None and walk.grad_x_k_plus_2 is not walk.grad_out
     grad_x_k = walk.grad_x_k_plus_2 if reuse else torch.empty_like(walk.x_k)
     assert grad_x_k is not None and walk.mismatches is not None
@@ -177,16 +209,13 @@ def _backward_through(
     replay_rng = config.preserve_rng and not kept
     rng = state.rng_states[k] if replay_rng else None
     check_parameters_unchanged(config.blocks[k], k, state.block_params[k])
-    device_type, autocast_on, autocast_dtype = state.autocast
     block0_mismatches: list[torch.Tensor] = []
-    for c, rows in enumerate(split.slices):
-        with (
-            RngReplay(rng, walk.x_k.device, replay_rng),
-            torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
-        ):
-            grad_x_k_plus_1_chunk = walk.grad_x_k_plus_1[rows]
+    for c in range(split.chunks):
+        with RngReplay(rng, walk.x_k.device, replay_rng), _forward_autocast(state):
+            grad_x_k_plus_1_chunk = split.part(walk.grad_x_k_plus_1, c)
+            gamma_k_chunk = None if gamma_k is None else split.part(gamma_k, c)
             # dL/dy_k = (1 + g_k) dL/dx_{k+1}, dL/dy_0 = dL/dx_1: known before the block is recomputed
-            grad_y_k = grad_x_k_plus_1_chunk if gamma_k is None else (1 + gamma_k[rows]) * grad_x_k_plus_1_chunk
+            grad_y_k = grad_x_k_plus_1_chunk if gamma_k_chunk is None else (1 + gamma_k_chunk) * grad_x_k_plus_1_chunk
             if kept:  # the forward's graph of this chunk, handed over (bdia.top_graph)
                 graph, kept[c] = kept[c], None
                 x_k_leaf, y_k, held, arg_leaves = graph.state_leaf, graph.output, graph.held, graph.arg_leaves
@@ -194,31 +223,45 @@ def _backward_through(
             else:
                 arg_leaves = [split.leaf(a, c) for a in arg_inputs]
                 chunk_args = split.tree(state.block_args(arg_leaves), c)
-                x_k_leaf, y_k, held = recompute(state, k, walk.x_k[rows], chunk_args, grad_y_k)
+                x_k_leaf, y_k, held = recompute(state, k, split.part(walk.x_k, c), chunk_args, grad_y_k)
                 del chunk_args
-            if replay_rng:
+            if replay_rng and c + 1 < split.chunks:
                 rng = capture_rng_state(walk.x_k.device)  # where chunk c + 1 starts
-            if gamma_k is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
-                compare_block0(state, quantize(y_k.detach(), config.bits), walk.x_k_plus_1[rows], block0_mismatches)
+            if gamma_k_chunk is None:  # block 0: the recomputed x_1 = Q(y_0) must be the one block 1 rebuilt
+                compare_block0(state, y_k.detach(), split.part(walk.x_k_plus_1, c), block0_mismatches)
             else:  # rebuild x_{k-1}, then form the gradients that bypass the block
-                assert residue_planes is not None and x_k_minus_1 is not None
-                x_k_minus_1[rows] = config.step.inverse(
-                    walk.x_k_plus_1[rows], walk.x_k[rows], y_k, gamma_k[rows], residue_planes[c]
-                )
-            skip_gradient(
-                grad_x_k[rows], walk.grad_x_k_plus_2, walk.gamma_k_plus_1, rows, grad_x_k_plus_1_chunk, gamma_k
-            )
+                assert residue_planes is not None
+                x_k_plus_1_chunk, x_k_chunk = split.part(walk.x_k_plus_1, c), split.part(walk.x_k, c)
+                rebuilt = config.step.inverse(x_k_plus_1_chunk, x_k_chunk, y_k, gamma_k_chunk, residue_planes[c])
+                del x_k_plus_1_chunk, x_k_chunk
+                if x_k_minus_1 is None:  # one chunk. x_{k+1} is not read again: let it go, as chunks overwrite it
+                    x_k_minus_1, walk.x_k_plus_1 = rebuilt, rebuilt
+                else:
+                    split.part(x_k_minus_1, c).copy_(rebuilt)
+                del rebuilt
+            grad_x_k_chunk = split.part(grad_x_k, c)
+            later = [None if t is None else split.part(t, c) for t in (walk.grad_x_k_plus_2, walk.gamma_k_plus_1)]
+            skip_gradient(grad_x_k_chunk, *later, grad_x_k_plus_1_chunk, gamma_k_chunk)
             del grad_x_k_plus_1_chunk
         grad_x_k_through_block = grads.through_block(k, c, y_k, grad_y_k, x_k_leaf, arg_leaves, held)
         del y_k, x_k_leaf, grad_y_k, arg_leaves, held
         if grad_x_k_through_block is not None:
-            grad_x_k[rows].add_(grad_x_k_through_block)
-        del grad_x_k_through_block
+            grad_x_k_chunk.add_(grad_x_k_through_block)
+        del grad_x_k_through_block, grad_x_k_chunk
     if x_k_minus_1 is not None:
         compare_state(state, k - 1, x_k_minus_1, walk.mismatches)
     elif block0_mismatches:
-        walk.mismatches.append(torch.stack(block0_mismatches).any())
+        several = len(block0_mismatches) > 1
+        walk.mismatches.append(torch.stack(block0_mismatches).any() if several else block0_mismatches[0])
     walk.step_down(x_k_minus_1, grad_x_k, gamma_k)
+
+
+def _forward_autocast(state: ForwardState) -> contextlib.AbstractContextManager:
+    """The forward's autocast setting for a recomputation: no context where autocast is off then and now."""
+    device_type, enabled, dtype = state.autocast
+    if not enabled and not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def _begin_backward(ctx: Any) -> ForwardState:

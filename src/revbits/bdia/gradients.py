@@ -59,25 +59,24 @@ def skip_gradient(
     out: torch.Tensor,
     grad_x_k_plus_2: torch.Tensor | None,
     gamma_k_plus_1: torch.Tensor | None,
-    rows: slice,
-    grad_x_k_plus_1_chunk: torch.Tensor,
+    grad_x_k_plus_1: torch.Tensor,
     gamma_k: torch.Tensor | None,
 ) -> None:
-    """The part of dL/dx_k that bypasses block k, for the chunk ``rows``, written into ``out``:
+    """The part of dL/dx_k that bypasses block k, for one batch chunk (every argument is that chunk's), written
+    into ``out``:
 
         g_{k+1} dL/dx_{k+2} - 2 g_k dL/dx_{k+1}     (the first term is absent for k = K-1, the second for k = 0)
 
-    ``grad_x_k_plus_2`` and the gammas are whole; ``grad_x_k_plus_1_chunk`` is already the chunk. ``out`` may be
-    the chunk of ``grad_x_k_plus_2`` itself: it is read before it is written.
+    ``out`` may be ``grad_x_k_plus_2`` itself: it is read before it is written.
     """
     if grad_x_k_plus_2 is None:
         assert gamma_k is not None
-        torch.mul(grad_x_k_plus_1_chunk, -2 * gamma_k[rows], out=out)
+        torch.mul(grad_x_k_plus_1, -2 * gamma_k, out=out)
         return
     assert gamma_k_plus_1 is not None
-    torch.mul(grad_x_k_plus_2[rows], gamma_k_plus_1[rows], out=out)
+    torch.mul(grad_x_k_plus_2, gamma_k_plus_1, out=out)
     if gamma_k is not None:
-        out.addcmul_(grad_x_k_plus_1_chunk, gamma_k[rows], value=-2)
+        out.addcmul_(grad_x_k_plus_1, gamma_k, value=-2)
 
 
 def _accumulate(store: list[torch.Tensor | None], slots: Sequence[int], grads: Sequence[torch.Tensor | None]) -> None:

@@ -29,6 +29,7 @@ another object between forward and backward raises (:func:`check_parameters_unch
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -76,6 +77,7 @@ def _returnable(p: nn.Parameter) -> bool:
 
 #: The attributes every nn.Module instance has (hooks, the parameter and buffer dicts, ...): never a tensor.
 _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
+_MAY_HOLD_TENSORS = (torch.Tensor, list, tuple, dict)
 
 
 def _wants_grad(value: Any) -> bool:
@@ -86,7 +88,10 @@ def _held_in(module: nn.Module) -> Iterator[tuple[str | None, torch.Tensor]]:
     """(attribute, tensor) for the tensors ``module`` holds as plain attributes, and (None, leaf) for the
     leaves in list, tuple or dict attributes (one level deep; they need no stand-in, being leaves)."""
     attributes = module.__dict__
-    for name in sorted(attributes.keys() - _MODULE_ATTRIBUTES):  # the few attributes a module class adds
+    added = attributes.keys() - _MODULE_ATTRIBUTES  # the few attributes a module class adds
+    if not added:
+        return
+    for name in sorted(n for n in added if isinstance(attributes[n], _MAY_HOLD_TENSORS)):
         value = attributes[name]
         if _wants_grad(value):
             yield name, value
@@ -165,7 +170,13 @@ def detached_held_tensors(block: nn.Module, tensors: Sequence[torch.Tensor]) -> 
 
 
 def _fsdp_unit(module: nn.Module) -> bool:
-    return bool({c.__name__ for c in type(module).__mro__} & {"FSDPModule", "FullyShardedDataParallel"})
+    return _fsdp_class(type(module))
+
+
+@functools.cache
+def _fsdp_class(cls: type) -> bool:
+    """Whether modules of class ``cls`` are FSDP units (fully_shard gives a sharded module a class of its own)."""
+    return bool({c.__name__ for c in cls.__mro__} & {"FSDPModule", "FullyShardedDataParallel"})
 
 
 def unmanaged_leaves(block: nn.Module, foreign: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -184,7 +195,7 @@ def check_parameters_unchanged(block: nn.Module, index: int, forward: Sequence[t
     on purpose (sharded and unsharded), so blocks that hold an FSDP unit, and DTensor parameters, are
     left to FSDP, whose parameters :func:`backward_through_block` follows.
     """
-    registered = {id(p) for p in block.parameters()}
+    registered = {id(p) for m in block.modules() for p in m._parameters.values() if p is not None}
     missing = [p for p in forward if isinstance(p, nn.Parameter) and id(p) not in registered]
     if not missing or any(_fsdp_unit(m) for m in block.modules()):
         return
@@ -262,6 +273,10 @@ class EngineRequest:
 # -- one block's backward -------------------------------------------------------------------------
 
 
+#: The class of the nodes that accumulate into a leaf (their ``variable``); looked up by attribute where absent.
+_ACCUMULATE_GRAD = getattr(getattr(torch._C, "_functions", None), "AccumulateGrad", None)
+
+
 def _reached_accumulators(y: torch.Tensor) -> list[Any]:
     """The AccumulateGrad nodes reachable from ``y.grad_fn``, in no particular order."""
     found: list[Any] = []
@@ -272,11 +287,14 @@ def _reached_accumulators(y: torch.Tensor) -> list[Any]:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if getattr(node, "variable", None) is not None:  # only AccumulateGrad nodes hold one
-            found.append(node)
+        accumulates = type(node) is _ACCUMULATE_GRAD if _ACCUMULATE_GRAD is not None else hasattr(node, "variable")
+        if accumulates:  # only AccumulateGrad nodes hold a variable (a type test is faster than a failed getattr)
+            if node.variable is not None:
+                found.append(node)
         else:
-            todo.extend(fn for fn, _ in node.next_functions)
+            todo.extend([fn for fn, _ in node.next_functions])
     return found
+
 
 
 def reached_leaves(y: torch.Tensor) -> list[torch.Tensor]:
@@ -353,10 +371,11 @@ def sharded_block(blocks: Sequence[nn.Module]) -> str | None:
     the stack's backward, so chunks are fine there.
     """
     for k, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if _fsdp_unit(module):
-                where = f"{name!r} in block {k}" if name else f"block {k}"
-                return f"{where} is its own FSDP unit"
+        if not any(_fsdp_unit(module) for module in block.modules()):  # names are built only for the message
+            continue
+        name = next(name for name, module in block.named_modules() if _fsdp_unit(module))
+        where = f"{name!r} in block {k}" if name else f"block {k}"
+        return f"{where} is its own FSDP unit"
     return None
 
 

@@ -67,11 +67,12 @@ class ForwardState:
     param_index: list[list[int]]  # per block, indices of its tensors in the Function's parameter inputs
     block_params: list[list[torch.Tensor]]  # per block, its parameters and held tensors now (bdia.params)
     compiled: list[bool]  # per block, whether it holds compiled code (bdia.compile)
-    num_params: int
+    params: list[torch.Tensor]  # the blocks' tensors of block_params, each once: the Function's parameter inputs
     signs: PackedBits  # the [K-1, B] signs of g, one bit each
     split: BatchSplit  # the batch chunks every block runs on (bdia.chunks)
     autocast: tuple[str, bool, torch.dtype]  # device type, enabled, dtype of the forward's autocast
     keep_last_graph: bool = False  # whether this forward keeps the top block's graph (bdia.top_graph)
+    drawn_signs: torch.Tensor | None = None  # the [K-1, B] signs (+-1) while the forward runs; then None
     # Saved by the forward for the backward:
     residue_planes: list[list[PackedBits] | None] = field(default_factory=list)  # block k >= 1: per chunk r_{k-1}
     rng_states: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # per block
@@ -81,6 +82,10 @@ class ForwardState:
     output_version: int = 0  # x_K's version counter after the forward
     kept: list[Any] = field(default_factory=list)  # per chunk, the top block's KeptGraph (keep_last_graph)
 
+    @property
+    def num_params(self) -> int:
+        return len(self.params)
+
     def block_args(self, tensors: Sequence[torch.Tensor]) -> BlockArguments:
         """The block arguments with ``tensors`` in the tensor slots."""
         values = self.args.values()
@@ -89,8 +94,11 @@ class ForwardState:
         return self.args.with_values(values)
 
     def gamma_of(self, k: int, like: torch.Tensor) -> torch.Tensor:
-        """g_k = sign_k * |g| as a per-sample tensor broadcastable against the states (k >= 1); unpacks row
-        k - 1 of the signs only."""
-        batch = self.signs.shape[1]
-        sign = unpack_rows(self.signs, k - 1, 1, torch.int8).view(batch).to(like.dtype) * 2 - 1
-        return (sign * self.config.step.gamma).view(-1, *([1] * (like.dim() - 1)))
+        """g_k = sign_k * |g| as a per-sample tensor broadcastable against the states (k >= 1): from the drawn
+        signs during the forward, else unpacking row k - 1 of the stored bits only. Both give +-|g| exactly."""
+        shape = (-1, *([1] * (like.dim() - 1)))
+        gamma = self.config.step.gamma
+        if self.drawn_signs is not None:
+            return self.drawn_signs[k - 1].to(like.dtype).mul_(gamma).view(shape)
+        bit = unpack_rows(self.signs, k - 1, 1, like.dtype).view(shape)  # a new tensor
+        return bit.mul_(2 * gamma).sub_(gamma)  # 2 |g| - |g| and 0 - |g|

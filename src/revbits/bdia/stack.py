@@ -42,7 +42,7 @@ from .step import (
     call_block,
     check_block_arguments,
     raise_if_out_of_range,
-    stream_max,
+    stream_extremes,
 )
 from .token_slices import check_token_slice, install_declared, training_pass
 from .tools import FORWARD, has_no_values, pipelining_shape_inference, profiled
@@ -211,7 +211,7 @@ class BDIAStack(nn.Module):
             g = state.gamma_of(k, x_cur)
             y = run(k, x_cur)
             states.append(state.config.step.forward(x_prev, x_cur, y, g, keep=False)[0])
-        raise_if_out_of_range([stream_max(x) for x in states], x0.dtype, self.bits)
+        raise_if_out_of_range([stream_extremes(x) for x in states], x0.dtype, self.bits)
         return states[-1]
 
     @torch.compiler.disable  # the recomputation runs outside dynamo, so the forward must too (bdia.compile)
@@ -221,7 +221,7 @@ class BDIAStack(nn.Module):
         state.keep_last_graph = keeps_last_graph(state.config.keep_last_graph, state.config, state.split, x0)
         values = args.values()
         arg_tensors = [values[i] for i in state.tensor_slots]
-        params = distinct(state.block_params)
+        params = state.params
         with profiled(FORWARD):
             return BDIAFunction.apply(state, x0, *arg_tensors, *params, EngineRequest.probe(x0))
 
@@ -289,8 +289,9 @@ class BDIAStack(nn.Module):
             param_index=[[index[id(p)] for p in tensors] for tensors in block_params],
             block_params=block_params,
             compiled=[holds_compiled_code(b) for b in config.blocks],
-            num_params=len(params),
+            params=params,
             signs=pack_bits(signs > 0),
+            drawn_signs=signs,
             split=_split(self.batch_chunks, x0, args, config.blocks),
             autocast=(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)),
         )

@@ -9,7 +9,8 @@ For block k >= 1 with output y_k = block_k(x_k), a per-sample g_k = +-2**-b and 
 with the residue r_{k-1} = (-x_{k-1} 2**l) mod 2**b, of which the forward keeps b bits per element.
 Every function here returns values on the grid 2**-l, and every operation on grid values below the
 exact limit is exact, so evaluation order and in-place updates cannot change a bit. The one rounding
-that is not exact, inside :func:`combine`, happens in a single custom Function used by every path.
+that is not exact, inside :func:`combine`, is one sequence of operations used by every path (in a custom
+Function where autograd records it).
 """
 
 from __future__ import annotations
@@ -62,10 +63,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(g)
-        scale = float(2**bits)
-        u = (y * ((1 + g) * scale)).contiguous()
-        u.addcmul_(x, g, value=-2 * scale)
-        return u.round_().mul_(1.0 / scale)  # the product with 2**-l equals the division by 2**l, bit for bit
+        return _combine_values(x, y, g, bits)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -73,8 +71,19 @@ class _Combine(torch.autograd.Function):
         return grad * (-2 * g), grad * (1 + g), None, None
 
 
+def _combine_values(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
+    scale = float(2**bits)
+    u = (y * ((1 + g) * scale)).contiguous()
+    u.addcmul_(x, g, value=-2 * scale)
+    return u.round_().mul_(1.0 / scale)  # the product with 2**-l equals the division by 2**l, bit for bit
+
+
 def combine(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
-    """u = Q((1 + g) * y - 2 g * x), the quantised block term of the BDIA update."""
+    """u = Q((1 + g) * y - 2 g * x), the quantised block term of the BDIA update. Where nothing is recorded for
+    autograd the same arithmetic runs without the autograd Function's per-call cost."""
+    recording = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or g.requires_grad)
+    if not recording and not torch.compiler.is_compiling():
+        return _combine_values(x, y, g, bits)
     return _Combine.apply(x, y, g, bits)
 
 
@@ -88,6 +97,13 @@ def residue(x_prev: torch.Tensor, bits: int, gamma_bits: int) -> torch.Tensor:
     """
     a = x_prev * -(2.0**bits)
     return a.sub_(torch.mul(a, 2.0**-gamma_bits).floor_(), alpha=2.0**gamma_bits)
+
+
+def residue_bytes(r: torch.Tensor, gamma_bits: int) -> torch.Tensor:
+    """The residue r of :func:`residue` (integers 0 .. 2**b - 1 in a float tensor) as uint8. For b <= 7 they fit
+    int8, whose conversion from float is vectorised (several times faster than uint8's on CPU) and whose bytes are
+    uint8's for these values."""
+    return r.to(torch.int8).view(torch.uint8) if gamma_bits <= 7 else r.to(torch.uint8)
 
 
 def forward_step(x_prev: torch.Tensor, r: torch.Tensor, u: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
@@ -128,7 +144,7 @@ class Step:
         x_{k-1} that :meth:`inverse` needs. Differentiable with grad enabled (r is a constant, so the skip
         path's gradient is g); without grad it works in its own temporaries. Both give the same bits."""
         r = residue(x_prev.detach(), self.bits, self.gamma_bits)
-        kept = pack_bits(r.to(torch.uint8), self.gamma_bits) if keep else None
+        kept = pack_bits(residue_bytes(r, self.gamma_bits), self.gamma_bits) if keep else None
         u = combine(x_cur, y, g, self.bits)
         if torch.is_grad_enabled():
             return forward_step(x_prev, r, u, g, self.bits), kept
@@ -175,22 +191,27 @@ def call_block(block: nn.Module, index: int, x: torch.Tensor, args: Sequence[Any
     return y
 
 
-def stream_max(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a float64 scalar tensor (NaN if x holds a NaN, 0 if x is empty, as a batch of 0 samples is),
-    without a host sync or a copy."""
+def stream_extremes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min x, max x) as 0-d tensors of x's dtype (NaN if x holds a NaN, 0 if x is empty, as a batch of 0 samples
+    is), in one pass, without a host sync or a copy; :func:`raise_if_out_of_range` takes max |x| from them."""
     if x.numel() == 0:
-        return torch.zeros((), dtype=torch.float64, device=x.device)
-    low, high = torch.aminmax(x.detach())
-    return torch.maximum(-low, high).to(torch.float64)
+        zero = x.new_zeros(())
+        return zero, zero
+    low, high = torch.aminmax(x.detach() if x.requires_grad else x)
+    return low, high
 
 
-def raise_if_out_of_range(maxima: Sequence[torch.Tensor], dtype: torch.dtype, bits: int) -> None:
+def raise_if_out_of_range(
+    extremes: Sequence[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, bits: int
+) -> None:
     """Raise StreamRangeError naming the first state x_i with |x_i| >= 2**(p - bits) or NaN/Inf.
 
-    ``maxima[i]`` is :func:`stream_max` of x_i. One host synchronisation covers all states.
+    ``extremes[i]`` is :func:`stream_extremes` of x_i, and max |x_i| = max(|min x_i|, |max x_i|) (NaN stays NaN).
+    One host synchronisation covers all states.
     """
     limit = exact_limit(dtype, bits)
-    for index, value in enumerate(torch.stack(list(maxima)).tolist()):
+    lows_then_highs = torch.stack([low for low, _ in extremes] + [high for _, high in extremes])
+    for index, value in enumerate(lows_then_highs.abs_().view(2, -1).amax(dim=0).tolist()):
         if value < limit:
             continue
         source = "the input of the stack" if index == 0 else f"the output of block {index - 1}"

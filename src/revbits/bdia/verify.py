@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .fixedpoint import quantize
 from .step import state_checksum
 
 __all__ = ["ReversibilityError", "compare_block0", "compare_state", "raise_on_mismatch"]
@@ -31,14 +32,25 @@ def compare_state(state: Any, index: int, rebuilt: torch.Tensor, mismatches: lis
         mismatches.append(torch.any(state_checksum(rebuilt) != state.checksums[index]))
 
 
-def compare_block0(
-    state: Any, recomputed: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]
-) -> None:
-    """x_1 recomputed from x_0 must equal the x_1 that block 2's inverse rebuilt."""
-    if state.config.check and not torch.equal(recomputed, rebuilt):
+def compare_block0(state: Any, y0: torch.Tensor, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:
+    """x_1 = Q(y_0) recomputed from x_0 must equal the x_1 that block 2's inverse rebuilt (``rebuilt``)."""
+    config = state.config
+    if config.check and not torch.equal(quantize(y0, config.bits), rebuilt):
         raise ReversibilityError("block 0 recomputed x_1 differently from the forward pass")
-    if state.config.verify and not state.config.check:
-        mismatches.append(torch.any(recomputed != rebuilt))
+    if config.verify and not config.check:
+        mismatches.append(_rounds_elsewhere(y0, rebuilt, config.bits))
+
+
+def _rounds_elsewhere(y: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Whether Q(y) != x anywhere for a grid tensor x, as a 0-d bool tensor without a host sync, compared in grid
+    codes: d = round(y 2**l) - 2**l x, which is Q(y) - x scaled by 2**l exactly, and Q(y) != x where d != 0 (+0
+    and -0 count as equal, as for ``!=``; a NaN or Inf makes d NaN or Inf, a difference). Four passes over y and x
+    and no bool temporary: several times faster on CPU than ``(quantize(y) != x).any()``."""
+    if y.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=y.device)
+    scale = float(2**bits)
+    low, high = torch.aminmax((y * scale).round_().sub_(x, alpha=scale))
+    return (low != 0) | (high != 0)
 
 
 def raise_on_mismatch(state: Any, mismatches: list[torch.Tensor]) -> None:
