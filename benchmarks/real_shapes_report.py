@@ -115,7 +115,8 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
         "('one length': one measured; 'a phase flat': one phase's peak does not grow yet, so its slope "
         "beyond is unknown); '>': beyond 64 times the longest "
         "measured T, not extrapolated. "
-        "Head+loss: its activations at their peak over the mode's, at the longest measured T. Step time: "
+        "Head+loss: its activations at their peak over the mode's, at the longest measured T. vs gc, vs "
+        f"gc+offload+fused: the longest T in {g1} GiB over theirs. Step time: "
         + ("; ".join(f"{run} at batch {t['batch']}, T = {t['length']} (machine idle: {t['machine_idle']})"
                      for run, t in times.items()) or "not measured") + ", relative to gc.",
         "",
