@@ -118,7 +118,8 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
         "Head+loss: its activations at their peak over the mode's, at the longest measured T. vs gc, vs "
         f"gc+offload+fused: the longest T in {g1} GiB over theirs. Step time: "
         + ("; ".join(f"{run} at batch {t['batch']}, T = {t['length']} (machine idle: {t['machine_idle']})"
-                     for run, t in times.items()) or "not measured") + ", relative to gc.",
+                     for run, t in times.items()) or "not measured")
+        + ", relative to gc's (to gc+fused's where gc was not timed; the cell names it).",
         "",
         f"| run | batch | mode | T | peak GiB | KiB per token: step / steepest phase | head+loss | longest T {g1} GiB "
         f"| {g2} GiB | vs gc | vs gc+offload+fused | step / gc |",
@@ -131,10 +132,7 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
         same = {g["mode"]: g for g in fits if (g["run"], g["batch"]) == (f["run"], f["batch"]) and g["measured"]}
         anchors = ("gc", "gc+offload+fused")
         ratio = {a: _versus(f, same[a], g1) if a in same else "-" for a in anchors}
-        run_times = times.get(f["run"], {})
-        seconds = run_times.get("seconds", {})
-        timed = f["mode"] in seconds and "gc" in seconds and f["batch"] == run_times["batch"]
-        step = seconds[f["mode"]] / seconds["gc"] if timed else None
+        step = _step_ratio(f, times)
         longest = [_length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"], f["line"])
                    for g in (g1, g2)]
         share = f"{f['head_and_loss_share']:.0%}" if f.get("head_and_loss_share") is not None else "-"
@@ -142,7 +140,7 @@ def table(fits: list[dict], times: dict, budgets: list[float]) -> list[str]:
             f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']} | {f['peak_at_longest'] / GIB:.2f} | "
             f"{_per_token(f)} / {_per_token(f, 'steepest_bytes_per_token')} | {share} | "
             f"{longest[0]} | {longest[1]} | {ratio['gc']} | {ratio['gc+offload+fused']} | "
-            f"{'-' if step is None else f'{step:.2f}'} |"
+            f"{step} |"
         )
     return lines
 
@@ -210,19 +208,29 @@ def notes(rows: list[dict]) -> list[str]:
     return ["", "Points not measured:", "", *out] if out else []
 
 
-def readme_table(fits: list[dict], budgets: list[float]) -> list[str]:
-    """The short table for README: per run and batch, the anchor gc and the fused modes, KiB per token and
-    the longest context in the larger budget."""
+def _step_ratio(f: dict, times: dict) -> str:
+    """The mode's step time over gc's (gc+fused's where gc was not timed, named), at the timed batch; '-' if none."""
+    run_times = times.get(f["run"], {})
+    seconds = run_times.get("seconds", {})
+    anchor = next((a for a in ("gc", "gc+fused") if a in seconds), None)
+    if f["mode"] not in seconds or anchor is None or f["batch"] != run_times["batch"]:
+        return "-"
+    return f"{seconds[f['mode']] / seconds[anchor]:.2f}" + ("" if anchor == "gc" else f" ({anchor})")
+
+
+def readme_table(fits: list[dict], budgets: list[float], times: dict) -> list[str]:
+    """The short table for README: per run and batch, the anchor gc and the fused modes, KiB per token, the
+    longest context in the larger budget and the step time where one was measured."""
     g = str(budgets[-1])
     lines = [f"| run | batch | mode | measured up to T | KiB per token (steepest phase) | longest T in {g} GiB |"
-             " vs gc |", "|---|---|---|---|---|---|---|"]
+             " vs gc | step time |", "|---|---|---|---|---|---|---|---|"]
     for f in (f for f in fits if f["measured"]):
         same = [x for x in fits if (x["run"], x["batch"], x["mode"]) == (f["run"], f["batch"], "gc") and x["measured"]]
         ratio = _versus(f, same[0], g) if same else "-"
         longest = _length(f["longest_length"][g], f["extrapolated"][g], f["measured_up_to"], f["line"])
         lines.append(f"| {f['run']} | {f['batch']} | {f['mode']} | {f['measured_up_to']:,} | "
                      f"{_per_token(f, 'steepest_bytes_per_token')} | "
-                     f"{longest} | {ratio} |")
+                     f"{longest} | {ratio} | {_step_ratio(f, times)} |")
     return lines
 
 
@@ -268,7 +276,7 @@ def write_report(path: Path) -> list[str]:
                                                      f["run"], f["batch"], list(MODES).index(f["mode"])))
     head_share(fits, raw["head_and_loss"])
     lines = table(fits, raw["step_seconds"], budgets) + state_lines(fits, raw["meta"].get("parameters", {}))
-    lines += notes(rows) + ["", "README table:", ""] + readme_table(fits, budgets)
+    lines += notes(rows) + ["", "README table:", ""] + readme_table(fits, budgets, raw["step_seconds"])
     devices = "; ".join(dict.fromkeys(f"{i['device_name']} ({i['device']}, {i['threads']} threads, idle: "
                                       f"{i['machine_idle']})" for i in raw["meta"].get("invocations", [])))
     lines += ["", f"Measured on: {devices}"]
@@ -299,7 +307,8 @@ def main() -> None:
     print("\n".join(lines))
     if args.readme:
         raw = json.loads(args.json.read_text())
-        replace_between_markers(args.readme, "real-shapes", readme_table(raw["fits"], raw["meta"]["budgets"]))
+        table_lines = readme_table(raw["fits"], raw["meta"]["budgets"], raw["step_seconds"])
+        replace_between_markers(args.readme, "real-shapes", table_lines)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ run() {  # run NAME ARGS...: one benchmark, its output and the load around it in
     run layer_floor benchmarks/layer_floor.py --lengths 1024 2048 --breakdown 0 --time-repeats 3 --time-length 2048 \
         --modes gc+fused gc+offload+fused bdia+fused "bdia, mlp slices only" --out benchmarks/results/layer_floor_time
     run memory_modes_k24 benchmarks/memory_modes.py --depths 24 --repeats 5 --time-only --modes checkpoint bdia \
-        --idle yes --out benchmarks/results/memory_modes_k24
+        --idle yes --out benchmarks/results/memory_modes_k24_time
     if [ -n "${REAL_SHAPES:-}" ]; then
         run real_shapes benchmarks/real_shapes.py --runs qwen3-0.6b:lora --batches 1 --lengths 2048 --repeats 2 \
             --modes gc+fused gc+offload+fused bdia+fused --idle yes
