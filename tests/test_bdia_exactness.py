@@ -39,22 +39,23 @@ def test_backward_rebuilds_every_state_bit_for_bit(gamma, dtype):
     assert all(torch.equal(s, quantize(s, stack.bits)) for s in expected), "states lie on the grid"
 
 
+class Drifting(torch.nn.Module):
+    """A block whose output changes from call to call by ``drift``: recomputation cannot match."""
+
+    def __init__(self, drift: float):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.drift, self.calls = drift, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.linear(x) * (1 + self.drift * self.calls)
+
+
 def test_check_mode_catches_a_recomputation_that_differs():
-    class Drifting(torch.nn.Module):
-        """A block whose output changes from call to call: recomputation cannot match."""
-
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(8, 8)
-            self.calls = 0
-
-        def forward(self, x):
-            self.calls += 1
-            return x + self.linear(x) * (1 + 1e-3 * self.calls)
-
     blocks = (
         [torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)]
-        + [Drifting()]
+        + [Drifting(1e-3)]
         + [torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)]
     )
     for verify_only in (False, True):
@@ -67,19 +68,8 @@ def test_check_mode_catches_a_recomputation_that_differs():
 def test_a_recomputation_of_block_0_that_differs_is_caught():
     """Block 0's x_1 = Q(y_0) is checked against the x_1 block 1 rebuilt (checksum mode compares grid codes), also
     with one batch chunk and with several."""
-
-    class Drifting(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(8, 8)
-            self.calls = 0
-
-        def forward(self, x):
-            self.calls += 1
-            return x + self.linear(x) * (1 + 1e-2 * self.calls)
-
     for check, chunks in ((True, 1), (False, 1), (False, 2)):
-        blocks = [Drifting()] + [torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)]
+        blocks = [Drifting(1e-2)] + [torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2)]
         stack = revbits.BDIAStack(blocks, check=check, batch_chunks=chunks).double()
         x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
         with pytest.raises(revbits.ReversibilityError, match="block 0"):
@@ -87,16 +77,7 @@ def test_a_recomputation_of_block_0_that_differs_is_caught():
 
 
 def test_verification_can_be_turned_off():
-    class Drifting(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, x):
-            self.calls += 1
-            return x * (1 + 1e-3 * self.calls)
-
-    stack = revbits.BDIAStack([Drifting(), Drifting(), Drifting()], verify=False).double()
+    stack = revbits.BDIAStack([Drifting(1e-3) for _ in range(3)], verify=False).double()
     x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
     stack(x, gammas=random_signs(3, 2)).sum().backward()  # silently inexact, as asked
     assert x.grad is not None
