@@ -65,3 +65,36 @@ def test_an_input_changed_in_place_before_the_backward_raises():
         x.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward(expected * 2)
+
+
+@pytest.mark.parametrize("setting", ["dropout", "autocast"])
+def test_a_fallback_replays_the_slices_dropout_and_autocast(setting):
+    """A fallback runs the slices again during the engine's backward, where neither the RNG state nor the
+    autocast of the recomputation holds any more: it draws the same dropout masks and runs under the same
+    autocast as the slices did, so its gradients are bit for bit those the slices gave when the gradient they
+    received was the predicted one (dropout's other masks, or float32 instead of bfloat16, would differ)."""
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 10, 6, generator=generator, requires_grad=True)
+    weight = torch.randn(6, 6, generator=generator, requires_grad=True)
+
+    autocast_seen = []
+
+    def fn(a_part, *, rows):
+        autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        h = a_part @ weight
+        return torch.nn.functional.dropout(h, 0.5, training=True) if setting == "dropout" else torch.tanh(h)
+
+    layout = slice_bounds(10, 4)
+    dtype = torch.bfloat16 if setting == "autocast" else torch.float32  # the slices' output dtype
+    received = torch.randn(2, 10, 6, generator=torch.Generator().manual_seed(3)).to(dtype)
+    results = []
+    for predicted in (received, received * 3):  # the second prediction is wrong: a fallback
+        torch.manual_seed(4)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast"):
+            out = backpropagate_slices(fn, [a], [], 1, layout, predicted)
+        torch.manual_seed(5)  # the engine's backward runs from another RNG state than the recomputation's
+        results.append((out, torch.autograd.grad(out, [a, weight], received)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(grads_a, grads_b))
+    assert len(autocast_seen) == 3 * len(layout) and all(on == (setting == "autocast") for on in autocast_seen)

@@ -20,7 +20,8 @@ Exact: the slices, their inputs and their order are those of the checkpointed fo
 bit; the gradients are the same sums in another order. The gradient was predicted, so the node's backward
 checks that it receives that tensor (the same object, or one equal to it bit for bit). If anything between
 the slices and the block's output changed it (a hook on the layer), the node back-propagates what it
-receives, running every slice again, as the checkpointed form would.
+receives, running every slice again as the checkpointed form would: from the same RNG state (dropout draws
+the same masks) and under the same autocast.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..rng import RngReplay, RngState, capture_rng_state
 from .params import reached_leaves
 
 __all__ = ["backpropagate_slices"]
@@ -56,6 +58,8 @@ class _Slices:
     expected: torch.Tensor
     grads: list[torch.Tensor | None]
     versions: list[int]  # of the node's inputs when it ran; a fallback on inputs changed since would be wrong
+    rng: RngState  # where the slices started drawing (dropout), for a fallback to draw the same
+    autocast: tuple[str, bool, torch.dtype]  # the autocast the slices ran under: device type, on, dtype
 
 
 def _run_slices(
@@ -140,7 +144,12 @@ class _Backpropagated(torch.autograd.Function):
             num_sliced, num_shared = state.counts
             sliced, shared = inputs[:num_sliced], inputs[num_sliced : num_sliced + num_shared]
             leaves = list(inputs[num_sliced + num_shared :])
-            _, _, grads = _run_slices(state.fn, sliced, shared, leaves, state.dim, state.bounds, grad)
+            device_type, autocast_on, autocast_dtype = state.autocast
+            with (
+                RngReplay(state.rng, grad.device),
+                torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on),
+            ):
+                _, _, grads = _run_slices(state.fn, sliced, shared, leaves, state.dim, state.bounds, grad)
         return (None, None, *grads)
 
 
@@ -154,8 +163,12 @@ def backpropagate_slices(
 ) -> torch.Tensor:
     """y = cat_j fn(*(t[s_j] for t in sliced), *shared, rows=s_j) along ``dim``, each slice back-propagated with
     dL/dy = ``grad`` right after it runs (module docstring); y's autograd node hands the gradients over."""
+    rng = capture_rng_state(grad.device)
+    device_type = grad.device.type
+    autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
     output, leaves, grads = _run_slices(fn, sliced, shared, None, dim, bounds, grad)
     inputs = [*sliced, *shared, *leaves]
-    state = _Slices(fn, dim, bounds, (len(sliced), len(shared)), grad, grads, [t._version for t in inputs])
+    versions = [t._version for t in inputs]
+    state = _Slices(fn, dim, bounds, (len(sliced), len(shared)), grad, grads, versions, rng, autocast)
     with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):  # kept as they are, as checkpointed() keeps them
         return _Backpropagated.apply(state, [output], *inputs)
