@@ -206,3 +206,41 @@ def test_autograd_grad_and_backward_inputs_through_layer_slices():
         results.append([*grads, *(p.grad.clone() for p in asked[1:])])
     for mine, plain in zip(*results):
         assert relative_error(mine, plain) <= 1e-10
+
+
+def test_pytorch_tools_follow_a_step_through_layer_slices():
+    """FlopCounterMode and the profiler around a training step whose layers run in slices (the query slices
+    back-propagated inside the recomputation): the step runs under each with the same loss bits, the flops
+    exceed one plain step's (the recomputation) and the profiler sees the slices' matmuls. MemTracker refuses
+    a module called more than once per step, as every slice calls the layer's modules: it raises its own
+    error, rather than counting wrongly (docs/long_context.md says to measure with token_slice=None)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plain = tiny_model("qwen3")
+    model = hf.convert(tiny_model("qwen3"), "bdia", token_slice=4)
+    plain.train()
+    model.train()
+    ids = torch.randint(0, 64, (1, 13), generator=torch.Generator().manual_seed(9))
+
+    def step(m):
+        torch.manual_seed(10)  # BDIA draws its gamma signs per forward
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach()
+
+    with FlopCounterMode(display=False) as plain_counter:
+        step(plain)
+    losses = [step(model)]
+    with FlopCounterMode(display=False) as counter:
+        losses.append(step(model))
+    assert counter.get_total_flops() > plain_counter.get_total_flops()
+    with profile() as prof:
+        losses.append(step(model))
+    assert any(e.key in ("aten::mm", "aten::addmm", "aten::bmm") for e in prof.key_averages())
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with pytest.raises(NotImplementedError, match="multiple iterative calls"), tracker:
+        step(model)

@@ -74,24 +74,27 @@ def _run_slices(
     """(y, the leaves f reached, the gradients of sliced + shared + leaves) with dL/dy = ``grad``, one slice's
     graph at a time. ``leaves`` None: found from the first slice's graph (the same function reaches the same
     leaves on every slice)."""
-    shared_leaves = [_fresh_leaf(t) for t in shared]
+    # The slices get views of fresh leaves, not leaves: module hooks that watch their inputs' gradients
+    # (torch.distributed._tools' MemTracker) cannot take a leaf inside torch.autograd.grad.
+    bases = [_fresh_leaf(t) for t in (*sliced, *shared)]
     outputs: list[torch.Tensor] = []
     sliced_grads: list[torch.Tensor | None] = [None] * len(sliced)
     sums: list[torch.Tensor | None] | None = None
     for rows in bounds:
-        parts = [_fresh_leaf(t.narrow(dim, rows.start, rows.stop - rows.start)) for t in sliced]
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-            out = fn(*parts, *shared_leaves, rows=rows)
+            parts = [b.narrow(dim, rows.start, rows.stop - rows.start) for b in bases[: len(sliced)]]
+            parts += [b.view_as(b) for b in bases[len(sliced) :]]
+            out = fn(*parts, rows=rows)
         if leaves is None:
-            own = {id(t) for t in (*parts, *shared_leaves)}
+            own = {id(t) for t in bases}
             leaves = [t for t in reached_leaves(out) if id(t) not in own]
         slice_grad = grad.narrow(dim, rows.start, rows.stop - rows.start)
-        found = _gradients(out, [*parts, *shared_leaves, *leaves], slice_grad)
+        found = _gradients(out, [*parts, *leaves], slice_grad)
         for i, (t, g) in enumerate(zip(sliced, found)):
             if g is not None:  # written into one buffer per input: no list of pieces to concatenate
                 sliced_grads[i] = torch.zeros_like(t) if sliced_grads[i] is None else sliced_grads[i]
                 sliced_grads[i].narrow(dim, rows.start, rows.stop - rows.start).copy_(g)
-        rest = found[len(parts) :]
+        rest = found[len(sliced) :]  # the shared inputs and the leaves: summed over the slices
         sums = [_accumulate(total, g, grad) for total, g in zip(sums or [None] * len(rest), rest)]
         outputs.append(out.detach())
         del out, parts, found, rest
