@@ -296,7 +296,6 @@ def _reached_accumulators(y: torch.Tensor) -> list[Any]:
     return found
 
 
-
 def reached_leaves(y: torch.Tensor) -> list[torch.Tensor]:
     """Every leaf tensor whose gradient ``y.backward()`` would accumulate, in no particular order."""
     if y.grad_fn is None:

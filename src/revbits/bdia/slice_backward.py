@@ -35,11 +35,17 @@ import torch
 from ..rng import RngReplay, RngState, capture_rng_state
 from .params import reached_leaves
 
-__all__ = ["backpropagate_slices"]
+__all__ = ["backpropagate_slices", "saved_as_they_are"]
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def saved_as_they_are() -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks that keep every tensor as it is, also inside an outer hook that would change it
+    (bdia+mesa's 8-bit codes): what a slice saves is what it recomputes from."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def _fresh_leaf(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,7 @@ def _run_slices(
     sliced_grads: list[torch.Tensor | None] = [None] * len(sliced)
     sums: list[torch.Tensor | None] | None = None
     for rows in bounds:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        with torch.enable_grad(), saved_as_they_are():
             parts = [b.narrow(dim, rows.start, rows.stop - rows.start) for b in bases[: len(sliced)]]
             parts += [b.view_as(b) for b in bases[len(sliced) :]]
             out = fn(*parts, rows=rows)
@@ -173,5 +179,5 @@ def backpropagate_slices(
     inputs = [*sliced, *shared, *leaves]
     versions = [t._version for t in inputs]
     state = _Slices(fn, dim, bounds, (len(sliced), len(shared)), grad, grads, versions, rng, autocast)
-    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):  # kept as they are, as checkpointed() keeps them
+    with saved_as_they_are():  # the inputs kept as they are, as checkpointed() keeps its own
         return _Backpropagated.apply(state, [output], *inputs)

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .slice_backward import backpropagate_slices
+from .slice_backward import backpropagate_slices, saved_as_they_are
 
 __all__ = [
     "AUTO",
@@ -243,10 +243,6 @@ def _ignore_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
 def checkpointed(forward: Callable[..., Any], *inputs: Any) -> Any:
     """``forward(*inputs)`` under non-reentrant checkpoint, its tensor inputs kept as they are.
 
@@ -256,7 +252,7 @@ def checkpointed(forward: Callable[..., Any], *inputs: Any) -> Any:
     (``mm`` for ``bmm``), so other saved tensors and a CheckpointError. Identity hooks around the call keep the
     inputs (views of what the block holds anyway); inside, the checkpoint's own hooks take over as before.
     """
-    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+    with saved_as_they_are():
         return checkpoint(forward, *inputs, use_reentrant=False)
 
 
