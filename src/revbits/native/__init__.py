@@ -1,0 +1,122 @@
+"""Native CPU kernels: C++ sources beside this file, built with the machine's C++ compiler on first use.
+
+Eager PyTorch pays a few microseconds of dispatch and Python per operator. Where revbits runs long
+chains of small elementwise operators per step (the reversible RNN cells' fixed-point updates), one
+C++ operator does the chain in one pass. A kernel calls ATen for every transcendental function
+(sigmoid, tanh) on the same tensors the Python path gives them, and does the rest (integer
+arithmetic, one rounding per product) in plain loops built without floating-point contraction, so
+its results are the Python path's bit for bit; tests compare the two.
+
+``load(name)`` compiles ``<name>.cpp`` against the installed torch's headers into
+``$REVBITS_NATIVE_CACHE`` (default ``~/.cache/revbits/native``), under a name made of the source's
+hash and torch's version, and registers its operators as ``torch.ops.revbits_<name>``. The library
+is written to a temporary name and renamed into place, so processes building at once never load a
+half-written file. Where there is no compiler or the build fails, ``load`` warns once, naming the
+cause, and returns False: callers then take the Python path (the same bits, slower).
+``REVBITS_NATIVE=0`` turns every kernel off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_move
+
+ENV_SWITCH = "REVBITS_NATIVE"
+ENV_CACHE = "REVBITS_NATIVE_CACHE"
+SOURCES = Path(__file__).parent
+# -ffp-contract=off: no fused multiply-add where the source has a product and a sum (ATen's loops
+# round each); no -ffast-math and no -march, so the library runs on any x86-64 or aarch64 machine.
+FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-w"]
+
+_loaded: dict[str, bool] = {}
+
+
+class NativeBuildError(RuntimeError):
+    """A native kernel could not be built (no compiler, or the compiler refused the source)."""
+
+
+def enabled() -> bool:
+    """False when ``REVBITS_NATIVE=0``."""
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "revbits" / "native")
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), sysconfig.get_config_var("CXX"), "c++", "g++", "clang++"):
+        found = name and shutil.which(name.split()[0])
+        if found:
+            return found
+    raise NativeBuildError("no C++ compiler found (set CXX, or install g++)")
+
+
+def _command(compiler: str, source: Path, target: Path) -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    includes = [torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include"]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [
+        compiler,
+        *FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{path}" for path in includes),
+        str(source),
+        "-o",
+        str(target),
+        f"-L{torch_dir / 'lib'}",
+        "-ltorch_cpu",
+        "-lc10",
+        f"-Wl,-rpath,{torch_dir / 'lib'}",
+    ]
+
+
+def library_path(name: str) -> Path:
+    """Where the built library of ``<name>.cpp`` for this source and this torch lives."""
+    source = SOURCES / f"{name}.cpp"
+    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return cache_dir() / f"{name}-{digest}-torch{torch.__version__.replace('+', '_')}.so"
+
+
+def build(name: str) -> Path:
+    """The library of ``<name>.cpp``, compiled now unless the cache has it."""
+    target = library_path(name)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".revbits-tmp-build-") as scratch:
+        built = Path(scratch) / target.name
+        done = subprocess.run(
+            _command(_compiler(), SOURCES / f"{name}.cpp", built), capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+            raise NativeBuildError(f"compiling {name}.cpp failed: {lines[0] if lines else done.returncode}")
+        atomic_move(built, target)
+    return target
+
+
+def load(name: str) -> bool:
+    """Registers ``torch.ops.revbits_<name>`` (building it if needed); False, with one warning, where
+    it cannot be built or ``REVBITS_NATIVE=0``."""
+    if name in _loaded:
+        return _loaded[name]
+    ok = False
+    if enabled():
+        try:
+            torch.ops.load_library(str(build(name)))
+            ok = True
+        except (NativeBuildError, OSError, RuntimeError) as error:
+            warnings.warn(f"revbits: native kernel {name!r} unavailable ({error}); using the slower PyTorch path")
+    _loaded[name] = ok
+    return ok
