@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .fused import native_ops
 from .fixed_point import (
     FORGET_BITS,
     GATE_BITS,
@@ -223,11 +224,14 @@ class RevLSTMCell(_Cell):
         """Gate slot k of [f, g, i, o, p]."""
         return t[:, k * self.half : (k + 1) * self.half]
 
-    def half_terms(self, weights: list[CellLinear], x: torch.Tensor, other: torch.Tensor) -> LSTMHalf:
-        """The gates of a half with linear layer ``weights`` (U), from x and the other half's value."""
+    def half_terms(self, weights: list[CellLinear], x: torch.Tensor, other: torch.Tensor, ops=None) -> LSTMHalf:
+        """The gates of a half with linear layer ``weights`` (U), from x and the other half's value (``ops``:
+        :func:`~.fused.native_ops`, or None for the Python path)."""
         (u,) = weights
         xo = torch.cat([x, other], -1)
         logits = u(xo)
+        if ops is not None:
+            return LSTMHalf(*ops.lstm_terms(logits, self.forget.keep, self.forget.lowest), xo)
         s = torch.sigmoid(logits)
         n_float = self.forget.numerator(s)  # all slots in one op; only f's and p's are used
         tg = torch.tanh(self._slot(logits, 1))
@@ -238,6 +242,9 @@ class RevLSTMCell(_Cell):
         return self.forget.quantised(self._slot(t.n_float, k), self._slot(t.s, k)) * old_float + add
 
     def _half(self, weights, buffer, x, other, h, c, h_float, c_float, active):
+        ops = native_ops(x, buffer)
+        if ops is not None:
+            return self._native_half(ops, weights, buffer, x, other, h, c, active)
         t = self.half_terms(weights, x, other)
         traced = torch.is_grad_enabled()  # the reference: also build the float graph
         new_c = exact_update(buffer, c, self._slot(t.n, 0), t.c_add, active)
@@ -248,6 +255,17 @@ class RevLSTMCell(_Cell):
         new_h = exact_update(buffer, h, self._slot(t.n, 4), h_add, active)
         graph = self._graph(t, 4, h_float, o * tanh_c) if traced else None
         h_float = state_float(new_h, h_float, graph, active)
+        return new_h, new_c, h_float, c_float
+
+    def _native_half(self, ops, weights, buffer, x, other, h, c, active):
+        """:meth:`_half` by native operators (no graph): c <- c f_q + fixed(s_i tg), then h <- h p_q + fixed(o tanh c)."""
+        t = self.half_terms(weights, x, other, ops)
+        new_c, word, c_float = ops.fixed_update(
+            c, self._slot(t.n, 0), t.c_add, buffer.word_to_multiply(active), active, x.dtype
+        )
+        buffer.multiplied(word)
+        new_h, word, h_float = ops.lstm_h_update(t.s, t.n, c_float, h, buffer.word_to_multiply(active), active)
+        buffer.multiplied(word)
         return new_h, new_c, h_float, c_float
 
     def step(self, buffer: InfoBuffer, x, state, state_float, active, weights=None):
@@ -261,6 +279,9 @@ class RevLSTMCell(_Cell):
         return [h1, h2, c1, c2], [f_h1, f_h2, f_c1, f_c2]
 
     def _reverse_half(self, weights, buffer, x, other, h, c, active):
+        ops = native_ops(x, buffer)
+        if ops is not None:
+            return self._native_reverse_half(ops, weights, buffer, x, other, h, c, active)
         t = self.half_terms(weights, x, other)
         tanh_c = torch.tanh(to_float(c, x.dtype))
         o = self._slot(t.s, 3)
@@ -269,6 +290,17 @@ class RevLSTMCell(_Cell):
         h_old = to_float(h, x.dtype)
         saved = (t, self._gate_derivatives(t, tanh_c, h_old, c), h_old, tanh_backward(o, tanh_c))
         return h, c, saved
+
+    def _native_reverse_half(self, ops, weights, buffer, x, other, h, c, active):
+        """:meth:`_reverse_half` by native operators: h, then c, divided back, and what backward needs."""
+        t = self.half_terms(weights, x, other, ops)
+        h, word, tanh_c = ops.lstm_h_reverse(t.s, t.n, c, h, buffer.word, active)
+        buffer.divided(word)
+        c, word, h_old, derivatives, tanh_derivative = ops.lstm_c_reverse(
+            t.s, t.n, t.tg, tanh_c, c, t.c_add, h, buffer.word, active, self.forget.keep
+        )
+        buffer.divided(word)
+        return h, c, (t, derivatives, h_old, tanh_derivative)
 
     def _gate_derivatives(self, t: LSTMHalf, tanh_c, h_old, c_old_fixed) -> torch.Tensor:
         """D with dL/d logits = [dc, dc, dc, dh, dh] * D per gate slot [f, g, i, o, p], dc and dh the
@@ -314,6 +346,13 @@ class RevLSTMCell(_Cell):
     def _half_backward(self, saved, grad_h, grad_c, active, sums: list[LinearGradients]):
         """(dL/dh_old, dL/dc_old, dL/d other, dL/dx) of one half-update."""
         t, derivatives, _, tanh_derivative = saved  # tanh_derivative: o tanh'(c), dh_new / dc_new
+        ops = native_ops(t.xo)
+        if ops is not None:
+            grad_h_old, grad_c_old, grad_logits = ops.lstm_half_grads(
+                grad_h, grad_c, t.n_float, tanh_derivative, derivatives, active
+            )
+            grad_xo = sums[0].add(grad_logits, t.xo)
+            return grad_h_old, grad_c_old, grad_xo[:, self.input_size :], grad_xo[:, : self.input_size]
         z_q = t.n_float * 2.0**-GATE_BITS
         grad_h_old, grad_h_update = update_gradients(grad_h, self._slot(z_q, 4), active)
         grad_c = torch.addcmul(grad_c, grad_h_update, tanh_derivative)

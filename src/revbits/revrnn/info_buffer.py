@@ -225,6 +225,24 @@ class InfoBuffer:
         # floor(h / n) 2**F + (W mod 2**F)
         return _where(mask, torch.add(pushed & self._low_bits, quotient, alpha=1 << self.fraction_bits), h)
 
+    # -- the same arithmetic in a native operator ---------------------------------------------
+
+    def word_to_multiply(self, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Host decisions: spill (or not) as :meth:`multiply` does before it multiplies, and return the word
+        a native operator multiplies into; it hands the new word to :meth:`multiplied`."""
+        self._spill_if_bound_passes(self._mask(active))
+        return self.word
+
+    def multiplied(self, word: torch.Tensor) -> None:
+        """The word after a native multiplication (its host bound already grown)."""
+        self.word = word
+
+    def divided(self, word: torch.Tensor) -> None:
+        """The word after a native division: the one below it comes back if that multiplication spilled."""
+        self.word = word
+        self._unspill()
+        self._bound = None
+
     # -- accounting --------------------------------------------------------------------------
 
     @property

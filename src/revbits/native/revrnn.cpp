@@ -1,0 +1,312 @@
+// The reversible RNN cells' fixed-point chains, one operator each (revbits/revrnn/fused.py says where
+// they run).
+//
+// Each operator computes what a chain of ATen operators in revbits/revrnn/{fixed_point,info_buffer,
+// cells}.py computes, bit for bit: sigmoid, tanh, tanh_backward and addcmul go through ATen on the same
+// tensors (ATen may round a (1 - y y) or a + b c once, as a fused multiply-add); integer arithmetic is
+// exact; every other float product or sum is rounded once, as ATen's loops round it (the library is
+// built with -ffp-contract=off). A half-state is [B, H] (int64 for states, words and numerators); the
+// gates of a RevLSTM half are [B, 5H] in slots [f, g, i, o, p]. `active` is an optional bool [B]:
+// rows that are false keep their state and word.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t kGateBits = 10;  // gates are n / 2**10
+constexpr int64_t kLowMask = (int64_t{1} << kGateBits) - 1;
+constexpr double kStateGrid = 1.0 / 8388608.0;  // states hold round(v * 2**23)
+
+using Mask = std::optional<at::Tensor>;
+
+// A [B, H] block of a row-major tensor whose rows are `stride` elements apart (a gate slot, or a half).
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t stride;
+  T* row(int64_t b) const { return data + b * stride; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t, int64_t first_column = 0) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "revbits_revrnn: expected a 2-D tensor with contiguous rows");
+  return {t.data_ptr<T>() + first_column, t.stride(0)};
+}
+
+struct RowMask {
+  at::Tensor owner;
+  const bool* data = nullptr;
+  explicit RowMask(const Mask& active) {
+    if (active.has_value()) {
+      owner = active->contiguous();
+      data = owner.data_ptr<bool>();
+    }
+  }
+  bool on(int64_t b) const { return data == nullptr || data[b]; }
+};
+
+// floor(a / n) for n >= 1, exactly: below 2**52 from the double quotient (off by at most one, then
+// corrected by the remainder), above it by integer division.
+inline int64_t floor_div(int64_t a, int64_t n) {
+  int64_t q;
+  if (a > -(int64_t{1} << 52) && a < (int64_t{1} << 52)) {
+    q = static_cast<int64_t>(static_cast<double>(a) / static_cast<double>(n));
+  } else {
+    q = a / n;
+  }
+  int64_t r = a - q * n;
+  if (r < 0) q -= 1;
+  else if (r >= n) q += 1;
+  return q;
+}
+
+// Round half to even, as std::nearbyint under the default rounding mode, without its libm call:
+// adding and subtracting 1.5 * 2**52 in double leaves the nearest integer for |v| < 2**51 (a float is
+// exact in double; every value rounded here is below 2**24 in magnitude, larger ones pass unchanged).
+template <typename T>
+inline T round_even(T v) {
+  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2**52
+  double d = static_cast<double>(v);
+  double rounded = (d + kMagic) - kMagic;  // not folded: the compiler keeps IEEE semantics here
+  return std::fabs(d) < 2251799813685248.0 ? static_cast<T>(rounded) : v;
+}
+
+// round(a b 2**23) as ATen's round(addcmul(0, a, b, value=2**23)) computes it: (2**23 a) b, rounded once.
+template <typename T>
+inline int64_t fixed_product(T a, T b) {
+  return static_cast<int64_t>(round_even((T(8388608.0) * a) * b));
+}
+
+// h n / 2**10 through the word W: p = W 2**10 + (h mod 2**10), W' = floor(p / n),
+// h' = floor(h / 2**10) n + (p mod n) + add.
+inline void multiply_add(int64_t h, int64_t n, int64_t add, int64_t word, int64_t& h_out, int64_t& word_out) {
+  int64_t pushed = (h & kLowMask) + word * (int64_t{1} << kGateBits);
+  int64_t quotient = floor_div(pushed, n);
+  word_out = quotient;
+  h_out = (pushed - quotient * n) + (h >> kGateBits) * n + add;
+}
+
+// Its inverse: h = h' - add; p = W' n + (h mod n), W = floor(p / 2**10); h = floor(h / n) 2**10 + (p mod 2**10).
+inline void subtract_divide(int64_t h_new, int64_t n, int64_t add, int64_t word, int64_t& h_out, int64_t& word_out) {
+  int64_t h = h_new - add;
+  int64_t quotient = floor_div(h, n);
+  int64_t pushed = (h - quotient * n) + word * n;
+  word_out = pushed >> kGateBits;
+  h_out = (pushed & kLowMask) + quotient * (int64_t{1} << kGateBits);
+}
+
+at::Tensor like(const at::Tensor& t, at::ScalarType dtype) { return at::empty(t.sizes(), t.options().dtype(dtype)); }
+
+// ---- one update of a half-state, and its inverse ------------------------------------------------
+
+// (h', W', float(h')) of exact_update: h' = h n / 2**10 + add on active rows (others keep h and W).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
+    const at::Tensor& h, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active,
+    at::ScalarType dtype) {
+  at::Tensor h_out = like(h, at::kLong), word_out = like(word, at::kLong), value = like(h, dtype);
+  auto hi = rows_of<int64_t>(h), ni = rows_of<int64_t>(n), ai = rows_of<int64_t>(add), wi = rows_of<int64_t>(word);
+  auto ho = rows_of<int64_t>(h_out), wo = rows_of<int64_t>(word_out);
+  RowMask mask(active);
+  const int64_t half = h.size(1);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fixed_update", [&] {
+    auto vo = rows_of<scalar_t>(value);
+    for (int64_t b = 0; b < h.size(0); ++b) {
+      const int64_t *hr = hi.row(b), *nr = ni.row(b), *ar = ai.row(b), *wr = wi.row(b);
+      int64_t *hn = ho.row(b), *wn = wo.row(b);
+      if (mask.on(b)) {
+        for (int64_t j = 0; j < half; ++j) multiply_add(hr[j], nr[j], ar[j], wr[j], hn[j], wn[j]);
+      } else {
+        for (int64_t j = 0; j < half; ++j) hn[j] = hr[j], wn[j] = wr[j];
+      }
+      scalar_t* v = vo.row(b);
+      for (int64_t j = 0; j < half; ++j) v[j] = static_cast<scalar_t>(hn[j]) * scalar_t(kStateGrid);
+    }
+  });
+  return {h_out, word_out, value};
+}
+
+// (h, W) before fixed_update, from h' and W' (the caller pops a spilled word afterwards).
+std::tuple<at::Tensor, at::Tensor> fixed_reverse(
+    const at::Tensor& h_new, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active) {
+  at::Tensor h_out = like(h_new, at::kLong), word_out = like(word, at::kLong);
+  auto hi = rows_of<int64_t>(h_new), ni = rows_of<int64_t>(n), ai = rows_of<int64_t>(add);
+  auto wi = rows_of<int64_t>(word), ho = rows_of<int64_t>(h_out), wo = rows_of<int64_t>(word_out);
+  RowMask mask(active);
+  for (int64_t b = 0; b < h_new.size(0); ++b) {
+    const int64_t *hr = hi.row(b), *nr = ni.row(b), *ar = ai.row(b), *wr = wi.row(b);
+    int64_t *hn = ho.row(b), *wn = wo.row(b);
+    if (mask.on(b)) {
+      for (int64_t j = 0; j < h_new.size(1); ++j) subtract_divide(hr[j], nr[j], ar[j], wr[j], hn[j], wn[j]);
+    } else {
+      for (int64_t j = 0; j < h_new.size(1); ++j) hn[j] = hr[j], wn[j] = wr[j];
+    }
+  }
+  return {h_out, word_out};
+}
+
+// ---- the RevLSTM half ---------------------------------------------------------------------------
+
+// LSTMHalf's (n, c_add, n_float, s, tg) from the logits [B, 5H]: s = sigmoid(logits); n the numerators
+// of every slot, clamp(round(s (1 - keep) 2**10 [+ keep 2**10]), lowest, 2**10); tg = tanh(logits of g);
+// c_add = fixed(s_i tg).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_terms(
+    const at::Tensor& logits, double keep, int64_t lowest) {
+  const int64_t half = logits.size(1) / 5, width = logits.size(1);
+  at::Tensor s = at::sigmoid(logits);
+  at::Tensor tg = at::tanh(logits.slice(1, half, 2 * half)).contiguous();
+  at::Tensor n_float = at::empty_like(s), n = like(s, at::kLong), c_add = like(tg, at::kLong);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_terms", [&] {
+    using T = scalar_t;
+    const T slope_scale = T((1.0 - keep) * 1024.0), keep_scale = T(keep * 1024.0), low = T(lowest);
+    const bool keeps = keep != 0.0;
+    for (int64_t b = 0; b < s.size(0); ++b) {
+      const T* sr = s.data_ptr<T>() + b * width;
+      T* nf = n_float.data_ptr<T>() + b * width;
+      int64_t* ni = n.data_ptr<int64_t>() + b * width;
+      for (int64_t j = 0; j < width; ++j) {
+        T v = sr[j] * slope_scale;
+        if (keeps) v = v + keep_scale;
+        v = round_even(v);
+        v = v < low ? low : (v > T(1024) ? T(1024) : v);
+        nf[j] = v;
+        ni[j] = static_cast<int64_t>(v);
+      }
+      const T* gr = tg.data_ptr<T>() + b * half;
+      int64_t* ca = c_add.data_ptr<int64_t>() + b * half;
+      for (int64_t j = 0; j < half; ++j) ca[j] = fixed_product(sr[2 * half + j], gr[j]);
+    }
+  });
+  return {n, c_add, n_float, s, tg};
+}
+
+// fixed(o tanh(c)) per element, with o the slot of s.
+template <typename T>
+at::Tensor output_gate_products(const at::Tensor& s, const at::Tensor& tanh_c) {
+  const int64_t half = tanh_c.size(1);
+  at::Tensor products = like(tanh_c, at::kLong);
+  for (int64_t b = 0; b < tanh_c.size(0); ++b) {
+    const T* o = s.data_ptr<T>() + b * s.stride(0) + 3 * half;
+    const T* t = tanh_c.data_ptr<T>() + b * half;
+    int64_t* p = products.data_ptr<int64_t>() + b * half;
+    for (int64_t j = 0; j < half; ++j) p[j] = fixed_product(o[j], t[j]);
+  }
+  return products;
+}
+
+// The h update of a RevLSTM half after its c update: h' = h p_q + fixed(o tanh(c')).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_h_update(
+    const at::Tensor& s, const at::Tensor& n, const at::Tensor& c_value, const at::Tensor& h, const at::Tensor& word,
+    const Mask& active) {
+  const int64_t half = h.size(1);
+  at::Tensor tanh_c = at::tanh(c_value).contiguous();
+  at::Tensor h_add;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_h_update", [&] { h_add = output_gate_products<scalar_t>(s, tanh_c); });
+  return fixed_update(h, n.slice(1, 4 * half, 5 * half), h_add, word, active, s.scalar_type());
+}
+
+// The first inverse of a RevLSTM half: (h, W, tanh(c')) before its h update, from c' and h'.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_h_reverse(
+    const at::Tensor& s, const at::Tensor& n, const at::Tensor& c, const at::Tensor& h_new, const at::Tensor& word,
+    const Mask& active) {
+  const int64_t half = h_new.size(1);
+  at::Tensor c_value = like(c, s.scalar_type()), h_add, tanh_c;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_h_reverse", [&] {
+    const int64_t* ci = c.contiguous().data_ptr<int64_t>();
+    scalar_t* cv = c_value.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < c.numel(); ++k) cv[k] = static_cast<scalar_t>(ci[k]) * scalar_t(kStateGrid);
+    tanh_c = at::tanh(c_value).contiguous();
+    h_add = output_gate_products<scalar_t>(s, tanh_c);
+  });
+  auto [h, w] = fixed_reverse(h_new, n.slice(1, 4 * half, 5 * half), h_add, word, active);
+  return {h, w, tanh_c};
+}
+
+// The second inverse of a RevLSTM half and what its backward needs: (c, W) before its c update, the
+// float h before the step, D (dL/d logits = [dc, dc, dc, dh, dh] D) and o tanh'(c'), where
+// D = [k c s_f', s_i tanh'(g), tg s_i', tanh(c') s_o', k h s_p'], s' = s (1 - s), k = 1 - keep, computed
+// as ATen's sigmoid_backward (a (1 - y) y) and tanh_backward compute them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_c_reverse(
+    const at::Tensor& s, const at::Tensor& n, const at::Tensor& tg, const at::Tensor& tanh_c,
+    const at::Tensor& c_new, const at::Tensor& c_add, const at::Tensor& h_old, const at::Tensor& word,
+    const Mask& active, double keep) {
+  const int64_t half = c_new.size(1), width = s.size(1);
+  auto [c_old, w] = fixed_reverse(c_new, n.slice(1, 0, half), c_add, word, active);
+  at::Tensor h_value = like(h_old, s.scalar_type()), derivatives = at::empty_like(s);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_c_reverse", [&] {
+    using T = scalar_t;
+    const T slope = T(1.0 - keep), slope_grid = T((1.0 - keep) * kStateGrid);
+    const bool keeps = keep != 0.0;
+    for (int64_t b = 0; b < s.size(0); ++b) {
+      const T *sr = s.data_ptr<T>() + b * width, *g = tg.data_ptr<T>() + b * half;
+      const T* tc = tanh_c.data_ptr<T>() + b * half;
+      const int64_t *cr = c_old.data_ptr<int64_t>() + b * half, *hr = h_old.data_ptr<int64_t>() + b * half;
+      T *hv = h_value.data_ptr<T>() + b * half, *d = derivatives.data_ptr<T>() + b * width;
+      for (int64_t j = 0; j < half; ++j) {
+        hv[j] = static_cast<T>(hr[j]) * T(kStateGrid);
+        T c_factor = static_cast<T>(cr[j]) * slope_grid;
+        T h_factor = keeps ? hv[j] * slope : hv[j];
+        d[j] = c_factor * (T(1) - sr[j]) * sr[j];
+        d[2 * half + j] = g[j] * (T(1) - sr[2 * half + j]) * sr[2 * half + j];
+        d[3 * half + j] = tc[j] * (T(1) - sr[3 * half + j]) * sr[3 * half + j];
+        d[4 * half + j] = h_factor * (T(1) - sr[4 * half + j]) * sr[4 * half + j];
+      }
+    }
+  });
+  at::Tensor g_slot = derivatives.slice(1, half, 2 * half);
+  at::tanh_backward_out(g_slot, s.slice(1, 2 * half, 3 * half), tg);
+  at::Tensor tanh_derivative = at::tanh_backward(s.slice(1, 3 * half, 4 * half), tanh_c);
+  return {c_old, w, h_value, derivatives, tanh_derivative};
+}
+
+// The backward of a RevLSTM half before its products: (dL/dh, dL/dc before it, dL/d logits) from dh' and
+// dc' after it. With z = n / 2**10: dh = z_p dh'; dc' += dh' o tanh'(c') (ATen's addcmul); dc = z_f dc';
+// dL/d logits = [dc', dc', dc', dh', dh'] D. Rows that are not active pass dh' and dc' on, no update gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_half_grads(
+    const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& n_float, const at::Tensor& tanh_derivative,
+    const at::Tensor& derivatives, const Mask& active) {
+  const int64_t half = grad_h.size(1), width = derivatives.size(1);
+  RowMask mask(active);
+  at::Tensor h_update = mask.data == nullptr ? grad_h : at::where(active->unsqueeze(1), grad_h, 0);
+  at::Tensor c_totals = at::addcmul(grad_c, h_update, tanh_derivative).contiguous();
+  at::Tensor grad_h_in = grad_h.contiguous();
+  at::Tensor grad_h_old = at::empty_like(c_totals), grad_c_old = at::empty_like(c_totals);
+  at::Tensor grad_logits = at::empty_like(derivatives);
+  AT_DISPATCH_FLOATING_TYPES(grad_h.scalar_type(), "lstm_half_grads", [&] {
+    using T = scalar_t;
+    const T gate_grid = T(1.0 / 1024.0);
+    for (int64_t b = 0; b < grad_h.size(0); ++b) {
+      const bool on = mask.on(b);
+      const T *gh = grad_h_in.data_ptr<T>() + b * half, *ct = c_totals.data_ptr<T>() + b * half;
+      const T *nf = n_float.data_ptr<T>() + b * width, *d = derivatives.data_ptr<T>() + b * width;
+      T *gho = grad_h_old.data_ptr<T>() + b * half, *gco = grad_c_old.data_ptr<T>() + b * half;
+      T* gl = grad_logits.data_ptr<T>() + b * width;
+      for (int64_t j = 0; j < half; ++j) {
+        T dh = on ? gh[j] : T(0), dc = on ? ct[j] : T(0);
+        gho[j] = on ? gh[j] * (nf[4 * half + j] * gate_grid) : gh[j];
+        gco[j] = on ? ct[j] * (nf[j] * gate_grid) : ct[j];
+        gl[j] = dc * d[j];
+        gl[half + j] = dc * d[half + j];
+        gl[2 * half + j] = dc * d[2 * half + j];
+        gl[3 * half + j] = dh * d[3 * half + j];
+        gl[4 * half + j] = dh * d[4 * half + j];
+      }
+    }
+  });
+  return {grad_h_old, grad_c_old, grad_logits};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(revbits_revrnn, m) {
+  m.def("fixed_update", &fixed_update);
+  m.def("fixed_reverse", &fixed_reverse);
+  m.def("lstm_terms", &lstm_terms);
+  m.def("lstm_h_update", &lstm_h_update);
+  m.def("lstm_h_reverse", &lstm_h_reverse);
+  m.def("lstm_c_reverse", &lstm_c_reverse);
+  m.def("lstm_half_grads", &lstm_half_grads);
+}

@@ -1,0 +1,110 @@
+"""The reversible RNNs' native operators (revbits/native/revrnn.cpp) against the Python path.
+
+Every state, buffer word, spill decision, output and gradient must be the Python path's, bit for bit.
+CI machines have a C++ compiler, so a kernel that cannot be built fails here instead of skipping.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import revbits.revrnn.cells as cells
+import revbits.revrnn.fused as fused
+from revbits import native
+from revbits.revrnn import RevLSTM
+from revbits.revrnn.fixed_point import to_float
+from revbits.revrnn.layers import _Run
+
+NATIVE_CELLS = [RevLSTM]
+
+
+def test_the_kernel_builds_here():
+    assert native.load("revrnn"), "the native kernel did not build (see the warning): CI has g++"
+
+
+def training_run(cls, use_native, monkeypatch, dtype, forget_bits, masked, hidden=10, inputs=5, steps=30):
+    """Outputs, final states, the buffers after the forward, and every gradient, with ``use_native``."""
+    monkeypatch.setattr(fused, "use_native", use_native)
+    calls = []
+    monkeypatch.setattr(cells, "native_ops", lambda *a: calls.append(fused.native_ops(*a)) or calls[-1])
+    torch.manual_seed(0)
+    rnn = cls(inputs, hidden, num_layers=2, forget_bits=forget_bits).to(dtype)
+    x = (torch.randn(steps, 3, inputs, dtype=dtype) * 2).requires_grad_()
+    lengths = torch.tensor([steps, 7, 19]) if masked else None
+    initial = tuple(torch.randn(2, 3, hidden, dtype=dtype) * 0.5 for _ in range(rnn.cells[0].state_parts))
+    out, finals = rnn(x, initial, lengths=lengths)
+    buffers = [(b.word.clone(), list(b._spilled), [w.clone() for w in b._stack]) for b in rnn.last_run.buffers]
+    (out.square().sum() + sum(f.sin().sum() for f in finals)).backward()
+    assert all(b.empty for b in rnn.last_run.buffers)
+    native_calls = sum(c is not None for c in calls)
+    grads = [x.grad] + [p.grad for p in rnn.parameters()]
+    return out.detach(), [f.detach() for f in finals], buffers, grads, native_calls
+
+
+@pytest.mark.parametrize("cls", NATIVE_CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("forget_bits", [1, 3, None])
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_steps_give_the_python_paths_bits(cls, dtype, forget_bits, masked, monkeypatch):
+    fast = training_run(cls, True, monkeypatch, dtype, forget_bits, masked)
+    slow = training_run(cls, False, monkeypatch, dtype, forget_bits, masked)
+    assert fast[4] > 0 and slow[4] == 0  # the native operators ran in one and not in the other
+    assert torch.equal(fast[0], slow[0])
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))
+    for (word_a, spills_a, stack_a), (word_b, spills_b, stack_b) in zip(fast[2], slow[2]):
+        assert torch.equal(word_a, word_b) and spills_a == spills_b
+        assert len(stack_a) == len(stack_b) and all(torch.equal(a, b) for a, b in zip(stack_a, stack_b))
+    if forget_bits is None:
+        assert any(spills for _, spills, _ in fast[2])  # the runs spilled words
+    assert all(torch.equal(a, b) for a, b in zip(fast[3], slow[3]))
+
+
+def test_native_steps_reverse_to_every_earlier_state(monkeypatch):
+    """The reversal by native operators rebuilds each step's states, for an odd width and a mask."""
+    torch.manual_seed(1)
+    rnn = RevLSTM(3, 6, num_layers=1, forget_bits=None)
+    x, mask = torch.randn(25, 4, 3), torch.arange(25)[:, None] < torch.tensor([25, 3, 11, 24])[None, :]
+    run = _Run(rnn, x, mask, [torch.randn(1, 4, 6) * 0.5, torch.randn(1, 4, 6) * 0.5])
+    cell, buffer = rnn.cells[0], run.buffers[0]
+    history = []
+    with torch.no_grad():
+        assert fused.native_ops(x, buffer) is not None
+        for t in range(25):
+            history.append([s.clone() for s in run.states[0]])
+            floats = [to_float(s) for s in run.states[0]]
+            run.states[0], _ = cell.step(buffer, x[t], run.states[0], floats, mask[t])
+        for t in range(24, -1, -1):
+            run.states[0] = cell.inverse(buffer, x[t], run.states[0], mask[t])
+            assert all(torch.equal(a, b) for a, b in zip(run.states[0], history[t]))
+    assert buffer.empty
+
+
+def test_without_a_compiler_the_python_path_runs_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+
+    def no_compiler():
+        raise native.NativeBuildError("no C++ compiler found (set CXX, or install g++)")
+
+    monkeypatch.setattr(native, "_compiler", no_compiler)
+    with pytest.warns(UserWarning, match="native kernel 'revrnn' unavailable.*no C\\+\\+ compiler"):
+        assert native.load("revrnn") is False
+    assert native.load("revrnn") is False  # decided once per process
+    assert fused.native_ops(torch.zeros(2, 2)) is None
+    assert not list(tmp_path.iterdir())  # nothing half-written left in the cache
+
+
+def test_a_source_that_does_not_compile_is_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    with pytest.raises(native.NativeBuildError, match="compiling broken.cpp failed: .*error"):
+        native.build("broken")
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_revbits_native_0_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.load("revrnn") is False
