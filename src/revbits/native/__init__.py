@@ -117,6 +117,8 @@ def load(name: str) -> bool:
             torch.ops.load_library(str(build(name)))
             ok = True
         except (NativeBuildError, OSError, RuntimeError) as error:
-            warnings.warn(f"revbits: native kernel {name!r} unavailable ({error}); using the slower PyTorch path")
+            warnings.warn(
+                f"revbits: native kernel {name!r} unavailable ({error}); using the slower PyTorch path", stacklevel=2
+            )
     _loaded[name] = ok
     return ok

@@ -26,7 +26,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .fused import native_ops
 from .fixed_point import (
     FORGET_BITS,
     GATE_BITS,
@@ -39,6 +38,7 @@ from .fixed_point import (
     to_float,
     update_gradients,
 )
+from .fused import native_ops
 from .info_buffer import InfoBuffer
 from .linear import CellLinear
 
@@ -258,7 +258,7 @@ class RevLSTMCell(_Cell):
         return new_h, new_c, h_float, c_float
 
     def _native_half(self, ops, weights, buffer, x, other, h, c, active):
-        """:meth:`_half` by native operators (no graph): c <- c f_q + fixed(s_i tg), then h <- h p_q + fixed(o tanh c)."""
+        """:meth:`_half` by native operators (no graph): c <- c f_q + fixed(s_i tg), h <- h p_q + fixed(o tanh c)."""
         t = self.half_terms(weights, x, other, ops)
         new_c, word, c_float = ops.fixed_update(
             c, self._slot(t.n, 0), t.c_add, buffer.word_to_multiply(active), active, x.dtype
