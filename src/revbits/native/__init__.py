@@ -36,7 +36,7 @@ ENV_CACHE = "REVBITS_NATIVE_CACHE"
 SOURCES = Path(__file__).parent
 # -ffp-contract=off: no fused multiply-add where the source has a product and a sum (ATen's loops
 # round each); no -ffast-math and no -march, so the library runs on any x86-64 or aarch64 machine.
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-w"]
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-w"]
 
 _loaded: dict[str, bool] = {}
 

@@ -103,22 +103,26 @@ at::Tensor like(const at::Tensor& t, at::ScalarType dtype) { return at::empty(t.
 
 // ---- one update of a half-state, and its inverse ------------------------------------------------
 
-// (h', W', float(h')) of exact_update: h' = h n / 2**10 + add on active rows (others keep h and W).
+// (h', W', float(h')) of exact_update: h' = h n / 2**10 + add on active rows (others keep h and W); the
+// numerators n are integers held in a floating tensor (the gates' dtype).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
     const at::Tensor& h, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active,
     at::ScalarType dtype) {
   at::Tensor h_out = like(h, at::kLong), word_out = like(word, at::kLong), value = like(h, dtype);
-  auto hi = rows_of<int64_t>(h), ni = rows_of<int64_t>(n), ai = rows_of<int64_t>(add), wi = rows_of<int64_t>(word);
+  auto hi = rows_of<int64_t>(h), ai = rows_of<int64_t>(add), wi = rows_of<int64_t>(word);
   auto ho = rows_of<int64_t>(h_out), wo = rows_of<int64_t>(word_out);
   RowMask mask(active);
   const int64_t half = h.size(1);
   AT_DISPATCH_FLOATING_TYPES(dtype, "fixed_update", [&] {
     auto vo = rows_of<scalar_t>(value);
+    auto ni = rows_of<scalar_t>(n);
     for (int64_t b = 0; b < h.size(0); ++b) {
-      const int64_t *hr = hi.row(b), *nr = ni.row(b), *ar = ai.row(b), *wr = wi.row(b);
+      const int64_t *hr = hi.row(b), *ar = ai.row(b), *wr = wi.row(b);
+      const scalar_t* nr = ni.row(b);
       int64_t *hn = ho.row(b), *wn = wo.row(b);
       if (mask.on(b)) {
-        for (int64_t j = 0; j < half; ++j) multiply_add(hr[j], nr[j], ar[j], wr[j], hn[j], wn[j]);
+        for (int64_t j = 0; j < half; ++j)
+          multiply_add(hr[j], static_cast<int64_t>(nr[j]), ar[j], wr[j], hn[j], wn[j]);
       } else {
         for (int64_t j = 0; j < half; ++j) hn[j] = hr[j], wn[j] = wr[j];
       }
@@ -133,54 +137,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
 std::tuple<at::Tensor, at::Tensor> fixed_reverse(
     const at::Tensor& h_new, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active) {
   at::Tensor h_out = like(h_new, at::kLong), word_out = like(word, at::kLong);
-  auto hi = rows_of<int64_t>(h_new), ni = rows_of<int64_t>(n), ai = rows_of<int64_t>(add);
+  auto hi = rows_of<int64_t>(h_new), ai = rows_of<int64_t>(add);
   auto wi = rows_of<int64_t>(word), ho = rows_of<int64_t>(h_out), wo = rows_of<int64_t>(word_out);
   RowMask mask(active);
-  for (int64_t b = 0; b < h_new.size(0); ++b) {
-    const int64_t *hr = hi.row(b), *nr = ni.row(b), *ar = ai.row(b), *wr = wi.row(b);
-    int64_t *hn = ho.row(b), *wn = wo.row(b);
-    if (mask.on(b)) {
-      for (int64_t j = 0; j < h_new.size(1); ++j) subtract_divide(hr[j], nr[j], ar[j], wr[j], hn[j], wn[j]);
-    } else {
-      for (int64_t j = 0; j < h_new.size(1); ++j) hn[j] = hr[j], wn[j] = wr[j];
+  AT_DISPATCH_FLOATING_TYPES(n.scalar_type(), "fixed_reverse", [&] {
+    auto ni = rows_of<scalar_t>(n);
+    for (int64_t b = 0; b < h_new.size(0); ++b) {
+      const int64_t *hr = hi.row(b), *ar = ai.row(b), *wr = wi.row(b);
+      const scalar_t* nr = ni.row(b);
+      int64_t *hn = ho.row(b), *wn = wo.row(b);
+      if (mask.on(b)) {
+        for (int64_t j = 0; j < h_new.size(1); ++j)
+          subtract_divide(hr[j], static_cast<int64_t>(nr[j]), ar[j], wr[j], hn[j], wn[j]);
+      } else {
+        for (int64_t j = 0; j < h_new.size(1); ++j) hn[j] = hr[j], wn[j] = wr[j];
+      }
     }
-  }
+  });
   return {h_out, word_out};
 }
 
 // ---- the RevLSTM half ---------------------------------------------------------------------------
 
-// LSTMHalf's (n, c_add, n_float, s, tg) from the logits [B, 5H]: s = sigmoid(logits); n the numerators
-// of every slot, clamp(round(s (1 - keep) 2**10 [+ keep 2**10]), lowest, 2**10); tg = tanh(logits of g);
-// c_add = fixed(s_i tg).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_terms(
+// The native LSTMHalf's (c_add, numerators, s, tg) from the logits [B, 5H]: s = sigmoid(logits);
+// the numerators of f and p, [B, 2H], clamp(round(s (1 - keep) 2**10 [+ keep 2**10]), lowest, 2**10) (the
+// other slots' are never used); tg = tanh(logits of g); c_add = fixed(s_i tg).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_terms(
     const at::Tensor& logits, double keep, int64_t lowest) {
   const int64_t half = logits.size(1) / 5, width = logits.size(1);
   at::Tensor s = at::sigmoid(logits);
   at::Tensor tg = at::tanh(logits.slice(1, half, 2 * half)).contiguous();
-  at::Tensor n_float = at::empty_like(s), n = like(s, at::kLong), c_add = like(tg, at::kLong);
+  at::Tensor numerators = at::empty({s.size(0), 2 * half}, s.options()), c_add = like(tg, at::kLong);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_terms", [&] {
     using T = scalar_t;
     const T slope_scale = T((1.0 - keep) * 1024.0), keep_scale = T(keep * 1024.0), low = T(lowest);
     const bool keeps = keep != 0.0;
     for (int64_t b = 0; b < s.size(0); ++b) {
       const T* sr = s.data_ptr<T>() + b * width;
-      T* nf = n_float.data_ptr<T>() + b * width;
-      int64_t* ni = n.data_ptr<int64_t>() + b * width;
-      for (int64_t j = 0; j < width; ++j) {
-        T v = sr[j] * slope_scale;
-        if (keeps) v = v + keep_scale;
-        v = round_even(v);
-        v = v < low ? low : (v > T(1024) ? T(1024) : v);
-        nf[j] = v;
-        ni[j] = static_cast<int64_t>(v);
+      T* nf = numerators.data_ptr<T>() + b * 2 * half;
+      for (int64_t k = 0; k < 2; ++k) {  // f (slot 0) and p (slot 4)
+        const T* gate = sr + (k == 0 ? 0 : 4 * half);
+        for (int64_t j = 0; j < half; ++j) {
+          T v = gate[j] * slope_scale;
+          if (keeps) v = v + keep_scale;
+          v = round_even(v);
+          nf[k * half + j] = v < low ? low : (v > T(1024) ? T(1024) : v);
+        }
       }
       const T* gr = tg.data_ptr<T>() + b * half;
       int64_t* ca = c_add.data_ptr<int64_t>() + b * half;
       for (int64_t j = 0; j < half; ++j) ca[j] = fixed_product(sr[2 * half + j], gr[j]);
     }
   });
-  return {n, c_add, n_float, s, tg};
+  return {c_add, numerators, s, tg};
 }
 
 // fixed(o tanh(c)) per element, with o the slot of s.
@@ -205,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_h_update(
   at::Tensor tanh_c = at::tanh(c_value).contiguous();
   at::Tensor h_add;
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "lstm_h_update", [&] { h_add = output_gate_products<scalar_t>(s, tanh_c); });
-  return fixed_update(h, n.slice(1, 4 * half, 5 * half), h_add, word, active, s.scalar_type());
+  return fixed_update(h, n.slice(1, half, 2 * half), h_add, word, active, s.scalar_type());
 }
 
 // The first inverse of a RevLSTM half: (h, W, tanh(c')) before its h update, from c' and h'.
@@ -221,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_h_reverse(
     tanh_c = at::tanh(c_value).contiguous();
     h_add = output_gate_products<scalar_t>(s, tanh_c);
   });
-  auto [h, w] = fixed_reverse(h_new, n.slice(1, 4 * half, 5 * half), h_add, word, active);
+  auto [h, w] = fixed_reverse(h_new, n.slice(1, half, 2 * half), h_add, word, active);
   return {h, w, tanh_c};
 }
 
@@ -281,12 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_half_grads(
     for (int64_t b = 0; b < grad_h.size(0); ++b) {
       const bool on = mask.on(b);
       const T *gh = grad_h_in.data_ptr<T>() + b * half, *ct = c_totals.data_ptr<T>() + b * half;
-      const T *nf = n_float.data_ptr<T>() + b * width, *d = derivatives.data_ptr<T>() + b * width;
+      const T *nf = n_float.data_ptr<T>() + b * 2 * half, *d = derivatives.data_ptr<T>() + b * width;
       T *gho = grad_h_old.data_ptr<T>() + b * half, *gco = grad_c_old.data_ptr<T>() + b * half;
       T* gl = grad_logits.data_ptr<T>() + b * width;
       for (int64_t j = 0; j < half; ++j) {
         T dh = on ? gh[j] : T(0), dc = on ? ct[j] : T(0);
-        gho[j] = on ? gh[j] * (nf[4 * half + j] * gate_grid) : gh[j];
+        gho[j] = on ? gh[j] * (nf[half + j] * gate_grid) : gh[j];
         gco[j] = on ? ct[j] * (nf[j] * gate_grid) : ct[j];
         gl[j] = dc * d[j];
         gl[half + j] = dc * d[half + j];

@@ -196,9 +196,12 @@ class RevGRUCell(_Cell):
 
 
 class LSTMHalf(NamedTuple):
-    """The gates of one RevLSTM half-update: c <- f_q c + sigma(i) tanh(g), h <- p_q h + o tanh(c)."""
+    """The gates of one RevLSTM half-update: c <- f_q c + sigma(i) tanh(g), h <- p_q h + o tanh(c).
 
-    n: torch.Tensor  # int64 numerators of all five gate slots; f's and p's are used
+    The native operators keep only what they use of the numerators: ``n`` is None and ``n_float`` holds
+    f's and p's, [B, 2H]."""
+
+    n: torch.Tensor | None  # int64 numerators of all five gate slots; f's and p's are used
     c_add: torch.Tensor  # sigma(i) tanh(g) in fixed point
     n_float: torch.Tensor
     s: torch.Tensor  # sigma of all five logits (g's slot unused)
@@ -231,7 +234,8 @@ class RevLSTMCell(_Cell):
         xo = torch.cat([x, other], -1)
         logits = u(xo)
         if ops is not None:
-            return LSTMHalf(*ops.lstm_terms(logits, self.forget.keep, self.forget.lowest), xo)
+            c_add, numerators, s, tg = ops.lstm_terms(logits, self.forget.keep, self.forget.lowest)
+            return LSTMHalf(None, c_add, numerators, s, tg, xo)
         s = torch.sigmoid(logits)
         n_float = self.forget.numerator(s)  # all slots in one op; only f's and p's are used
         tg = torch.tanh(self._slot(logits, 1))
@@ -261,10 +265,10 @@ class RevLSTMCell(_Cell):
         """:meth:`_half` by native operators (no graph): c <- c f_q + fixed(s_i tg), h <- h p_q + fixed(o tanh c)."""
         t = self.half_terms(weights, x, other, ops)
         new_c, word, c_float = ops.fixed_update(
-            c, self._slot(t.n, 0), t.c_add, buffer.word_to_multiply(active), active, x.dtype
+            c, self._slot(t.n_float, 0), t.c_add, buffer.word_to_multiply(active), active, x.dtype
         )
         buffer.multiplied(word)
-        new_h, word, h_float = ops.lstm_h_update(t.s, t.n, c_float, h, buffer.word_to_multiply(active), active)
+        new_h, word, h_float = ops.lstm_h_update(t.s, t.n_float, c_float, h, buffer.word_to_multiply(active), active)
         buffer.multiplied(word)
         return new_h, new_c, h_float, c_float
 
@@ -294,10 +298,10 @@ class RevLSTMCell(_Cell):
     def _native_reverse_half(self, ops, weights, buffer, x, other, h, c, active):
         """:meth:`_reverse_half` by native operators: h, then c, divided back, and what backward needs."""
         t = self.half_terms(weights, x, other, ops)
-        h, word, tanh_c = ops.lstm_h_reverse(t.s, t.n, c, h, buffer.word, active)
+        h, word, tanh_c = ops.lstm_h_reverse(t.s, t.n_float, c, h, buffer.word, active)
         buffer.divided(word)
         c, word, h_old, derivatives, tanh_derivative = ops.lstm_c_reverse(
-            t.s, t.n, t.tg, tanh_c, c, t.c_add, h, buffer.word, active, self.forget.keep
+            t.s, t.n_float, t.tg, tanh_c, c, t.c_add, h, buffer.word, active, self.forget.keep
         )
         buffer.divided(word)
         return h, c, (t, derivatives, h_old, tanh_derivative)
