@@ -227,3 +227,14 @@ def test_bdia_training_step_is_the_same_with_the_kernel_on_and_off(kernel, monke
     assert same_bits(out_on, out_off)
     assert grads_on.keys() == grads_off.keys()
     assert all(same_bits(grads_on[name], grads_off[name]) for name in grads_off)
+
+
+def test_the_rounding_probe_runs_outside_operator_counts(kernel, monkeypatch):
+    """The probe of ATen's addcmul runs once per dtype, unseen by revbits.measure's dispatch modes."""
+    from revbits.measure import OperatorCount
+
+    monkeypatch.setattr(native_step, "_ADDCMUL_FUSED", {})
+    with OperatorCount() as counter:
+        found = native_step.addcmul_rounds_once(torch.float32)
+    assert found is not None and counter.count == 0
+    assert native_step._ADDCMUL_FUSED == {torch.float32: found}

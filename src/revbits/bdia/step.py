@@ -178,7 +178,7 @@ class Step:
         be written in ``out`` (which may be x_{k+1})."""
         with profiled(INVERSE):
             if kept.shape == x_next.shape and kept.width == self.gamma_bits:
-                fused = native_step.inverse_step(x_next, x_cur, y.detach(), g, kept.data, self.bits, out)
+                fused = native_step.inverse_step(x_next, x_cur, y, g, kept.data, self.bits, out)  # no grad here
                 if fused is not None:
                     return fused
             u = combine(x_cur, y.detach(), g, self.bits)
