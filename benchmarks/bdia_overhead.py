@@ -22,11 +22,13 @@ Then one BDIA step runs under torch.profiler (top ops by self CPU time, with cal
 under cProfile (Python functions by own time). Writes <out>.txt (the report) and <out>.json.
 ``--memory-only`` skips timing and profiles and writes each mode's peak, activations at the peak and
 bytes held after the forward (LiveBytes), and ``--count-ops`` the ATen operators each mode dispatches per step
-(OperatorCount); any machine may run either.
+(OperatorCount); any machine may run either. ``REVBITS_NATIVE=0`` runs BDIA's step on the PyTorch operators
+instead of its native kernel (the report's first line says which ran).
 
     python benchmarks/bdia_overhead.py --out benchmarks/results/bdia_overhead_main
     python benchmarks/bdia_overhead.py --memory-only --out benchmarks/results/bdia_memory_main
     python benchmarks/bdia_overhead.py --count-ops --out benchmarks/results/bdia_ops_main
+    REVBITS_NATIVE=0 python benchmarks/bdia_overhead.py --count-ops --out benchmarks/results/bdia_ops_native_off
     python benchmarks/bdia_overhead.py --tiny --rounds 2 --out /some/scratch/check   # a quick run
 """
 
@@ -47,6 +49,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from revbits.bdia import native_step
 from revbits.measure import OperatorCount, measure_training_step
 from revbits.models.gpt import GPT, GPTConfig
 
@@ -61,6 +64,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 MAIN_JOB = dict(vocab_size=65, block_size=64, n_layer=2, n_head=4, d_model=128, batch=32)  # scripts/main.sh
 TINY = dict(vocab_size=65, block_size=32, n_layer=3, n_head=2, d_model=32, batch=4)
+
+
+def native_state() -> str:
+    """Whether BDIA's step runs the native kernel (revbits.bdia.native_step; REVBITS_NATIVE=0 turns it off)."""
+    return f"native BDIA step {'on' if native_step.available() else 'off'}"
 
 
 def build(shape: dict, mode: str, dropout: float, seed: int) -> torch.nn.Module:
@@ -182,7 +190,10 @@ def write_op_counts(args: argparse.Namespace, shape: dict) -> None:
     which at small sizes is much of BDIA's overhead."""
     steps = make_steps(shape, args.modes, args.dropout, args.seed)
     steps.pop(FORWARD_ONLY)
-    header = f"model: GPT {shape}, dropout {args.dropout}, AdamW; torch {torch.__version__}; ATen operators per step"
+    header = (
+        f"model: GPT {shape}, dropout {args.dropout}, AdamW; torch {torch.__version__}; {native_state()}; "
+        "ATen operators per step"
+    )
     lines = [header, f"{'mode':26s} {'ops':>6s}"]
     rows = {}
     for mode, step in steps.items():
@@ -259,7 +270,7 @@ def main() -> None:
     ops, python, total = profiles(steps[bdia], args.rows)
     header = [
         f"model: GPT {shape}, dropout {args.dropout}, AdamW; torch {torch.__version__}, {args.threads} thread(s), "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {native_state()}",
         f"load average (1, 5, 15 min) before timing: {load_before}, after: {load_after}",
         f"interleaved rounds: {args.rounds} timed after {args.warmup} warm-up",
         "",

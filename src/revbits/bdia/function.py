@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..rng import RngReplay, capture_rng_state
+from . import native_step
 from .args import BlockArguments
 from .bits import PackedBits
 from .chunks import AUTO
@@ -142,19 +143,21 @@ def _forward_through(
         else:
             args = leaf_args[c] if state.compiled[k] else chunk_args[c]
             y_k = forward_block(config.blocks[k], k, x_k_chunk, args, state.compiled[k])
+        target = None if x_k_plus_1 is None else split.part(x_k_plus_1, c)  # where chunk c of x_{k+1} goes
         if gamma_k is None:
             x_next = quantize(y_k, config.bits).contiguous()  # every state has one memory layout
         else:
             assert x_k_minus_1 is not None
-            x_next, kept = config.step.forward(split.part(x_k_minus_1, c), x_k_chunk, y_k, split.part(gamma_k, c))
+            x_prev_chunk, gamma_chunk = split.part(x_k_minus_1, c), split.part(gamma_k, c)
+            x_next, kept = config.step.forward(x_prev_chunk, x_k_chunk, y_k, gamma_chunk, out=target)
             assert kept is not None
             planes.append(kept)
         del y_k
-        if x_k_plus_1 is None:
+        if target is None:
             x_k_plus_1 = x_next
-        else:
-            split.part(x_k_plus_1, c).copy_(x_next)
-        del x_next
+        elif x_next is not target:  # the native step writes in target itself
+            target.copy_(x_next)
+        del x_next, target
     assert x_k_plus_1 is not None
     return x_k_plus_1, (planes if gamma_k is not None else None)
 
@@ -214,8 +217,9 @@ def _backward_through(
         with RngReplay(rng, walk.x_k.device, replay_rng), _forward_autocast(state):
             grad_x_k_plus_1_chunk = split.part(walk.grad_x_k_plus_1, c)
             gamma_k_chunk = None if gamma_k is None else split.part(gamma_k, c)
-            # dL/dy_k = (1 + g_k) dL/dx_{k+1}, dL/dy_0 = dL/dx_1: known before the block is recomputed
-            grad_y_k = grad_x_k_plus_1_chunk if gamma_k_chunk is None else (1 + gamma_k_chunk) * grad_x_k_plus_1_chunk
+            grad_x_k_chunk = split.part(grad_x_k, c)
+            later = [None if t is None else split.part(t, c) for t in (walk.grad_x_k_plus_2, walk.gamma_k_plus_1)]
+            grad_y_k, skipped = _gradients_before_block(grad_x_k_chunk, later, grad_x_k_plus_1_chunk, gamma_k_chunk)
             if kept:  # the forward's graph of this chunk, handed over (bdia.top_graph)
                 graph, kept[c] = kept[c], None
                 x_k_leaf, y_k, held, arg_leaves = graph.state_leaf, graph.output, graph.held, graph.arg_leaves
@@ -232,17 +236,18 @@ def _backward_through(
             else:  # rebuild x_{k-1}, then form the gradients that bypass the block
                 assert residue_planes is not None
                 x_k_plus_1_chunk, x_k_chunk = split.part(walk.x_k_plus_1, c), split.part(walk.x_k, c)
-                rebuilt = config.step.inverse(x_k_plus_1_chunk, x_k_chunk, y_k, gamma_k_chunk, residue_planes[c])
-                del x_k_plus_1_chunk, x_k_chunk
-                if x_k_minus_1 is None:  # one chunk. x_{k+1} is not read again: let it go, as chunks overwrite it
+                target = None if x_k_minus_1 is None else split.part(x_k_minus_1, c)
+                planes = residue_planes[c]
+                rebuilt = config.step.inverse(x_k_plus_1_chunk, x_k_chunk, y_k, gamma_k_chunk, planes, target)
+                del x_k_plus_1_chunk, x_k_chunk, planes
+                if target is None:  # one chunk. x_{k+1} is not read again: let it go, as chunks overwrite it
                     x_k_minus_1, walk.x_k_plus_1 = rebuilt, rebuilt
-                else:
-                    split.part(x_k_minus_1, c).copy_(rebuilt)
-                del rebuilt
-            grad_x_k_chunk = split.part(grad_x_k, c)
-            later = [None if t is None else split.part(t, c) for t in (walk.grad_x_k_plus_2, walk.gamma_k_plus_1)]
-            skip_gradient(grad_x_k_chunk, *later, grad_x_k_plus_1_chunk, gamma_k_chunk)
-            del grad_x_k_plus_1_chunk
+                elif rebuilt is not target:  # the native inverse writes in target itself
+                    target.copy_(rebuilt)
+                del rebuilt, target
+            if not skipped:
+                skip_gradient(grad_x_k_chunk, *later, grad_x_k_plus_1_chunk, gamma_k_chunk)
+            del grad_x_k_plus_1_chunk, later
         grad_x_k_through_block = grads.through_block(k, c, y_k, grad_y_k, x_k_leaf, arg_leaves, held)
         del y_k, x_k_leaf, grad_y_k, arg_leaves, held
         if grad_x_k_through_block is not None:
@@ -254,6 +259,23 @@ def _backward_through(
         several = len(block0_mismatches) > 1
         walk.mismatches.append(torch.stack(block0_mismatches).any() if several else block0_mismatches[0])
     walk.step_down(x_k_minus_1, grad_x_k, gamma_k)
+
+
+def _gradients_before_block(
+    grad_x_k: torch.Tensor,
+    later: list[torch.Tensor | None],
+    grad_x_k_plus_1: torch.Tensor,
+    gamma_k: torch.Tensor | None,
+) -> tuple[torch.Tensor, bool]:
+    """dL/dy_k = (1 + g_k) dL/dx_{k+1} (dL/dy_0 = dL/dx_1), known before block k is recomputed, for one chunk;
+    and whether the part of dL/dx_k that bypasses the block (:func:`skip_gradient`, ``later`` its dL/dx_{k+2}
+    and g_{k+1}) is already in ``grad_x_k``: the native kernel forms both in one pass where it applies."""
+    if gamma_k is None:
+        return grad_x_k_plus_1, False
+    fused = native_step.step_gradients(grad_x_k, later[0], later[1], grad_x_k_plus_1, gamma_k)
+    if fused is not None:
+        return fused, True
+    return (1 + gamma_k) * grad_x_k_plus_1, False
 
 
 def _forward_autocast(state: ForwardState) -> contextlib.AbstractContextManager:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from . import native_step
 from .args import BlockArguments
 from .bits import PackedBits, pack_bits, unpack_bits
 from .fixedpoint import LOW_PRECISION_ADVICE, exact_limit
@@ -138,11 +139,23 @@ class Step:
         self.bits, self.gamma, self.gamma_bits = bits, float(gamma), gamma_exponent(gamma)
 
     def forward(
-        self, x_prev: torch.Tensor, x_cur: torch.Tensor, y: torch.Tensor, g: torch.Tensor, keep: bool = True
+        self,
+        x_prev: torch.Tensor,
+        x_cur: torch.Tensor,
+        y: torch.Tensor,
+        g: torch.Tensor,
+        keep: bool = True,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PackedBits | None]:
         """x_{k+1} from x_{k-1}, x_k and y_k = block_k(x_k), and (with ``keep``) the packed residue bits of
         x_{k-1} that :meth:`inverse` needs. Differentiable with grad enabled (r is a constant, so the skip
-        path's gradient is g); without grad it works in its own temporaries. Both give the same bits."""
+        path's gradient is g); without grad it works in its own temporaries, or in one native pass
+        (:mod:`revbits.bdia.native_step`). All give the same bits. x_{k+1} may be written in ``out`` (which
+        may be x_{k-1}); callers copy it there where the returned tensor is not ``out``."""
+        fused = native_step.forward_step(x_prev, x_cur, y, g, self.bits, self.gamma_bits, keep, out)
+        if fused is not None:
+            x_next, planes = fused
+            return x_next, (None if planes is None else PackedBits(planes, x_prev.shape, self.gamma_bits))
         r = residue(x_prev.detach(), self.bits, self.gamma_bits)
         kept = pack_bits(residue_bytes(r, self.gamma_bits), self.gamma_bits) if keep else None
         u = combine(x_cur, y, g, self.bits)
@@ -152,11 +165,22 @@ class Step:
 
     @torch.no_grad()
     def inverse(
-        self, x_next: torch.Tensor, x_cur: torch.Tensor, y: torch.Tensor, g: torch.Tensor, kept: PackedBits
+        self,
+        x_next: torch.Tensor,
+        x_cur: torch.Tensor,
+        y: torch.Tensor,
+        g: torch.Tensor,
+        kept: PackedBits,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_{k-1}, exactly, from x_{k+1}, x_k, the recomputed y_k and the residue bits :meth:`forward` kept.
-        It is the forward's x_{k-1} bit for bit if y_k is bit for bit the forward's."""
+        It is the forward's x_{k-1} bit for bit if y_k is bit for bit the forward's. As :meth:`forward`, it may
+        be written in ``out`` (which may be x_{k+1})."""
         with profiled(INVERSE):
+            if kept.shape == x_next.shape and kept.width == self.gamma_bits:
+                fused = native_step.inverse_step(x_next, x_cur, y, g, kept.data, self.bits, out)  # no grad here
+                if fused is not None:
+                    return fused
             u = combine(x_cur, y.detach(), g, self.bits)
             return inverse_step_(x_next, unpack_bits(kept, x_cur.dtype), u, g, self.bits)
 
