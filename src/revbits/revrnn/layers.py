@@ -15,7 +15,6 @@ and loss this way). It must give the same result when called again with the same
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +24,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .cells import ParameterGradients, RevGRUCell, RevLSTMCell
 from .fixed_point import FORGET_BITS, GATE_BITS, STATE_BITS, STATE_LIMIT, to_fixed, to_float
 from .info_buffer import InfoBuffer
-from .stages import run_stages, workers_for
 
 
 class StateRangeError(OverflowError):
@@ -128,36 +126,20 @@ class _Run:
     def forward(
         self, floats: list[list[torch.Tensor]], readout_inputs: tuple[torch.Tensor, ...] | None = None
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        """Outputs [T, B, ...] and each layer's final float state, from the states' float values.
-
-        Layer l's step t needs layer l-1's step t: one after another, stage t runs every layer's step t;
-        with the layers on threads (no graph, no readout), stage s runs layer l's step s - l."""
+        """Outputs [T, B, ...] and each layer's final float state, from the states' float values."""
         readout_inputs = self.readout_inputs if readout_inputs is None else readout_inputs
-        cells, steps = self.rnn.cells, self.x.shape[0]
-        weights = [cell.weights() for cell in cells]
-        checks = [_RangeCheck([state]) for state in self.states]
-        outputs: list = [None] * steps
-        passed: dict[tuple[int, int], torch.Tensor] = {}  # (layer, t): its output at t, the next layer's input
-
-        def step(layer: int, t: int) -> None:
-            inputs = self.x[t] if layer == 0 else passed.pop((layer - 1, t))
-            self.states[layer], floats[layer] = cells[layer].step(
-                self.buffers[layer], inputs, self.states[layer], floats[layer], self.active(t), weights[layer]
-            )
-            checks[layer].step([self.states[layer]])
-            hidden = torch.cat(floats[layer][:2], -1)
-            if layer == len(cells) - 1:
-                outputs[t] = self.output(hidden, t, readout_inputs)
-            else:
-                passed[layer, t] = hidden
-
-        workers = workers_for(len(cells), self.readout is None and not torch.is_grad_enabled())
-        lag = 1 if workers > 1 else 0
-        stages = [
-            [partial(step, layer, s - lag * layer) for layer in range(len(cells)) if 0 <= s - lag * layer < steps]
-            for s in range(steps + lag * (len(cells) - 1))
-        ]
-        run_stages(stages, workers)
+        weights = [cell.weights() for cell in self.rnn.cells]
+        in_range = _RangeCheck(self.states)
+        outputs = []
+        for t in range(self.x.shape[0]):
+            inputs, active = self.x[t], self.active(t)
+            for layer, cell in enumerate(self.rnn.cells):
+                self.states[layer], floats[layer] = cell.step(
+                    self.buffers[layer], inputs, self.states[layer], floats[layer], active, weights[layer]
+                )
+                inputs = torch.cat(floats[layer][:2], -1)
+            in_range.step(self.states)
+            outputs.append(self.output(inputs, t, readout_inputs))
         return torch.stack(outputs), floats
 
 
@@ -176,88 +158,37 @@ class _ReversibleRNN(torch.autograd.Function):
         run: _Run = ctx.run
         ctx.run = None
         x, *readout_inputs = ctx.saved_tensors
-        params = [list(cell.parameters()) for cell in run.rnn.cells]
+        cells = run.rnn.cells
+        params = [list(cell.parameters()) for cell in cells]
+        grads = _split_layers(list(grad_finals), len(cells))
+        weights = [cell.weights() for cell in cells]
+        sums = [ParameterGradients(w) for w in weights]
+        hidden = [[to_float(s, x.dtype) for s in state[:2]] for state in run.states]  # float [h1, h2] per layer
+        grad_x = torch.zeros_like(x)
         first_readout_input = 2 + len(grad_finals) + sum(len(ps) for ps in params)
         readout = _ReadoutGradients(run, readout_inputs, ctx.needs_input_grad[first_readout_input:])
-        walk = _BackwardWalk(run, x, grad_out, _split_layers(list(grad_finals), len(params)), readout)
-        walk.execute(workers_for(len(params), run.readout is None))
-        grad_initial = _join_layers(walk.grads)
-        flat_params = [g for s, ps in zip(walk.sums, params) for g in s.of(ps)]
-        return (None, walk.grad_x, *grad_initial, *flat_params, *readout.input_grads, *readout.param_grads)
-
-
-class _BackwardWalk:
-    """Backward through time: each layer reverses its steps (V) and back-propagates through them (G).
-
-    V(l, t) rebuilds layer l's state before step t from the one after it; its input is layer l-1's state
-    after step t, which V(l-1, t+1) rebuilt. G(l, t) back-propagates step t from the gates V(l, t) computed
-    and the gradient of the state after t, to which G(l+1, t) added what reached layer l's output. One after
-    another, stage k does V and G of every layer at t = T-1-k, top layer first; with the layers on threads,
-    V runs ahead of the top by the layer's depth below it and G behind it, so each stage's tasks are
-    independent (V(l-1, t+1) two stages before V(l, t); G(l+1, t) one stage before G(l, t)).
-    """
-
-    def __init__(self, run: _Run, x, grad_out, grads, readout: _ReadoutGradients) -> None:
-        self.run, self.x, self.grad_out, self.grads, self.readout = run, x, grad_out, grads, readout
-        self.cells = run.rnn.cells
-        self.weights = [cell.weights() for cell in self.cells]
-        self.sums = [ParameterGradients(w) for w in self.weights]
-        self.grad_x = torch.zeros_like(x)
-        top = len(self.cells) - 1
-        # (layer, t): the float [h1, h2] of a layer after step t, the input of the layer above at t
-        self.hidden = {
-            (layer, x.shape[0] - 1): [to_float(s, x.dtype) for s in state[:2]]
-            for layer, state in enumerate(run.states[:top])
-        }
-        self.saved: dict[tuple[int, int], list] = {}
-        self.pending: dict[tuple[int, int], list[torch.Tensor]] = {}  # (layer, t): dL/d[h1, h2] from above
-
-    def reverse(self, layer: int, t: int) -> None:
-        """V(layer, t); for the top layer first the readout's (or the output's) gradient at t."""
-        run, cell = self.run, self.cells[layer]
-        if layer == len(self.cells) - 1:
-            self.pending[layer, t] = self.readout.top_gradients(t, self.grad_out[t])
-        inputs = self.x[t] if layer == 0 else torch.cat(self.hidden.pop((layer - 1, t)), -1)
-        saved: list = []
-        run.states[layer] = cell.inverse(
-            run.buffers[layer], inputs, run.states[layer], run.active(t), saved, self.weights[layer]
-        )
-        self.saved[layer, t] = saved
-        if layer < len(self.cells) - 1 and t > 0:
-            self.hidden[layer, t - 1] = cell.hidden_before(saved)
-
-    def backprop(self, layer: int, t: int) -> None:
-        """G(layer, t): dL/d(state before t) of the layer, dL/dx_t (layer 0) or what reaches the layer below."""
-        grads, (above_1, above_2) = self.grads[layer], self.pending.pop((layer, t))
-        grads[0], grads[1] = grads[0] + above_1, grads[1] + above_2
-        self.grads[layer], grad_in = self.cells[layer].backward(
-            self.saved.pop((layer, t)), grads, self.run.active(t), self.sums[layer]
-        )
-        if layer == 0:
-            self.grad_x[t] = grad_in
-        else:
-            self.pending[layer - 1, t] = _halves(grad_in)
-
-    def execute(self, workers: int) -> None:
-        steps, top = self.x.shape[0], len(self.cells) - 1
-        lag = 1 if workers > 1 else 0
-
-        def layer_task(layer: int, k: int):
-            ahead, behind = steps - 1 - k - lag * (top - layer), steps - 1 - k + lag * (top - layer)
-
-            def task() -> None:
-                if 0 <= ahead < steps:
-                    self.reverse(layer, ahead)
-                if 0 <= behind < steps:
-                    self.backprop(layer, behind)
-
-            return task if 0 <= ahead < steps or 0 <= behind < steps else None
-
-        stages = []
-        for k in range(-lag * top, steps + lag * top):
-            tasks = [layer_task(layer, k) for layer in range(top, -1, -1)]
-            stages.append([task for task in tasks if task is not None])
-        run_stages(stages, workers)
+        for t in range(x.shape[0] - 1, -1, -1):
+            active = run.active(t)
+            top = readout.top_gradients(t, grad_out[t])
+            grads[-1][0], grads[-1][1] = grads[-1][0] + top[0], grads[-1][1] + top[1]
+            for layer in range(len(cells) - 1, -1, -1):
+                cell = cells[layer]
+                inputs = x[t] if layer == 0 else torch.cat(hidden[layer - 1], -1)
+                saved: list = []
+                run.states[layer] = cell.inverse(
+                    run.buffers[layer], inputs, run.states[layer], active, saved, weights[layer]
+                )
+                hidden[layer] = cell.hidden_before(saved)
+                grads[layer], grad_in = cell.backward(saved, grads[layer], active, sums[layer])
+                if layer == 0:
+                    grad_x[t] = grad_in
+                else:
+                    below = _halves(grad_in)
+                    grads[layer - 1][0] = grads[layer - 1][0] + below[0]
+                    grads[layer - 1][1] = grads[layer - 1][1] + below[1]
+        grad_initial = _join_layers(grads)
+        flat_params = [g for s, ps in zip(sums, params) for g in s.of(ps)]
+        return (None, grad_x, *grad_initial, *flat_params, *readout.input_grads, *readout.param_grads)
 
 
 class _ReadoutGradients:
