@@ -14,6 +14,7 @@ import revbits.revrnn.fused as fused
 from revbits import native
 from revbits.revrnn import RevLSTM
 from revbits.revrnn.fixed_point import to_float
+from revbits.revrnn.info_buffer import InfoBuffer
 from revbits.revrnn.layers import _Run
 
 NATIVE_CELLS = [RevLSTM]
@@ -58,6 +59,27 @@ def test_native_steps_give_the_python_paths_bits(cls, dtype, forget_bits, masked
     if forget_bits is None:
         assert any(spills for _, spills, _ in fast[2])  # the runs spilled words
     assert all(torch.equal(a, b) for a, b in zip(fast[3], slow[3]))
+
+
+@pytest.mark.parametrize("host_decides", [True, False])
+def test_a_python_reversal_is_back_propagated_by_the_python_path(host_decides, monkeypatch):
+    """Information tracking and device spill decisions reverse in Python; their backward must read the
+    Python path's gates (all five numerators), whatever the native operators could do."""
+    import functools
+
+    import revbits.revrnn.layers as layers
+
+    results = []
+    for use_native in (True, False):
+        monkeypatch.setattr(fused, "use_native", use_native)
+        monkeypatch.setattr(layers, "InfoBuffer", functools.partial(InfoBuffer, host_decides=host_decides))
+        torch.manual_seed(3)
+        rnn = RevLSTM(4, 8, num_layers=2, forget_bits=5)
+        rnn.track_information = host_decides  # with host decisions, tracking sends the steps to Python
+        x = torch.randn(40, 3, 4, requires_grad=True)
+        rnn(x, lengths=torch.tensor([40, 9, 33]))[0].square().sum().backward()
+        results.append([x.grad] + [p.grad for p in rnn.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_native_steps_reverse_to_every_earlier_state(monkeypatch):

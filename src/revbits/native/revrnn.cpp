@@ -308,6 +308,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_half_grads(
   return {grad_h_old, grad_c_old, grad_logits};
 }
 
+// Both updates of a RevLSTM half in one call, where the host's bound shows the second multiplication needs
+// no spill: (h', c', float(h'), float(c'), W').
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_half_update(
+    const at::Tensor& s, const at::Tensor& n, const at::Tensor& c_add, const at::Tensor& c, const at::Tensor& h,
+    const at::Tensor& word, const Mask& active) {
+  const int64_t half = c.size(1);
+  auto [c_new, w_c, c_value] = fixed_update(c, n.slice(1, 0, half), c_add, word, active, s.scalar_type());
+  auto [h_new, w_h, h_value] = lstm_h_update(s, n, c_value, h, w_c, active);
+  return {h_new, c_new, h_value, c_value, w_h};
+}
+
+// Both inverses of a RevLSTM half in one call, where neither multiplication spilled: what lstm_h_reverse
+// and lstm_c_reverse give, (h, c, W, float(h), D, o tanh'(c')).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_half_reverse(
+    const at::Tensor& s, const at::Tensor& n, const at::Tensor& tg, const at::Tensor& c_new, const at::Tensor& h_new,
+    const at::Tensor& c_add, const at::Tensor& word, const Mask& active, double keep) {
+  auto [h, w_h, tanh_c] = lstm_h_reverse(s, n, c_new, h_new, word, active);
+  auto [c, w_c, h_value, derivatives, tanh_derivative] =
+      lstm_c_reverse(s, n, tg, tanh_c, c_new, c_add, h, w_h, active, keep);
+  return {h, c, w_c, h_value, derivatives, tanh_derivative};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(revbits_revrnn, m) {
@@ -318,4 +340,6 @@ TORCH_LIBRARY(revbits_revrnn, m) {
   m.def("lstm_h_reverse", &lstm_h_reverse);
   m.def("lstm_c_reverse", &lstm_c_reverse);
   m.def("lstm_half_grads", &lstm_half_grads);
+  m.def("lstm_half_update", &lstm_half_update);
+  m.def("lstm_half_reverse", &lstm_half_reverse);
 }

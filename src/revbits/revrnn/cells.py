@@ -264,9 +264,12 @@ class RevLSTMCell(_Cell):
     def _native_half(self, ops, weights, buffer, x, other, h, c, active):
         """:meth:`_half` by native operators (no graph): c <- c f_q + fixed(s_i tg), h <- h p_q + fixed(o tanh c)."""
         t = self.half_terms(weights, x, other, ops)
-        new_c, word, c_float = ops.fixed_update(
-            c, self._slot(t.n_float, 0), t.c_add, buffer.word_to_multiply(active), active, x.dtype
-        )
+        word = buffer.word_to_multiply(active)
+        if buffer.second_multiply_unchecked():
+            new_h, new_c, h_float, c_float, word = ops.lstm_half_update(t.s, t.n_float, t.c_add, c, h, word, active)
+            buffer.multiplied(word)
+            return new_h, new_c, h_float, c_float
+        new_c, word, c_float = ops.fixed_update(c, self._slot(t.n_float, 0), t.c_add, word, active, x.dtype)
         buffer.multiplied(word)
         new_h, word, h_float = ops.lstm_h_update(t.s, t.n_float, c_float, h, buffer.word_to_multiply(active), active)
         buffer.multiplied(word)
@@ -298,6 +301,12 @@ class RevLSTMCell(_Cell):
     def _native_reverse_half(self, ops, weights, buffer, x, other, h, c, active):
         """:meth:`_reverse_half` by native operators: h, then c, divided back, and what backward needs."""
         t = self.half_terms(weights, x, other, ops)
+        if buffer.last_two_unspilled():
+            h, c, word, h_old, derivatives, tanh_derivative = ops.lstm_half_reverse(
+                t.s, t.n_float, t.tg, c, h, t.c_add, buffer.word, active, self.forget.keep
+            )
+            buffer.divided(word, times=2)
+            return h, c, (t, derivatives, h_old, tanh_derivative)
         h, word, tanh_c = ops.lstm_h_reverse(t.s, t.n_float, c, h, buffer.word, active)
         buffer.divided(word)
         c, word, h_old, derivatives, tanh_derivative = ops.lstm_c_reverse(
@@ -350,8 +359,8 @@ class RevLSTMCell(_Cell):
     def _half_backward(self, saved, grad_h, grad_c, active, sums: list[LinearGradients]):
         """(dL/dh_old, dL/dc_old, dL/d other, dL/dx) of one half-update."""
         t, derivatives, _, tanh_derivative = saved  # tanh_derivative: o tanh'(c), dh_new / dc_new
-        ops = native_ops(t.xo)
-        if ops is not None:
+        if t.n is None:  # reversed by the native operators: its numerators are f's and p's only
+            ops = native_ops(t.xo)
             grad_h_old, grad_c_old, grad_logits = ops.lstm_half_grads(
                 grad_h, grad_c, t.n_float, tanh_derivative, derivatives, active
             )

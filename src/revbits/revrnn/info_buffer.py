@@ -233,14 +233,29 @@ class InfoBuffer:
         self._spill_if_bound_passes(self._mask(active))
         return self.word
 
+    def second_multiply_unchecked(self) -> bool:
+        """Host decisions, after :meth:`word_to_multiply`: True, with the second multiplication's record made,
+        where the host bound shows that one cannot spill either (so one native call may do both)."""
+        if self._bound is None or self._bound > self._scale_limit:
+            return False
+        self._spilled.append(False)
+        self._bound = (self._bound + 1) << self.max_bits_per_step
+        return True
+
+    def last_two_unspilled(self) -> bool:
+        """Whether neither of the last two multiplications spilled (so one native call may divide twice)."""
+        return len(self._spilled) >= 2 and self._spilled[-1] is False and self._spilled[-2] is False
+
     def multiplied(self, word: torch.Tensor) -> None:
         """The word after a native multiplication (its host bound already grown)."""
         self.word = word
 
-    def divided(self, word: torch.Tensor) -> None:
-        """The word after a native division: the one below it comes back if that multiplication spilled."""
+    def divided(self, word: torch.Tensor, times: int = 1) -> None:
+        """The word after ``times`` native divisions: the one below comes back if the last multiplication
+        they undid spilled (with ``times`` = 2 the caller checked :meth:`last_two_unspilled`)."""
         self.word = word
-        self._unspill()
+        for _ in range(times):
+            self._unspill()
         self._bound = None
 
     # -- accounting --------------------------------------------------------------------------
