@@ -130,3 +130,12 @@ def test_revbits_native_0_turns_the_kernels_off(monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     monkeypatch.setattr(native, "_loaded", {})
     assert native.load("revrnn") is False
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    assert native.load("revrnn") is True  # the switch is read at every call, not remembered
+
+
+def test_the_library_name_follows_the_source_and_the_cpu(monkeypatch):
+    path = native.library_path("revrnn")
+    assert path.name.startswith("revrnn-") and torch.__version__.replace("+", "_") in path.name
+    monkeypatch.setattr(native, "_cpu_features", lambda: "another cpu")
+    assert native.library_path("revrnn") != path

@@ -8,11 +8,12 @@ arithmetic, one rounding per product) in plain loops built without floating-poin
 its results are the Python path's bit for bit; tests compare the two.
 
 ``load(name)`` compiles ``<name>.cpp`` against the installed torch's headers into
-``$REVBITS_NATIVE_CACHE`` (default ``~/.cache/revbits/native``), under a name made of the source's
-hash and torch's version, and registers its operators as ``torch.ops.revbits_<name>``. The library
-is written to a temporary name and renamed into place, so processes building at once never load a
-half-written file. Where there is no compiler or the build fails, ``load`` warns once, naming the
-cause, and returns False: callers then take the Python path (the same bits, slower).
+``$REVBITS_NATIVE_CACHE`` (default ``~/.cache/revbits/native``), under a name made of the hash of the
+source, the flags and the CPU's features (it is built for this CPU) and torch's version, and registers
+its operators as ``torch.ops.revbits_<name>``. The library is written to a temporary name and renamed
+into place, so processes building at once never load a half-written file. Where there is no compiler or
+the build fails, ``load`` warns once, naming the cause, and returns False: callers then take the Python
+path (the same bits, slower).
 ``REVBITS_NATIVE=0`` turns every kernel off.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sysconfig
@@ -81,10 +83,21 @@ def _command(compiler: str, source: Path, target: Path) -> list[str]:
     ]
 
 
+def _cpu_features() -> str:
+    """The CPU's architecture and feature flags (``-march=native`` builds for them), as Linux reports them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    flags = next((line for line in lines if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()} {flags}"
+
+
 def library_path(name: str) -> Path:
-    """Where the built library of ``<name>.cpp`` for this source and this torch lives."""
+    """Where the built library of ``<name>.cpp`` for this source, these flags, this CPU and this torch lives."""
     source = SOURCES / f"{name}.cpp"
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = source.read_bytes() + " ".join(FLAGS).encode() + _cpu_features().encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     return cache_dir() / f"{name}-{digest}-torch{torch.__version__.replace('+', '_')}.so"
 
 
@@ -107,18 +120,17 @@ def build(name: str) -> Path:
 
 
 def load(name: str) -> bool:
-    """Registers ``torch.ops.revbits_<name>`` (building it if needed); False, with one warning, where
-    it cannot be built or ``REVBITS_NATIVE=0``."""
-    if name in _loaded:
-        return _loaded[name]
-    ok = False
-    if enabled():
+    """Registers ``torch.ops.revbits_<name>`` (building it if needed); False where ``REVBITS_NATIVE=0`` (read at
+    every call) or, with one warning, where it cannot be built (decided once per process)."""
+    if not enabled():
+        return False
+    if name not in _loaded:
         try:
             torch.ops.load_library(str(build(name)))
-            ok = True
+            _loaded[name] = True
         except (NativeBuildError, OSError, RuntimeError) as error:
             warnings.warn(
                 f"revbits: native kernel {name!r} unavailable ({error}); using the slower PyTorch path", stacklevel=2
             )
-    _loaded[name] = ok
-    return ok
+            _loaded[name] = False
+    return _loaded[name]
