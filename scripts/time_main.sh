@@ -19,7 +19,8 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
     echo "# load average before (1, 5, 15 min): $(loadavg)"
 } | tee "$log"
 git clone -q "$repo" "$tmp/revbits"
-export REVBITS_DATA="$tmp/data" TQDM_MININTERVAL=10  # a new user's empty data cache; a progress line every 10 s
+# a new user's empty data cache and native-kernel cache (the kernels compile in the run); a progress line every 10 s
+export REVBITS_DATA="$tmp/data" REVBITS_NATIVE_CACHE="$tmp/native" TQDM_MININTERVAL=10
 TIMEFORMAT='main.sh took: real %1Rs, user %1Us, sys %1Ss'
 # the log names no path of this machine: the clone's folder and a local package index are replaced
 hide_paths() { sed -u -e "s|$tmp|<temporary folder>|g" -e "s|file:///[^ ']*|<local package index>|g"; }
