@@ -103,32 +103,42 @@ at::Tensor like(const at::Tensor& t, at::ScalarType dtype) { return at::empty(t.
 
 // ---- one update of a half-state, and its inverse ------------------------------------------------
 
-// (h', W', float(h')) of exact_update: h' = h n / 2**10 + add on active rows (others keep h and W); the
-// numerators n are integers held in a floating tensor (the gates' dtype).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
+// For every element of [B, H]: element(h, n, add, W, h_out, W_out) on active rows; h and W copied on the
+// others. The numerators n are integers held in a floating tensor (the gates' dtype).
+template <typename Element>
+std::tuple<at::Tensor, at::Tensor> over_active_rows(
     const at::Tensor& h, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active,
-    at::ScalarType dtype) {
-  at::Tensor h_out = like(h, at::kLong), word_out = like(word, at::kLong), value = like(h, dtype);
+    Element element) {
+  at::Tensor h_out = like(h, at::kLong), word_out = like(word, at::kLong);
   auto hi = rows_of<int64_t>(h), ai = rows_of<int64_t>(add), wi = rows_of<int64_t>(word);
   auto ho = rows_of<int64_t>(h_out), wo = rows_of<int64_t>(word_out);
   RowMask mask(active);
-  const int64_t half = h.size(1);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fixed_update", [&] {
-    auto vo = rows_of<scalar_t>(value);
+  AT_DISPATCH_FLOATING_TYPES(n.scalar_type(), "over_active_rows", [&] {
     auto ni = rows_of<scalar_t>(n);
     for (int64_t b = 0; b < h.size(0); ++b) {
       const int64_t *hr = hi.row(b), *ar = ai.row(b), *wr = wi.row(b);
       const scalar_t* nr = ni.row(b);
       int64_t *hn = ho.row(b), *wn = wo.row(b);
       if (mask.on(b)) {
-        for (int64_t j = 0; j < half; ++j)
-          multiply_add(hr[j], static_cast<int64_t>(nr[j]), ar[j], wr[j], hn[j], wn[j]);
+        for (int64_t j = 0; j < h.size(1); ++j) element(hr[j], static_cast<int64_t>(nr[j]), ar[j], wr[j], hn[j], wn[j]);
       } else {
-        for (int64_t j = 0; j < half; ++j) hn[j] = hr[j], wn[j] = wr[j];
+        for (int64_t j = 0; j < h.size(1); ++j) hn[j] = hr[j], wn[j] = wr[j];
       }
-      scalar_t* v = vo.row(b);
-      for (int64_t j = 0; j < half; ++j) v[j] = static_cast<scalar_t>(hn[j]) * scalar_t(kStateGrid);
     }
+  });
+  return {h_out, word_out};
+}
+
+// (h', W', float(h')) of exact_update: h' = h n / 2**10 + add on active rows (others keep h and W).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
+    const at::Tensor& h, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active,
+    at::ScalarType dtype) {
+  auto [h_out, word_out] = over_active_rows(h, n, add, word, active, multiply_add);
+  at::Tensor value = like(h, dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fixed_update", [&] {
+    const int64_t* hn = h_out.data_ptr<int64_t>();
+    scalar_t* v = value.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < h_out.numel(); ++k) v[k] = static_cast<scalar_t>(hn[k]) * scalar_t(kStateGrid);
   });
   return {h_out, word_out, value};
 }
@@ -136,25 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
 // (h, W) before fixed_update, from h' and W' (the caller pops a spilled word afterwards).
 std::tuple<at::Tensor, at::Tensor> fixed_reverse(
     const at::Tensor& h_new, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active) {
-  at::Tensor h_out = like(h_new, at::kLong), word_out = like(word, at::kLong);
-  auto hi = rows_of<int64_t>(h_new), ai = rows_of<int64_t>(add);
-  auto wi = rows_of<int64_t>(word), ho = rows_of<int64_t>(h_out), wo = rows_of<int64_t>(word_out);
-  RowMask mask(active);
-  AT_DISPATCH_FLOATING_TYPES(n.scalar_type(), "fixed_reverse", [&] {
-    auto ni = rows_of<scalar_t>(n);
-    for (int64_t b = 0; b < h_new.size(0); ++b) {
-      const int64_t *hr = hi.row(b), *ar = ai.row(b), *wr = wi.row(b);
-      const scalar_t* nr = ni.row(b);
-      int64_t *hn = ho.row(b), *wn = wo.row(b);
-      if (mask.on(b)) {
-        for (int64_t j = 0; j < h_new.size(1); ++j)
-          subtract_divide(hr[j], static_cast<int64_t>(nr[j]), ar[j], wr[j], hn[j], wn[j]);
-      } else {
-        for (int64_t j = 0; j < h_new.size(1); ++j) hn[j] = hr[j], wn[j] = wr[j];
-      }
-    }
-  });
-  return {h_out, word_out};
+  return over_active_rows(h_new, n, add, word, active, subtract_divide);
 }
 
 // ---- the RevLSTM half ---------------------------------------------------------------------------
