@@ -79,16 +79,20 @@ def signs_of(shape, dtype, gamma: float, generator: torch.Generator) -> torch.Te
     return (signs * gamma).view(-1, *([1] * (len(shape) - 1)))
 
 
+def every_step_case(test):
+    """Runs ``test`` without a graph for every dtype, shape and |g| (its arguments dtype, shape, gamma)."""
+    for name, values in (("gamma", GAMMAS), ("shape", SHAPES), ("dtype", DTYPES)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return torch.no_grad()(test)
+
+
 def step_inputs(shape, dtype, gamma, bits=9, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x_prev, x_cur = grid_states(shape, dtype, bits, generator), grid_states(shape, dtype, bits, generator)
     return x_prev, x_cur, block_outputs(shape, dtype, bits, generator), signs_of(shape, dtype, gamma, generator)
 
 
-@pytest.mark.parametrize("gamma", GAMMAS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@torch.no_grad()
+@every_step_case
 def test_forward_step_and_bit_planes_are_the_python_paths(kernel, monkeypatch, dtype, shape, gamma):
     step = Step(9, gamma)
     x_prev, x_cur, y, g = step_inputs(shape, dtype, gamma)
@@ -108,10 +112,7 @@ def test_forward_step_and_bit_planes_are_the_python_paths(kernel, monkeypatch, d
     assert step.forward(x_prev, x_cur, y, g, keep=False)[1] is None
 
 
-@pytest.mark.parametrize("gamma", GAMMAS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@torch.no_grad()
+@every_step_case
 def test_inverse_step_is_the_python_paths(kernel, monkeypatch, dtype, shape, gamma):
     step = Step(9, gamma)
     x_prev, x_cur, y, g = step_inputs(shape, dtype, gamma, seed=1)
