@@ -12,12 +12,12 @@ import torch
 import revbits.revrnn.cells as cells
 import revbits.revrnn.fused as fused
 from revbits import native
-from revbits.revrnn import RevLSTM
+from revbits.revrnn import RevGRU, RevLSTM
 from revbits.revrnn.fixed_point import to_float
 from revbits.revrnn.info_buffer import InfoBuffer
 from revbits.revrnn.layers import _Run
 
-NATIVE_CELLS = [RevLSTM]
+NATIVE_CELLS = [RevGRU, RevLSTM]
 
 
 def test_the_kernel_builds_here():
@@ -61,8 +61,9 @@ def test_native_steps_give_the_python_paths_bits(cls, dtype, forget_bits, masked
     assert all(torch.equal(a, b) for a, b in zip(fast[3], slow[3]))
 
 
+@pytest.mark.parametrize("cls", NATIVE_CELLS)
 @pytest.mark.parametrize("host_decides", [True, False])
-def test_a_python_reversal_is_back_propagated_by_the_python_path(host_decides, monkeypatch):
+def test_a_python_reversal_is_back_propagated_by_the_python_path(cls, host_decides, monkeypatch):
     """Information tracking and device spill decisions reverse in Python; their backward must read the
     Python path's gates (all five numerators), whatever the native operators could do."""
     import functools
@@ -74,7 +75,7 @@ def test_a_python_reversal_is_back_propagated_by_the_python_path(host_decides, m
         monkeypatch.setattr(fused, "use_native", use_native)
         monkeypatch.setattr(layers, "InfoBuffer", functools.partial(InfoBuffer, host_decides=host_decides))
         torch.manual_seed(3)
-        rnn = RevLSTM(4, 8, num_layers=2, forget_bits=5)
+        rnn = cls(4, 8, num_layers=2, forget_bits=5)
         rnn.track_information = host_decides  # with host decisions, tracking sends the steps to Python
         x = torch.randn(40, 3, 4, requires_grad=True)
         rnn(x, lengths=torch.tensor([40, 9, 33]))[0].square().sum().backward()
@@ -82,12 +83,13 @@ def test_a_python_reversal_is_back_propagated_by_the_python_path(host_decides, m
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_native_steps_reverse_to_every_earlier_state(monkeypatch):
+@pytest.mark.parametrize("cls", NATIVE_CELLS)
+def test_native_steps_reverse_to_every_earlier_state(cls, monkeypatch):
     """The reversal by native operators rebuilds each step's states, for an odd width and a mask."""
     torch.manual_seed(1)
-    rnn = RevLSTM(3, 6, num_layers=1, forget_bits=None)
+    rnn = cls(3, 6, num_layers=1, forget_bits=None)
     x, mask = torch.randn(25, 4, 3), torch.arange(25)[:, None] < torch.tensor([25, 3, 11, 24])[None, :]
-    run = _Run(rnn, x, mask, [torch.randn(1, 4, 6) * 0.5, torch.randn(1, 4, 6) * 0.5])
+    run = _Run(rnn, x, mask, [torch.randn(1, 4, 6) * 0.5 for _ in range(rnn.cells[0].state_parts)])
     cell, buffer = rnn.cells[0], run.buffers[0]
     history = []
     with torch.no_grad():

@@ -322,6 +322,107 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {h, c, w_c, h_value, derivatives, tanh_derivative};
 }
 
+// ---- the RevGRU half ----------------------------------------------------------------------------
+
+// From the logits of [z; r], [B, 2H], and the other half's value: s = sigmoid(logits), the numerators of z
+// (as lstm_terms computes them), and r * other, the other half as the candidate's input sees it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_gates(
+    const at::Tensor& logits, const at::Tensor& other, double keep, int64_t lowest) {
+  const int64_t half = other.size(1);
+  at::Tensor s = at::sigmoid(logits);
+  at::Tensor numerators = at::empty({s.size(0), half}, s.options()), r_other = at::empty_like(numerators);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "gru_gates", [&] {
+    using T = scalar_t;
+    const T slope_scale = T((1.0 - keep) * 1024.0), keep_scale = T(keep * 1024.0), low = T(lowest);
+    const bool keeps = keep != 0.0;
+    auto oi = rows_of<T>(other);
+    for (int64_t b = 0; b < s.size(0); ++b) {
+      const T *sr = s.data_ptr<T>() + b * 2 * half, *o = oi.row(b);
+      T *nf = numerators.data_ptr<T>() + b * half, *ro = r_other.data_ptr<T>() + b * half;
+      for (int64_t j = 0; j < half; ++j) {
+        T v = sr[j] * slope_scale;
+        if (keeps) v = v + keep_scale;
+        v = round_even(v);
+        nf[j] = v < low ? low : (v > T(1024) ? T(1024) : v);
+        ro[j] = sr[half + j] * o[j];
+      }
+    }
+  });
+  return {s, numerators, r_other};
+}
+
+// From the candidate's logits and z's numerators n: g = tanh(logits) and the additive part
+// fixed((1 - n / 2**10) g), computed as round((2**23 - 2**13 n) g) (both factors exact, one rounding).
+std::tuple<at::Tensor, at::Tensor> gru_candidate(const at::Tensor& logits, const at::Tensor& numerators) {
+  at::Tensor g = at::tanh(logits).contiguous();
+  at::Tensor add = like(g, at::kLong);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gru_candidate", [&] {
+    using T = scalar_t;
+    const T* gr = g.data_ptr<T>();
+    const T* nf = numerators.data_ptr<T>();
+    int64_t* a = add.data_ptr<int64_t>();
+    for (int64_t k = 0; k < g.numel(); ++k) a[k] = static_cast<int64_t>(round_even((T(8388608.0) - T(8192.0) * nf[k]) * gr[k]));
+  });
+  return {g, add};
+}
+
+// The backward of h' = z h + (1 - z) g up to the candidate's product: with z = n / 2**10, dh = z dh'
+// (dh' on rows that are not active), the update's gradient u = dh' (0 there), and dL/d(candidate logits)
+// = tanh_backward(u (1 - z), g) by ATen.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_candidate_grads(
+    const at::Tensor& grad_new, const at::Tensor& numerators, const at::Tensor& g, const Mask& active) {
+  const int64_t half = g.size(1);
+  RowMask mask(active);
+  at::Tensor grad_in = grad_new.contiguous();
+  at::Tensor grad_old = at::empty_like(grad_in), update = at::empty_like(grad_in), scaled = at::empty_like(grad_in);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gru_candidate_grads", [&] {
+    using T = scalar_t;
+    const T gate_grid = T(1.0 / 1024.0);
+    for (int64_t b = 0; b < g.size(0); ++b) {
+      const bool on = mask.on(b);
+      const T *gn = grad_in.data_ptr<T>() + b * half, *nf = numerators.data_ptr<T>() + b * half;
+      T *go = grad_old.data_ptr<T>() + b * half, *u = update.data_ptr<T>() + b * half;
+      T* su = scaled.data_ptr<T>() + b * half;
+      for (int64_t j = 0; j < half; ++j) {
+        const T z = nf[j] * gate_grid;
+        go[j] = on ? gn[j] * z : gn[j];
+        u[j] = on ? gn[j] : T(0);
+        su[j] = u[j] * (T(1) - z);
+      }
+    }
+  });
+  return {grad_old, update, at::tanh_backward(scaled, g)};
+}
+
+// dL/d[z; r] logits from the update's gradient u, the old h, g, the gradient of the candidate's input
+// [x; r other] and s: sigmoid_backward([(1 - keep) u (h - g), dL/d(r other) other], s), as ATen's
+// a (1 - y) y.
+at::Tensor gru_gate_grads(
+    const at::Tensor& update, const at::Tensor& h_old, const at::Tensor& g, const at::Tensor& grad_xro,
+    const at::Tensor& xo, const at::Tensor& s, double keep) {
+  const int64_t half = g.size(1), inputs = xo.size(1) - half;
+  at::Tensor grad_logits = at::empty_like(s);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "gru_gate_grads", [&] {
+    using T = scalar_t;
+    const T slope = T(1.0 - keep);
+    const bool keeps = keep != 0.0;
+    auto hi = rows_of<T>(h_old), gi = rows_of<T>(grad_xro, inputs), oi = rows_of<T>(xo, inputs);
+    for (int64_t b = 0; b < s.size(0); ++b) {
+      const T *u = update.data_ptr<T>() + b * half, *gr = g.data_ptr<T>() + b * half, *h = hi.row(b);
+      const T *gro = gi.row(b), *o = oi.row(b), *sr = s.data_ptr<T>() + b * 2 * half;
+      T* gl = grad_logits.data_ptr<T>() + b * 2 * half;
+      for (int64_t j = 0; j < half; ++j) {
+        T dz = u[j] * (h[j] - gr[j]);
+        if (keeps) dz = dz * slope;
+        const T dr = gro[j] * o[j];
+        gl[j] = dz * (T(1) - sr[j]) * sr[j];
+        gl[half + j] = dr * (T(1) - sr[half + j]) * sr[half + j];
+      }
+    }
+  });
+  return grad_logits;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(revbits_revrnn, m) {
@@ -334,4 +435,8 @@ TORCH_LIBRARY(revbits_revrnn, m) {
   m.def("lstm_half_grads", &lstm_half_grads);
   m.def("lstm_half_update", &lstm_half_update);
   m.def("lstm_half_reverse", &lstm_half_reverse);
+  m.def("gru_gates", &gru_gates);
+  m.def("gru_candidate", &gru_candidate);
+  m.def("gru_candidate_grads", &gru_candidate_grads);
+  m.def("gru_gate_grads", &gru_gate_grads);
 }

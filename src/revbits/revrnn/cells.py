@@ -99,9 +99,10 @@ class _Cell(nn.Module):
 
 
 class GRUHalf(NamedTuple):
-    """The gates of one RevGRU half-update: h <- z_q h + (1 - z_q) g, z_q = n / 2**10."""
+    """The gates of one RevGRU half-update: h <- z_q h + (1 - z_q) g, z_q = n / 2**10 (``n`` is None where the
+    native operators computed them: they use ``n_float``)."""
 
-    n: torch.Tensor  # int64
+    n: torch.Tensor | None  # int64
     add: torch.Tensor  # (1 - z_q) g in fixed point
     n_float: torch.Tensor
     s: torch.Tensor  # sigma of [z; r]'s logits
@@ -125,10 +126,16 @@ class RevGRUCell(_Cell):
     def half_linears(self) -> list[list[nn.Linear]]:
         return [[self.gates[i], self.candidates[i]] for i in range(2)]
 
-    def half_terms(self, weights: list[CellLinear], x: torch.Tensor, other: torch.Tensor) -> GRUHalf:
-        """The gates of a half with linear layers ``weights`` (W, V), from x and the other half's value."""
+    def half_terms(self, weights: list[CellLinear], x: torch.Tensor, other: torch.Tensor, ops=None) -> GRUHalf:
+        """The gates of a half with linear layers ``weights`` (W, V), from x and the other half's value (``ops``:
+        :func:`~.fused.native_ops`, or None for the Python path)."""
         w, v = weights
         xo = torch.cat([x, other], -1)
+        if ops is not None:
+            s, numerators, r_other = ops.gru_gates(w(xo), other, self.forget.keep, self.forget.lowest)
+            xro = torch.cat([x, r_other], -1)
+            g, add = ops.gru_candidate(v(xro), numerators)
+            return GRUHalf(None, add, numerators, s, g, xo, xro)
         s = torch.sigmoid(w(xo))
         n_float = self.forget.numerator(s[:, : self.half])
         xro = torch.cat([x, s[:, self.half :] * other], -1)
@@ -136,6 +143,12 @@ class RevGRUCell(_Cell):
         return GRUHalf(n_float.to(torch.int64), fixed_complement_product(n_float, g), n_float, s, g, xo, xro)
 
     def _update(self, buffer, h, h_float, t: GRUHalf, active):
+        if t.n is None:  # the native operators' gates
+            new, word, value = native_ops(h_float, buffer).fixed_update(
+                h, t.n_float, t.add, buffer.word_to_multiply(active), active, h_float.dtype
+            )
+            buffer.multiplied(word)
+            return new, value
         new = exact_update(buffer, h, t.n, t.add, active)
         graph = None
         if torch.is_grad_enabled():  # the autograd reference: z_q h + (1 - z_q) g
@@ -147,26 +160,35 @@ class RevGRUCell(_Cell):
         """One exact step. ``state`` = [h1, h2] (int64), ``state_float`` their float values;
         ``weights``: :meth:`weights`, read once per run by the caller (read here if None)."""
         first, second = weights or self.weights()
-        (h1, h2), (f1, f2) = state, state_float
-        h1, f1 = self._update(buffer, h1, f1, self.half_terms(first, x, f2), active)
-        h2, f2 = self._update(buffer, h2, f2, self.half_terms(second, x, f1), active)
+        (h1, h2), (f1, f2), ops = state, state_float, native_ops(x, buffer)
+        h1, f1 = self._update(buffer, h1, f1, self.half_terms(first, x, f2, ops), active)
+        h2, f2 = self._update(buffer, h2, f2, self.half_terms(second, x, f1, ops), active)
         return [h1, h2], [f1, f2]
 
     def inverse(self, buffer: InfoBuffer, x, state, active, saved: list | None = None, weights=None):
         """The state before :meth:`step`, from the state after it (int64, bit for bit). With
         ``saved`` (a list), appends what :meth:`backward` needs. Call it under torch.no_grad()."""
         first_weights, second_weights = weights or self.weights()
-        h1, h2 = state
-        second = self.half_terms(second_weights, x, to_float(h1, x.dtype))
-        h2 = exact_reverse(buffer, h2, second.n, second.add, active)
+        (h1, h2), ops = state, native_ops(x, buffer)
+        second = self.half_terms(second_weights, x, to_float(h1, x.dtype), ops)
+        h2 = self._reverse(ops, buffer, h2, second, active)
         before2 = to_float(h2, x.dtype)
-        first = self.half_terms(first_weights, x, before2)
-        h1 = exact_reverse(buffer, h1, first.n, first.add, active)
+        first = self.half_terms(first_weights, x, before2, ops)
+        h1 = self._reverse(ops, buffer, h1, first, active)
         if saved is not None:
             saved.extend([first, second, to_float(h1, x.dtype), before2])
         return [h1, h2]
 
     reverse = inverse  # Deprecated name (one name for the inverse across revbits); goes in 0.3
+
+    @staticmethod
+    def _reverse(ops, buffer: InfoBuffer, h: torch.Tensor, t: GRUHalf, active) -> torch.Tensor:
+        """The h that :meth:`_update` was given, by the native operators where ``ops`` (then ``t`` is theirs)."""
+        if ops is None:
+            return exact_reverse(buffer, h, t.n, t.add, active)
+        h, word = ops.fixed_reverse(h, t.n_float, t.add, buffer.word, active)
+        buffer.divided(word)
+        return h
 
     @staticmethod
     def hidden_before(saved: list) -> list[torch.Tensor]:
@@ -185,6 +207,15 @@ class RevGRUCell(_Cell):
     def _half_backward(self, t: GRUHalf, h_old: torch.Tensor, grad_new, active, sums: list[LinearGradients]):
         """(dL/dh_old, dL/d other, dL/dx) of h_new = z_q h_old + (1 - z_q) g."""
         gates, candidates = sums
+        if t.n is None:  # reversed by the native operators
+            ops = native_ops(t.xo)
+            grad_old, grad_update, grad_candidate = ops.gru_candidate_grads(grad_new, t.n_float, t.g, active)
+            grad_xro = candidates.add(grad_candidate, t.xro)
+            grad_gates = ops.gru_gate_grads(grad_update, h_old, t.g, grad_xro, t.xo, t.s, self.forget.keep)
+            grad_xo = gates.add(grad_gates, t.xo)
+            grad_ro = grad_xro[:, self.input_size :]
+            grad_other = grad_xo[:, self.input_size :] + grad_ro * t.s[:, self.half :]
+            return grad_old, grad_other, grad_xo[:, : self.input_size] + grad_xro[:, : self.input_size]
         z_q = t.n_float * 2.0**-GATE_BITS
         grad_old, grad_update = update_gradients(grad_new, z_q, active)
         grad_xro = candidates.add(tanh_backward(grad_update * (1 - z_q), t.g), t.xro)
