@@ -5,7 +5,8 @@
 // cells}.py computes, bit for bit: sigmoid, tanh, tanh_backward and addcmul go through ATen on the same
 // tensors (ATen may round a (1 - y y) or a + b c once, as a fused multiply-add); integer arithmetic is
 // exact; every other float product or sum is rounded once, as ATen's loops round it (the library is
-// built with -ffp-contract=off). A half-state is [B, H] (int64 for states, words and numerators); the
+// built with -ffp-contract=off). A half-state is [B, H] (int64 for states and words; gate numerators are
+// integers held in the gates' float dtype); the
 // gates of a RevLSTM half are [B, 5H] in slots [f, g, i, o, p]. `active` is an optional bool [B]:
 // rows that are false keep their state and word.
 #include <ATen/ATen.h>

@@ -1,7 +1,7 @@
 """Where the reversible cells' fixed-point chains run as one native operator each.
 
-``revbits/native/revrnn.cpp`` holds the RevLSTM's chains (the gates' numerators and fixed-point
-products, the buffer's multiplication and division, the gate derivatives, the backward's
+``revbits/native/revrnn.cpp`` holds the RevGRU's and RevLSTM's chains (the gates' numerators and
+fixed-point products, the buffer's multiplication and division, the gate derivatives, the backward's
 elementwise part) as C++ operators that give the Python path's results bit for bit
 (tests/test_revrnn_native.py compares every one). They run on the CPU for float32 and float64,
 outside autograd (the reversible forward, the reversal and the hand-written backward), with the
