@@ -15,6 +15,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace {
 
@@ -65,6 +66,14 @@ inline int64_t floor_div(int64_t a, int64_t n) {
   return q;
 }
 
+// floor(a / n) for |a| < 2**52 and n >= 1, without a branch (so loops over it vectorise): the truncated
+// double quotient is off by at most one, and the remainder's sign and size say which way.
+inline int64_t floor_div_small(int64_t a, int64_t n) {
+  int64_t q = static_cast<int64_t>(static_cast<double>(a) / static_cast<double>(n));
+  const int64_t r = a - q * n;
+  return q - (r < 0) + (r >= n);
+}
+
 // Round half to even, as std::nearbyint under the default rounding mode, without its libm call:
 // adding and subtracting 1.5 * 2**52 in double leaves the nearest integer for |v| < 2**51 (a float is
 // exact in double; every value rounded here is below 2**24 in magnitude, larger ones pass unchanged).
@@ -84,27 +93,26 @@ inline int64_t fixed_product(T a, T b) {
 
 // h n / 2**10 through the word W: p = W 2**10 + (h mod 2**10), W' = floor(p / n),
 // h' = floor(h / 2**10) n + (p mod n) + add.
-inline void multiply_add(int64_t h, int64_t n, int64_t add, int64_t word, int64_t& h_out, int64_t& word_out) {
-  int64_t pushed = (h & kLowMask) + word * (int64_t{1} << kGateBits);
-  int64_t quotient = floor_div(pushed, n);
-  word_out = quotient;
-  h_out = (pushed - quotient * n) + (h >> kGateBits) * n + add;
+inline std::pair<int64_t, int64_t> multiply_add(int64_t h, int64_t n, int64_t add, int64_t word) {
+  const int64_t pushed = (h & kLowMask) + word * (int64_t{1} << kGateBits);
+  const int64_t quotient = floor_div(pushed, n);
+  return {(pushed - quotient * n) + (h >> kGateBits) * n + add, quotient};
 }
 
 // Its inverse: h = h' - add; p = W' n + (h mod n), W = floor(p / 2**10); h = floor(h / n) 2**10 + (p mod 2**10).
-inline void subtract_divide(int64_t h_new, int64_t n, int64_t add, int64_t word, int64_t& h_out, int64_t& word_out) {
-  int64_t h = h_new - add;
-  int64_t quotient = floor_div(h, n);
-  int64_t pushed = (h - quotient * n) + word * n;
-  word_out = pushed >> kGateBits;
-  h_out = (pushed & kLowMask) + quotient * (int64_t{1} << kGateBits);
+// |h' - add| < 2**32: states stay below 2**31 (the range check) and |add| <= 2**23.
+inline std::pair<int64_t, int64_t> subtract_divide(int64_t h_new, int64_t n, int64_t add, int64_t word) {
+  const int64_t h = h_new - add;
+  const int64_t quotient = floor_div_small(h, n);
+  const int64_t pushed = (h - quotient * n) + word * n;
+  return {(pushed & kLowMask) + quotient * (int64_t{1} << kGateBits), pushed >> kGateBits};
 }
 
 at::Tensor like(const at::Tensor& t, at::ScalarType dtype) { return at::empty(t.sizes(), t.options().dtype(dtype)); }
 
 // ---- one update of a half-state, and its inverse ------------------------------------------------
 
-// For every element of [B, H]: element(h, n, add, W, h_out, W_out) on active rows; h and W copied on the
+// For every element of [B, H]: (h_out, W_out) = element(h, n, add, W) on active rows; h and W copied on the
 // others. The numerators n are integers held in a floating tensor (the gates' dtype).
 template <typename Element>
 std::tuple<at::Tensor, at::Tensor> over_active_rows(
@@ -117,11 +125,15 @@ std::tuple<at::Tensor, at::Tensor> over_active_rows(
   AT_DISPATCH_FLOATING_TYPES(n.scalar_type(), "over_active_rows", [&] {
     auto ni = rows_of<scalar_t>(n);
     for (int64_t b = 0; b < h.size(0); ++b) {
-      const int64_t *hr = hi.row(b), *ar = ai.row(b), *wr = wi.row(b);
-      const scalar_t* nr = ni.row(b);
-      int64_t *hn = ho.row(b), *wn = wo.row(b);
+      const int64_t *__restrict hr = hi.row(b), *__restrict ar = ai.row(b), *__restrict wr = wi.row(b);
+      const scalar_t* __restrict nr = ni.row(b);
+      int64_t *__restrict hn = ho.row(b), *__restrict wn = wo.row(b);
       if (mask.on(b)) {
-        for (int64_t j = 0; j < h.size(1); ++j) element(hr[j], static_cast<int64_t>(nr[j]), ar[j], wr[j], hn[j], wn[j]);
+        for (int64_t j = 0; j < h.size(1); ++j) {
+          const auto [h_new, w_new] = element(hr[j], static_cast<int64_t>(nr[j]), ar[j], wr[j]);
+          hn[j] = h_new;
+          wn[j] = w_new;
+        }
       } else {
         for (int64_t j = 0; j < h.size(1); ++j) hn[j] = hr[j], wn[j] = wr[j];
       }
@@ -134,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> over_active_rows(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
     const at::Tensor& h, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active,
     at::ScalarType dtype) {
-  auto [h_out, word_out] = over_active_rows(h, n, add, word, active, multiply_add);
+  auto [h_out, word_out] = over_active_rows(h, n, add, word, active, [](auto... a) { return multiply_add(a...); });
   at::Tensor value = like(h, dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "fixed_update", [&] {
     const int64_t* hn = h_out.data_ptr<int64_t>();
@@ -147,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
 // (h, W) before fixed_update, from h' and W' (the caller pops a spilled word afterwards).
 std::tuple<at::Tensor, at::Tensor> fixed_reverse(
     const at::Tensor& h_new, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active) {
-  return over_active_rows(h_new, n, add, word, active, subtract_divide);
+  return over_active_rows(h_new, n, add, word, active, [](auto... a) { return subtract_divide(a...); });
 }
 
 // ---- the RevLSTM half ---------------------------------------------------------------------------
