@@ -141,3 +141,12 @@ def test_the_library_name_follows_the_source_and_the_cpu(monkeypatch):
     assert path.name.startswith("revrnn-") and torch.__version__.replace("+", "_") in path.name
     monkeypatch.setattr(native, "_cpu_features", lambda: "another cpu")
     assert native.library_path("revrnn") != path
+
+
+def test_an_edited_header_names_another_library(monkeypatch, tmp_path):
+    for source in list(native.SOURCES.glob("*.cpp")) + list(native.SOURCES.glob("*.h")):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    before = native.library_path("revrnn")
+    (tmp_path / "revrnn_fixed.h").write_text((tmp_path / "revrnn_fixed.h").read_text() + "\n// edited\n")
+    assert native.library_path("revrnn") != before

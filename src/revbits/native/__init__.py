@@ -94,9 +94,11 @@ def _cpu_features() -> str:
 
 
 def library_path(name: str) -> Path:
-    """Where the built library of ``<name>.cpp`` for this source, these flags, this CPU and this torch lives."""
+    """Where the built library of ``<name>.cpp`` for this source (and the headers beside it), these flags, this
+    CPU and this torch lives."""
     source = SOURCES / f"{name}.cpp"
-    key = source.read_bytes() + " ".join(FLAGS).encode() + _cpu_features().encode()
+    headers = b"".join(path.read_bytes() for path in sorted(SOURCES.glob("*.h")))  # what the sources include
+    key = source.read_bytes() + headers + " ".join(FLAGS).encode() + _cpu_features().encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     return cache_dir() / f"{name}-{digest}-torch{torch.__version__.replace('+', '_')}.so"
 

@@ -10,6 +10,7 @@
 // gates of a RevLSTM half are [B, 5H] in slots [f, g, i, o, p]. `active` is an optional bool [B]:
 // rows that are false keep their state and word.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -17,150 +18,11 @@
 #include <tuple>
 #include <utility>
 
+#include "revrnn_fixed.h"
+
 namespace {
 
-constexpr int64_t kGateBits = 10;  // gates are n / 2**10
-constexpr int64_t kLowMask = (int64_t{1} << kGateBits) - 1;
-constexpr double kStateGrid = 1.0 / 8388608.0;  // states hold round(v * 2**23)
-
-using Mask = std::optional<at::Tensor>;
-
-// A [B, H] block of a row-major tensor whose rows are `stride` elements apart (a gate slot, or a half).
-template <typename T>
-struct Rows {
-  T* data;
-  int64_t stride;
-  T* row(int64_t b) const { return data + b * stride; }
-};
-
-template <typename T>
-Rows<T> rows_of(const at::Tensor& t, int64_t first_column = 0) {
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "revbits_revrnn: expected a 2-D tensor with contiguous rows");
-  return {t.data_ptr<T>() + first_column, t.stride(0)};
-}
-
-struct RowMask {
-  at::Tensor owner;
-  const bool* data = nullptr;
-  explicit RowMask(const Mask& active) {
-    if (active.has_value()) {
-      owner = active->contiguous();
-      data = owner.data_ptr<bool>();
-    }
-  }
-  bool on(int64_t b) const { return data == nullptr || data[b]; }
-};
-
-// floor(a / n) for n >= 1, exactly: below 2**52 from the double quotient (off by at most one, then
-// corrected by the remainder), above it by integer division.
-inline int64_t floor_div(int64_t a, int64_t n) {
-  int64_t q;
-  if (a > -(int64_t{1} << 52) && a < (int64_t{1} << 52)) {
-    q = static_cast<int64_t>(static_cast<double>(a) / static_cast<double>(n));
-  } else {
-    q = a / n;
-  }
-  int64_t r = a - q * n;
-  if (r < 0) q -= 1;
-  else if (r >= n) q += 1;
-  return q;
-}
-
-// floor(a / n) for |a| < 2**52 and n >= 1, without a branch (so loops over it vectorise): the truncated
-// double quotient is off by at most one, and the remainder's sign and size say which way.
-inline int64_t floor_div_small(int64_t a, int64_t n) {
-  int64_t q = static_cast<int64_t>(static_cast<double>(a) / static_cast<double>(n));
-  const int64_t r = a - q * n;
-  return q - (r < 0) + (r >= n);
-}
-
-// Round half to even, as std::nearbyint under the default rounding mode, without its libm call:
-// adding and subtracting 1.5 * 2**52 in double leaves the nearest integer for |v| < 2**51 (a float is
-// exact in double; every value rounded here is below 2**24 in magnitude, larger ones pass unchanged).
-template <typename T>
-inline T round_even(T v) {
-  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2**52
-  double d = static_cast<double>(v);
-  double rounded = (d + kMagic) - kMagic;  // not folded: the compiler keeps IEEE semantics here
-  return std::fabs(d) < 2251799813685248.0 ? static_cast<T>(rounded) : v;
-}
-
-// round(a b 2**23) as ATen's round(addcmul(0, a, b, value=2**23)) computes it: (2**23 a) b, rounded once.
-template <typename T>
-inline int64_t fixed_product(T a, T b) {
-  return static_cast<int64_t>(round_even((T(8388608.0) * a) * b));
-}
-
-// h n / 2**10 through the word W: p = W 2**10 + (h mod 2**10), W' = floor(p / n),
-// h' = floor(h / 2**10) n + (p mod n) + add.
-inline std::pair<int64_t, int64_t> multiply_add(int64_t h, int64_t n, int64_t add, int64_t word) {
-  const int64_t pushed = (h & kLowMask) + word * (int64_t{1} << kGateBits);
-  const int64_t quotient = floor_div(pushed, n);
-  return {(pushed - quotient * n) + (h >> kGateBits) * n + add, quotient};
-}
-
-// Its inverse: h = h' - add; p = W' n + (h mod n), W = floor(p / 2**10); h = floor(h / n) 2**10 + (p mod 2**10).
-// |h' - add| < 2**32: states stay below 2**31 (the range check) and |add| <= 2**23.
-inline std::pair<int64_t, int64_t> subtract_divide(int64_t h_new, int64_t n, int64_t add, int64_t word) {
-  const int64_t h = h_new - add;
-  const int64_t quotient = floor_div_small(h, n);
-  const int64_t pushed = (h - quotient * n) + word * n;
-  return {(pushed & kLowMask) + quotient * (int64_t{1} << kGateBits), pushed >> kGateBits};
-}
-
-at::Tensor like(const at::Tensor& t, at::ScalarType dtype) { return at::empty(t.sizes(), t.options().dtype(dtype)); }
-
-// ---- one update of a half-state, and its inverse ------------------------------------------------
-
-// For every element of [B, H]: (h_out, W_out) = element(h, n, add, W) on active rows; h and W copied on the
-// others. The numerators n are integers held in a floating tensor (the gates' dtype).
-template <typename Element>
-std::tuple<at::Tensor, at::Tensor> over_active_rows(
-    const at::Tensor& h, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active,
-    Element element) {
-  at::Tensor h_out = like(h, at::kLong), word_out = like(word, at::kLong);
-  auto hi = rows_of<int64_t>(h), ai = rows_of<int64_t>(add), wi = rows_of<int64_t>(word);
-  auto ho = rows_of<int64_t>(h_out), wo = rows_of<int64_t>(word_out);
-  RowMask mask(active);
-  AT_DISPATCH_FLOATING_TYPES(n.scalar_type(), "over_active_rows", [&] {
-    auto ni = rows_of<scalar_t>(n);
-    for (int64_t b = 0; b < h.size(0); ++b) {
-      const int64_t *__restrict hr = hi.row(b), *__restrict ar = ai.row(b), *__restrict wr = wi.row(b);
-      const scalar_t* __restrict nr = ni.row(b);
-      int64_t *__restrict hn = ho.row(b), *__restrict wn = wo.row(b);
-      if (mask.on(b)) {
-        for (int64_t j = 0; j < h.size(1); ++j) {
-          const auto [h_new, w_new] = element(hr[j], static_cast<int64_t>(nr[j]), ar[j], wr[j]);
-          hn[j] = h_new;
-          wn[j] = w_new;
-        }
-      } else {
-        for (int64_t j = 0; j < h.size(1); ++j) hn[j] = hr[j], wn[j] = wr[j];
-      }
-    }
-  });
-  return {h_out, word_out};
-}
-
-// (h', W', float(h')) of exact_update: h' = h n / 2**10 + add on active rows (others keep h and W).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fixed_update(
-    const at::Tensor& h, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active,
-    at::ScalarType dtype) {
-  auto [h_out, word_out] = over_active_rows(h, n, add, word, active, [](auto... a) { return multiply_add(a...); });
-  at::Tensor value = like(h, dtype);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fixed_update", [&] {
-    const int64_t* hn = h_out.data_ptr<int64_t>();
-    scalar_t* v = value.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < h_out.numel(); ++k) v[k] = static_cast<scalar_t>(hn[k]) * scalar_t(kStateGrid);
-  });
-  return {h_out, word_out, value};
-}
-
-// (h, W) before fixed_update, from h' and W' (the caller pops a spilled word afterwards).
-std::tuple<at::Tensor, at::Tensor> fixed_reverse(
-    const at::Tensor& h_new, const at::Tensor& n, const at::Tensor& add, const at::Tensor& word, const Mask& active) {
-  return over_active_rows(h_new, n, add, word, active, [](auto... a) { return subtract_divide(a...); });
-}
+using namespace revrnn_fixed;
 
 // ---- the RevLSTM half ---------------------------------------------------------------------------
 
@@ -335,6 +197,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {h, c, w_c, h_value, derivatives, tanh_derivative};
 }
 
+// ---- a whole RevLSTM half, its product included -------------------------------------------------
+// The products are revbits.revrnn.linear.CellLinear's: oneDNN's matmul (the operator torch's own fused CPU
+// paths call) where `onednn`, else addmm with W^T (the forward) and mm with W (the input gradient).
+
+at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                         std::optional<c10::string_view>)>();
+  return op.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::optional<c10::string_view>(""));
+}
+
+// x W^T + b, with W^T the view weight_t.
+at::Tensor cell_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_t,
+                        const at::Tensor& bias, bool onednn) {
+  return onednn ? onednn_product(x, weight, bias) : at::addmm(bias, x, weight_t);
+}
+
+// (xo, c_add, numerators, s, tg) of a half from x and the other half's value: lstm_terms of [x; other] W^T + b.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_half_gates(
+    const at::Tensor& x, const at::Tensor& other, const at::Tensor& weight, const at::Tensor& weight_t,
+    const at::Tensor& bias, bool onednn, double keep, int64_t lowest) {
+  at::Tensor xo = at::cat({x, other}, -1);
+  auto [c_add, numerators, s, tg] = lstm_terms(cell_product(xo, weight, weight_t, bias, onednn), keep, lowest);
+  return {xo, c_add, numerators, s, tg};
+}
+
+// A half's step where neither update can spill: (h', c', float(h'), float(c'), W').
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_half_step(
+    const at::Tensor& x, const at::Tensor& other, const at::Tensor& weight, const at::Tensor& weight_t,
+    const at::Tensor& bias, bool onednn, double keep, int64_t lowest, const at::Tensor& c, const at::Tensor& h,
+    const at::Tensor& word, const Mask& active) {
+  auto [xo, c_add, numerators, s, tg] = lstm_half_gates(x, other, weight, weight_t, bias, onednn, keep, lowest);
+  return lstm_half_update(s, numerators, c_add, c, h, word, active);
+}
+
+// A half's inverse where neither multiplication spilled: (h, c, W, float(h), D, o tanh'(c'), numerators, xo).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_half_inverse(const at::Tensor& x, const at::Tensor& other, const at::Tensor& weight, const at::Tensor& weight_t,
+                  const at::Tensor& bias, bool onednn, double keep, int64_t lowest, const at::Tensor& c_new,
+                  const at::Tensor& h_new, const at::Tensor& word, const Mask& active) {
+  auto [xo, c_add, numerators, s, tg] = lstm_half_gates(x, other, weight, weight_t, bias, onednn, keep, lowest);
+  auto [h, c, w, h_value, derivatives, tanh_derivative] =
+      lstm_half_reverse(s, numerators, tg, c_new, h_new, c_add, word, active, keep);
+  return {h, c, w, h_value, derivatives, tanh_derivative, numerators, xo};
+}
+
+// A half's backward with its products: (dL/dh, dL/dc before it, dL/d[x; other], the bias rows' new sum);
+// adds dL/dW = (dL/d logits)^T [x; other] to grad_weight in place (LinearGradients.add's sums, in its order).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_half_backprop(
+    const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& numerators,
+    const at::Tensor& tanh_derivative, const at::Tensor& derivatives, const Mask& active, const at::Tensor& xo,
+    at::Tensor grad_weight, const std::optional<at::Tensor>& bias_rows, const at::Tensor& weight,
+    const at::Tensor& weight_t, bool onednn) {
+  auto [grad_h_old, grad_c_old, grad_logits] =
+      lstm_half_grads(grad_h, grad_c, numerators, tanh_derivative, derivatives, active);
+  grad_weight.addmm_(grad_logits.t(), xo);
+  at::Tensor rows = bias_rows.has_value() ? bias_rows->add_(grad_logits) : grad_logits.clone();
+  at::Tensor grad_xo = onednn ? onednn_product(grad_logits, weight_t, std::nullopt) : at::mm(grad_logits, weight);
+  return {grad_h_old, grad_c_old, grad_xo, rows};
+}
+
 // ---- the RevGRU half ----------------------------------------------------------------------------
 
 // From the logits of [z; r], [B, 2H], and the other half's value: s = sigmoid(logits), the numerators of z
@@ -448,6 +373,9 @@ TORCH_LIBRARY(revbits_revrnn, m) {
   m.def("lstm_half_grads", &lstm_half_grads);
   m.def("lstm_half_update", &lstm_half_update);
   m.def("lstm_half_reverse", &lstm_half_reverse);
+  m.def("lstm_half_step", &lstm_half_step);
+  m.def("lstm_half_inverse", &lstm_half_inverse);
+  m.def("lstm_half_backprop", &lstm_half_backprop);
   m.def("gru_gates", &gru_gates);
   m.def("gru_candidate", &gru_candidate);
   m.def("gru_candidate_grads", &gru_candidate_grads);

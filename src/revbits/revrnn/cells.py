@@ -229,14 +229,14 @@ class RevGRUCell(_Cell):
 class LSTMHalf(NamedTuple):
     """The gates of one RevLSTM half-update: c <- f_q c + sigma(i) tanh(g), h <- p_q h + o tanh(c).
 
-    The native operators keep only what they use of the numerators: ``n`` is None and ``n_float`` holds
-    f's and p's, [B, 2H]."""
+    The native operators keep only what they use: ``n`` is None, ``n_float`` holds f's and p's numerators,
+    [B, 2H], and after a whole-half inverse (``lstm_half_inverse``) only ``n_float`` and ``xo`` are kept."""
 
     n: torch.Tensor | None  # int64 numerators of all five gate slots; f's and p's are used
-    c_add: torch.Tensor  # sigma(i) tanh(g) in fixed point
+    c_add: torch.Tensor | None  # sigma(i) tanh(g) in fixed point
     n_float: torch.Tensor
-    s: torch.Tensor  # sigma of all five logits (g's slot unused)
-    tg: torch.Tensor  # tanh of g's logits
+    s: torch.Tensor | None  # sigma of all five logits (g's slot unused)
+    tg: torch.Tensor | None  # tanh of g's logits
     xo: torch.Tensor  # [x; other], the input of U
 
 
@@ -293,13 +293,16 @@ class RevLSTMCell(_Cell):
         return new_h, new_c, h_float, c_float
 
     def _native_half(self, ops, weights, buffer, x, other, h, c, active):
-        """:meth:`_half` by native operators (no graph): c <- c f_q + fixed(s_i tg), h <- h p_q + fixed(o tanh c)."""
-        t = self.half_terms(weights, x, other, ops)
+        """:meth:`_half` by native operators (no graph): c <- c f_q + fixed(s_i tg), h <- h p_q + fixed(o tanh c);
+        in one call, product included, where the host bound shows neither multiplication can spill."""
         word = buffer.word_to_multiply(active)
         if buffer.second_multiply_unchecked():
-            new_h, new_c, h_float, c_float, word = ops.lstm_half_update(t.s, t.n_float, t.c_add, c, h, word, active)
+            new_h, new_c, h_float, c_float, word = ops.lstm_half_step(
+                x, other, *weights[0].native_args(x.dtype), self.forget.keep, self.forget.lowest, c, h, word, active
+            )
             buffer.multiplied(word)
             return new_h, new_c, h_float, c_float
+        t = self.half_terms(weights, x, other, ops)
         new_c, word, c_float = ops.fixed_update(c, self._slot(t.n_float, 0), t.c_add, word, active, x.dtype)
         buffer.multiplied(word)
         new_h, word, h_float = ops.lstm_h_update(t.s, t.n_float, c_float, h, buffer.word_to_multiply(active), active)
@@ -330,14 +333,23 @@ class RevLSTMCell(_Cell):
         return h, c, saved
 
     def _native_reverse_half(self, ops, weights, buffer, x, other, h, c, active):
-        """:meth:`_reverse_half` by native operators: h, then c, divided back, and what backward needs."""
-        t = self.half_terms(weights, x, other, ops)
+        """:meth:`_reverse_half` by native operators: h, then c, divided back, and what backward needs; in one
+        call, product included, where neither multiplication spilled."""
         if buffer.last_two_unspilled():
-            h, c, word, h_old, derivatives, tanh_derivative = ops.lstm_half_reverse(
-                t.s, t.n_float, t.tg, c, h, t.c_add, buffer.word, active, self.forget.keep
+            h, c, word, h_old, derivatives, tanh_derivative, numerators, xo = ops.lstm_half_inverse(
+                x,
+                other,
+                *weights[0].native_args(x.dtype),
+                self.forget.keep,
+                self.forget.lowest,
+                c,
+                h,
+                buffer.word,
+                active,
             )
             buffer.divided(word, times=2)
-            return h, c, (t, derivatives, h_old, tanh_derivative)
+            return h, c, (LSTMHalf(None, None, numerators, None, None, xo), derivatives, h_old, tanh_derivative)
+        t = self.half_terms(weights, x, other, ops)
         h, word, tanh_c = ops.lstm_h_reverse(t.s, t.n_float, c, h, buffer.word, active)
         buffer.divided(word)
         c, word, h_old, derivatives, tanh_derivative = ops.lstm_c_reverse(
@@ -391,11 +403,22 @@ class RevLSTMCell(_Cell):
         """(dL/dh_old, dL/dc_old, dL/d other, dL/dx) of one half-update."""
         t, derivatives, _, tanh_derivative = saved  # tanh_derivative: o tanh'(c), dh_new / dc_new
         if t.n is None:  # reversed by the native operators: its numerators are f's and p's only
-            ops = native_ops(t.xo)
-            grad_h_old, grad_c_old, grad_logits = ops.lstm_half_grads(
-                grad_h, grad_c, t.n_float, tanh_derivative, derivatives, active
+            gradients = sums[0]
+            weight, weight_t, _, onednn = gradients.linear.native_args(t.xo.dtype)
+            grad_h_old, grad_c_old, grad_xo, gradients.bias_rows = native_ops(t.xo).lstm_half_backprop(
+                grad_h,
+                grad_c,
+                t.n_float,
+                tanh_derivative,
+                derivatives,
+                active,
+                t.xo,
+                gradients.grad_weight,
+                gradients.bias_rows,
+                weight,
+                weight_t,
+                onednn,
             )
-            grad_xo = sums[0].add(grad_logits, t.xo)
             return grad_h_old, grad_c_old, grad_xo[:, self.input_size :], grad_xo[:, : self.input_size]
         z_q = t.n_float * 2.0**-GATE_BITS
         grad_h_old, grad_h_update = update_gradients(grad_h, self._slot(z_q, 4), active)

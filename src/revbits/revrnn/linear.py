@@ -60,6 +60,11 @@ class CellLinear:
             value = value + (graph - graph.detach())
         return value
 
+    def native_args(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """(W, W^T, b, whether oneDNN) for the native operators, which compute this layer's products as
+        :meth:`__call__` (no graph) and :meth:`input_gradient` do for inputs of ``dtype``."""
+        return self._values[0], self._weight_t, self._values[1], self.onednn and dtype == torch.float32
+
     def input_gradient(self, grad_out: torch.Tensor) -> torch.Tensor:
         """dL/dx = dL/dy W (no graph). On oneDNN layers by oneDNN's product with the view W^T as its
         weight (no copy of W is held); otherwise by torch.mm on W itself."""
