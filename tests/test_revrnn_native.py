@@ -150,3 +150,17 @@ def test_an_edited_header_names_another_library(monkeypatch, tmp_path):
     before = native.library_path("revrnn")
     (tmp_path / "revrnn_fixed.h").write_text((tmp_path / "revrnn_fixed.h").read_text() + "\n// edited\n")
     assert native.library_path("revrnn") != before
+
+
+@pytest.mark.parametrize("cls", NATIVE_CELLS)
+def test_a_compiled_forward_traces_the_python_path(cls):
+    """Under torch.compile the cells take the Python path (the native operators have no fake kernels), and
+    give the eager forward's bits."""
+    torch.manual_seed(0)
+    rnn = cls(3, 4, num_layers=1)
+    x = torch.randn(3, 2, 3)
+    with torch.no_grad():
+        eager = rnn(x)[0]
+        torch._dynamo.reset()
+        compiled = torch.compile(rnn, backend="eager", fullgraph=False)(x)[0]
+    assert torch.equal(compiled, eager)

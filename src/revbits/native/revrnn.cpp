@@ -267,15 +267,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_half_backprop(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_gates(
     const at::Tensor& logits, const at::Tensor& other, double keep, int64_t lowest) {
   const int64_t half = other.size(1);
-  at::Tensor s = at::sigmoid(logits);
+  const at::Tensor s = at::sigmoid(logits), others = other.contiguous();
   at::Tensor numerators = at::empty({s.size(0), half}, s.options()), r_other = at::empty_like(numerators);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "gru_gates", [&] {
     using T = scalar_t;
     const T slope_scale = T((1.0 - keep) * 1024.0), keep_scale = T(keep * 1024.0), low = T(lowest);
     const bool keeps = keep != 0.0;
-    auto oi = rows_of<T>(other);
     for (int64_t b = 0; b < s.size(0); ++b) {
-      const T *sr = s.data_ptr<T>() + b * 2 * half, *o = oi.row(b);
+      const T *sr = s.data_ptr<T>() + b * 2 * half, *o = others.data_ptr<T>() + b * half;
       T *nf = numerators.data_ptr<T>() + b * half, *ro = r_other.data_ptr<T>() + b * half;
       for (int64_t j = 0; j < half; ++j) {
         T v = sr[j] * slope_scale;

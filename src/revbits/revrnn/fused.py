@@ -4,7 +4,7 @@
 fixed-point products, the buffer's multiplication and division, the gate derivatives, the backward's
 elementwise part) as C++ operators that give the Python path's results bit for bit
 (tests/test_revrnn_native.py compares every one). They run on the CPU for float32 and float64,
-outside autograd (the reversible forward, the reversal and the hand-written backward), with the
+outside autograd and compilation (the reversible forward, the reversal and the hand-written backward), with the
 buffer's spill decisions on the host and without information tracking; everything else, and any
 machine where the kernel cannot be built, takes the Python path.
 """
@@ -27,6 +27,7 @@ def native_ops(x: torch.Tensor, buffer: InfoBuffer | None = None) -> Any | None:
     if (
         not use_native
         or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()  # dynamo traces the Python path (the operators have no fake kernels)
         or x.device.type != "cpu"
         or x.dtype not in _DTYPES
         or (buffer is not None and (buffer.track_information or not buffer.host_decides))
