@@ -164,3 +164,20 @@ def test_a_compiled_forward_traces_the_python_path(cls):
         torch._dynamo.reset()
         compiled = torch.compile(rnn, backend="eager", fullgraph=False)(x)[0]
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("cls", NATIVE_CELLS)
+def test_turning_the_kernels_off_between_forward_and_backward_changes_nothing(cls, monkeypatch):
+    """A half reversed by the native operators is back-propagated by them, whatever the switch says then."""
+    results = []
+    for switch_off_before_backward in (False, True):
+        monkeypatch.setattr(fused, "use_native", True)
+        torch.manual_seed(2)
+        rnn = cls(4, 6, num_layers=2)
+        x = torch.randn(9, 2, 4, requires_grad=True)
+        loss = rnn(x)[0].square().sum()
+        if switch_off_before_backward:
+            monkeypatch.setattr(fused, "use_native", False)
+        loss.backward()
+        results.append([x.grad] + [p.grad for p in rnn.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
