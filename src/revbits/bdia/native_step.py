@@ -32,8 +32,8 @@ def _ops():
 
 
 def available() -> bool:
-    """Whether the native kernel is on (``REVBITS_NATIVE``) and built."""
-    return native.enabled() and native.load(_KERNEL)
+    """Whether the native kernel is on (``REVBITS_NATIVE``, which :func:`revbits.native.load` reads) and built."""
+    return native.load(_KERNEL)
 
 
 def _fits(x: torch.Tensor, g: torch.Tensor, *others: torch.Tensor) -> bool:

@@ -32,7 +32,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "rounding.h"
+
 namespace {
+
+using revbits_native::round_half_even;
 
 // The loops over elements are compiled twice on x86-64 Linux with gcc, for AVX2 and for any x86-64, and the
 // loader picks one for the machine (no FMA in either: AVX2 alone does not enable it). Both compute the same bits.
@@ -43,16 +47,6 @@ namespace {
 #endif
 
 constexpr int64_t kGrainBytes = 4096;  // groups of 8 elements per parallel task
-
-template <typename T>
-inline T round_half_even(T v) {
-  // |v| < 2^(p-1): (|v| + 2^(p-1)) - 2^(p-1) rounds |v| to the nearest integer, ties to even; larger values,
-  // Inf and NaN are returned as they are (as nearbyint does). copysign restores the sign, -0 included.
-  constexpr T big = T(1) / std::numeric_limits<T>::epsilon();  // 2^(p-1)
-  const T m = std::fabs(v);
-  const T rounded = std::copysign((m + big) - big, v);  // each operation rounded to T (no -ffast-math)
-  return m < big ? rounded : v;
-}
 
 template <typename T>
 inline T floor_exact(T v) {

@@ -45,10 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_terms(
       for (int64_t k = 0; k < 2; ++k) {  // f (slot 0) and p (slot 4)
         const T* gate = sr + (k == 0 ? 0 : 4 * half);
         for (int64_t j = 0; j < half; ++j) {
-          T v = gate[j] * slope_scale;
-          if (keeps) v = v + keep_scale;
-          v = round_even(v);
-          nf[k * half + j] = v < low ? low : (v > T(1024) ? T(1024) : v);
+          nf[k * half + j] = gate_numerator(gate[j], slope_scale, keep_scale, keeps, low);
         }
       }
       const T* gr = tg.data_ptr<T>() + b * half;
@@ -277,10 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_gates(
       const T *sr = s.data_ptr<T>() + b * 2 * half, *o = others.data_ptr<T>() + b * half;
       T *nf = numerators.data_ptr<T>() + b * half, *ro = r_other.data_ptr<T>() + b * half;
       for (int64_t j = 0; j < half; ++j) {
-        T v = sr[j] * slope_scale;
-        if (keeps) v = v + keep_scale;
-        v = round_even(v);
-        nf[j] = v < low ? low : (v > T(1024) ? T(1024) : v);
+        nf[j] = gate_numerator(sr[j], slope_scale, keep_scale, keeps, low);
         ro[j] = sr[half + j] * o[j];
       }
     }
@@ -298,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> gru_candidate(const at::Tensor& logits, const
     const T* gr = g.data_ptr<T>();
     const T* nf = numerators.data_ptr<T>();
     int64_t* a = add.data_ptr<int64_t>();
-    for (int64_t k = 0; k < g.numel(); ++k) a[k] = static_cast<int64_t>(round_even((T(8388608.0) - T(8192.0) * nf[k]) * gr[k]));
+    for (int64_t k = 0; k < g.numel(); ++k) a[k] = static_cast<int64_t>(round_half_even((T(8388608.0) - T(8192.0) * nf[k]) * gr[k]));
   });
   return {g, add};
 }
@@ -370,8 +364,6 @@ TORCH_LIBRARY(revbits_revrnn, m) {
   m.def("lstm_h_reverse", &lstm_h_reverse);
   m.def("lstm_c_reverse", &lstm_c_reverse);
   m.def("lstm_half_grads", &lstm_half_grads);
-  m.def("lstm_half_update", &lstm_half_update);
-  m.def("lstm_half_reverse", &lstm_half_reverse);
   m.def("lstm_half_step", &lstm_half_step);
   m.def("lstm_half_inverse", &lstm_half_inverse);
   m.def("lstm_half_backprop", &lstm_half_backprop);

@@ -10,7 +10,11 @@
 #include <tuple>
 #include <utility>
 
+#include "rounding.h"
+
 namespace revrnn_fixed {
+
+using revbits_native::round_half_even;
 
 constexpr int64_t kGateBits = 10;  // gates are n / 2**10
 constexpr int64_t kLowMask = (int64_t{1} << kGateBits) - 1;
@@ -44,21 +48,6 @@ struct RowMask {
   bool on(int64_t b) const { return data == nullptr || data[b]; }
 };
 
-// floor(a / n) for n >= 1, exactly: below 2**52 from the double quotient (off by at most one, then
-// corrected by the remainder), above it by integer division.
-inline int64_t floor_div(int64_t a, int64_t n) {
-  int64_t q;
-  if (a > -(int64_t{1} << 52) && a < (int64_t{1} << 52)) {
-    q = static_cast<int64_t>(static_cast<double>(a) / static_cast<double>(n));
-  } else {
-    q = a / n;
-  }
-  int64_t r = a - q * n;
-  if (r < 0) q -= 1;
-  else if (r >= n) q += 1;
-  return q;
-}
-
 // floor(a / n) for |a| < 2**52 and n >= 1, without a branch (so loops over it vectorise): the truncated
 // double quotient is off by at most one, and the remainder's sign and size say which way.
 inline int64_t floor_div_small(int64_t a, int64_t n) {
@@ -67,21 +56,27 @@ inline int64_t floor_div_small(int64_t a, int64_t n) {
   return q - (r < 0) + (r >= n);
 }
 
-// Round half to even, as std::nearbyint under the default rounding mode, without its libm call:
-// adding and subtracting 1.5 * 2**52 in double leaves the nearest integer for |v| < 2**51 (a float is
-// exact in double; every value rounded here is below 2**24 in magnitude, larger ones pass unchanged).
+// floor(a / n) for any a and n >= 1: floor_div_small below 2**52, integer division (truncating) above.
+inline int64_t floor_div(int64_t a, int64_t n) {
+  if (a > -(int64_t{1} << 52) && a < (int64_t{1} << 52)) return floor_div_small(a, n);
+  const int64_t q = a / n;
+  return q - (a - q * n < 0);
+}
+
+// A gate's numerator n = clamp(round(s (1 - keep) 2**10 [+ keep 2**10]), lowest, 2**10) (ForgetGate.numerator),
+// with slope_scale = (1 - keep) 2**10 and keep_scale = keep 2**10 in T.
 template <typename T>
-inline T round_even(T v) {
-  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2**52
-  double d = static_cast<double>(v);
-  double rounded = (d + kMagic) - kMagic;  // not folded: the compiler keeps IEEE semantics here
-  return std::fabs(d) < 2251799813685248.0 ? static_cast<T>(rounded) : v;
+inline T gate_numerator(T s, T slope_scale, T keep_scale, bool keeps, T lowest) {
+  T v = s * slope_scale;
+  if (keeps) v = v + keep_scale;
+  v = round_half_even(v);
+  return v < lowest ? lowest : (v > T(1024) ? T(1024) : v);
 }
 
 // round(a b 2**23) as ATen's round(addcmul(0, a, b, value=2**23)) computes it: (2**23 a) b, rounded once.
 template <typename T>
 inline int64_t fixed_product(T a, T b) {
-  return static_cast<int64_t>(round_even((T(8388608.0) * a) * b));
+  return static_cast<int64_t>(round_half_even((T(8388608.0) * a) * b));
 }
 
 // h n / 2**10 through the word W: p = W 2**10 + (h mod 2**10), W' = floor(p / n),

@@ -38,7 +38,7 @@ from .fixed_point import (
     to_float,
     update_gradients,
 )
-from .fused import native_ops, ops_that_made
+from .fused import loaded_ops, native_ops
 from .info_buffer import InfoBuffer
 from .linear import CellLinear
 
@@ -144,7 +144,7 @@ class RevGRUCell(_Cell):
 
     def _update(self, buffer, h, h_float, t: GRUHalf, active):
         if t.n is None:  # the native operators' gates
-            new, word, value = ops_that_made(t).fixed_update(
+            new, word, value = loaded_ops().fixed_update(
                 h, t.n_float, t.add, buffer.word_to_multiply(active), active, h_float.dtype
             )
             buffer.multiplied(word)
@@ -208,7 +208,7 @@ class RevGRUCell(_Cell):
         """(dL/dh_old, dL/d other, dL/dx) of h_new = z_q h_old + (1 - z_q) g."""
         gates, candidates = sums
         if t.n is None:  # reversed by the native operators
-            ops = ops_that_made(t)
+            ops = loaded_ops()
             grad_old, grad_update, grad_candidate = ops.gru_candidate_grads(grad_new, t.n_float, t.g, active)
             grad_xro = candidates.add(grad_candidate, t.xro)
             grad_gates = ops.gru_gate_grads(grad_update, h_old, t.g, grad_xro, t.xo, t.s, self.forget.keep)
@@ -405,7 +405,7 @@ class RevLSTMCell(_Cell):
         if t.n is None:  # reversed by the native operators: its numerators are f's and p's only
             gradients = sums[0]
             weight, weight_t, _, onednn = gradients.linear.native_args(t.xo.dtype)
-            grad_h_old, grad_c_old, grad_xo, gradients.bias_rows = ops_that_made(t).lstm_half_backprop(
+            grad_h_old, grad_c_old, grad_xo, gradients.bias_rows = loaded_ops().lstm_half_backprop(
                 grad_h,
                 grad_c,
                 t.n_float,

@@ -37,7 +37,7 @@ def native_ops(x: torch.Tensor, buffer: InfoBuffer | None = None) -> Any | None:
     return torch.ops.revbits_revrnn
 
 
-def ops_that_made(saved_by_native: object) -> Any:
-    """``torch.ops.revbits_revrnn`` for gates the native operators computed (loaded by then), whatever the
+def loaded_ops() -> Any:
+    """``torch.ops.revbits_revrnn``, for gates the native operators computed (so loaded by then), whatever the
     switches say now: their backward must read them the way they were written."""
     return torch.ops.revbits_revrnn

@@ -238,8 +238,7 @@ class InfoBuffer:
         where the host bound shows that one cannot spill either (so one native call may do both)."""
         if self._bound is None or self._bound > self._scale_limit:
             return False
-        self._spilled.append(False)
-        self._bound = (self._bound + 1) << self.max_bits_per_step
+        self._spill_if_bound_passes(None)  # reads no word at this bound: records "no spill", grows the bound
         return True
 
     def last_two_unspilled(self) -> bool:
