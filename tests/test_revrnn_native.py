@@ -181,3 +181,20 @@ def test_turning_the_kernels_off_between_forward_and_backward_changes_nothing(cl
         loss.backward()
         results.append([x.grad] + [p.grad for p in rnn.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("cls", NATIVE_CELLS)
+def test_flop_counter_sees_the_products_inside_the_native_operators(cls, monkeypatch):
+    """FlopCounterMode counts the products a native operator dispatches as it counts the Python path's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for use_native in (True, False):
+        monkeypatch.setattr(fused, "use_native", use_native)
+        torch.manual_seed(0)
+        rnn = cls(16, 16, num_layers=2)
+        x = torch.randn(5, 3, 16, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            rnn(x)[0].sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
