@@ -6,6 +6,11 @@ CI machines have a C++ compiler, so a kernel that cannot be built fails here ins
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -198,3 +203,50 @@ def test_flop_counter_sees_the_products_inside_the_native_operators(cls, monkeyp
             rnn(x)[0].sum().backward()
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+FAKE_COMPILER = """#!/bin/sh
+# Logs its call, takes a second, and writes an empty library where -o says.
+echo call >> "{log}"
+sleep 1
+while [ "$#" -gt 0 ]; do
+  if [ "$1" = "-o" ]; then : > "$2"; fi
+  shift
+done
+"""
+
+BUILD_AFTER_BARRIER = """
+import sys, time
+from pathlib import Path
+from revbits import native
+ready = Path(sys.argv[1])
+(ready / sys.argv[2]).touch()
+while len(list(ready.iterdir())) < 2:  # both processes start building at once
+    time.sleep(0.01)
+print(native.build("revrnn"))
+"""
+
+
+def test_processes_starting_together_on_an_empty_cache_compile_once(tmp_path):
+    """Two ranks on an empty cache: one compiles, the other waits for it and gets the same library."""
+    log, ready = tmp_path / "calls.log", tmp_path / "ready"
+    ready.mkdir()
+    compiler = tmp_path / "fake-cxx"
+    compiler.write_text(FAKE_COMPILER.format(log=log))
+    compiler.chmod(0o755)
+    package_root = str(Path(native.__file__).parents[2])  # where ``import revbits`` finds this revbits
+    env = {**os.environ, "CXX": str(compiler), native.ENV_CACHE: str(tmp_path / "cache"), "PYTHONPATH": package_root}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_AFTER_BARRIER, str(ready), str(rank)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    paths = [rank.communicate(timeout=120)[0].strip() for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks)
+    assert paths[0] == paths[1] and Path(paths[0]).exists()
+    assert log.read_text().splitlines() == ["call"]  # compiled once
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(paths[0]).name]  # no lock or scratch left

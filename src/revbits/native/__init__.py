@@ -11,7 +11,9 @@ its results are the Python path's bit for bit; tests compare the two.
 ``$REVBITS_NATIVE_CACHE`` (default ``~/.cache/revbits/native``), under a name made of the hash of the
 source, the flags and the CPU's features (it is built for this CPU) and torch's version, and registers
 its operators as ``torch.ops.revbits_<name>``. The library is written to a temporary name and renamed
-into place, so processes building at once never load a half-written file. Where there is no compiler or
+into place, so no process loads a half-written file, and builds hold a lock on the cache directory, so
+processes that start together on an empty cache (DDP or PETRA ranks) compile each kernel once: the others
+wait and load it. Where there is no compiler or
 the build fails, ``load`` warns once, naming the cause, and returns False: callers then take the Python
 path (the same bits, slower).
 ``REVBITS_NATIVE=0`` turns every kernel off.
@@ -27,6 +29,8 @@ import subprocess
 import sysconfig
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,7 +41,7 @@ ENV_SWITCH = "REVBITS_NATIVE"
 ENV_CACHE = "REVBITS_NATIVE_CACHE"
 SOURCES = Path(__file__).parent
 # -ffp-contract=off: no fused multiply-add where the source has a product and a sum (ATen's loops
-# round each); no -ffast-math and no -march, so the library runs on any x86-64 or aarch64 machine.
+# round each); no -ffast-math. -march=native builds for this CPU, whose features are part of the cache name.
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-w"]
 
 _loaded: dict[str, bool] = {}
@@ -103,12 +107,38 @@ def library_path(name: str) -> Path:
     return cache_dir() / f"{name}-{digest}-torch{torch.__version__.replace('+', '_')}.so"
 
 
+@contextmanager
+def _cache_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` (flock on the directory itself, so no lock file is left behind),
+    held while one process builds; others block until it is released. No lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def build(name: str) -> Path:
-    """The library of ``<name>.cpp``, compiled now unless the cache has it."""
+    """The library of ``<name>.cpp``, compiled now unless the cache has it (or another process, holding the
+    cache's lock, has just built it)."""
     target = library_path(name)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(target.parent):
+        if not target.exists():
+            _compile(name, target)
+    return target
+
+
+def _compile(name: str, target: Path) -> None:
+    """Compiles ``<name>.cpp`` under a temporary name beside ``target`` and renames it to ``target``."""
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".revbits-tmp-build-") as scratch:
         built = Path(scratch) / target.name
         done = subprocess.run(
@@ -118,7 +148,6 @@ def build(name: str) -> Path:
             lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
             raise NativeBuildError(f"compiling {name}.cpp failed: {lines[0] if lines else done.returncode}")
         atomic_move(built, target)
-    return target
 
 
 def load(name: str) -> bool:
