@@ -15,6 +15,9 @@ quartiles). One more untimed step of each arm counts the ATen operators it dispa
 per-op overhead of eager PyTorch is paid on). Every value of --threads is measured in turn
 (torch.set_num_threads). The 1-minute load average is read before and after each case: the run
 counts as idle when it stayed below --idle-load, and only an idle run's ratios should be quoted.
+Each arm's minor page faults per step are counted too (getrusage): glibc's malloc serves large blocks
+from fresh mmap-ed pages unless told otherwise, and a step that faults its working memory in anew runs
+slower (benchmarks/run_revrnn_speed.sh runs the benchmark with glibc's defaults and without that).
 Writes <out>.json (raw) and <out>.md (table).
 
     python benchmarks/revrnn_speed.py                      # on an idle machine
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -104,15 +108,24 @@ def profile_groups(step: Step, steps: int = 5) -> dict[str, float]:
     return found
 
 
+def page_faults() -> int:
+    """This process's minor page faults so far: each is a fresh page the kernel maps (and zeroes) on first touch,
+    which is what an allocation from newly mmap-ed memory costs; ``benchmarks/run_revrnn_speed.sh`` explains why
+    they matter here."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def interleaved(standard: Step, reversible: Step, repeats: int, clock: Callable[[], float]) -> dict:
-    """Median seconds per step of each arm and the median of the per-repeat ratios."""
+    """Median seconds and page faults per step of each arm, and the median of the per-repeat ratios."""
     standard(), reversible()  # warm-up
     times: dict[str, list[float]] = {"standard": [], "reversible": []}
+    faults: dict[str, list[int]] = {"standard": [], "reversible": []}
     for _ in range(repeats):
         for arm, step in (("standard", standard), ("reversible", reversible)):
-            start = clock()
+            faults_before, start = page_faults(), clock()
             step()
             times[arm].append(clock() - start)
+            faults[arm].append(page_faults() - faults_before)
     ratios = [r / s for s, r in zip(times["standard"], times["reversible"])]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {
@@ -121,6 +134,7 @@ def interleaved(standard: Step, reversible: Step, repeats: int, clock: Callable[
         "ratio": statistics.median(ratios),
         "ratio_quartiles": [quartiles[0], quartiles[2]],
         "repeats": repeats,
+        "page_faults": {arm: statistics.median(found) for arm, found in faults.items()},
     }
 
 
@@ -227,21 +241,25 @@ def main() -> None:
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "clock": args.clock,
+        "malloc": {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")},
     }
     print(json.dumps({"machine": machine}), flush=True)
     lines = [
         f"Machine idle: {'yes' if machine['idle'] else 'NO'} (1-minute load average at most "
-        f"{machine['load_average_max']:.2f}; {machine['cpu_count']} CPUs; torch {machine['torch']})",
+        f"{machine['load_average_max']:.2f}; {machine['cpu_count']} CPUs; torch {machine['torch']}; "
+        f"glibc malloc settings: {machine['malloc'] or 'defaults'})",
         "",
-        "| case | threads | standard step | reversible step | reversible / standard (quartiles) | operators per step |",
-        "|---|---|---|---|---|---|",
+        "| case | threads | standard step | reversible step | reversible / standard (quartiles) | operators per step "
+        "| page faults per step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         low, high = r["ratio_quartiles"]
         lines.append(
             f"| {r['case']} | {r['threads']} | {r['standard_s'] * 1e3:.1f} ms | {r['reversible_s'] * 1e3:.1f} ms "
             f"| {r['ratio']:.2f}x ({low:.2f}-{high:.2f}) "
-            f"| {r['operators']['standard']} / {r['operators']['reversible']} |"
+            f"| {r['operators']['standard']} / {r['operators']['reversible']} "
+            f"| {r['page_faults']['standard']:.0f} / {r['page_faults']['reversible']:.0f} |"
         )
     profiled = [r for r in rows if "reversible_profile_ms" in r]
     if profiled:
