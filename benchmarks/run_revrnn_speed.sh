@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reversible RNNs' step time against nn.GRU / nn.LSTM, in three processes with glibc malloc's defaults
-# and three with freed memory kept in the heap, 1 and 2 threads, plus the whole word LM and translator once each.
+# and three with freed memory kept in the heap, 1 and 2 threads, plus the whole word LM and translator once with each.
 # Run it on an otherwise idle machine.
 #
 #   bash benchmarks/run_revrnn_speed.sh     # log: benchmarks/results/revrnn_speed_<commit>.log (REVRNN_LOG overrides)
@@ -37,4 +37,5 @@ keep_freed="MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296"
         speed "freed memory kept in the heap, process $process" "$keep_freed" --threads 1 2
     done
     speed "whole models, glibc defaults" "" --threads 1 --models rnnlm rnn-translator
+    speed "whole models, freed memory kept in the heap" "$keep_freed" --threads 1 --models rnnlm rnn-translator
 } | tee "$log"
