@@ -250,3 +250,18 @@ def test_processes_starting_together_on_an_empty_cache_compile_once(tmp_path):
     assert paths[0] == paths[1] and Path(paths[0]).exists()
     assert log.read_text().splitlines() == ["call"]  # compiled once
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(paths[0]).name]  # no lock or scratch left
+
+
+def test_a_cache_on_a_file_system_without_locks_still_builds(monkeypatch, tmp_path):
+    """flock refused (as on some network file systems): the build goes on unlocked instead of failing."""
+    import fcntl
+
+    def refuse(descriptor, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
+    (tmp_path / "tiny.cpp").write_text("int revbits_tiny() { return 1; }\n")
+    built = native.build("tiny")
+    assert built.exists() and built.parent == tmp_path / "cache"

@@ -110,7 +110,8 @@ def library_path(name: str) -> Path:
 @contextmanager
 def _cache_lock(directory: Path) -> Iterator[None]:
     """An exclusive lock on ``directory`` (flock on the directory itself, so no lock file is left behind),
-    held while one process builds; others block until it is released. No lock where fcntl is missing."""
+    held while one process builds; others block until it is released. Without fcntl, or on a file system that
+    refuses locks, builds go on unlocked: the rename into place still keeps them safe, only not single."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system
@@ -118,7 +119,10 @@ def _cache_lock(directory: Path) -> Iterator[None]:
         return
     descriptor = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:  # e.g. a network file system without lock support
+            pass
         yield
     finally:
         os.close(descriptor)  # releases the lock
