@@ -11,6 +11,13 @@ A *readout* is a per-step function of the top layer's output, r_t = readout(h_t,
 run inside the reversible loop: its backward is re-run at step t from the rebuilt h_t, so
 nothing downstream has to keep the T hidden states (the paper's decoder computes its attention
 and loss this way). It must give the same result when called again with the same arguments.
+
+Under ``torch.compile(model)`` dynamo stays out of the stack (``torch.compiler.disable``): the forward, the
+reversal and the reference run eagerly, so the reversal recomputes each step with the kernels the forward
+used, and the rest of the model is compiled around it. Compiled kernels may round a gate otherwise (inductor's
+sigmoid and tanh are not ATen's), and a forward compiled but reversed eagerly would rebuild wrong states. The
+backward checks that its reversal ended on the forward's initial state and empty buffers, and raises
+:class:`~revbits.ReversibilityError` where it did not.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ..bdia.verify import ReversibilityError
 from .cells import ParameterGradients, RevGRUCell, RevLSTMCell
 from .fixed_point import FORGET_BITS, GATE_BITS, STATE_BITS, STATE_LIMIT, to_fixed, to_float
 from .info_buffer import InfoBuffer
@@ -143,9 +151,25 @@ class _Run:
         return torch.stack(outputs), floats
 
 
+def _check_rebuilt(run: _Run, initial: list[list[torch.Tensor]]) -> None:
+    """Raise :class:`ReversibilityError` unless the reversal ended where the forward began: every layer's
+    state equal to its initial state and its buffer empty. A reversal that computes other bits than the
+    forward (a kernel that is not deterministic, a forward run by other code) rebuilds wrong states, and
+    the gradients back-propagated through them would be silently wrong; a wrong state at any step carries
+    through to the first (one host sync per layer, at the end of the backward)."""
+    for layer, (rebuilt, expected, buffer) in enumerate(zip(run.states, initial, run.buffers)):
+        if not all(torch.equal(a, b) for a, b in zip(rebuilt, expected)) or not buffer.empty:
+            raise ReversibilityError(
+                f"layer {layer} of the {type(run.rnn).__name__}: the backward's reversal did not rebuild the "
+                "initial state, so the forward and the reversal computed different bits; the gradients of this "
+                "step would be wrong"
+            )
+
+
 class _ReversibleRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _Run, *tensors: torch.Tensor):  # type: ignore[override]
+        ctx.initial = [[part.clone() for part in state] for state in run.states]  # for _check_rebuilt
         with torch.no_grad():
             out, floats = run.forward(run.initial_floats())
         ctx.run = run
@@ -186,6 +210,8 @@ class _ReversibleRNN(torch.autograd.Function):
                     below = _halves(grad_in)
                     grads[layer - 1][0] = grads[layer - 1][0] + below[0]
                     grads[layer - 1][1] = grads[layer - 1][1] + below[1]
+        _check_rebuilt(run, ctx.initial)
+        ctx.initial = None
         grad_initial = _join_layers(grads)
         flat_params = [g for s, ps in zip(sums, params) for g in s.of(ps)]
         return (None, grad_x, *grad_initial, *flat_params, *readout.input_grads, *readout.param_grads)
@@ -266,6 +292,7 @@ class _RevRNNBase(nn.Module):
             raise ValueError(f"initial state must be {parts} tensor(s) of shape {list(shape)}")
         return given
 
+    @torch.compiler.disable  # the exact stack runs eagerly under torch.compile (see the module docstring)
     def _run(
         self,
         x: torch.Tensor | PackedSequence,
