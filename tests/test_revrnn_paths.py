@@ -131,3 +131,21 @@ def test_a_reversal_that_does_not_rebuild_the_initial_state_raises(cls):
     run.states[0][0] = run.states[0][0] + 1  # one step of 2**-23 in every unit of layer 0's h1
     with pytest.raises(ReversibilityError, match="layer 0 of the Rev(GRU|LSTM): the backward's reversal did not"):
         out.square().sum().backward()
+
+
+@pytest.mark.parametrize("cls", CELLS)
+def test_higher_order_gradients_and_a_second_backward_are_named(cls):
+    """create_graph=True would get constants from the hand-written backward (silently no second-order terms):
+    it raises and names the way out, which works; a second backward over used-up bits raises too."""
+    rnn = model(cls)
+    x = data().requires_grad_()
+    with pytest.raises(RuntimeError, match="first-order gradients only.*rnn.reversible = False"):
+        torch.autograd.grad(rnn(x)[0].square().sum(), [x], create_graph=True)
+    rnn.reversible = False
+    (grad_x,) = torch.autograd.grad(rnn(x)[0].square().sum(), [x], create_graph=True)
+    assert grad_x.requires_grad  # the reference differentiates again
+    rnn.reversible = True
+    loss = rnn(x)[0].square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward already ran for this forward"):
+        loss.backward()

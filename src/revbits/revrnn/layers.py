@@ -177,44 +177,60 @@ class _ReversibleRNN(torch.autograd.Function):
         return (out, *_join_layers(floats))
 
     @staticmethod
-    @torch.no_grad()  # the hand-written backward builds no graph (also under create_graph)
     def backward(ctx, grad_out: torch.Tensor, *grad_finals: torch.Tensor):  # type: ignore[override]
-        run: _Run = ctx.run
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written backward would return constants
+            raise RuntimeError(
+                "RevGRU/RevLSTM compute first-order gradients only: the backward rebuilds the states and "
+                "back-propagates by hand, which cannot be differentiated again; for create_graph=True "
+                "(higher-order gradients) set `rnn.reversible = False` (plain autograd on the same forward)"
+            )
+        run: _Run | None = ctx.run
+        if run is None:
+            raise RuntimeError(
+                "RevGRU/RevLSTM: backward already ran for this forward and used up its stored bits "
+                "(retain_graph=True is not supported); run the forward again"
+            )
         ctx.run = None
-        x, *readout_inputs = ctx.saved_tensors
-        cells = run.rnn.cells
-        params = [list(cell.parameters()) for cell in cells]
-        grads = _split_layers(list(grad_finals), len(cells))
-        weights = [cell.weights() for cell in cells]
-        sums = [ParameterGradients(w) for w in weights]
-        hidden = [[to_float(s, x.dtype) for s in state[:2]] for state in run.states]  # float [h1, h2] per layer
-        grad_x = torch.zeros_like(x)
-        first_readout_input = 2 + len(grad_finals) + sum(len(ps) for ps in params)
-        readout = _ReadoutGradients(run, readout_inputs, ctx.needs_input_grad[first_readout_input:])
-        for t in range(x.shape[0] - 1, -1, -1):
-            active = run.active(t)
-            top = readout.top_gradients(t, grad_out[t])
-            grads[-1][0], grads[-1][1] = grads[-1][0] + top[0], grads[-1][1] + top[1]
-            for layer in range(len(cells) - 1, -1, -1):
-                cell = cells[layer]
-                inputs = x[t] if layer == 0 else torch.cat(hidden[layer - 1], -1)
-                saved: list = []
-                run.states[layer] = cell.inverse(
-                    run.buffers[layer], inputs, run.states[layer], active, saved, weights[layer]
-                )
-                hidden[layer] = cell.hidden_before(saved)
-                grads[layer], grad_in = cell.backward(saved, grads[layer], active, sums[layer])
-                if layer == 0:
-                    grad_x[t] = grad_in
-                else:
-                    below = _halves(grad_in)
-                    grads[layer - 1][0] = grads[layer - 1][0] + below[0]
-                    grads[layer - 1][1] = grads[layer - 1][1] + below[1]
-        _check_rebuilt(run, ctx.initial)
-        ctx.initial = None
-        grad_initial = _join_layers(grads)
-        flat_params = [g for s, ps in zip(sums, params) for g in s.of(ps)]
-        return (None, grad_x, *grad_initial, *flat_params, *readout.input_grads, *readout.param_grads)
+        with torch.no_grad():  # the hand-written backward builds no graph
+            return _backward(ctx, run, grad_out, grad_finals)
+
+
+def _backward(ctx, run: _Run, grad_out: torch.Tensor, grad_finals: tuple[torch.Tensor, ...]) -> tuple:
+    """The reversible backward: time in reverse, each layer from the top reversed and back-propagated."""
+    x, *readout_inputs = ctx.saved_tensors
+    cells = run.rnn.cells
+    params = [list(cell.parameters()) for cell in cells]
+    grads = _split_layers(list(grad_finals), len(cells))
+    weights = [cell.weights() for cell in cells]
+    sums = [ParameterGradients(w) for w in weights]
+    hidden = [[to_float(s, x.dtype) for s in state[:2]] for state in run.states]  # float [h1, h2] per layer
+    grad_x = torch.zeros_like(x)
+    first_readout_input = 2 + len(grad_finals) + sum(len(ps) for ps in params)
+    readout = _ReadoutGradients(run, readout_inputs, ctx.needs_input_grad[first_readout_input:])
+    for t in range(x.shape[0] - 1, -1, -1):
+        active = run.active(t)
+        top = readout.top_gradients(t, grad_out[t])
+        grads[-1][0], grads[-1][1] = grads[-1][0] + top[0], grads[-1][1] + top[1]
+        for layer in range(len(cells) - 1, -1, -1):
+            cell = cells[layer]
+            inputs = x[t] if layer == 0 else torch.cat(hidden[layer - 1], -1)
+            saved: list = []
+            run.states[layer] = cell.inverse(
+                run.buffers[layer], inputs, run.states[layer], active, saved, weights[layer]
+            )
+            hidden[layer] = cell.hidden_before(saved)
+            grads[layer], grad_in = cell.backward(saved, grads[layer], active, sums[layer])
+            if layer == 0:
+                grad_x[t] = grad_in
+            else:
+                below = _halves(grad_in)
+                grads[layer - 1][0] = grads[layer - 1][0] + below[0]
+                grads[layer - 1][1] = grads[layer - 1][1] + below[1]
+    _check_rebuilt(run, ctx.initial)
+    ctx.initial = None
+    grad_initial = _join_layers(grads)
+    flat_params = [g for s, ps in zip(sums, params) for g in s.of(ps)]
+    return (None, grad_x, *grad_initial, *flat_params, *readout.input_grads, *readout.param_grads)
 
 
 class _ReadoutGradients:
