@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.profiler import profile
 
+from report import write_text_report
 from revbits import bench
 from revbits.measure import measure_training_step
 
@@ -94,10 +95,7 @@ def main() -> None:
     ]
     lines += profile_lines(config, args.depth, x, args.top)
     lines += chunk_lines(config, args.depth, x, args.repeats)
-    lines.append(f"load average after {os.getloadavg()}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_text_report(args.out, lines)
 
 
 if __name__ == "__main__":

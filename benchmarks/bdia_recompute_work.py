@@ -32,6 +32,7 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from report import write_text_report
 from revbits import bench
 
 ARMS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {
@@ -79,10 +80,7 @@ def main() -> None:
             f"{name:28s} {flops[name] / 1e9:9.1f} GFLOP per step ({flops[name] / reference_flops:.3f}x checkpoint)"
             f"  median step {median:6.2f} s ({median / reference_time:.3f}x checkpoint)"
         )
-    lines.append(f"load average after {os.getloadavg()}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_text_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ table, and a short training run."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -54,3 +55,11 @@ def train_briefly(config: TrainConfig, steps: int) -> tuple[Task, torch.nn.Modul
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     return task, model, task.train_batch(sampler, torch.device("cpu"))
+
+
+def write_text_report(out: Path, lines: list[str]) -> None:
+    """Ends ``lines`` with the load average after the run, writes them to <out>.txt and prints them."""
+    lines = [*lines, f"load average after {os.getloadavg()}"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
