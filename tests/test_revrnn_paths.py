@@ -149,3 +149,45 @@ def test_higher_order_gradients_and_a_second_backward_are_named(cls):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward already ran for this forward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("cls", CELLS)
+def test_under_autocast_the_stack_computes_in_its_own_dtype(cls):
+    """torch.autocast does not reach the backward's reversal, so the stack switches it off inside: a step under
+    autocast gives the plain step's outputs and gradients bit for bit (before, the forward's products ran in
+    bfloat16 and the reversal's in float32, and the backward rebuilt wrong states)."""
+    rnn = model(cls)
+    plain_out, plain_grads = training_step(rnn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # forward and backward under autocast
+        out, grads = training_step(rnn)
+    assert out.dtype == torch.float32 and torch.equal(out, plain_out)
+    assert_bit_equal(grads, plain_grads)
+
+    def forward_under_autocast(x: torch.Tensor):  # the usual AMP loop: only the forward under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return rnn(x)
+
+    out, grads = training_step(rnn, forward_under_autocast)
+    assert torch.equal(out, plain_out)
+    assert_bit_equal(grads, plain_grads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cls", CELLS)
+def test_under_cuda_autocast_the_stack_computes_in_its_own_dtype(cls):
+    """The same on CUDA with float16 autocast (where the PyTorch path runs: no native kernels there)."""
+    rnn = model(cls).cuda()
+    x = data().cuda()
+
+    def step(autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        rnn.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+            out = rnn(inputs)[0]
+        out.square().sum().backward()
+        return out.detach(), [inputs.grad] + [p.grad for p in rnn.parameters()]
+
+    plain_out, plain_grads = step(False)
+    out, grads = step(True)
+    assert torch.equal(out, plain_out)
+    assert_bit_equal(grads, plain_grads)

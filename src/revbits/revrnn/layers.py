@@ -17,7 +17,8 @@ reversal and the reference run eagerly, so the reversal recomputes each step wit
 used, and the rest of the model is compiled around it. Compiled kernels may round a gate otherwise (inductor's
 sigmoid and tanh are not ATen's), and a forward compiled but reversed eagerly would rebuild wrong states. The
 backward checks that its reversal ended on the forward's initial state and empty buffers, and raises
-:class:`~revbits.ReversibilityError` where it did not.
+:class:`~revbits.ReversibilityError` where it did not. torch.autocast, which does not reach the backward's
+reversal, is switched off inside the stack: it computes in its parameters' dtype.
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ class _ReversibleRNN(torch.autograd.Function):
                 "(retain_graph=True is not supported); run the forward again"
             )
         ctx.run = None
-        with torch.no_grad():  # the hand-written backward builds no graph
+        # no graph, and the forward's arithmetic: outside autocast (a backward called under it would enter it)
+        with torch.no_grad(), torch.autocast(run.x.device.type, enabled=False):
             return _backward(ctx, run, grad_out, grad_finals)
 
 
@@ -309,7 +311,22 @@ class _RevRNNBase(nn.Module):
         return given
 
     @torch.compiler.disable  # the exact stack runs eagerly under torch.compile (see the module docstring)
-    def _run(
+    def _run(self, x: torch.Tensor | PackedSequence, state: Any, *rest: Any) -> tuple[Any, list[torch.Tensor]]:
+        """:meth:`_run_exact`, outside torch.autocast: its products must be the same in the forward, the
+        reversal and the reference, and autocast does not reach the backward's reversal, so under autocast
+        the stack computes in its parameters' dtype (floating inputs and initial states cast to it)."""
+        weight = self.cells[0].half_linears()[0][0].weight
+        if not torch.is_autocast_enabled(weight.device.type):
+            return self._run_exact(x, state, *rest)
+        x = x.to(weight.dtype) if x.data.is_floating_point() else x
+        states = [state] if isinstance(state, torch.Tensor) else state
+        if states is not None:
+            states = [t.to(weight.dtype) for t in states]
+            state = states[0] if isinstance(state, torch.Tensor) else type(state)(states)
+        with torch.autocast(weight.device.type, enabled=False):
+            return self._run_exact(x, state, *rest)
+
+    def _run_exact(
         self,
         x: torch.Tensor | PackedSequence,
         state: Any,
