@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and readers
     from . import mesa, models
-    from .bdia import BDIAStack, BlockProtocolError, ReversibilityError, StreamRangeError
+    from .bdia import BDIAStack, BlockProtocolError, StreamRangeError
     from .bdia.fixedpoint import quantize
+    from .errors import ReversibilityError
     from .modes import MEMORY_MODES, CheckpointStack, MesaStack, SequentialStack, stack
     from .revrnn import RevGRU, RevLSTM, StateRangeError
 
@@ -40,7 +41,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "BDIAStack": ".bdia",
     "BlockProtocolError": ".bdia",
-    "ReversibilityError": ".bdia",
+    "ReversibilityError": ".errors",
     "StreamRangeError": ".bdia",
     "quantize": ".bdia.fixedpoint",
     "RevGRU": ".revrnn",

@@ -7,14 +7,11 @@ from typing import Any
 
 import torch
 
+from ..errors import ReversibilityError
 from .fixedpoint import quantize
 from .step import state_checksum
 
 __all__ = ["ReversibilityError", "compare_block0", "compare_state", "raise_on_mismatch"]
-
-
-class ReversibilityError(RuntimeError):
-    """A state rebuilt in the backward pass differs from the one the forward pass produced."""
 
 
 def compare_state(state: Any, index: int, rebuilt: torch.Tensor, mismatches: list[torch.Tensor]) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..bdia.verify import ReversibilityError
+from ..errors import ReversibilityError
 from .cells import ParameterGradients, RevGRUCell, RevLSTMCell
 from .fixed_point import FORGET_BITS, GATE_BITS, STATE_BITS, STATE_LIMIT, to_fixed, to_float
 from .info_buffer import InfoBuffer
