@@ -311,20 +311,14 @@ class _RevRNNBase(nn.Module):
         return given
 
     @torch.compiler.disable  # the exact stack runs eagerly under torch.compile (see the module docstring)
-    def _run(self, x: torch.Tensor | PackedSequence, state: Any, *rest: Any) -> tuple[Any, list[torch.Tensor]]:
-        """:meth:`_run_exact`, outside torch.autocast: its products must be the same in the forward, the
-        reversal and the reference, and autocast does not reach the backward's reversal, so under autocast
-        the stack computes in its parameters' dtype (floating inputs and initial states cast to it)."""
-        weight = self.cells[0].half_linears()[0][0].weight
-        if not torch.is_autocast_enabled(weight.device.type):
-            return self._run_exact(x, state, *rest)
-        x = x.to(weight.dtype) if x.data.is_floating_point() else x
-        states = [state] if isinstance(state, torch.Tensor) else state
-        if states is not None:
-            states = [t.to(weight.dtype) for t in states]
-            state = states[0] if isinstance(state, torch.Tensor) else type(state)(states)
-        with torch.autocast(weight.device.type, enabled=False):
-            return self._run_exact(x, state, *rest)
+    def _run(self, *args: Any) -> tuple[Any, list[torch.Tensor]]:
+        """:meth:`_run_exact` outside torch.autocast: its products must be the same in the forward, the reversal
+        and the reference, and autocast does not reach the backward's reversal, so under autocast the stack
+        computes in its parameters' dtype (its input and initial state cast to it)."""
+        parameter = next(self.parameters())
+        autocast = torch.is_autocast_enabled(parameter.device.type)
+        with torch.autocast(parameter.device.type, enabled=False):
+            return self._run_exact(*args, cast_to=parameter.dtype if autocast else None)
 
     def _run_exact(
         self,
@@ -333,6 +327,7 @@ class _RevRNNBase(nn.Module):
         lengths: torch.Tensor | None,
         readout: nn.Module | None,
         readout_inputs: tuple[torch.Tensor, ...],
+        cast_to: torch.dtype | None = None,
     ):
         packed = x if isinstance(x, PackedSequence) else None
         if packed is not None:
@@ -359,6 +354,8 @@ class _RevRNNBase(nn.Module):
             steps = torch.arange(x.shape[0], device=x.device)[:, None]
             mask = steps < lengths.to(x.device)[None, :]
         initial = self._initial(x, state)
+        if cast_to is not None:  # under autocast the input may come in autocast's dtype
+            x, initial = x.to(cast_to), [i.to(cast_to) for i in initial]
         run = _Run(self, x, mask, [i.detach() for i in initial], readout, tuple(readout_inputs))
         params = list(self.parameters())
         readout_params = [] if readout is None else list(readout.parameters())
