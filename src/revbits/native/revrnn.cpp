@@ -363,7 +363,6 @@ TORCH_LIBRARY(revbits_revrnn, m) {
   m.def("lstm_h_update", &lstm_h_update);
   m.def("lstm_h_reverse", &lstm_h_reverse);
   m.def("lstm_c_reverse", &lstm_c_reverse);
-  m.def("lstm_half_grads", &lstm_half_grads);
   m.def("lstm_half_step", &lstm_half_step);
   m.def("lstm_half_inverse", &lstm_half_inverse);
   m.def("lstm_half_backprop", &lstm_half_backprop);
