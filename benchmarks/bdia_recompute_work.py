@@ -12,9 +12,11 @@ needs the block's whole output h(x_k). This script measures what that costs, wit
 - ``bdia``: BDIAStack with its defaults.
 
 For each arm: the floating-point operations of one training step as torch's FlopCounterMode counts them
-(exact, machine-independent), and the median of interleaved step times (after a warm-up round; timings
-need an idle machine, and the output says the load average before and after). The configuration is
-memory_modes.py's (d 256, 4 heads, T 1024, batch 8, AdamW) at ``--depth`` blocks. Writes <out>.txt.
+(the CPU's attention kernel included, ``flops.py``; exact, machine-independent), and the median of
+interleaved step times (after a warm-up round; timings need an idle machine, and the output says the load
+average before and after). The configuration is
+memory_modes.py's (d 256, 4 heads, T 1024, batch 8, AdamW) at ``--depth`` blocks; ``--repeats 0`` counts
+without timing. Writes <out>.txt.
 
     python benchmarks/bdia_recompute_work.py --out benchmarks/results/bdia_recompute_work
 """
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
-from torch.utils.flop_counter import FlopCounterMode
 
+from flops import flop_counter
 from report import write_text_report
 from revbits import bench
 
@@ -44,10 +46,22 @@ ARMS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {
 
 def step_flops(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, context) -> int:
     """The floating-point operations FlopCounterMode counts in one training step of ``model`` under ``context``."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with context(), counter:
         bench._timed_step(model, optimizer, x)
     return counter.get_total_flops()
+
+
+def step_times(models: dict, optimizers: dict, x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Each arm's step times over ``repeats`` interleaved rounds, after a warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name, model in models.items():
+            with ARMS[name][1]():
+                seconds = bench._timed_step(model, optimizers[name], x)
+            if repeat:
+                times[name].append(seconds)
+    return times
 
 
 def main() -> None:
@@ -66,20 +80,14 @@ def main() -> None:
     models = {name: bench.build(config, args.depth, mode) for name, (mode, _) in ARMS.items()}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     flops = {name: step_flops(models[name], optimizers[name], x, ARMS[name][1]) for name in ARMS}
-    times: dict[str, list[float]] = {name: [] for name in ARMS}
-    for repeat in range(args.repeats + 1):  # the first round warms up
-        for name, model in models.items():
-            with ARMS[name][1]():
-                seconds = bench._timed_step(model, optimizers[name], x)
-            if repeat:
-                times[name].append(seconds)
-    reference_flops, reference_time = flops["checkpoint"], statistics.median(times["checkpoint"])
+    times = step_times(models, optimizers, x, args.repeats) if args.repeats else {}
     for name in ARMS:
-        median = statistics.median(times[name])
-        lines.append(
-            f"{name:28s} {flops[name] / 1e9:9.1f} GFLOP per step ({flops[name] / reference_flops:.3f}x checkpoint)"
-            f"  median step {median:6.2f} s ({median / reference_time:.3f}x checkpoint)"
-        )
+        ratio = flops[name] / flops["checkpoint"]
+        line = f"{name:28s} {flops[name] / 1e9:9.1f} GFLOP per step ({ratio:.3f}x checkpoint)"
+        if times:
+            median = statistics.median(times[name])
+            line += f"  median step {median:6.2f} s ({median / statistics.median(times['checkpoint']):.3f}x checkpoint)"
+        lines.append(line)
     write_text_report(args.out, lines)
 
 

@@ -1,0 +1,69 @@
+"""The work counts behind docs/bdia.md's recomputation figures: benchmarks/flops.py counts the CPU's attention
+kernel as torch counts attention, and BDIA's backward recomputes exactly what checkpointing without early
+stop recomputes (no block twice, none skipped)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
+
+from revbits import bench
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def flops(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("flops")
+
+
+def attention_inputs() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 4, 24, 8, generator=g, requires_grad=True) for _ in range(3)]
+
+
+def test_cpu_attention_is_counted_as_its_explicit_products(flops):
+    q, k, v = attention_inputs()
+    with flops.flop_counter() as fused:
+        F.scaled_dot_product_attention(q, k, v)
+    with flops.flop_counter() as explicit:  # Q K^T, softmax, P V: two counted matmuls
+        torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, -1) @ v
+    assert fused.get_total_flops() == explicit.get_total_flops() > 0
+
+
+def test_causal_attention_is_counted_over_its_triangle(flops):
+    counts = {}
+    for causal in (False, True):
+        q, k, v = attention_inputs()
+        with flops.flop_counter() as counter:
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+        counts[causal] = counter.get_total_flops()
+    assert flops.causal_fraction(24, 24) == sum(range(1, 25)) / 24**2
+    assert counts[True] == pytest.approx(counts[False] * flops.causal_fraction(24, 24), abs=2)
+
+
+def step_flops(flops, mode: str, early_stop: bool, keep_last_graph: bool = False) -> int:
+    config = bench.BenchConfig(d_model=32, n_heads=2, seq_len=16, batch=2)
+    model = bench.build(config, 3, mode)
+    if mode == "bdia":
+        model.keep_last_graph = keep_last_graph
+    x = torch.randn(config.batch, config.seq_len, config.d_model, generator=torch.Generator().manual_seed(1))
+    with torch_checkpoint.set_checkpoint_early_stop(early_stop), flops.flop_counter() as counter:
+        model(x).square().mean().backward()
+    return counter.get_total_flops()
+
+
+def test_bdia_recomputes_as_much_as_checkpoint_without_early_stop(flops):
+    """BDIA's inverse needs each block's whole output, so it recomputes whole blocks: the work of checkpointing
+    with early stop off, more than torch's default (which skips the MLP's output projection); keeping the top
+    block's graph saves that block's recomputation."""
+    bdia = step_flops(flops, "bdia", early_stop=True)
+    assert bdia == step_flops(flops, "checkpoint", early_stop=False)
+    assert bdia > step_flops(flops, "checkpoint", early_stop=True)
+    assert step_flops(flops, "bdia", early_stop=True, keep_last_graph=True) < bdia
