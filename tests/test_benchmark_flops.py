@@ -67,3 +67,24 @@ def test_bdia_recomputes_as_much_as_checkpoint_without_early_stop(flops):
     assert bdia == step_flops(flops, "checkpoint", early_stop=False)
     assert bdia > step_flops(flops, "checkpoint", early_stop=True)
     assert step_flops(flops, "bdia", early_stop=True, keep_last_graph=True) < bdia
+
+
+@pytest.fixture
+def real_shapes_flops(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("real_shapes_flops")
+
+
+@pytest.mark.parametrize("setup", ["lora", "full"])
+def test_real_shape_layers_recompute_what_checkpointing_does(real_shapes_flops, setup):
+    """Qwen3-0.6B's layer (2 of them, a small vocabulary, 64 tokens: no layer slices): BDIA recomputes exactly
+    what gradient checkpointing without early stop recomputes. Under LoRA the early stop skips only the rank-r
+    adapter's last product (the base down projection runs before the adapter saves its input); with every
+    weight trained it skips the down projection, which BDIA's inverse cannot."""
+    model = real_shapes_flops.build("qwen3-0.6b", setup, 2, 512, "cpu")
+    ids = real_shapes_flops.tokens(1, 64, 512, "cpu")
+    counts = {arm: real_shapes_flops.count(model, arm, ids)[0] for arm in real_shapes_flops.ARMS}
+    assert counts["checkpoint+fused"] == counts["gc+fused"] > counts["transformers"]
+    assert counts["bdia+fused"] == counts["gc+fused, full recompute"] > counts["gc+fused"]
+    skipped = 1 - counts["gc+fused"] / counts["gc+fused, full recompute"]
+    assert skipped < 1e-3 if setup == "lora" else skipped > 0.01
