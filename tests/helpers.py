@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+from types import ModuleType
+
 import torch
 
 from revbits.models import TransformerBlock
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str, monkeypatch) -> ModuleType:
+    """The module benchmarks/<name>.py, imported with benchmarks/ on sys.path for the test (as the scripts import
+    their siblings)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def gpt_blocks(depth: int, d_model: int = 32, n_heads: int = 4, dropout: float = 0.0, **kw) -> list:

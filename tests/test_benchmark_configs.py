@@ -4,18 +4,17 @@ before (the literals are kept here, as they were in the scripts)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import pytest
 
+from helpers import BENCHMARKS, benchmark_script
 from revbits.cli import build_parser
 from revbits.train import TrainConfig
 from revbits.train.commands import _config_from_args
 from revbits.train.config import read_config_file
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 CONFIGS = BENCHMARKS / "configs"
 
 # The literals of benchmarks/quality.py before its experiments moved to configs/quality-<name>.toml.
@@ -86,11 +85,6 @@ def from_command_line(*argv: str | Path) -> TrainConfig:
     return _config_from_args(build_parser().parse_args(["train", *map(str, argv)]))
 
 
-def script(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module(name)
-
-
 def test_every_config_file_is_read_by_revbits_train_and_used_by_a_script():
     files = sorted(CONFIGS.glob("*.toml"))
     expected = [f"quality-{n}" for n in QUALITY] + [f"petra-accuracy-{n}" for n in PETRA]
@@ -104,7 +98,7 @@ def test_every_config_file_is_read_by_revbits_train_and_used_by_a_script():
 
 
 def test_quality_experiments_are_the_former_literals(monkeypatch):
-    quality = script("quality", monkeypatch)
+    quality = benchmark_script("quality", monkeypatch)
     assert list(quality.EXPERIMENTS) == ["vit", "gpt", "translator", "rnnlm", "rnnlm-500", "rnnlm-3000",
                                          "rnn-translator"]  # the default order of --experiments
     for name, literal in QUALITY.items():
@@ -112,7 +106,7 @@ def test_quality_experiments_are_the_former_literals(monkeypatch):
 
 
 def test_petra_accuracy_models_are_the_former_literals(monkeypatch):
-    petra_accuracy = script("petra_accuracy", monkeypatch)
+    petra_accuracy = benchmark_script("petra_accuracy", monkeypatch)
     assert list(petra_accuracy.MODELS) == list(PETRA)
     for name, literal in PETRA.items():
         assert petra_accuracy.MODELS[name] == TrainConfig(**literal), name
@@ -120,7 +114,7 @@ def test_petra_accuracy_models_are_the_former_literals(monkeypatch):
 
 @pytest.mark.parametrize("name, setting", MEASURED)
 def test_measurement_settings_are_the_former_literals(monkeypatch, name, setting):
-    module = script(name, monkeypatch)
+    module = benchmark_script(name, monkeypatch)
     got = module.CONFIGS[setting] if name == "mesa_gradients" else getattr(module, setting)
     assert got == TrainConfig(**MEASURED[name, setting])
 
@@ -139,7 +133,7 @@ def test_committed_results_were_run_with_these_files(name, table):
 
 def test_hf_llama_settings_are_the_former_literals(monkeypatch, tmp_path):
     pytest.importorskip("transformers")
-    hf_llama = script("hf_llama_finetune", monkeypatch)
+    hf_llama = benchmark_script("hf_llama_finetune", monkeypatch)
     assert hf_llama.FINETUNE == TrainConfig(**{**FINETUNE, "hf": hf_llama.FINETUNE.hf})
     start, run = tmp_path / "init", tmp_path / "pretrain-run"
     for steps in (600, 4):

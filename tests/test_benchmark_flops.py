@@ -4,23 +4,18 @@ stop recomputes (no block twice, none skipped)."""
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 
+from helpers import benchmark_script
 from revbits import bench
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
 def flops(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("flops")
+    return benchmark_script("flops", monkeypatch)
 
 
 def attention_inputs() -> list[torch.Tensor]:
@@ -71,8 +66,7 @@ def test_bdia_recomputes_as_much_as_checkpoint_without_early_stop(flops):
 
 @pytest.fixture
 def real_shapes_flops(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("real_shapes_flops")
+    return benchmark_script("real_shapes_flops", monkeypatch)
 
 
 @pytest.mark.parametrize("setup", ["lora", "full"])

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from helpers import benchmark_script
 from revbits.cli import COMMANDS, build_parser, main
 from revbits.threads import prefer_passive_waiting
 
@@ -160,13 +161,8 @@ def test_passive_waiting_keeps_a_users_wait_setting(environ, expected):
 
 def test_the_main_jobs_model_is_what_the_overhead_benchmark_trains(monkeypatch):
     """benchmarks/cli_overhead.py reads scripts/main.sh's model=(...) line; the flags build a valid BDIA GPT."""
-    from pathlib import Path
-
     from revbits.train.commands import _config_from_args
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from cli_overhead import main_job_args
-
-    args = main_job_args()
+    args = benchmark_script("cli_overhead", monkeypatch).main_job_args()
     config = _config_from_args(build_parser(["train"]).parse_args(["train", *args, "--memory", "bdia"]))
     assert (config.model, config.memory) == ("gpt", "bdia") and "--n-layer" in args
