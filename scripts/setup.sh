@@ -13,12 +13,20 @@ VENV=${REVBITS_VENV:-.venv}
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q "${REVBITS_TORCH:-torch==2.13.0}"
 fi
+# The pins, less torch's when REVBITS_TORCH chose the build: constraints.txt's torch==2.13.0 would
+# otherwise replace the chosen torch with the CPU build without a word.
+pins=constraints.txt
+if [ -n "${REVBITS_TORCH:-}" ]; then
+    pins=$(mktemp)
+    trap 'rm -f "$pins"' EXIT
+    grep -v '^torch==' constraints.txt >"$pins"
+fi
 if [ "${REVBITS_UNPINNED:-0}" = 1 ]; then
     "$VENV/bin/python" -m pip install -q --upgrade -e ".[dev,hf]"
     pin=(--upgrade)
 else
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,hf]"
-    pin=(-c constraints.txt)
+    "$VENV/bin/python" -m pip install -q -c "$pins" -e ".[dev,hf]"
+    pin=(-c "$pins")
 fi
 # timm (the `timm` extra, tests only) without its dependencies: it asks for torchvision, whose
 # wheels here are built for CUDA torch; pip would replace the pinned torch and the broken

@@ -42,7 +42,8 @@ ENV_CACHE = "REVBITS_NATIVE_CACHE"
 SOURCES = Path(__file__).parent
 # -ffp-contract=off: no fused multiply-add where the source has a product and a sum (ATen's loops
 # round each); no -ffast-math. -march=native builds for this CPU, whose features are part of the cache name.
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-w"]
+# C++20, as torch.utils.cpp_extension builds: torch 2.14's ATen headers refuse anything older.
+FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-w"]
 
 _loaded: dict[str, bool] = {}
 
