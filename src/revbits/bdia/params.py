@@ -278,15 +278,20 @@ _ACCUMULATE_GRAD = getattr(getattr(torch._C, "_functions", None), "AccumulateGra
 
 
 def _reached_accumulators(y: torch.Tensor) -> list[Any]:
-    """The AccumulateGrad nodes reachable from ``y.grad_fn``, in no particular order."""
+    """The AccumulateGrad nodes reachable from ``y.grad_fn``, in no particular order.
+
+    ``visited`` holds every node's Python object until the walk ends: torch may make a node's object when it
+    is read and free it when no reference is left (2.6 does), so an ``id`` seen earlier can name another node
+    by the time it is looked up. With ids alone, torch 2.6's walks stopped short and every parameter of a
+    BDIA block silently got no gradient."""
     found: list[Any] = []
-    seen: set[int] = set()
+    visited: dict[int, Any] = {}
     todo = [y.grad_fn]
     while todo:
         node = todo.pop()
-        if node is None or id(node) in seen:
+        if node is None or id(node) in visited:
             continue
-        seen.add(id(node))
+        visited[id(node)] = node
         accumulates = type(node) is _ACCUMULATE_GRAD if _ACCUMULATE_GRAD is not None else hasattr(node, "variable")
         if accumulates:  # only AccumulateGrad nodes hold a variable (a type test is faster than a failed getattr)
             if node.variable is not None:
