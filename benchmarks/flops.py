@@ -30,11 +30,18 @@ def _share(query_shape: Any, key_shape: Any, is_causal: bool) -> float:
     return causal_fraction(query_shape[-2], key_shape[-2]) if is_causal else 1.0
 
 
+def _query_heads(query_shape: Any, shape: Any) -> list[int]:
+    """``shape`` with the query's head count: grouped-query attention does the products of every query head
+    (torch's formulas before 2.13 refuse fewer key/value heads; the count is the same)."""
+    return [*shape[:-3], query_shape[-3], *shape[-2:]]
+
+
 def cpu_attention_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args, out_shape=None,
                         **kwargs) -> int:
     """The forward of the CPU's flash attention: Q K^T and P V over the scores it computes."""
     share = _share(query_shape, key_shape, is_causal)
-    return round(sdpa_flop_count(query_shape, key_shape, value_shape) * share)
+    keys, values = _query_heads(query_shape, key_shape), _query_heads(query_shape, value_shape)
+    return round(sdpa_flop_count(query_shape, keys, values) * share)
 
 
 def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, out_shape_arg=None,
@@ -42,7 +49,8 @@ def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_s
                                  **kwargs) -> int:
     """Its backward: the scores recomputed, and the gradients of the scores, V, Q and K."""
     share = _share(query_shape, key_shape, is_causal)
-    return round(sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape) * share)
+    keys, values = _query_heads(query_shape, key_shape), _query_heads(query_shape, value_shape)
+    return round(sdpa_backward_flop_count(grad_out_shape, query_shape, keys, values) * share)
 
 
 CPU_ATTENTION = {

@@ -39,7 +39,8 @@ def run_setup(tmp_path: Path, torch_version: str = "2.13.0+cpu", **env: str) -> 
     metadata.mkdir()
     (metadata / "METADATA").write_text(
         f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\nRequires-Dist: sympy>=1.13.3\n"
-        "Requires-Dist: nvidia-nccl-cu12==2.21.5; platform_system == 'Linux'\nRequires-Dist: opt-einsum; extra == 'opt'\n"
+        "Requires-Dist: nvidia-nccl-cu12==2.21.5; platform_system == 'Linux'\n"
+        "Requires-Dist: opt-einsum; extra == 'opt'\n"
     )
     stub = venv / "bin" / "python"
     stub.write_text(STUB)

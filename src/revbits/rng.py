@@ -28,8 +28,9 @@ def derive_seed(seed: int, *parts: int) -> int:
 def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run the body with torch's global RNG (and ``device``'s, if it is an accelerator) seeded with
     ``seed``, then put the previous states back."""
-    on_cpu = device.type == "cpu"
-    with torch.random.fork_rng(devices=[] if on_cpu else [device], device_type=None if on_cpu else device.type):
+    # On the CPU no device is forked, and device_type keeps torch's default (before 2.13 None is refused).
+    accelerator = {} if device.type == "cpu" else {"device_type": device.type}
+    with torch.random.fork_rng(devices=[device] if accelerator else [], **accelerator):
         torch.manual_seed(seed)
         yield
 

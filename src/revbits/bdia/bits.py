@@ -91,8 +91,8 @@ def pack_bits(values: torch.Tensor, width: int = 1) -> PackedBits:
     if values.dtype.is_floating_point or (values.dtype == torch.bool and width != 1):
         raise TypeError(f"pack_bits needs an integer or bool tensor, got {values.dtype}")
     flat = values.reshape(-1)
-    if values.dtype == torch.bool:
-        flat = flat.view(torch.uint8)  # a bool is stored as the byte 0 or 1
+    if values.dtype == torch.bool and not torch.compiler.is_compiling():
+        flat = flat.view(torch.uint8)  # a bool is stored as the byte 0 or 1 (inductor before 2.13 cannot view it)
     elif values.dtype != torch.uint8:
         flat = flat.to(torch.uint8)
     pad = (-flat.numel()) % 8
