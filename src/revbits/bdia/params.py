@@ -281,9 +281,9 @@ def _reached_accumulators(y: torch.Tensor) -> list[Any]:
     """The AccumulateGrad nodes reachable from ``y.grad_fn``, in no particular order.
 
     ``visited`` holds every node's Python object until the walk ends: torch may make a node's object when it
-    is read and free it when no reference is left (2.6 does), so an ``id`` seen earlier can name another node
-    by the time it is looked up. With ids alone, torch 2.6's walks stopped short and every parameter of a
-    BDIA block silently got no gradient."""
+    is read and free it when no reference is left (2.6, 2.10 and 2.12 do, 2.13 keeps it), so an ``id`` seen earlier
+    can name another node by the time it is looked up. With ids alone, the walks stopped short on torch 2.6 to
+    2.12 and every parameter of a BDIA block silently got no gradient."""
     found: list[Any] = []
     visited: dict[int, Any] = {}
     todo = [y.grad_fn]
