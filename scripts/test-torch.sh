@@ -3,8 +3,8 @@
 # REQUIREMENT is what pip takes (torch==2.15.0, a wheel's path); every other package keeps its pin from
 # constraints.txt. The environment is .venv-torch (made anew when it holds another torch) and the native
 # kernels are built into .venv-torch/native, so nothing of .venv is touched. Releases newer than the CPU
-# build on this machine's disk are CUDA builds of several GB: a machine-wide pip cap on torch
-# (/etc/xdg/pip) refuses them unless PIP_CONFIG_FILE=/dev/null.
+# build on this machine's disk are CUDA builds of several GB: a machine-wide pip configuration that caps
+# torch refuses them unless PIP_CONFIG_FILE=/dev/null.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
