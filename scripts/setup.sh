@@ -13,15 +13,19 @@ VENV=${REVBITS_VENV:-.venv}
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q "${REVBITS_TORCH:-torch==2.13.0}"
 fi
-# Where REVBITS_TORCH chose the build, the pins hold the torch it installed instead of constraints.txt's
-# torch==2.13.0 (which would replace it with the CPU build without a word) and leave out the packages that
-# torch requires itself (its sympy, its CUDA libraries); a package that needs a newer torch then stops pip
-# with the conflict, instead of pulling another torch.
-pins=constraints.txt
-if [ -n "${REVBITS_TORCH:-}" ]; then
-    pins=$(mktemp)
-    trap 'rm -f "$pins"' EXIT
-    "$VENV/bin/python" -c "
+if [ "${REVBITS_UNPINNED:-0}" = 1 ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade -e ".[dev,hf]"
+    pin=(--upgrade)
+else
+    # Where REVBITS_TORCH chose the build, the pins hold the torch it installed instead of constraints.txt's
+    # torch==2.13.0 (which would replace it with the CPU build without a word) and leave out the packages that
+    # torch requires itself (its sympy, its CUDA libraries); a package that needs a newer torch then stops pip
+    # with the conflict, instead of pulling another torch.
+    pins=constraints.txt
+    if [ -n "${REVBITS_TORCH:-}" ]; then
+        pins=$(mktemp)
+        trap 'rm -f "$pins"' EXIT
+        "$VENV/bin/python" -c "
 import re, sys
 from importlib.metadata import requires, version
 name = lambda line: re.split(r'[\s;<>=!~\[]', line.strip(), maxsplit=1)[0].lower().replace('_', '-')
@@ -29,11 +33,7 @@ own = {name(r) for r in requires('torch') or [] if 'extra ==' not in r} | {'torc
 kept = [line for line in open('constraints.txt') if name(line) not in own]
 sys.stdout.write(''.join(kept) + f'torch=={version(\"torch\")}\n')
 " >"$pins"
-fi
-if [ "${REVBITS_UNPINNED:-0}" = 1 ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade -e ".[dev,hf]"
-    pin=(--upgrade)
-else
+    fi
     "$VENV/bin/python" -m pip install -q -c "$pins" -e ".[dev,hf]"
     pin=(-c "$pins")
 fi
